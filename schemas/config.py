@@ -1,0 +1,262 @@
+"""The one configuration file, ``llmpulse.yaml``, and its environment overrides.
+
+Precedence: command-line flag > ``LLMPULSE_*`` environment variable > file > default.
+Nested keys use a double underscore in the environment (``LLMPULSE_PIPELINE__WINDOW=5m``).
+Every error names where the bad value came from (the file or the variable), the key, and
+what was expected, because "validation error" helps nobody at 3 a.m.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, SecretStr, ValidationError
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+
+from schemas import limits
+
+ENV_PREFIX = "LLMPULSE_"
+DEFAULT_CONFIG_NAME = "llmpulse.yaml"
+
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d|w)?\s*$")
+_UNIT_S = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, "w": 604800.0, None: 1.0}
+
+
+def parse_duration(value: Any) -> float:
+    """``90``, ``"90s"``, ``"5m"``, ``"1h"``, ``"7d"`` → seconds."""
+    if isinstance(value, bool):
+        raise ValueError("expected a duration like '30s', '5m', '1h' or '7d'")
+    if isinstance(value, int | float):
+        if value < 0:
+            raise ValueError("a duration cannot be negative")
+        return float(value)
+    if isinstance(value, str):
+        match = _DURATION.match(value)
+        if match:
+            return float(match.group(1)) * _UNIT_S[match.group(2)]
+    raise ValueError(f"expected a duration like '30s', '5m', '1h' or '7d', got {value!r}")
+
+
+Duration = Annotated[float, BeforeValidator(parse_duration)]
+
+
+class ConfigError(ValueError):
+    """A configuration problem, already phrased for the operator."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class ClickHouseSettings(_Section):
+    url: str | None = Field(
+        None, description="http(s)://host:8123 of a ClickHouse server; unset = embedded chDB in data_dir."
+    )
+    database: str = "llmpulse"
+    username: str = "default"
+    password: SecretStr | None = None
+    password_file: Path | None = Field(None, description="Read the password from this file (k8s secrets).")
+    verify_tls: bool = True
+    ca_cert: Path | None = None
+    cluster: str | None = Field(None, description="Emit ON CLUSTER and Replicated engines in migrations.")
+    connect_timeout_s: Duration = 10.0
+    send_receive_timeout_s: Duration = 300.0
+
+    def secret_password(self) -> str:
+        if self.password is not None:
+            return self.password.get_secret_value()
+        if self.password_file is not None:
+            try:
+                return self.password_file.read_text().strip()
+            except OSError as exc:
+                raise ConfigError(
+                    f"clickhouse.password_file: cannot read {self.password_file}: {exc.strerror}"
+                ) from exc
+        return ""
+
+
+class RetentionSettings(_Section):
+    raw_days: Annotated[int, Field(ge=1, le=3650)] = 90
+    content_days: Annotated[int, Field(ge=1, le=3650)] = 30
+    rollup_days: Annotated[int, Field(ge=1, le=3650)] = 400
+    dlq_days: Annotated[int, Field(ge=1, le=3650)] = 30
+
+
+class PipelineSettings(_Section):
+    window: Duration = 60.0
+    allowed_lateness: Duration = 120.0
+    idle_timeout: Duration = 60.0
+    batch_max_events: Annotated[int, Field(ge=1, le=1_000_000)] = 50_000
+    batch_max_seconds: Duration = 1.0
+    max_event_bytes: Annotated[int, Field(ge=1024)] = limits.DEFAULT_MAX_EVENT_BYTES
+    max_depth: Annotated[int, Field(ge=2, le=64)] = limits.DEFAULT_MAX_DEPTH
+    future_tolerance: Duration = limits.DEFAULT_FUTURE_TOLERANCE_S
+    dedup_capacity: Annotated[int, Field(ge=1000)] = 1_000_000
+    insert_retries: Annotated[int, Field(ge=0)] = 8
+    """Attempts after the first; backoff doubles from 0.5 s up to 30 s between them."""
+
+
+class ContentSettings(_Section):
+    capture: bool = Field(False, description="Store prompt/output text (redacted). Off: hashes and lengths only.")
+    redact: bool = True
+
+
+class SamplingSettings(_Section):
+    default_rate: Annotated[float, Field(ge=0, le=1)] = 0.02
+    rates: dict[str, Annotated[float, Field(ge=0, le=1)]] = Field(default_factory=dict)
+    boost_cap_per_hour: Annotated[int, Field(ge=0)] = 200
+
+
+class PricingSettings(_Section):
+    path: Path | None = Field(None, description="Price table JSON; default: data_dir/prices.json, else built-in.")
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(
+        env_prefix=ENV_PREFIX,
+        env_nested_delimiter="__",
+        extra="forbid",
+        nested_model_default_partial_update=True,
+    )
+
+    data_dir: Path = Field(Path(".llmpulse"), description="Embedded chDB data and local state.")
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+    clickhouse: ClickHouseSettings = Field(default_factory=ClickHouseSettings)
+    retention: RetentionSettings = Field(default_factory=RetentionSettings)
+    pipeline: PipelineSettings = Field(default_factory=PipelineSettings)
+    content: ContentSettings = Field(default_factory=ContentSettings)
+    sampling: SamplingSettings = Field(default_factory=SamplingSettings)
+    pricing: PricingSettings = Field(default_factory=PricingSettings)
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        # the YAML file arrives through init kwargs merged under the CLI flags (see load_settings)
+        return (init_settings, env_settings)
+
+
+def _deep_merge(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in top.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _deep_merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def _env_name(loc: tuple[Any, ...]) -> str:
+    return ENV_PREFIX + "__".join(str(p).upper() for p in loc)
+
+
+def find_config_path(explicit: str | Path | None = None) -> Path | None:
+    """--config, else $LLMPULSE_CONFIG, else ./llmpulse.yaml if present."""
+    if explicit:
+        return Path(explicit)
+    env = os.environ.get(ENV_PREFIX + "CONFIG")
+    if env:
+        return Path(env)
+    default = Path(DEFAULT_CONFIG_NAME)
+    return default if default.is_file() else None
+
+
+def read_config_file(path: Path) -> dict[str, Any]:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError as exc:
+        raise ConfigError(f"{path}: config file not found (given by --config or LLMPULSE_CONFIG)") from exc
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read config file: {exc.strerror}") from exc
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(exc, "problem", None) or str(exc)
+        raise ConfigError(f"{path}{where}: not valid YAML: {problem}") from exc
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping of settings at the top level, got {type(data).__name__}")
+    return data
+
+
+def load_settings(config: str | Path | None = None, overrides: dict[str, Any] | None = None) -> Settings:
+    """Build the settings with the documented precedence and operator-readable errors.
+
+    ``overrides`` are the command-line flags, nested like the file (``{"clickhouse": {"url": ...}}``);
+    None values mean "flag not given".
+    """
+    path = find_config_path(config)
+    file_data = read_config_file(path) if path else {}
+    flags = _drop_none(overrides or {})
+    # Env must beat the file but lose to flags. pydantic-settings puts init kwargs above env,
+    # so the file's values are passed only where no env variable overrides them.
+    file_data = _without_env_overridden(file_data, ())
+    try:
+        return Settings(**_deep_merge(file_data, flags))
+    except ValidationError as exc:
+        raise ConfigError(_describe(exc, path, file_data, flags)) from exc
+
+
+def _drop_none(d: dict[str, Any]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in d.items():
+        if isinstance(value, dict):
+            nested = _drop_none(value)
+            if nested:
+                out[key] = nested
+        elif value is not None:
+            out[key] = value
+    return out
+
+
+def _without_env_overridden(data: dict[str, Any], loc: tuple[str, ...]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in data.items():
+        here = (*loc, str(key))
+        if _env_name(here) in os.environ:
+            continue
+        out[key] = _without_env_overridden(value, here) if isinstance(value, dict) else value
+    return out
+
+
+def _lookup(data: dict[str, Any], loc: tuple[Any, ...]) -> bool:
+    node: Any = data
+    for part in loc:
+        if not isinstance(node, dict) or part not in node:
+            return False
+        node = node[part]
+    return True
+
+
+def _describe(exc: ValidationError, path: Path | None, file_data: dict[str, Any], flags: dict[str, Any]) -> str:
+    lines = []
+    for err in exc.errors():
+        loc = tuple(err["loc"])
+        key = ".".join(str(p) for p in loc)
+        if _lookup(flags, loc):
+            origin = "command-line flag"
+        elif _env_name(loc) in os.environ or any(_env_name(loc[:i]) in os.environ for i in range(1, len(loc))):
+            origin = f"environment variable {_env_name(loc)}"
+        elif path is not None and _lookup(file_data, loc):
+            origin = str(path)
+        else:
+            origin = str(path) if path else "settings"
+        msg = err["msg"]
+        if err["type"] == "extra_forbidden":
+            msg = "unknown key (check the spelling; see llmpulse.yaml in the repository for every key)"
+        elif "input" in err and err["type"] != "missing":
+            msg = f"{msg} (got {err['input']!r})"
+        lines.append(f"{origin}: key `{key}`: {msg}")
+    return "\n".join(lines)

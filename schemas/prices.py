@@ -1,0 +1,148 @@
+"""Versioned price tables: what a model costs per million tokens, by token kind.
+
+Rates are USD per 1M tokens because that is how providers publish them and how a reviewer
+checks them. Every priced row records the table's ``price_version``, so a later price change
+can be re-applied to history (``llmpulse reprice``) without losing which table produced which
+figure.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from importlib import resources
+from pathlib import Path
+from typing import Annotated, Any
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+Rate = Annotated[float, Field(ge=0, allow_inf_nan=False)]
+
+
+class PriceError(ValueError):
+    """A price file that cannot be used; the message names the file and the entry."""
+
+
+class LongContextTier(BaseModel):
+    """Rates that apply to the whole call once its input exceeds ``above_input_tokens``."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    above_input_tokens: Annotated[int, Field(gt=0)]
+    input: Rate
+    output: Rate
+    cached_input: Rate | None = None
+    cache_write: Rate | None = None
+
+
+class ModelPrice(BaseModel):
+    """One model's rates. Missing cache rates fall back to the input rate (never to zero)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    provider: str
+    input: Rate
+    output: Rate
+    cached_input: Rate | None = None
+    cache_write: Rate | None = None
+    long_context: LongContextTier | None = None
+    aliases: list[str] = Field(default_factory=list)
+
+
+class PriceTable(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    price_version: Annotated[str, Field(min_length=1, max_length=64)]
+    currency: str = "USD"
+    unit: str = "per 1M tokens"
+    source: str = ""
+    models: dict[str, ModelPrice]
+
+
+def builtin_price_table() -> PriceTable:
+    """The table shipped in the package."""
+    text = resources.files("schemas").joinpath("data/prices.json").read_text(encoding="utf-8")
+    return PriceTable.model_validate_json(text)
+
+
+def load_price_table(path: Path) -> PriceTable:
+    try:
+        raw = path.read_bytes()
+    except OSError as exc:
+        raise PriceError(f"{path}: cannot read price table: {exc.strerror}") from exc
+    try:
+        return PriceTable.model_validate_json(raw)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = ".".join(str(p) for p in first["loc"])
+        raise PriceError(f"{path}: key `{where}`: {first['msg']}") from exc
+
+
+_LITELLM_CHAT_MODES = {"chat", "completion", "responses", None}
+
+
+def _per_million(value: Any) -> float | None:
+    if value is None:
+        return None
+    if not isinstance(value, int | float) or value < 0:
+        raise TypeError(f"expected a non-negative number, got {value!r}")
+    # LiteLLM stores USD per token; round away float noise (2.5e-06 * 1e6 = 2.4999999999999996).
+    return round(float(value) * 1_000_000, 9)
+
+
+def from_litellm(data: dict[str, Any], *, source: str, price_version: str | None = None) -> PriceTable:
+    """Convert LiteLLM's ``model_prices_and_context_window.json`` into a price table.
+
+    Only text-generation entries with both input and output rates are kept; the 200k-token
+    tiers LiteLLM lists (``*_above_200k_tokens``) become ``long_context``.
+    """
+    models: dict[str, ModelPrice] = {}
+    for name, entry in data.items():
+        if name == "sample_spec" or not isinstance(entry, dict):
+            continue
+        if entry.get("mode") not in _LITELLM_CHAT_MODES:
+            continue
+        try:
+            inp = _per_million(entry.get("input_cost_per_token"))
+            out = _per_million(entry.get("output_cost_per_token"))
+            if inp is None or out is None:
+                continue
+            tier = None
+            tier_in = _per_million(entry.get("input_cost_per_token_above_200k_tokens"))
+            tier_out = _per_million(entry.get("output_cost_per_token_above_200k_tokens"))
+            if tier_in is not None and tier_out is not None:
+                tier = LongContextTier(
+                    above_input_tokens=200_000,
+                    input=tier_in,
+                    output=tier_out,
+                    cached_input=_per_million(entry.get("cache_read_input_token_cost_above_200k_tokens")),
+                    cache_write=_per_million(entry.get("cache_creation_input_token_cost_above_200k_tokens")),
+                )
+            models[name] = ModelPrice(
+                provider=str(entry.get("litellm_provider") or "unknown"),
+                input=inp,
+                output=out,
+                cached_input=_per_million(entry.get("cache_read_input_token_cost")),
+                cache_write=_per_million(entry.get("cache_creation_input_token_cost")),
+                long_context=tier,
+            )
+        except (TypeError, ValidationError) as exc:
+            raise PriceError(f"{source}: entry `{name}`: {exc}") from exc
+    if not models:
+        raise PriceError(f"{source}: no chat model with input and output prices found (is this LiteLLM's file?)")
+    digest = hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:8]
+    return PriceTable(
+        price_version=price_version or f"litellm-{digest}",
+        source=f"imported from {source}",
+        models=models,
+    )
+
+
+def merge_tables(base: PriceTable, override: PriceTable) -> PriceTable:
+    """``override``'s entries win; the result carries ``override``'s version."""
+    return PriceTable(
+        price_version=override.price_version,
+        currency=override.currency,
+        source=f"{override.source}; over {base.price_version}",
+        models={**base.models, **override.models},
+    )
