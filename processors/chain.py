@@ -1,0 +1,153 @@
+"""The processor chain both runtimes run: validate → dedup → price → content → release → window → sample.
+
+``CallPipeline.process`` takes one batch of raw payloads and returns everything the runtime
+needs to write: accepted events with their derived columns, dead letters, closed window
+partials and judge samples. It holds only in-memory state (windows, dedup horizon, sampling
+caps); offsets, batching and commits belong to the runtime.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import xxhash
+
+from processors.content import ContentPolicy
+from processors.dedup import DropDuplicateEvents
+from processors.pricing import CostAttribution, Costs
+from processors.records import DeadLetter, PayloadBatch, Source, StepCounters
+from processors.release import ReleaseFingerprint
+from processors.sampling import JudgeSample, JudgeSampler
+from processors.validate import ValidationLimits, decode_calls, decode_feedback
+from processors.windows import WindowAggregator, WindowPartial
+from schemas.prices import PriceTable
+from schemas.wire import WireCall, WireFeedback
+
+
+@dataclass(slots=True)
+class ProcessedCalls:
+    """Accepted calls with their derived columns, aligned by index."""
+
+    source: Source
+    events: list[WireCall]
+    offsets: list[int]
+    ts: list[float]
+    costs: Costs
+    price_version: str
+    release_ids: list[str]
+    dead: list[DeadLetter]
+    partials: list[WindowPartial]
+    samples: list[JudgeSample]
+    counters: StepCounters
+    block_id: str = ""
+    """The input block these rows came from (``PayloadBatch.block_id``)."""
+    late: int = 0
+
+    def __len__(self) -> int:
+        return len(self.events)
+
+
+@dataclass(slots=True)
+class ProcessedFeedback:
+    source: Source
+    events: list[WireFeedback]
+    offsets: list[int]
+    ts: list[float]
+    dead: list[DeadLetter]
+    counters: StepCounters = field(default_factory=StepCounters)
+    block_id: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class PipelineOptions:
+    window_s: int = 60
+    lateness_s: float = 120.0
+    limits: ValidationLimits = field(default_factory=ValidationLimits)
+    capture_content: bool = False
+    redact_content: bool = True
+    sample_rate: float = 0.02
+    sample_rates: dict[str, float] = field(default_factory=dict)
+    sample_boost_cap_per_hour: int = 200
+    dedup_capacity: int = 1_000_000
+
+
+class CallPipeline:
+    """One instance per source partition (its windows and dedup horizon are that partition's)."""
+
+    def __init__(self, prices: PriceTable, options: PipelineOptions | None = None, partition: int = -1) -> None:
+        self.options = o = options or PipelineOptions()
+        self.decode = decode_calls(o.limits)
+        self.dedup = DropDuplicateEvents(o.dedup_capacity)
+        self.price = CostAttribution(prices)
+        self.content = ContentPolicy(capture=o.capture_content, redact_pii=o.redact_content)
+        self.release = ReleaseFingerprint()
+        self.windows = WindowAggregator(o.window_s, o.lateness_s, partition)
+        self.sampler = JudgeSampler(o.sample_rate, o.sample_rates, o.sample_boost_cap_per_hour)
+
+    def process(self, batch: PayloadBatch, now: float) -> ProcessedCalls:
+        decoded = self.decode(batch, now)
+        duplicates = self.dedup(decoded)
+        events, ts = decoded.events, decoded.ts
+        costs = self.price(events)
+        self.content(events)
+        release_ids = self.release(events)
+        late_before = self.windows.late_events
+        partials = self.windows.add(events, ts, costs, now)
+        samples = self.sampler(events, ts)
+        counters = StepCounters(
+            received=len(batch),
+            accepted=len(events),
+            rejected=len(decoded.dead),
+            duplicates=duplicates,
+            late=self.windows.late_events - late_before,
+            price_missing=costs.missing,
+            client_cost=costs.client,
+            unknown_fields=decoded.unknown_fields,
+            sampled=len(samples),
+            unknown_models=costs.unknown_models,
+        )
+        return ProcessedCalls(
+            source=batch.source,
+            events=events,
+            offsets=decoded.offsets,
+            ts=ts,
+            costs=costs,
+            price_version=self.price.price_version,
+            release_ids=release_ids,
+            dead=decoded.dead,
+            partials=partials,
+            samples=samples,
+            counters=counters,
+            block_id=batch.block_id,
+            late=counters.late,
+        )
+
+    def flush_windows(self) -> list[WindowPartial]:
+        return self.windows.flush()
+
+
+def feedback_id(e: WireFeedback) -> str:
+    return xxhash.xxh3_128_hexdigest(f"{e.request_id}\x1f{e.ts.isoformat()}\x1f{e.user_id or ''}".encode())
+
+
+class FeedbackPipeline:
+    def __init__(self, limits: ValidationLimits | None = None, dedup_capacity: int = 200_000) -> None:
+        self.decode = decode_feedback(limits or ValidationLimits())
+        self.dedup = DropDuplicateEvents(dedup_capacity)
+
+    def process(self, batch: PayloadBatch, now: float) -> ProcessedFeedback:
+        decoded = self.decode(batch, now)
+        for e in decoded.events:
+            if e.event_id is None:  # the same verdict re-sent must dedupe to the same id
+                e.event_id = feedback_id(e)
+        duplicates = self.dedup(decoded)
+        counters = StepCounters(
+            received=len(batch),
+            accepted=len(decoded.events),
+            rejected=len(decoded.dead),
+            duplicates=duplicates,
+            unknown_fields=decoded.unknown_fields,
+        )
+        return ProcessedFeedback(
+            batch.source, decoded.events, decoded.offsets, decoded.ts, decoded.dead, counters, batch.block_id
+        )

@@ -1,0 +1,165 @@
+"""CostAttribution: price each call from the table, cached tokens at the cached rate.
+
+A client-sent ``cost_usd`` wins (flagged ``client``); otherwise the cost is computed
+(``computed``); a model the table does not know gets NULL and ``price_missing`` — never a
+silent zero, which would make a new model look free on every dashboard.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+from schemas.prices import ModelPrice, PriceTable
+from schemas.wire import WireCall
+
+COST_COMPUTED = "computed"
+COST_CLIENT = "client"
+COST_MISSING = "missing"
+
+_DATE_SUFFIX = re.compile(r"(-\d{4}-\d{2}-\d{2}|-\d{8}|@\d{8}|-latest|-preview(-\d{2}-\d{4}|-\d{2}-\d{2})?)$")
+_VERSION_SUFFIX = re.compile(r"(-v\d+(:\d+)?|:\d+)$")
+
+
+@dataclass(frozen=True, slots=True)
+class Rates:
+    """USD per token (not per million), resolved once per model string."""
+
+    provider: str
+    input: float
+    output: float
+    cached_input: float
+    cache_write: float
+    long_threshold: int
+    """Above this many input tokens the ``long_*`` rates apply (0: no long-context tier)."""
+    long_input: float
+    long_output: float
+    long_cached_input: float
+    long_cache_write: float
+
+    @classmethod
+    def of(cls, price: ModelPrice) -> Rates:
+        m = 1e-6
+        cached = price.input if price.cached_input is None else price.cached_input
+        write = price.input if price.cache_write is None else price.cache_write
+        tier = price.long_context
+        if tier is None:
+            return cls(price.provider, price.input * m, price.output * m, cached * m, write * m, 0, 0, 0, 0, 0)
+        return cls(
+            price.provider,
+            price.input * m,
+            price.output * m,
+            cached * m,
+            write * m,
+            tier.above_input_tokens,
+            tier.input * m,
+            tier.output * m,
+            (tier.input if tier.cached_input is None else tier.cached_input) * m,
+            (tier.input if tier.cache_write is None else tier.cache_write) * m,
+        )
+
+    def cost(self, input_tokens: int, output_tokens: int, cached: int, cache_write: int) -> float:
+        uncached = input_tokens - cached - cache_write
+        if self.long_threshold and input_tokens > self.long_threshold:
+            return (
+                uncached * self.long_input
+                + cached * self.long_cached_input
+                + cache_write * self.long_cache_write
+                + output_tokens * self.long_output
+            )
+        return (
+            uncached * self.input
+            + cached * self.cached_input
+            + cache_write * self.cache_write
+            + output_tokens * self.output
+        )
+
+
+def model_candidates(model: str) -> list[str]:
+    """Names to try for a model string, most specific first.
+
+    Providers and gateways decorate names: ``openai/gpt-4o``, ``gpt-4o-2024-08-06``,
+    ``claude-sonnet-4-5-20250929``, ``anthropic.claude-3-5-haiku-20241022-v1:0``.
+    """
+    name = model.strip().lower()
+    out = [model, name]
+    if "/" in name:
+        name = name.rsplit("/", 1)[1]
+        out.append(name)
+    if name.startswith(("anthropic.", "us.anthropic.", "eu.anthropic.")):
+        name = name.split("anthropic.", 1)[1]
+        out.append(name)
+    bare = _VERSION_SUFFIX.sub("", name)
+    bare = _DATE_SUFFIX.sub("", bare)
+    out.append(bare)
+    return out
+
+
+@dataclass(slots=True)
+class Costs:
+    """Per-event columns, aligned with the batch's events."""
+
+    cost_usd: list[float | None]
+    cost_source: list[str]
+    price_missing: list[bool]
+    missing: int
+    client: int
+    unknown_models: dict[str, int]
+
+
+class CostAttribution:
+    def __init__(self, table: PriceTable) -> None:
+        self.price_version = table.price_version
+        self._by_name: dict[str, Rates] = {}
+        for name, price in table.models.items():
+            rates = Rates.of(price)
+            self._by_name[name] = rates
+            self._by_name[name.lower()] = rates
+            for alias in price.aliases:
+                self._by_name[alias.lower()] = rates
+        self._resolved: dict[str, Rates | None] = {}
+
+    def rates(self, model: str) -> Rates | None:
+        """Resolved rates for a model string, memoized: the per-event cost is one dict lookup."""
+        try:
+            return self._resolved[model]
+        except KeyError:
+            pass
+        found = None
+        for candidate in model_candidates(model):
+            found = self._by_name.get(candidate)
+            if found is not None:
+                break
+        if len(self._resolved) < 100_000:  # bounded: hostile model names must not grow memory
+            self._resolved[model] = found
+        return found
+
+    def __call__(self, events: list[WireCall]) -> Costs:
+        cost_usd: list[float | None] = []
+        source: list[str] = []
+        missing_flags: list[bool] = []
+        missing = client = 0
+        unknown: dict[str, int] = {}
+        rates_of = self.rates
+        for e in events:
+            rates = rates_of(e.model)
+            if rates is not None and e.provider is None:
+                e.provider = rates.provider
+            if e.cost_usd is not None:
+                cost_usd.append(e.cost_usd)
+                source.append(COST_CLIENT)
+                missing_flags.append(False)
+                client += 1
+            elif rates is not None:
+                cost_usd.append(
+                    rates.cost(e.input_tokens, e.output_tokens, e.cached_input_tokens, e.cache_write_tokens)
+                )
+                source.append(COST_COMPUTED)
+                missing_flags.append(False)
+            else:
+                cost_usd.append(None)
+                source.append(COST_MISSING)
+                missing_flags.append(True)
+                missing += 1
+                unknown[e.model] = unknown.get(e.model, 0) + 1
+        return Costs(cost_usd, source, missing_flags, missing, client, unknown)

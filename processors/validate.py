@@ -1,0 +1,278 @@
+"""Decode and validate raw payloads; reject what DESIGN.md says to reject, keep the rest.
+
+Rejected (→ dead letter with the raw bytes, the field path and a readable reason):
+unparseable or invalid-UTF-8 payloads, missing required fields, wrong types, negative or
+non-finite numbers, timestamps more than the tolerance in the future or older than raw
+retention, payloads over the size limit, unknown fields nested deeper than the depth limit.
+Accepted and flagged: unknown fields (moved into ``attributes``); unknown models are the
+pricing step's business, late events the window step's.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Generic, TypeVar
+
+import msgspec
+import orjson
+
+from processors.records import DeadLetter, PayloadBatch
+from schemas import limits
+from schemas.wire import (
+    CALL_FIELDS,
+    FEEDBACK_FIELDS,
+    PARAM_FIELDS,
+    AttributeValue,
+    LenientCall,
+    LenientFeedback,
+    WireCall,
+    WireFeedback,
+)
+
+T = TypeVar("T", WireCall, WireFeedback)
+
+_AT_PATH = re.compile(r" - at `(\$[^`]*)`$")
+_UNKNOWN = "Object contains unknown field"
+
+
+class Rejected(Exception):
+    """One payload cannot be accepted; ``path`` points at the offending field."""
+
+    def __init__(self, reason: str, path: str = "$") -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.path = path
+
+
+@dataclass(frozen=True, slots=True)
+class ValidationLimits:
+    max_event_bytes: int = limits.DEFAULT_MAX_EVENT_BYTES
+    max_depth: int = limits.DEFAULT_MAX_DEPTH
+    future_tolerance_s: float = limits.DEFAULT_FUTURE_TOLERANCE_S
+    max_age_s: float = 90 * 86400.0
+    """Raw retention: an event older than this would be deleted by TTL on arrival."""
+
+
+@dataclass(slots=True)
+class Decoded(Generic[T]):
+    """Valid events in arrival order, with their source offsets and epoch-second timestamps."""
+
+    events: list[T]
+    offsets: list[int]
+    ts: list[float]
+    dead: list[DeadLetter]
+    unknown_fields: int = 0
+
+
+def _depth(value: Any, limit: int) -> int:
+    """Nesting depth of a decoded JSON value, stopping once ``limit`` is exceeded."""
+    deepest = 0
+    stack: list[tuple[Any, int]] = [(value, 1)]
+    while stack:
+        item, level = stack.pop()
+        if isinstance(item, dict | list):
+            if level > deepest:
+                deepest = level
+                if deepest > limit:
+                    return deepest
+            children = item.values() if isinstance(item, dict) else item
+            stack.extend((child, level + 1) for child in children)
+    return deepest
+
+
+def _split_validation_error(exc: msgspec.ValidationError) -> tuple[str, str]:
+    message = str(exc)
+    match = _AT_PATH.search(message)
+    if match:
+        return message[: match.start()], match.group(1)
+    return message, "$"
+
+
+class DecodeEvents(Generic[T]):
+    """JSON bytes → typed events, per payload, so one bad event never costs the batch.
+
+    The fast path is one msgspec decode into a struct that forbids unknown fields; only a
+    payload that has some takes the second path (``_decode_with_unknown_fields``).
+    """
+
+    def __init__(
+        self,
+        struct: type[T],
+        lenient: type[T],
+        known_fields: frozenset[str],
+        kind: str,
+        bounds: ValidationLimits,
+        check: Callable[[T], Rejected | None] | None = None,
+    ) -> None:
+        self._decoder: msgspec.json.Decoder[T] = msgspec.json.Decoder(struct)
+        self._lenient: msgspec.json.Decoder[T] = msgspec.json.Decoder(lenient)
+        self._known = known_fields
+        self._kind = kind
+        self._bounds = bounds
+        self._check: Callable[[T], Rejected | None] | None = check
+
+    def __call__(self, batch: PayloadBatch, now: float) -> Decoded[T]:
+        decode = self._decoder.decode
+        max_bytes = self._bounds.max_event_bytes
+        events: list[T] = []
+        offsets: list[int] = []
+        raws: list[bytes] = []
+        dead: list[DeadLetter] = []
+        unknown = 0
+        check = self._check
+        for raw, offset in zip(batch.payloads, batch.offsets, strict=True):
+            try:
+                if len(raw) > max_bytes:
+                    raise Rejected(f"payload is {len(raw)} bytes, over the {max_bytes}-byte limit")
+                try:
+                    event = decode(raw)
+                except msgspec.ValidationError as exc:
+                    if _UNKNOWN not in str(exc):
+                        raise
+                    event = self._decode_with_unknown_fields(raw)
+                    unknown += 1
+                if check is not None:
+                    problem = check(event)
+                    if problem is not None:
+                        raise problem
+            except Rejected as exc:
+                dead.append(DeadLetter(raw, exc.reason, exc.path, batch.source, offset, self._kind))
+                continue
+            except msgspec.ValidationError as exc:
+                reason, path = _split_validation_error(exc)
+                dead.append(DeadLetter(raw, reason, path, batch.source, offset, self._kind))
+                continue
+            except msgspec.DecodeError as exc:
+                dead.append(DeadLetter(raw, f"not valid JSON: {exc}", "$", batch.source, offset, self._kind))
+                continue
+            except RecursionError:
+                reason = f"nested deeper than {self._bounds.max_depth} levels"
+                dead.append(DeadLetter(raw, reason, "$", batch.source, offset, self._kind))
+                continue
+            except UnicodeDecodeError as exc:
+                base = raw.find(exc.object) if isinstance(exc.object, bytes) else -1
+                pos = base + exc.start if base >= 0 else exc.start
+                reason = f"not valid UTF-8: byte 0x{raw[pos]:02x} at position {pos}"
+                dead.append(DeadLetter(raw, reason, "$", batch.source, offset, self._kind))
+                continue
+            events.append(event)
+            offsets.append(offset)
+            raws.append(raw)
+        ts = [e.ts.timestamp() for e in events]
+        result: Decoded[T] = Decoded(events, offsets, ts, dead, unknown)
+        if ts:
+            self._reject_out_of_range(result, raws, batch, now)
+        return result
+
+    def _reject_out_of_range(self, result: Decoded[T], raws: list[bytes], batch: PayloadBatch, now: float) -> None:
+        newest = now + self._bounds.future_tolerance_s
+        oldest = now - self._bounds.max_age_s
+        if min(result.ts) >= oldest and max(result.ts) <= newest:
+            return  # the common case: one min/max over the batch, no per-event work
+        keep_e: list[T] = []
+        keep_o: list[int] = []
+        keep_t: list[float] = []
+        for event, offset, t, raw in zip(result.events, result.offsets, result.ts, raws, strict=True):
+            if t > newest:
+                ahead = (t - now) / 3600
+                reason = (
+                    f"timestamp {event.ts.isoformat()} is {ahead:.1f} h in the future "
+                    f"(limit {self._bounds.future_tolerance_s / 3600:g} h): check the producer's clock"
+                )
+            elif t < oldest:
+                reason = (
+                    f"timestamp {event.ts.isoformat()} is older than raw retention "
+                    f"({self._bounds.max_age_s / 86400:g} days)"
+                )
+            else:
+                keep_e.append(event)
+                keep_o.append(offset)
+                keep_t.append(t)
+                continue
+            result.dead.append(DeadLetter(raw, reason, "$.ts", batch.source, offset, self._kind))
+        result.events, result.offsets, result.ts = keep_e, keep_o, keep_t
+
+    def _decode_with_unknown_fields(self, raw: bytes) -> T:
+        """Unknown fields are kept, not rejected: they move into ``attributes``.
+
+        A lenient struct decodes the known fields (still one C-level pass), and a map of raw
+        JSON values finds the unknown keys without materialising their values, so a producer
+        that always sends an extra field costs little more than one that does not.
+        """
+        event = self._lenient.decode(raw)
+        members = _RAW_MEMBERS.decode(raw)
+        moved: dict[str, msgspec.Raw] = {k: v for k, v in members.items() if k not in self._known}
+        params = members.get("params")
+        if params is not None and "params" in self._known and bytes(params).startswith(b"{"):
+            for key, value in _RAW_MEMBERS.decode(params).items():
+                if key not in PARAM_FIELDS:
+                    moved[f"params.{key}"] = value
+        extra: dict[str, AttributeValue] = {}
+        for key, value in moved.items():
+            if len(key) > limits.MAX_NAME_CHARS:
+                raise Rejected(f"unknown field name longer than {limits.MAX_NAME_CHARS} characters", "$")
+            text = bytes(value)
+            if text[:1] in (b"{", b"["):
+                try:
+                    parsed = orjson.loads(text)
+                except orjson.JSONDecodeError:
+                    parsed = None  # orjson's own recursion limit (1024) was hit
+                if parsed is None or _depth(parsed, self._bounds.max_depth) > self._bounds.max_depth - 1:
+                    raise Rejected(f"nested deeper than {self._bounds.max_depth} levels", f"$.{key}")
+                extra[key] = text.decode()
+            else:
+                extra[key] = msgspec.json.decode(text)
+        if len(extra) + len(event.attributes) > limits.MAX_ATTRIBUTES:
+            raise Rejected(f"more than {limits.MAX_ATTRIBUTES} attributes and unknown fields", "$.attributes")
+        extra.update(event.attributes)  # an explicit attribute wins over a same-named unknown field
+        event.attributes = extra
+        return event
+
+
+_RAW_MEMBERS: msgspec.json.Decoder[dict[str, msgspec.Raw]] = msgspec.json.Decoder(dict[str, msgspec.Raw])
+
+
+def _check_call(event: WireCall) -> Rejected | None:
+    if event.cached_input_tokens + event.cache_write_tokens > event.input_tokens:
+        return Rejected(
+            f"cached_input_tokens ({event.cached_input_tokens}) + cache_write_tokens "
+            f"({event.cache_write_tokens}) exceed input_tokens ({event.input_tokens}): "
+            "input_tokens must include cached reads and cache writes",
+            "$.cached_input_tokens",
+        )
+    return None
+
+
+def _check_feedback(event: WireFeedback) -> Rejected | None:
+    if event.thumbs is None and event.rating is None:
+        return Rejected("feedback needs thumbs ('up'/'down') or a rating (1-5)", "$.thumbs")
+    return None
+
+
+def decode_calls(bounds: ValidationLimits) -> DecodeEvents[WireCall]:
+    return DecodeEvents(WireCall, LenientCall, CALL_FIELDS, "call", bounds, _check_call)
+
+
+def decode_feedback(bounds: ValidationLimits) -> DecodeEvents[WireFeedback]:
+    return DecodeEvents(WireFeedback, LenientFeedback, FEEDBACK_FIELDS, "feedback", bounds, _check_feedback)
+
+
+def kind_of(raw: bytes) -> str:
+    """Route a payload of a mixed stream (HTTP, file replay) by its ``kind`` field; calls by default.
+
+    A substring test instead of a parse: both kinds are decoded fully right after, and a
+    payload that lies about its kind fails that decode with a proper reason.
+    """
+    return "feedback" if b'"kind":"feedback"' in raw or b'"kind": "feedback"' in raw else "call"
+
+
+def split_by_kind(batch: PayloadBatch) -> tuple[PayloadBatch, PayloadBatch]:
+    calls = PayloadBatch(batch.source, [], [])
+    feedback = PayloadBatch(batch.source, [], [])
+    for raw, offset in zip(batch.payloads, batch.offsets, strict=True):
+        target = feedback if kind_of(raw) == "feedback" else calls
+        target.payloads.append(raw)
+        target.offsets.append(offset)
+    return calls, feedback

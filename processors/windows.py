@@ -1,0 +1,302 @@
+"""Event-time tumbling windows: stage 1 of the two-stage aggregation in DESIGN.md.
+
+``WindowAggregator`` runs per source partition. It keeps one ``WindowPartial`` per
+(window, scope key) — counts, sums and quantile sketches, all mergeable — and emits a
+window's partials once the partition's watermark (max event time seen minus the allowed
+lateness) passes the window's end. An event whose window was already emitted is late: it is
+counted here and still written to the raw table by the runtime, never dropped. Stage 2
+(merging partials of all partitions per scope) only adds partials up, so a rebalance needs no
+state migration: the old owner flushes, the new owner continues.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+from processors.pricing import Costs
+from processors.sketch import QuantileSketch
+from schemas.wire import WireCall
+
+SCOPE_DIMS: tuple[str, ...] = ("feature", "team", "model", "provider", "prompt_version", "variant")
+"""The finest scope a partial is kept at; coarser scopes (team, model, ...) merge these."""
+
+QUANTILES = (0.5, 0.95, 0.99)
+
+_COUNTS = (
+    "calls",
+    "errors",
+    "timeouts",
+    "rate_limited",
+    "refusals",
+    "price_missing",
+    "input_tokens",
+    "output_tokens",
+    "cached_input_tokens",
+    "cache_write_tokens",
+    "output_chars",
+    "schema_checked",
+    "schema_valid",
+    "tool_call_calls",
+)
+_SUMS = ("cost_usd", "latency_ms_sum", "ttft_ms_sum")
+
+
+@dataclass(slots=True)
+class WindowPartial:
+    """Aggregates of one scope key in one window, from one partition (or merged from several)."""
+
+    window_start: int
+    window_s: int
+    key: tuple[str, ...]
+    partition: int = -1
+    calls: int = 0
+    errors: int = 0
+    """Calls whose status is not ``ok`` (error, timeout, rate_limited)."""
+    timeouts: int = 0
+    rate_limited: int = 0
+    refusals: int = 0
+    price_missing: int = 0
+    input_tokens: int = 0
+    output_tokens: int = 0
+    cached_input_tokens: int = 0
+    cache_write_tokens: int = 0
+    output_chars: int = 0
+    schema_checked: int = 0
+    schema_valid: int = 0
+    tool_call_calls: int = 0
+    cost_usd: float = 0.0
+    latency_ms_sum: float = 0.0
+    ttft_ms_sum: float = 0.0
+    latency: QuantileSketch = field(default_factory=QuantileSketch)
+    ttft: QuantileSketch = field(default_factory=QuantileSketch)
+
+    @property
+    def window_end(self) -> int:
+        return self.window_start + self.window_s
+
+    def labels(self, dims: tuple[str, ...] = SCOPE_DIMS) -> dict[str, str]:
+        return dict(zip(dims, self.key, strict=True))
+
+    def merge(self, other: WindowPartial) -> None:
+        for name in _COUNTS:
+            setattr(self, name, getattr(self, name) + getattr(other, name))
+        for name in _SUMS:
+            setattr(self, name, getattr(self, name) + getattr(other, name))
+        self.latency.merge(other.latency)
+        self.ttft.merge(other.ttft)
+
+    def metrics(self) -> dict[str, float | None]:
+        """The per-window metric values alert rules and summaries read; None where undefined."""
+        calls = self.calls
+        lat = self.latency.quantiles(QUANTILES)
+        ttft = self.ttft.quantiles(QUANTILES)
+
+        def rate(n: int, d: int) -> float | None:
+            return n / d if d else None
+
+        return {
+            "calls": float(calls),
+            "cost_usd": self.cost_usd,
+            "cost_per_call_usd": rate_f(self.cost_usd, calls),
+            "error_rate": rate(self.errors, calls),
+            "timeout_rate": rate(self.timeouts, calls),
+            "rate_limited_rate": rate(self.rate_limited, calls),
+            "refusal_rate": rate(self.refusals, calls),
+            "price_missing": float(self.price_missing),
+            "input_tokens": float(self.input_tokens),
+            "output_tokens": float(self.output_tokens),
+            "output_tokens_avg": rate(self.output_tokens, calls),
+            "cached_input_share": rate(self.cached_input_tokens, self.input_tokens),
+            "output_chars_avg": rate(self.output_chars, calls),
+            "schema_valid_rate": rate(self.schema_valid, self.schema_checked),
+            "tool_call_rate": rate(self.tool_call_calls, calls),
+            "latency_avg_ms": rate_f(self.latency_ms_sum, calls),
+            "latency_p50_ms": lat[0],
+            "latency_p95_ms": lat[1],
+            "latency_p99_ms": lat[2],
+            "ttft_p50_ms": ttft[0],
+            "ttft_p95_ms": ttft[1],
+            "ttft_p99_ms": ttft[2],
+        }
+
+    def to_wire(self) -> dict[str, Any]:
+        """A JSON-able form for the ``llm.window.partials`` topic (sketches as bytes → hex)."""
+        out: dict[str, Any] = {
+            "window_start": self.window_start,
+            "window_s": self.window_s,
+            "key": list(self.key),
+            "partition": self.partition,
+        }
+        for name in _COUNTS + _SUMS:
+            out[name] = getattr(self, name)
+        out["latency"] = self.latency.to_bytes().hex()
+        out["ttft"] = self.ttft.to_bytes().hex()
+        return out
+
+    @classmethod
+    def from_wire(cls, data: dict[str, Any]) -> WindowPartial:
+        partial = cls(
+            window_start=int(data["window_start"]),
+            window_s=int(data["window_s"]),
+            key=tuple(data["key"]),
+            partition=int(data.get("partition", -1)),
+            latency=QuantileSketch.from_bytes(bytes.fromhex(data["latency"])),
+            ttft=QuantileSketch.from_bytes(bytes.fromhex(data["ttft"])),
+        )
+        for name in _COUNTS:
+            setattr(partial, name, int(data[name]))
+        for name in _SUMS:
+            setattr(partial, name, float(data[name]))
+        return partial
+
+
+def rate_f(n: float, d: int) -> float | None:
+    return n / d if d else None
+
+
+def project(partials: Iterable[WindowPartial], dims: tuple[str, ...]) -> dict[tuple[Any, ...], WindowPartial]:
+    """Merge partials into coarser scopes: ``dims`` ⊆ SCOPE_DIMS, keyed by (window_start, values)."""
+    index = [SCOPE_DIMS.index(d) for d in dims]
+    out: dict[tuple[Any, ...], WindowPartial] = {}
+    for p in partials:
+        values = tuple(p.key[i] for i in index)
+        key = (p.window_start, *values)
+        acc = out.get(key)
+        if acc is None:
+            acc = out[key] = WindowPartial(p.window_start, p.window_s, values)
+        acc.merge(p)
+    return out
+
+
+class WindowAggregator:
+    """Stage 1, per partition. Not thread-safe: one per consumer partition."""
+
+    def __init__(self, window_s: int = 60, lateness_s: float = 120.0, partition: int = -1) -> None:
+        if window_s <= 0:
+            raise ValueError("window_s must be positive")
+        self.window_s = window_s
+        self.lateness_s = lateness_s
+        self.partition = partition
+        self.max_ts = -math.inf
+        self.watermark = -math.inf
+        self.late_events = 0
+        self._closed_before = -math.inf
+        """Windows starting before this have been emitted; their events are late."""
+        self._open: dict[int, dict[tuple[str, ...], WindowPartial]] = {}
+        self._last_event_wall = 0.0
+
+    @property
+    def open_windows(self) -> int:
+        return len(self._open)
+
+    @property
+    def open_keys(self) -> int:
+        return sum(len(v) for v in self._open.values())
+
+    def add(self, events: list[WireCall], ts: list[float], costs: Costs, now: float = 0.0) -> list[WindowPartial]:
+        """Fold a batch in; returns the partials of every window this batch closed."""
+        if not events:
+            return []
+        w = self.window_s
+        closed_before = self._closed_before
+        open_windows = self._open
+        cost_usd = costs.cost_usd
+        last_ws = -1
+        accs: dict[tuple[str, ...], WindowPartial] = {}
+        late = 0
+        partition = self.partition
+        for i, e in enumerate(events):
+            t = ts[i]
+            ws = int(t // w) * w
+            if ws < closed_before:
+                late += 1
+                continue
+            if ws != last_ws:
+                accs = open_windows.get(ws)  # type: ignore[assignment]
+                if accs is None:
+                    accs = open_windows[ws] = {}
+                last_ws = ws
+            key = (
+                e.feature,
+                e.team or "",
+                e.model,
+                e.provider or "",
+                e.prompt_version or "",
+                e.variant or "",
+            )
+            p = accs.get(key)
+            if p is None:
+                p = accs[key] = WindowPartial(ws, w, key, partition)
+            p.calls += 1
+            status = e.status
+            if status != "ok":
+                p.errors += 1
+                if status == "timeout":
+                    p.timeouts += 1
+                elif status == "rate_limited":
+                    p.rate_limited += 1
+            if e.refusal:
+                p.refusals += 1
+            c = cost_usd[i]
+            if c is None:
+                p.price_missing += 1
+            else:
+                p.cost_usd += c
+            p.input_tokens += e.input_tokens
+            p.output_tokens += e.output_tokens
+            p.cached_input_tokens += e.cached_input_tokens
+            p.cache_write_tokens += e.cache_write_tokens
+            if e.output_chars is not None:
+                p.output_chars += e.output_chars
+            if e.schema_valid is not None:
+                p.schema_checked += 1
+                if e.schema_valid:
+                    p.schema_valid += 1
+            if e.tool_calls:
+                p.tool_call_calls += 1
+            lat = e.latency_ms
+            p.latency_ms_sum += lat
+            p.latency.add(lat)
+            ttft = e.ttft_ms
+            if ttft is not None:
+                p.ttft_ms_sum += ttft
+                p.ttft.add(ttft)
+        self.late_events += late
+        batch_max = max(ts)
+        self.max_ts = max(self.max_ts, batch_max)
+        self._last_event_wall = now
+        return self.advance(self.max_ts - self.lateness_s)
+
+    def advance(self, watermark: float) -> list[WindowPartial]:
+        """Move the watermark forward (never back) and emit every window it closed."""
+        if watermark <= self.watermark:
+            return []
+        self.watermark = watermark
+        closed_starts = sorted(ws for ws in self._open if ws + self.window_s <= watermark)
+        boundary = math.floor(watermark / self.window_s) * self.window_s
+        self._closed_before = max(self._closed_before, boundary)
+        out: list[WindowPartial] = []
+        for ws in closed_starts:
+            out.extend(self._open.pop(ws).values())
+        return out
+
+    def tick(self, now: float, idle_timeout_s: float) -> list[WindowPartial]:
+        """Idle partitions advance by wall clock, so quiet features still close windows.
+
+        Only for live sources: a historical replay must not call it, or wall-clock time would
+        close windows the replay has not reached yet.
+        """
+        if self._last_event_wall and now - self._last_event_wall >= idle_timeout_s:
+            return self.advance(now - self.lateness_s - idle_timeout_s)
+        return []
+
+    def flush(self) -> list[WindowPartial]:
+        """Emit everything still open (partition revoked, or a finite source ended)."""
+        out: list[WindowPartial] = []
+        for ws in sorted(self._open):
+            out.extend(self._open[ws].values())
+        self._open.clear()
+        return out
