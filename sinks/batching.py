@@ -1,0 +1,145 @@
+"""BufferedWriter: turn many small processed batches into few large, idempotent inserts.
+
+ClickHouse wants big, infrequent inserts (every insert makes a part; thousands of tiny parts
+make merges fall behind). The writer flushes when the buffer holds ``max_rows`` rows or its
+oldest batch is ``max_seconds`` old. The insert's deduplication token is derived from the
+ids of the blocks it contains, so the same blocks flushed again (a retry, a replay) dedupe.
+
+Inserts run on one background thread: chDB and the HTTP client release the GIL while
+ClickHouse parses and writes, so the next batch is decoded and aggregated on the other core
+meanwhile. At most one insert is in flight and one buffer fills behind it — that is the
+backpressure: a slow ClickHouse slows intake instead of growing memory. Blocks are written in
+order, and ``written`` tells the caller (the Kafka worker) which blocks are durable, so it
+commits only those.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+import xxhash
+
+from processors.chain import ProcessedCalls, ProcessedFeedback
+from sinks.clickhouse import ClickHouseSink
+
+
+def insert_token(block_ids: list[str]) -> str:
+    if len(block_ids) == 1:
+        return block_ids[0]
+    return "blocks:" + xxhash.xxh3_128_hexdigest("\n".join(block_ids).encode())
+
+
+@dataclass
+class Block:
+    """One insert's worth of batches."""
+
+    calls: list[ProcessedCalls] = field(default_factory=list)
+    feedback: list[ProcessedFeedback] = field(default_factory=list)
+    rows: int = 0
+
+    def write(self, sink: ClickHouseSink) -> Block:
+        if self.calls:
+            sink.write(self.calls, insert_token([b.block_id for b in self.calls]))
+        if self.feedback:
+            sink.write_feedback(self.feedback, insert_token([b.block_id for b in self.feedback]))
+        return self
+
+
+class BufferedWriter:
+    def __init__(
+        self,
+        sink: ClickHouseSink,
+        max_rows: int = 50_000,
+        max_seconds: float = 1.0,
+        clock: Callable[[], float] = time.monotonic,
+        background: bool = True,
+        on_written: Callable[[Block], None] | None = None,
+    ) -> None:
+        self.sink = sink
+        self.max_rows = max_rows
+        self.max_seconds = max_seconds
+        self._clock = clock
+        self._buffer = Block()
+        self._since: float | None = None
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix="llmpulse-insert") if background else None
+        self._inflight: Future[Block] | None = None
+        self._inflight_block: Block | None = None
+        self.failed: Block | None = None
+        """The block whose insert raised, kept so the caller can ``retry`` it."""
+        self._on_written = on_written
+
+    @property
+    def pending_rows(self) -> int:
+        return self._buffer.rows
+
+    def add_calls(self, batch: ProcessedCalls) -> None:
+        self._buffer.calls.append(batch)
+        self._added(len(batch.events) + len(batch.dead))
+
+    def add_feedback(self, batch: ProcessedFeedback) -> None:
+        self._buffer.feedback.append(batch)
+        self._added(len(batch.events) + len(batch.dead))
+
+    def _added(self, rows: int) -> None:
+        self._buffer.rows += rows
+        if self._since is None:
+            self._since = self._clock()
+        if self._buffer.rows >= self.max_rows:
+            self.flush(wait=False)
+
+    def due(self) -> bool:
+        return self._since is not None and self._clock() - self._since >= self.max_seconds
+
+    def _collect(self) -> None:
+        """Wait for the insert in flight; re-raises its SinkError (the block goes to ``failed``)."""
+        inflight, self._inflight = self._inflight, None
+        block, self._inflight_block = self._inflight_block, None
+        if inflight is None:
+            return
+        try:
+            inflight.result()
+        except BaseException:
+            self.failed = block
+            raise
+        self._done(block)
+
+    def _done(self, block: Block | None) -> None:
+        if block is not None and self._on_written is not None:
+            self._on_written(block)
+
+    def flush(self, wait: bool = True) -> None:
+        """Start writing the buffer; ``wait`` also waits until everything is durable."""
+        self._collect()
+        block, self._buffer, self._since = self._buffer, Block(), None
+        if block.calls or block.feedback:
+            if self._pool is None:
+                self._write_now(block)
+            else:
+                self._inflight_block = block
+                self._inflight = self._pool.submit(block.write, self.sink)
+        if wait:
+            self._collect()
+
+    def _write_now(self, block: Block) -> None:
+        try:
+            block.write(self.sink)
+        except BaseException:
+            self.failed = block
+            raise
+        self._done(block)
+
+    def retry_failed(self) -> None:
+        """Write the failed block again (same token: whatever part of it landed dedupes)."""
+        block, self.failed = self.failed, None
+        if block is not None:
+            self._write_now(block)
+
+    def close(self) -> None:
+        try:
+            self.flush(wait=True)
+        finally:
+            if self._pool is not None:
+                self._pool.shutdown(wait=True)

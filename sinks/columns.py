@@ -1,0 +1,219 @@
+"""Processed batches → Arrow tables shaped like the ClickHouse tables.
+
+Why Arrow: ClickHouse parses an Arrow stream column by column. Measured here on chDB, 200k
+call rows cost 0.31 s of CPU as ArrowStream against 1.07 s as JSONEachRow, and building the
+columns from the decoded structs (one C-level ``pa.array`` per column) is cheaper than
+serialising rows. The same bytes go to chDB and to a server over HTTP.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from operator import attrgetter
+from typing import Any
+
+import orjson
+import pyarrow as pa
+import xxhash
+
+from processors.chain import ProcessedCalls, ProcessedFeedback
+from processors.records import DeadLetter
+from schemas.wire import WireCall
+
+_TS = pa.timestamp("ms", tz="UTC")
+_STR = pa.string()
+_DICT = pa.dictionary(pa.int32(), pa.string())
+"""Low-cardinality text goes as Arrow dictionaries: ClickHouse maps them onto LowCardinality
+columns without re-hashing every value (Arrow parse cost per row halves, measured)."""
+_STR_MAP = pa.map_(pa.string(), pa.string())
+_STR_LIST = pa.list_(pa.string())
+
+# (column, arrow type) taken straight from the event struct's attribute of the same name
+_EVENT_COLUMNS: tuple[tuple[str, pa.DataType], ...] = (
+    ("event_id", _STR),
+    ("ts", _TS),
+    ("schema_version", pa.uint16()),
+    ("service", _DICT),
+    ("feature", _DICT),
+    ("team", _DICT),
+    ("tenant", _DICT),
+    ("user_id", _STR),
+    ("provider", _DICT),
+    ("model", _DICT),
+    ("response_model", _DICT),
+    ("prompt_version", _DICT),
+    ("variant", _DICT),
+    ("adapter", _DICT),
+    ("feature_view", _DICT),
+    ("guardrail_version", _DICT),
+    ("release", _STR_MAP),
+    ("request_id", _STR),
+    ("conversation_id", _STR),
+    ("trace_id", _STR),
+    ("input_tokens", pa.uint32()),
+    ("output_tokens", pa.uint32()),
+    ("cached_input_tokens", pa.uint32()),
+    ("cache_write_tokens", pa.uint32()),
+    ("latency_ms", pa.float64()),
+    ("ttft_ms", pa.float64()),
+    ("status", _DICT),
+    ("refusal", pa.bool_()),
+    ("finish_reason", _DICT),
+    ("error_type", _DICT),
+    ("error_message", _STR),
+    ("tool_calls", _STR_LIST),
+    ("fallback_from", _DICT),
+    ("schema_valid", pa.bool_()),
+    ("prompt_hash", _STR),
+    ("prompt", _STR),
+    ("output", _STR),
+    ("output_chars", pa.uint32()),
+)
+_GETTERS = [(name, attrgetter(name), typ) for name, typ in _EVENT_COLUMNS if name != "release"]
+_REQUIRED = frozenset({"event_id", "ts", "feature", "model", "input_tokens", "output_tokens", "latency_ms", "status"})
+_PARAMS = ("temperature", "max_tokens", "top_p")
+_PARAM_TYPES = {"temperature": pa.float64(), "max_tokens": pa.uint32(), "top_p": pa.float64()}
+
+
+def _attribute_map(attrs: dict[str, Any]) -> dict[str, str]:
+    """ClickHouse Map(String, String): strings stay, everything else is stored as JSON text."""
+    return {k: v if isinstance(v, str) else orjson.dumps(v).decode() for k, v in attrs.items()}
+
+
+def calls_table(batches: Iterable[ProcessedCalls]) -> pa.Table:
+    """One Arrow table for several processed batches (one insert block)."""
+    batches = [b for b in batches if b.events]
+    events: list[WireCall] = []
+    cost: list[float | None] = []
+    cost_source: list[str] = []
+    price_missing: list[bool] = []
+    release_ids: list[str] = []
+    price_version: list[str] = []
+    source: list[str] = []
+    partition: list[int] = []
+    offsets: list[int] = []
+    for b in batches:
+        n = len(b.events)
+        events.extend(b.events)
+        cost.extend(b.costs.cost_usd)
+        cost_source.extend(b.costs.cost_source)
+        price_missing.extend(b.costs.price_missing)
+        release_ids.extend(b.release_ids)
+        price_version.extend([b.price_version] * n)
+        source.extend([b.source.kind] * n)
+        is_kafka = b.source.kind == "kafka"
+        partition.extend([b.source.partition if is_kafka else -1] * n)
+        offsets.extend(b.offsets if is_kafka else [-1] * n)
+
+    arrays: list[pa.Array] = []
+    names: list[str] = []
+    n = len(events)
+    for name, getter, typ in _GETTERS:
+        values = list(map(getter, events))
+        if name not in _REQUIRED and values.count(None) == n:
+            continue  # all NULL: the column default fills it, at no cost per row
+        names.append(name)
+        arrays.append(pa.array(values, type=typ))
+    params = [e.params for e in events]
+    if any(p is not None for p in params):
+        for pname in _PARAMS:
+            get = attrgetter(pname)
+            names.append(pname)
+            arrays.append(pa.array([None if p is None else get(p) for p in params], type=_PARAM_TYPES[pname]))
+    releases = [e.release for e in events]
+    if any(releases):
+        names.append("release")
+        arrays.append(pa.array(releases, type=_STR_MAP))
+    attributes = [e.attributes for e in events]
+    if any(attributes):
+        names.append("attributes")
+        arrays.append(pa.array([_attribute_map(a) if a else {} for a in attributes], type=_STR_MAP))
+    for name, values, typ in (
+        ("release_id", release_ids, _DICT),
+        ("cost_usd", cost, pa.float64()),
+        ("cost_source", cost_source, _DICT),
+        ("price_version", price_version, _DICT),
+        ("price_missing", price_missing, pa.bool_()),
+        ("source", source, _DICT),
+        ("kafka_partition", partition, pa.int32()),
+        ("kafka_offset", offsets, pa.int64()),
+    ):
+        names.append(name)
+        arrays.append(pa.array(values, type=typ))
+    return pa.Table.from_arrays(arrays, names=names)
+
+
+def dlq_id(letter: DeadLetter) -> str:
+    """Stable per rejected payload and position, so a re-driven or re-read payload dedupes."""
+    s = letter.source
+    head = f"{s.kind}\x1f{s.name}\x1f{s.partition}\x1f{letter.offset}\x1f".encode()
+    return xxhash.xxh3_128_hexdigest(head + letter.raw)
+
+
+def dlq_table(letters: list[DeadLetter]) -> pa.Table:
+    return pa.Table.from_pydict(
+        {
+            "dlq_id": [dlq_id(d) for d in letters],
+            "kind": [d.kind for d in letters],
+            "source": [d.source.kind for d in letters],
+            "source_name": [d.source.name for d in letters],
+            "source_partition": pa.array([d.source.partition for d in letters], type=pa.int32()),
+            "source_offset": pa.array([d.offset for d in letters], type=pa.int64()),
+            "reason": [d.reason for d in letters],
+            "path": [d.path for d in letters],
+            "raw": pa.array([d.raw for d in letters], type=pa.binary()),
+            "raw_bytes": pa.array([len(d.raw) for d in letters], type=pa.uint32()),
+        }
+    )
+
+
+def samples_table(batches: Iterable[ProcessedCalls]) -> pa.Table:
+    rows: dict[str, list[Any]] = {
+        k: []
+        for k in (
+            "event_id", "ts", "reason", "feature", "team", "tenant", "model", "provider", "prompt_version",
+            "variant", "release_id", "request_id", "conversation_id", "status", "refusal", "prompt_hash",
+            "prompt", "output",
+        )
+    }  # fmt: skip
+    for b in batches:
+        for s in b.samples:
+            e = b.events[s.index]
+            rows["event_id"].append(e.event_id)
+            rows["ts"].append(e.ts)
+            rows["reason"].append(s.reason)
+            rows["feature"].append(e.feature)
+            rows["team"].append(e.team)
+            rows["tenant"].append(e.tenant)
+            rows["model"].append(e.model)
+            rows["provider"].append(e.provider)
+            rows["prompt_version"].append(e.prompt_version)
+            rows["variant"].append(e.variant)
+            rows["release_id"].append(b.release_ids[s.index])
+            rows["request_id"].append(e.request_id)
+            rows["conversation_id"].append(e.conversation_id)
+            rows["status"].append(e.status)
+            rows["refusal"].append(e.refusal)
+            rows["prompt_hash"].append(e.prompt_hash)
+            rows["prompt"].append(e.prompt)
+            rows["output"].append(e.output)
+    types = {"ts": _TS, "refusal": pa.bool_()}
+    return pa.Table.from_arrays([pa.array(v, type=types.get(k, _STR)) for k, v in rows.items()], names=list(rows))
+
+
+def feedback_table(batches: Iterable[ProcessedFeedback]) -> pa.Table:
+    events = [e for b in batches for e in b.events]
+    return pa.Table.from_pydict(
+        {
+            "feedback_id": pa.array([e.event_id for e in events], type=_STR),
+            "request_id": pa.array([e.request_id for e in events], type=_STR),
+            "ts": pa.array([e.ts for e in events], type=_TS),
+            "thumbs": pa.array([e.thumbs for e in events], type=_STR),
+            "rating": pa.array([e.rating for e in events], type=pa.uint8()),
+            "comment": pa.array([e.comment for e in events], type=_STR),
+            "user_id": pa.array([e.user_id for e in events], type=_STR),
+            "feature": pa.array([e.feature for e in events], type=_STR),
+            "tenant": pa.array([e.tenant for e in events], type=_STR),
+            "attributes": pa.array([_attribute_map(e.attributes) for e in events], type=_STR_MAP),
+        }
+    )

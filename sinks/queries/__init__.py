@@ -1,0 +1,32 @@
+"""Named queries: the SQL behind summaries and reports lives in ``*.sql`` files here.
+
+They are plain ClickHouse SQL with query parameters (``{start:DateTime64(3)}``), so the same
+file runs from clickhouse-client (``--param_start=...``), from Grafana, and from llmpulse.
+Tables are unqualified: the client's database (``llmpulse`` by default) applies.
+"""
+
+from __future__ import annotations
+
+from importlib import resources
+from typing import Any
+
+from clickhouse_connect.driver.client import Client
+
+
+def sql(name: str) -> str:
+    path = resources.files("sinks").joinpath("queries", f"{name}.sql")
+    try:
+        return path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise KeyError(f"no named query {name!r} (looked for sinks/queries/{name}.sql)") from None
+
+
+def names() -> list[str]:
+    folder = resources.files("sinks").joinpath("queries")
+    return sorted(p.name[:-4] for p in folder.iterdir() if p.name.endswith(".sql"))
+
+
+def run(client: Client, name: str, **params: Any) -> list[dict[str, Any]]:
+    result = client.query(sql(name), parameters=params)
+    cols = result.column_names
+    return [dict(zip(cols, row, strict=True)) for row in result.result_rows]
