@@ -1,0 +1,387 @@
+"""Click commands. Each one loads settings, calls into the runtime/sinks, and renders."""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import sys
+from collections.abc import Callable
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, TypeVar
+
+import click
+import orjson
+
+from llmpulse import console
+from schemas.config import ConfigError, Settings, load_settings
+from schemas.prices import PriceError
+from sinks.clickhouse import SinkError
+from sinks.lock import DataDirBusy
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def _data_options(fn: F) -> F:
+    """--config / --data-dir / --clickhouse-url on every command that reads or writes data."""
+    fn = click.option(
+        "--clickhouse-url",
+        default=None,
+        metavar="URL",
+        help="ClickHouse server (http(s)://host:8123); default: embedded chDB in --data-dir.",
+    )(fn)
+    fn = click.option(
+        "--data-dir",
+        type=click.Path(file_okay=False, path_type=Path),
+        default=None,
+        help="Embedded data directory [config data_dir, default ./.llmpulse].",
+    )(fn)
+    fn = click.option(
+        "--config",
+        "config_path",
+        type=click.Path(dir_okay=False, path_type=Path),
+        default=None,
+        envvar="LLMPULSE_CONFIG",
+        help="Config file [default ./llmpulse.yaml if present].",
+    )(fn)
+    return fn
+
+
+def _settings(config_path: Path | None, data_dir: Path | None, clickhouse_url: str | None) -> Settings:
+    return load_settings(config_path, {"data_dir": data_dir, "clickhouse": {"url": clickhouse_url}})
+
+
+def _friendly_errors(fn: F) -> F:
+    """Known failures print one readable message (and exit 2), never a traceback."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except ConfigError as exc:
+            console.error(str(exc), "Fix the value named above; `llmpulse.yaml` in the repository lists every key.")
+        except DataDirBusy as exc:
+            console.error(str(exc))
+        except PriceError as exc:
+            console.error(str(exc))
+        except SinkError as exc:
+            console.error(str(exc), "Is ClickHouse reachable? Check clickhouse.url and credentials.")
+        except FileNotFoundError as exc:
+            console.error(f"{exc.filename}: no such file")
+        raise SystemExit(2)
+
+    return wrapper  # type: ignore[return-value]
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.version_option(package_name="llmpulse")
+@click.option("-v", "--verbose", is_flag=True, help="Log what the pipeline does.")
+def cli(verbose: bool) -> None:
+    """llmpulse: streaming telemetry for LLM calls (cost, latency, quality, alerts)."""
+    logging.basicConfig(
+        level=logging.INFO if verbose else logging.WARNING,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+
+
+@cli.command()
+@click.option("--events", default=200_000, show_default=True, type=click.IntRange(1), help="Calls to generate.")
+@click.option("--days", default=7.0, show_default=True, type=click.FloatRange(0.01, 80), help="Period they span.")
+@click.option("--seed", default=7, show_default=True, help="Same seed, same traffic.")
+@click.option("--json", "as_json", is_flag=True, help="Print the summary as one JSON object on stdout.")
+@_data_options
+@_friendly_errors
+def demo(
+    events: int,
+    days: float,
+    seed: int,
+    as_json: bool,
+    config_path: Path | None,
+    data_dir: Path | None,
+    clickhouse_url: str | None,
+) -> None:
+    """Run a week of realistic synthetic traffic (with two incidents) through the pipeline."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    from ingest.synthetic import Scenario
+    from llmpulse.demo import DemoRefused, run_demo
+
+    settings = _settings(config_path, data_dir, clickhouse_url)
+    scenario = Scenario(events=events, days=days, seed=seed)
+    progress = Progress(
+        TextColumn("[bold]pipeline[/]"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("events"),
+        TimeRemainingColumn(),
+        console=console.err,
+        transient=True,
+        disable=as_json and not console.err.is_terminal,
+    )
+    try:
+        with progress:
+            task = progress.add_task("demo", total=events)
+            result = run_demo(settings, scenario, lambda n: progress.advance(task, n))
+    except DemoRefused as exc:
+        console.error(str(exc))
+        raise SystemExit(2) from None
+    if as_json:
+        sys.stdout.write(json.dumps(result.summary, default=str) + "\n")
+        return
+    _render_demo(result.summary, settings)
+
+
+def _render_demo(s: dict[str, Any], settings: Settings) -> None:
+    out = console.out
+    rate = s["events_per_second"]
+    out.print(f"\n[bold]llmpulse demo[/] — {s['period']['start']} → {s['period']['end']}, stored in {s['data']}\n")
+    overview = [
+        {"": "calls accepted", "value": s["events"]},
+        {"": "rejected → dlq table", "value": s["dlq"]},
+        {"": "duplicates dropped", "value": s["duplicates"]},
+        {"": "late (raw only)", "value": s["late"]},
+        {"": "unpriced (price_missing)", "value": s["price_missing"]},
+        {"": "judge samples", "value": s["judge_samples"]},
+        {"": "total cost (USD)", "value": s["cost_usd"]},
+        {"": "pipeline events/s", "value": rate},
+        {"": "wall time (s)", "value": s["wall_seconds"]},
+    ]
+    out.print(console.table("Overview", overview))
+    out.print(
+        console.table(
+            "Cost per feature (USD)",
+            [{"feature": k, "cost_usd": v} for k, v in s["cost_by_feature"].items()],
+        )
+    )
+    out.print(console.table("Cost per team (USD)", [{"team": k, "cost_usd": v} for k, v in s["cost_by_team"].items()]))
+    out.print(
+        console.table(
+            "Latency per feature (ms)",
+            [
+                {"feature": k, **v, "ttft_p95": s["ttft_p95_ms_by_feature"].get(k)}
+                for k, v in s["latency_ms_by_feature"].items()
+            ],
+        )
+    )
+    out.print(
+        console.table(
+            "Refusal and error rate per model",
+            [
+                {"model": k, "refusal_rate": f"{v:.2%}", "error_rate": f"{s['error_rate_by_model'][k]:.2%}"}
+                for k, v in s["refusal_rate_by_model"].items()
+            ],
+        )
+    )
+    inc = s["incidents"]
+    data_flag = f" --data-dir {settings.data_dir}" if str(settings.data_dir) != ".llmpulse" else ""
+    out.print("[bold]Injected incidents to look for[/]")
+    out.print(
+        f"  • prompt change: search-summarize v7 → v8 at {inc['prompt_change']['at']} doubles output tokens:\n"
+        f'    llmpulse query{data_flag} "SELECT prompt_version, sum(calls) calls, '
+        "round(sum(output_tokens)/sum(calls)) out_tokens, round(sum(cost_usd),2) cost "
+        "FROM llm_calls_1m WHERE feature='search-summarize' GROUP BY prompt_version\"",
+        highlight=False,
+        soft_wrap=True,
+    )
+    out.print(
+        f"  • refusal regression: claude-haiku-4-5 from {inc['refusal_regression']['at']}:\n"
+        f'    llmpulse query{data_flag} "SELECT toDate(minute) day, round(sum(refusals)/sum(calls),3) '
+        "refusal_rate FROM llm_calls_1m WHERE model='claude-haiku-4-5' GROUP BY day ORDER BY day\"",
+        highlight=False,
+        soft_wrap=True,
+    )
+    out.print(
+        "  • canary: support-chat prompt v13 (variant canary) refuses 4× as often as control.\n",
+        highlight=False,
+    )
+
+
+@cli.command()
+@click.argument("file", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@_data_options
+@_friendly_errors
+def replay(file: Path, config_path: Path | None, data_dir: Path | None, clickhouse_url: str | None) -> None:
+    """Send a JSON Lines file (calls and feedback, optionally gzipped) through the pipeline.
+
+    Replaying the same file again is a no-op: each fixed chunk of lines is an idempotent insert.
+    """
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
+
+    from ingest.files import count_lines, read_chunks
+    from llmpulse.runtime import EmbeddedRuntime, open_clickhouse
+
+    settings = _settings(config_path, data_dir, clickhouse_url)
+    total = count_lines(file)
+    conn = open_clickhouse(settings, purpose=f"llmpulse replay {file}")
+    try:
+        runtime = EmbeddedRuntime(settings, conn)
+        with Progress(
+            TextColumn("[bold]replay[/]"), BarColumn(), MofNCompleteColumn(), TextColumn("lines"),
+            console=console.err, transient=True,
+        ) as progress:  # fmt: skip
+            task = progress.add_task("replay", total=total)
+            for batch in read_chunks(file):
+                runtime.ingest(batch)
+                runtime.flush()  # one insert per chunk: the chunk is the idempotency unit
+                progress.update(task, completed=batch.offsets[-1] if batch.offsets else total)
+        runtime.finish()
+        runtime.close()
+    finally:
+        conn.close()
+    c = runtime.stats.counters
+    rows = [
+        {"": "lines read", "value": total},
+        {"": "accepted", "value": c.accepted},
+        {"": "rejected → dlq", "value": c.rejected},
+        {"": "duplicates dropped", "value": c.duplicates},
+        {"": "unpriced (price_missing)", "value": c.price_missing},
+        {"": "unknown fields kept in attributes", "value": c.unknown_fields},
+    ]
+    console.out.print(console.table(f"Replayed {file}", rows))
+    if c.unknown_models:
+        console.out.print(
+            "Models without a price: "
+            + ", ".join(f"{m} ({n})" for m, n in sorted(c.unknown_models.items()))
+            + ". Add them with `llmpulse prices import FILE`."
+        )
+    if c.rejected:
+        console.out.print(
+            'See why lines were rejected: llmpulse query "SELECT kafka_offset, reason, path FROM dlq '
+            'ORDER BY received_at DESC LIMIT 20"',
+            highlight=False,
+        )
+
+
+@cli.command()
+@click.argument("sql")
+@click.option("--format", "fmt", type=click.Choice(["table", "json"]), default="table", show_default=True)
+@_data_options
+@_friendly_errors
+def query(sql: str, fmt: str, config_path: Path | None, data_dir: Path | None, clickhouse_url: str | None) -> None:
+    """Run SQL against the configured ClickHouse (tables of database `llmpulse` unqualified)."""
+    from clickhouse_connect.driver.exceptions import DatabaseError
+
+    from llmpulse.runtime import open_clickhouse
+
+    settings = _settings(config_path, data_dir, clickhouse_url)
+    conn = open_clickhouse(settings, purpose="llmpulse query")
+    try:
+        try:
+            result = conn.client.query(sql)
+        except DatabaseError as exc:
+            console.error(str(exc).split("\n")[0])
+            raise SystemExit(1) from None
+    finally:
+        conn.close()
+    rows = [dict(zip(result.column_names, r, strict=True)) for r in result.result_rows]
+    if fmt == "json":
+        sys.stdout.write(orjson.dumps(rows, default=_json_default).decode() + "\n")
+        return
+    console.out.print(console.table(None, rows, result.column_names))
+    console.out.print(f"[dim]{len(rows)} row(s)[/]")
+
+
+def _json_default(value: Any) -> Any:
+    if isinstance(value, datetime):
+        return value.astimezone(UTC).isoformat() if value.tzinfo else value.isoformat() + "Z"
+    if isinstance(value, bytes):
+        return value.decode("utf-8", "replace")
+    return str(value)
+
+
+@cli.group()
+def prices() -> None:
+    """Price tables: show the active one, import LiteLLM's."""
+
+
+@prices.command("show")
+@click.argument("model", required=False)
+@_data_options
+@_friendly_errors
+def prices_show(model: str | None, config_path: Path | None, data_dir: Path | None, clickhouse_url: str | None) -> None:
+    """List the active price table (USD per 1M tokens), or how one model string resolves."""
+    from llmpulse.runtime import price_table
+    from processors.pricing import CostAttribution
+
+    settings = _settings(config_path, data_dir, clickhouse_url)
+    table = price_table(settings)
+    if model:
+        rates = CostAttribution(table).rates(model)
+        if rates is None:
+            console.error(f"{model!r} is not in price table {table.price_version}: its calls get price_missing")
+            raise SystemExit(1)
+        console.out.print(f"{model} → provider {rates.provider}, USD per 1M tokens:")
+        console.out.print(
+            f"  input {rates.input * 1e6:g}, cached input {rates.cached_input * 1e6:g}, "
+            f"cache write {rates.cache_write * 1e6:g}, output {rates.output * 1e6:g}"
+        )
+        return
+    rows = [
+        {
+            "model": name,
+            "provider": p.provider,
+            "input": p.input,
+            "cached_input": p.cached_input if p.cached_input is not None else p.input,
+            "cache_write": p.cache_write if p.cache_write is not None else p.input,
+            "output": p.output,
+            "long_context": f">{p.long_context.above_input_tokens:,}" if p.long_context else "",
+        }
+        for name, p in sorted(table.models.items())
+    ]
+    console.out.print(console.table(f"Price table {table.price_version} (USD per 1M tokens)", rows))
+
+
+@prices.command("import")
+@click.argument("file", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option("--version", "price_version", default=None, help="price_version to record [litellm-<hash>].")
+@click.option("--out", type=click.Path(dir_okay=False, path_type=Path), default=None, help="[data_dir/prices.json]")
+@_data_options
+@_friendly_errors
+def prices_import(
+    file: Path,
+    price_version: str | None,
+    out: Path | None,
+    config_path: Path | None,
+    data_dir: Path | None,
+    clickhouse_url: str | None,
+) -> None:
+    """Import LiteLLM's model_prices_and_context_window.json over the built-in table."""
+    from schemas.prices import builtin_price_table, from_litellm, merge_tables
+
+    settings = _settings(config_path, data_dir, clickhouse_url)
+    try:
+        data = json.loads(file.read_bytes())
+    except json.JSONDecodeError as exc:
+        raise PriceError(f"{file}: not valid JSON: {exc}") from exc
+    if not isinstance(data, dict):
+        raise PriceError(f"{file}: expected an object of model entries (LiteLLM's format)")
+    imported = from_litellm(data, source=file.name, price_version=price_version)
+    merged = merge_tables(builtin_price_table(), imported)
+    target = out or settings.data_dir / "prices.json"
+    target.parent.mkdir(parents=True, exist_ok=True)
+    target.write_text(merged.model_dump_json(indent=2, exclude_none=True))
+    console.out.print(
+        f"Imported {len(imported.models)} models from {file} as price_version "
+        f"[bold]{merged.price_version}[/] → {target} ({len(merged.models)} models in all)."
+    )
+    if out is not None:
+        console.out.print(f"Point the pipeline at it with pricing.path: {out} (or LLMPULSE_PRICING__PATH).")
+
+
+@cli.command()
+@_data_options
+@_friendly_errors
+def migrate(config_path: Path | None, data_dir: Path | None, clickhouse_url: str | None) -> None:
+    """Create or upgrade the ClickHouse schema (every command also does this at start)."""
+    from sinks.clickhouse import connect
+    from sinks.migrations import migrate as run_migrations
+
+    settings = _settings(config_path, data_dir, clickhouse_url)
+    conn = connect(settings.clickhouse, settings.data_dir, purpose="llmpulse migrate")
+    try:
+        applied = run_migrations(conn, settings.retention, settings.clickhouse.cluster)
+    finally:
+        conn.close()
+    console.out.print(f"{conn.description}: " + (f"applied {', '.join(applied)}" if applied else "up to date"))

@@ -1,0 +1,162 @@
+"""``llmpulse demo``: a week of synthetic traffic through the embedded pipeline into chDB.
+
+Traffic is generated in a child process (it stands for the services that publish, and uses
+the second core), the pipeline and the inserts run here, and the summary is read back from
+ClickHouse, so what it prints is what landed.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import queue as queue_mod
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+from ingest.synthetic import Scenario, produce_into
+from llmpulse.runtime import EmbeddedRuntime, open_clickhouse
+from processors.records import PayloadBatch, Source
+from schemas.config import Settings
+from sinks import queries
+from sinks.clickhouse import Connection, connect
+
+DEMO_SOURCE = "demo"
+
+
+class DemoRefused(RuntimeError):
+    pass
+
+
+@dataclass
+class DemoResult:
+    summary: dict[str, Any]
+    scenario: Scenario
+
+
+def _prepare_database(settings: Settings) -> None:
+    """Replace a previous demo's data; refuse to touch anything else."""
+    conn = connect(settings.clickhouse, settings.data_dir, purpose="llmpulse demo")
+    try:
+        db = settings.clickhouse.database
+        exists = conn.client.command(
+            f"SELECT count() FROM system.tables WHERE database = '{db}' AND name = 'llm_calls'"
+        )
+        if int(exists):  # type: ignore[arg-type]
+            foreign = conn.client.command(f"SELECT count() FROM {db}.llm_calls WHERE source != '{DEMO_SOURCE}'")
+            if int(foreign):  # type: ignore[arg-type]
+                raise DemoRefused(
+                    f"{conn.description} database `{db}` holds {foreign} calls that are not demo data; "
+                    "the demo replaces its database, so give it another one: --data-dir DIR "
+                    "(embedded) or LLMPULSE_CLICKHOUSE__DATABASE=llmpulse_demo"
+                )
+            conn.client.command(f"DROP DATABASE IF EXISTS {db} SYNC")
+    finally:
+        conn.close()
+
+
+def run_demo(
+    settings: Settings,
+    scenario: Scenario,
+    on_progress: Callable[[int], None] | None = None,
+) -> DemoResult:
+    _prepare_database(settings)
+    conn = open_clickhouse(settings, purpose="llmpulse demo")
+    try:
+        return _run(settings, conn, scenario, on_progress)
+    finally:
+        conn.close()
+
+
+def _run(
+    settings: Settings,
+    conn: Connection,
+    scenario: Scenario,
+    on_progress: Callable[[int], None] | None,
+) -> DemoResult:
+    runtime = EmbeddedRuntime(settings, conn)
+    run_id = uuid.uuid4().hex[:12]
+    source = Source(DEMO_SOURCE, f"run-{run_id}")
+    ctx = multiprocessing.get_context("spawn")  # never fork a process that holds chDB
+    channel: Any = ctx.Queue(maxsize=8)
+    producer = ctx.Process(target=produce_into, args=(channel, scenario), daemon=True)
+    wall_started = time.perf_counter()
+    producer.start()
+    offset = 0
+    try:
+        while True:
+            try:
+                payloads = channel.get(timeout=120)
+            except queue_mod.Empty:
+                raise RuntimeError("the traffic generator stopped producing (see its error above)") from None
+            if payloads is None:
+                break
+            offsets = list(range(offset, offset + len(payloads)))
+            offset += len(payloads)
+            # replay-time pipeline: "now" is the scenario's end, so the week is in range
+            runtime.ingest(PayloadBatch(source, payloads, offsets, digest=run_id), now=scenario.end, mixed=False)
+            runtime.tick()
+            if on_progress:
+                on_progress(len(payloads))
+        runtime.finish()
+    finally:
+        runtime.close()
+        producer.join(timeout=10)
+        if producer.is_alive():
+            producer.terminate()
+    wall = time.perf_counter() - wall_started
+    summary = summarize(conn, scenario.start, scenario.end + 3600)
+    c = runtime.stats.counters
+    summary.update(
+        received=c.received,
+        rejected=c.rejected,
+        duplicates=c.duplicates,
+        late=c.late,
+        unknown_fields=c.unknown_fields,
+        events_per_second=round(c.received / runtime.stats.process_s, 1) if runtime.stats.process_s else None,
+        pipeline_seconds=round(runtime.stats.process_s, 3),
+        wall_seconds=round(wall, 3),
+        inserts=runtime.sink.stats.inserts,
+        window_partials=runtime.stats.partials,
+        data=conn.description,
+        period={"start": _iso(scenario.start), "end": _iso(scenario.end)},
+        incidents={
+            "prompt_change": {"feature": "search-summarize", "from": "v7", "to": "v8",
+                              "at": _iso(scenario.prompt_change_at)},
+            "refusal_regression": {"model": "claude-haiku-4-5", "at": _iso(scenario.refusal_regression_at)},
+            "canary": {"feature": "support-chat", "prompt_version": "v13", "variant": "canary"},
+        },
+    )  # fmt: skip
+    return DemoResult(summary, scenario)
+
+
+def _iso(t: float) -> str:
+    return datetime.fromtimestamp(t, UTC).isoformat(timespec="seconds")
+
+
+def summarize(conn: Connection, start: float, end: float) -> dict[str, Any]:
+    """The demo's summary, read back from ClickHouse (rollups for the numbers, DLQ for rejects)."""
+    client = conn.client
+    period = {"start": datetime.fromtimestamp(start, UTC), "end": datetime.fromtimestamp(end, UTC)}
+    totals = queries.run(client, "summary_totals", **period)[0]
+    by_feature = queries.run(client, "cost_by_feature", **period)
+    by_team = queries.run(client, "cost_by_team", **period)
+    latency = queries.run(client, "latency_by_feature", **period)
+    refusals = queries.run(client, "refusal_by_model", **period)
+    return {
+        "events": int(totals["calls"] or 0),
+        "dlq": int(totals["dlq"] or 0),
+        "price_missing": int(totals["price_missing"] or 0),
+        "cost_usd": round(float(totals["cost_usd"] or 0.0), 2),
+        "cost_by_feature": {r["feature"]: round(float(r["cost_usd"]), 2) for r in by_feature},
+        "cost_by_team": {r["team"]: round(float(r["cost_usd"]), 2) for r in by_team},
+        "latency_ms_by_feature": {
+            r["feature"]: {"p50": r["p50_ms"], "p95": r["p95_ms"], "p99": r["p99_ms"]} for r in latency
+        },
+        "ttft_p95_ms_by_feature": {r["feature"]: r["ttft_p95_ms"] for r in latency},
+        "refusal_rate_by_model": {r["model"]: round(float(r["refusal_rate"]), 4) for r in refusals},
+        "error_rate_by_model": {r["model"]: round(float(r["error_rate"]), 4) for r in refusals},
+        "judge_samples": int(totals["judge_samples"] or 0),
+    }
