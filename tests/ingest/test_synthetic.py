@@ -1,0 +1,49 @@
+from __future__ import annotations
+
+from ingest.synthetic import FEATURES, UNKNOWN_MODEL, Scenario, generate
+from processors.validate import ValidationLimits, decode_calls
+from tests.conftest import NOW, batch
+
+
+def flat(s: Scenario) -> list[bytes]:
+    return [p for b in generate(s, 1000) for p in b]
+
+
+def test_same_seed_same_traffic() -> None:
+    s = Scenario(events=3000, days=1, seed=5, end=NOW)
+    assert flat(s) == flat(s)
+    assert flat(s) != flat(Scenario(events=3000, days=1, seed=6, end=NOW))
+
+
+def test_traffic_shape() -> None:
+    s = Scenario(events=20_000, days=2, seed=3, end=NOW)
+    raws = flat(s)
+    out = decode_calls(ValidationLimits())(batch(raws), NOW)
+    assert len(raws) >= 20_000
+    assert 0 < len(out.dead) < 40  # a sprinkling of malformed payloads
+    features = {e.feature for e in out.events}
+    assert features == {f.name for f in FEATURES}
+    assert len({e.team for e in out.events}) >= 3
+    assert len({e.model for e in out.events}) >= 5 and UNKNOWN_MODEL in {e.model for e in out.events}
+    assert any(e.cached_input_tokens for e in out.events)
+    assert any(e.conversation_id and e.event_id for e in out.events)
+    assert min(out.ts) >= s.start - 900 and max(out.ts) <= s.end + 60
+
+
+def test_incidents_are_in_the_data() -> None:
+    s = Scenario(events=60_000, days=7, seed=9, end=NOW)
+    events = decode_calls(ValidationLimits())(batch(flat(s)), NOW).events
+    ok = [e for e in events if e.status == "ok"]
+
+    def mean(xs: list[float]) -> float:
+        return sum(xs) / len(xs)
+
+    v7 = mean([e.output_tokens for e in ok if e.prompt_version == "v7"])
+    v8 = mean([e.output_tokens for e in ok if e.prompt_version == "v8"])
+    assert 1.7 < v8 / v7 < 2.3  # the prompt change doubles output tokens
+    haiku = [e for e in events if e.model == "claude-haiku-4-5" and e.variant == "control"]
+    before = mean([e.refusal for e in haiku if e.ts.timestamp() < s.refusal_regression_at])
+    after = mean([e.refusal for e in haiku if e.ts.timestamp() >= s.refusal_regression_at])
+    assert before < 0.03 and 0.14 < after < 0.22
+    canary = [e for e in events if e.feature == "support-chat" and e.variant == "canary"]
+    assert canary and all(e.prompt_version == "v13" for e in canary)

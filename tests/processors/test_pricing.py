@@ -1,0 +1,109 @@
+"""Costs to the cent against hand-computed expectations (rates in schemas/data/prices.json)."""
+
+from __future__ import annotations
+
+import msgspec
+import pytest
+
+from processors.pricing import COST_CLIENT, COST_COMPUTED, COST_MISSING, CostAttribution
+from schemas.prices import builtin_price_table
+from schemas.wire import WireCall
+from tests.conftest import payload
+
+DECODE = msgspec.json.Decoder(WireCall).decode
+
+
+@pytest.fixture(scope="module")
+def price() -> CostAttribution:
+    return CostAttribution(builtin_price_table())
+
+
+def ev(**kw: object) -> WireCall:
+    return DECODE(payload(**kw))
+
+
+def test_cached_tokens_are_priced_at_the_cached_rate(price: CostAttribution) -> None:
+    # gpt-4o: $2.50 input, $1.25 cached input, $10 output per 1M tokens.
+    # 4,000 uncached × 2.50 + 8,000 cached × 1.25 + 900 out × 10 = 0.010 + 0.010 + 0.009
+    costs = price([ev(model="gpt-4o", input_tokens=12_000, cached_input_tokens=8_000, output_tokens=900)])
+    assert costs.cost_usd[0] == pytest.approx(0.029, abs=1e-12)
+    assert costs.cost_source == [COST_COMPUTED]
+    # had the cached tokens been charged as input, this would read 0.039: a 34% overstatement
+    assert costs.cost_usd[0] != pytest.approx(0.039)
+
+
+def test_cache_writes_and_reads_on_anthropic(price: CostAttribution) -> None:
+    # claude-sonnet-4-5: $3 input, $0.30 cache read, $3.75 cache write, $15 output per 1M.
+    # 10,000 uncached × 3 + 30,000 read × 0.30 + 10,000 written × 3.75 + 2,000 out × 15
+    # = 0.030 + 0.009 + 0.0375 + 0.030 = 0.1065
+    costs = price(
+        [
+            ev(
+                model="claude-sonnet-4-5",
+                input_tokens=50_000,
+                cached_input_tokens=30_000,
+                cache_write_tokens=10_000,
+                output_tokens=2_000,
+            )
+        ]
+    )
+    assert costs.cost_usd[0] == pytest.approx(0.1065, abs=1e-12)
+
+
+def test_long_context_tier_applies_above_the_threshold(price: CostAttribution) -> None:
+    # claude-sonnet-4-5 above 200k input tokens: $6 input, $22.50 output per 1M
+    over = price([ev(model="claude-sonnet-4-5", input_tokens=250_000, output_tokens=1_000)])
+    assert over.cost_usd[0] == pytest.approx(1.5 + 0.0225, abs=1e-12)
+    at = price([ev(model="claude-sonnet-4-5", input_tokens=200_000, output_tokens=1_000)])
+    assert at.cost_usd[0] == pytest.approx(0.6 + 0.015, abs=1e-12)
+
+
+def test_thousand_calls_sum_to_the_cent(price: CostAttribution) -> None:
+    # 1,234 × gpt-4o-mini calls of 3,000 in (1,000 cached) / 250 out:
+    # per call 2,000 × 0.15 + 1,000 × 0.075 + 250 × 0.60 per 1M = 0.0003 + 0.000075 + 0.00015 = 0.000525
+    # × 1,234 = $0.64785 → $0.65
+    events = [
+        ev(model="gpt-4o-mini", input_tokens=3_000, cached_input_tokens=1_000, output_tokens=250) for _ in range(1234)
+    ]
+    total = sum(c for c in price(events).cost_usd if c is not None)
+    assert round(total, 2) == 0.65
+    assert total == pytest.approx(0.64785, abs=1e-9)
+
+
+def test_client_cost_wins_and_is_flagged(price: CostAttribution) -> None:
+    costs = price([ev(model="gpt-4o", cost_usd=0.5)])
+    assert costs.cost_usd == [0.5]
+    assert costs.cost_source == [COST_CLIENT]
+    assert costs.client == 1
+
+
+def test_unknown_model_is_null_and_counted_never_zero(price: CostAttribution) -> None:
+    costs = price([ev(model="acme-llm-1"), ev(model="acme-llm-1"), ev(model="gpt-4o")])
+    assert costs.cost_usd[0] is None and costs.cost_usd[1] is None
+    assert costs.cost_source[:2] == [COST_MISSING, COST_MISSING]
+    assert costs.price_missing == [True, True, False]
+    assert costs.missing == 2
+    assert costs.unknown_models == {"acme-llm-1": 2}
+
+
+@pytest.mark.parametrize(
+    ("name", "canonical"),
+    [
+        ("gpt-4o-2024-08-06", "gpt-4o"),
+        ("openai/gpt-4o-mini", "gpt-4o-mini"),
+        ("claude-sonnet-4-5-20250929", "claude-sonnet-4-5"),
+        ("anthropic.claude-3-5-haiku-20241022-v1:0", "claude-3-5-haiku"),
+        ("claude-3-7-sonnet-latest", "claude-3-7-sonnet"),
+        ("GPT-4.1", "gpt-4.1"),
+    ],
+)
+def test_decorated_model_names_resolve(price: CostAttribution, name: str, canonical: str) -> None:
+    assert price.rates(name) == price.rates(canonical)
+    assert price.rates(name) is not None
+
+
+def test_provider_is_filled_from_the_price_table(price: CostAttribution) -> None:
+    e = ev(model="gemini-2.5-flash")
+    assert e.provider is None
+    price([e])
+    assert e.provider == "google"

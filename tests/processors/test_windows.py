@@ -1,0 +1,112 @@
+"""Event-time tumbling windows: boundaries, watermark, lateness, flush, merge, wire form."""
+
+from __future__ import annotations
+
+import msgspec
+import pytest
+
+from processors.pricing import CostAttribution
+from processors.windows import SCOPE_DIMS, WindowAggregator, WindowPartial, project
+from schemas.prices import builtin_price_table
+from schemas.wire import WireCall
+from tests.conftest import iso, payload
+
+T0 = 1_795_000_020.0  # 11:07:00 UTC, a minute boundary
+DECODE = msgspec.json.Decoder(WireCall).decode
+PRICE = CostAttribution(builtin_price_table())
+
+
+def events(specs: list[tuple[float, dict]]) -> tuple[list[WireCall], list[float]]:
+    evs = [DECODE(payload(ts=iso(t), **kw)) for t, kw in specs]
+    return evs, [e.ts.timestamp() for e in evs]
+
+
+def feed(agg: WindowAggregator, specs: list[tuple[float, dict]]) -> list[WindowPartial]:
+    evs, ts = events(specs)
+    return agg.add(evs, ts, PRICE(evs))
+
+
+def test_boundaries_are_half_open() -> None:
+    agg = WindowAggregator(window_s=60, lateness_s=0)
+    assert T0 % 60 == 0
+    closed = feed(agg, [(T0 + 59.999, {}), (T0 + 60.0, {}), (T0 + 121, {})])
+    starts = sorted((p.window_start, p.calls) for p in closed)
+    assert starts == [(int(T0), 1), (int(T0) + 60, 1)]  # 59.999 in the first window, 60.0 in the next
+
+
+def test_window_closes_only_after_allowed_lateness() -> None:
+    agg = WindowAggregator(window_s=60, lateness_s=30)
+    assert feed(agg, [(T0 + 10, {}), (T0 + 85, {})]) == []  # watermark 55: window [0,60) still open
+    assert agg.watermark == T0 + 55
+    closed = feed(agg, [(T0 + 95, {})])  # watermark 65 passes 60
+    assert [(p.window_start, p.calls) for p in closed] == [(int(T0), 1)]
+
+
+def test_event_within_lateness_counts_and_beyond_is_late_not_lost() -> None:
+    agg = WindowAggregator(window_s=60, lateness_s=30)
+    feed(agg, [(T0 + 10, {}), (T0 + 80, {})])
+    feed(agg, [(T0 + 40, {})])  # 40 s behind the newest event: within lateness, counted
+    closed = feed(agg, [(T0 + 200, {})])
+    first = next(p for p in closed if p.window_start == int(T0))
+    assert first.calls == 2
+    assert agg.late_events == 0
+    feed(agg, [(T0 + 20, {})])  # its window was emitted already: late
+    assert agg.late_events == 1
+
+
+def test_aggregates_are_exact() -> None:
+    agg = WindowAggregator(window_s=60, lateness_s=0)
+    specs = [
+        (T0 + 1, {"status": "ok", "latency_ms": 100.0, "ttft_ms": 40.0, "output_tokens": 10}),
+        (T0 + 2, {"status": "error", "latency_ms": 300.0, "output_tokens": 0}),
+        (T0 + 3, {"status": "timeout", "latency_ms": 30_000.0, "output_tokens": 0}),
+        (T0 + 4, {"refusal": True, "latency_ms": 200.0, "ttft_ms": 60.0, "schema_valid": False}),
+        (T0 + 5, {"model": "acme-llm-1", "latency_ms": 50.0, "tool_calls": ["search"], "schema_valid": True}),
+    ]
+    evs, ts = events(specs)
+    costs = PRICE(evs)
+    agg.add(evs, ts, costs)
+    parts = agg.flush()
+    merged = project(parts, ("feature",))
+    p = merged[(int(T0), "support-chat")]
+    assert (p.calls, p.errors, p.timeouts, p.refusals, p.price_missing) == (5, 2, 1, 1, 1)
+    assert p.cost_usd == pytest.approx(sum(c for c in costs.cost_usd if c is not None))
+    assert (p.schema_checked, p.schema_valid, p.tool_call_calls) == (2, 1, 1)
+    m = p.metrics()
+    assert m["error_rate"] == pytest.approx(0.4)
+    assert m["refusal_rate"] == pytest.approx(0.2)
+    assert m["latency_avg_ms"] == pytest.approx((100 + 300 + 30_000 + 200 + 50) / 5)
+    assert m["ttft_p50_ms"] == pytest.approx(50.0)
+    assert m["schema_valid_rate"] == pytest.approx(0.5)
+
+
+def test_keys_split_by_scope_and_projection_merges_partitions() -> None:
+    a, b = WindowAggregator(60, 0, partition=0), WindowAggregator(60, 0, partition=1)
+    feed(a, [(T0 + 1, {"feature": "f1", "model": "gpt-4o"}), (T0 + 2, {"feature": "f2", "model": "gpt-4o"})])
+    feed(b, [(T0 + 3, {"feature": "f3", "model": "gpt-4o", "refusal": True})])
+    parts = a.flush() + b.flush()
+    assert len(parts) == 3
+    by_model = project(parts, ("model",))
+    merged = by_model[(int(T0), "gpt-4o")]
+    assert merged.calls == 3 and merged.refusals == 1
+    assert merged.metrics()["refusal_rate"] == pytest.approx(1 / 3)
+
+
+def test_partial_survives_the_wire() -> None:
+    agg = WindowAggregator(60, 0)
+    feed(agg, [(T0 + i, {"latency_ms": 100.0 + i}) for i in range(50)])
+    (part,) = agg.flush()
+    back = WindowPartial.from_wire(part.to_wire())
+    assert back.calls == 50 and back.key == part.key
+    assert back.latency.quantile(0.5) == pytest.approx(part.latency.quantile(0.5))
+    assert back.labels()["feature"] == "support-chat"
+    assert set(back.labels()) == set(SCOPE_DIMS)
+
+
+def test_idle_partition_closes_windows_by_wall_clock() -> None:
+    agg = WindowAggregator(60, 30)
+    evs, ts = events([(T0 + 5, {})])
+    agg.add(evs, ts, PRICE(evs), now=1000.0)
+    assert agg.tick(now=1030.0, idle_timeout_s=60) == []  # not idle long enough
+    closed = agg.tick(now=T0 + 300, idle_timeout_s=60)
+    assert [p.calls for p in closed] == [1]

@@ -1,0 +1,66 @@
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from schemas.prices import PriceError, builtin_price_table, from_litellm, load_price_table, merge_tables
+
+LITELLM_SAMPLE = {
+    "sample_spec": {"input_cost_per_token": 0},
+    "gpt-4o": {
+        "litellm_provider": "openai", "mode": "chat",
+        "input_cost_per_token": 2.5e-06, "output_cost_per_token": 1e-05, "cache_read_input_token_cost": 1.25e-06,
+    },
+    "claude-sonnet-4-5": {
+        "litellm_provider": "anthropic", "mode": "chat",
+        "input_cost_per_token": 3e-06, "output_cost_per_token": 1.5e-05,
+        "cache_read_input_token_cost": 3e-07, "cache_creation_input_token_cost": 3.75e-06,
+        "input_cost_per_token_above_200k_tokens": 6e-06, "output_cost_per_token_above_200k_tokens": 2.25e-05,
+    },
+    "text-embedding-3-small": {"litellm_provider": "openai", "mode": "embedding", "input_cost_per_token": 2e-08},
+    "dall-e-3": {"litellm_provider": "openai", "mode": "image_generation"},
+}  # fmt: skip
+
+
+def test_builtin_table_covers_the_major_providers() -> None:
+    table = builtin_price_table()
+    providers = {p.provider for p in table.models.values()}
+    assert {"openai", "anthropic", "google"} <= providers
+    assert table.models["gpt-4o"].cached_input == 1.25
+    assert table.price_version
+
+
+def test_litellm_import_converts_per_token_to_per_million() -> None:
+    table = from_litellm(LITELLM_SAMPLE, source="sample.json")
+    assert set(table.models) == {"gpt-4o", "claude-sonnet-4-5"}  # chat models with both rates only
+    sonnet = table.models["claude-sonnet-4-5"]
+    assert (sonnet.input, sonnet.output, sonnet.cached_input, sonnet.cache_write) == (3.0, 15.0, 0.3, 3.75)
+    assert sonnet.long_context is not None
+    assert (sonnet.long_context.above_input_tokens, sonnet.long_context.input) == (200_000, 6.0)
+    assert table.models["gpt-4o"].cache_write is None  # falls back to the input rate, never 0
+    assert table.price_version.startswith("litellm-")
+    assert from_litellm(LITELLM_SAMPLE, source="x").price_version == table.price_version  # content hash
+
+
+def test_litellm_import_errors_name_the_entry() -> None:
+    with pytest.raises(PriceError, match=r"sample.json: entry `bad`"):
+        from_litellm(
+            {"bad": {"mode": "chat", "input_cost_per_token": "cheap", "output_cost_per_token": 1}},
+            source="sample.json",
+        )
+    with pytest.raises(PriceError, match="no chat model"):
+        from_litellm({"x": {"mode": "embedding"}}, source="e.json")
+
+
+def test_merge_and_load(tmp_path: Path) -> None:
+    merged = merge_tables(builtin_price_table(), from_litellm(LITELLM_SAMPLE, source="s", price_version="v2"))
+    assert merged.price_version == "v2"
+    assert "gemini-2.5-flash" in merged.models  # kept from the built-in table
+    path = tmp_path / "prices.json"
+    path.write_text(merged.model_dump_json())
+    assert load_price_table(path) == merged
+    path.write_text(json.dumps({"price_version": "x", "models": {"m": {"provider": "p", "input": -1, "output": 1}}}))
+    with pytest.raises(PriceError, match=r"prices.json: key `models.m.input`"):
+        load_price_table(path)

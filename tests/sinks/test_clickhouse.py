@@ -1,0 +1,205 @@
+"""The sink against the real ClickHouse engine (chDB through clickhouse-connect)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+from clickhouse_connect.driver.exceptions import OperationalError, ProgrammingError
+
+from ingest.synthetic import Scenario, generate
+from llmpulse.runtime import EmbeddedRuntime
+from processors.chain import CallPipeline
+from processors.records import Source
+from schemas.prices import builtin_price_table
+from sinks.clickhouse import ClickHouseSink, RetryPolicy, SinkError
+from sinks.lock import DataDirBusy, DataDirLock
+from sinks.migrations import migrate
+from tests.conftest import NOW, batch, payload, scalar
+
+SCENARIO = Scenario(events=30_000, days=1, seed=11, end=NOW - 3600)
+
+
+def run_scenario(settings: Any, conn: Any) -> EmbeddedRuntime:
+    runtime = EmbeddedRuntime(settings, conn)
+    offset = 0
+    for payloads in generate(SCENARIO, 5_000):
+        runtime.ingest(batch(payloads, Source("demo", "test"), offset, digest="run-1"), now=NOW, mixed=False)
+        offset += len(payloads)
+    runtime.finish()
+    runtime.close()
+    return runtime
+
+
+def rollup_vs_raw(conn: Any) -> list[tuple]:
+    """Rows where the minute rollup disagrees with a recomputation from FINAL raw rows."""
+    sql = """
+    SELECT r.minute, r.feature, r.model, r.calls, x.calls, r.cost, x.cost, r.errors, x.errors,
+           r.refusals, x.refusals, r.out_tokens, x.out_tokens
+    FROM (
+        SELECT minute, feature, model, sum(calls) calls, round(sum(cost_usd), 9) cost, sum(errors) errors,
+               sum(refusals) refusals, sum(output_tokens) out_tokens
+        FROM llm_calls_1m GROUP BY minute, feature, model) AS r
+    FULL OUTER JOIN (
+        SELECT toStartOfMinute(ts) minute, feature, model, count() calls, round(sum(ifNull(cost_usd, 0)), 9) cost,
+               countIf(status != 'ok') errors, countIf(refusal) refusals, sum(output_tokens) out_tokens
+        FROM llm_calls FINAL GROUP BY minute, feature, model) AS x
+    USING (minute, feature, model)
+    WHERE r.calls != x.calls OR abs(r.cost - x.cost) > 1e-6 OR r.errors != x.errors
+          OR r.refusals != x.refusals OR r.out_tokens != x.out_tokens
+    """
+    return conn.client.query(sql).result_rows
+
+
+def test_rollups_equal_recomputation_from_raw(settings: Any, conn: Any) -> None:
+    runtime = run_scenario(settings, conn)
+    c = runtime.stats.counters
+    assert scalar(conn, "SELECT count() FROM llm_calls FINAL") == c.accepted
+    assert scalar(conn, "SELECT sum(calls) FROM llm_calls_1m") == c.accepted
+    assert scalar(conn, "SELECT count() FROM dlq") == c.rejected > 0
+    assert rollup_vs_raw(conn) == []
+    # percentiles from the rollup's t-digest states within 2% of quantileExact on raw
+    rows = conn.client.query(
+        """
+        SELECT feature, q, e FROM
+          (SELECT feature, quantilesTDigestMerge(0.5, 0.9, 0.95, 0.99)(latency_ms_q) q
+           FROM llm_calls_1m GROUP BY feature) AS a
+        JOIN (SELECT feature, quantilesExact(0.5, 0.9, 0.95, 0.99)(latency_ms) e
+              FROM llm_calls FINAL GROUP BY feature) AS b USING feature
+        """
+    ).result_rows
+    assert len(rows) == 6
+    for feature, q, e in rows:
+        for got, want in zip(q, e, strict=True):
+            assert abs(got - want) / want < 0.02, (feature, q, e)
+
+
+def test_replaying_a_block_does_not_count_twice(settings: Any, conn: Any) -> None:
+    pipeline = CallPipeline(builtin_price_table())
+    processed = pipeline.process(batch([payload(event_id=f"r{i}") for i in range(500)], digest="d1"), NOW)
+    sink = ClickHouseSink(conn)
+    sink.write([processed], processed.block_id)
+    sink.write([processed], processed.block_id)  # a retry after a lost acknowledgement
+    assert scalar(conn, "SELECT count() FROM llm_calls") == 500  # not even before merges
+    assert scalar(conn, "SELECT sum(calls) FROM llm_calls_1m") == 500
+    other = CallPipeline(builtin_price_table()).process(
+        batch([payload(event_id=f"s{i}") for i in range(10)], digest="d2"), NOW
+    )
+    sink.write([other], other.block_id)
+    assert scalar(conn, "SELECT sum(calls) FROM llm_calls_1m") == 510
+
+
+def test_dead_letters_keep_raw_bytes_reason_and_position(settings: Any, conn: Any) -> None:
+    pipeline = CallPipeline(builtin_price_table())
+    bad = b'{"event_id": "x", "ts'
+    processed = pipeline.process(batch([payload(), bad, payload(input_tokens=-4)], Source("file", "f.jsonl"), 10), NOW)
+    ClickHouseSink(conn).write([processed], "t1")
+    rows = conn.client.query(
+        "SELECT source, source_name, source_offset, reason, path, raw FROM dlq ORDER BY source_offset"
+    ).result_rows
+    assert rows[0] == ("file", "f.jsonl", 11, "not valid JSON: Input data was truncated", "$", bad.decode())
+    assert rows[1][:5] == ("file", "f.jsonl", 12, "Expected `int` >= 0", "$.input_tokens")
+    assert '"input_tokens":-4' in rows[1][5]
+    assert len(rows) == 2
+
+
+def test_migrations_are_idempotent_and_retention_is_applied(settings: Any, conn: Any) -> None:
+    assert migrate(conn, settings.retention) == []
+    ddl = scalar(
+        conn,
+        f"SELECT create_table_query FROM system.tables WHERE database = '{conn.database}' AND name = 'llm_calls'",
+    )
+    assert "toIntervalDay(90)" in ddl
+    changed = settings.retention.model_copy(update={"raw_days": 30})
+    migrate(conn, changed)
+    ddl = scalar(
+        conn,
+        f"SELECT create_table_query FROM system.tables WHERE database = '{conn.database}' AND name = 'llm_calls'",
+    )
+    assert "toIntervalDay(30)" in ddl
+    versions = conn.client.query("SELECT version FROM schema_migrations FINAL").result_rows
+    assert versions == [(1,)]
+
+
+class FlakyClient:
+    """Raises what clickhouse-connect raises on a refused connection, then recovers."""
+
+    def __init__(self, real: Any, failures: int) -> None:
+        self.real = real
+        self.failures = failures
+        self.calls = 0
+
+    def insert_arrow(self, *args: Any, **kwargs: Any) -> Any:
+        self.calls += 1
+        if self.failures:
+            self.failures -= 1
+            raise OperationalError("Error HTTPConnectionPool(host='ch', port=8123): Connection refused")
+        return self.real.insert_arrow(*args, **kwargs)
+
+
+def test_transient_failures_are_retried_with_backoff(settings: Any, conn: Any) -> None:
+    sleeps: list[float] = []
+    sink = ClickHouseSink(conn, RetryPolicy(retries=5, first_delay_s=0.5, sleep=sleeps.append))
+    flaky = FlakyClient(conn.client, failures=3)
+    sink.client = flaky  # type: ignore[assignment]
+    processed = CallPipeline(builtin_price_table()).process(batch([payload()]), NOW)
+    sink.write([processed], "flaky-1")
+    assert sleeps == [0.5, 1.0, 2.0]
+    assert scalar(conn, "SELECT count() FROM llm_calls") == 1
+
+
+def test_permanent_failure_raises_sink_error_without_retrying(settings: Any, conn: Any) -> None:
+    sleeps: list[float] = []
+    sink = ClickHouseSink(conn, RetryPolicy(retries=5, sleep=sleeps.append))
+
+    class Broken:
+        def insert_arrow(self, *a: Any, **k: Any) -> Any:
+            raise ProgrammingError("Code: 60. Table llmpulse.llm_calls does not exist")
+
+    sink.client = Broken()  # type: ignore[assignment]
+    processed = CallPipeline(builtin_price_table()).process(batch([payload()]), NOW)
+    with pytest.raises(SinkError, match="failed after 1 attempt"):
+        sink.write([processed], "x")
+    assert sleeps == []
+
+
+HOLDER = """
+import sys, time
+from pathlib import Path
+from sinks.lock import DataDirLock
+lock = DataDirLock(Path(sys.argv[1]))
+lock.acquire("llmpulse serve")
+lock.update(server_url="http://127.0.0.1:8420")
+print("held", flush=True)
+time.sleep(30)
+"""
+
+
+def test_second_process_is_told_who_holds_the_data_dir(tmp_path: Path) -> None:
+    proc = subprocess.Popen([sys.executable, "-c", HOLDER, str(tmp_path)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout is not None and proc.stdout.readline().strip() == "held"
+        with pytest.raises(DataDirBusy) as err:
+            DataDirLock(tmp_path).acquire("llmpulse query")
+        message = str(err.value)
+        assert f"pid {proc.pid}" in message and "`llmpulse serve`" in message
+        assert "--server http://127.0.0.1:8420" in message
+    finally:
+        proc.kill()
+        proc.wait()
+    lock = DataDirLock(tmp_path)  # the holder died: the kernel released its lock
+    lock.acquire("llmpulse query")
+    lock.release()
+
+
+def test_lock_is_shared_within_a_process(tmp_path: Path) -> None:
+    a, b = DataDirLock(tmp_path), DataDirLock(tmp_path)
+    a.acquire("one")
+    b.acquire("two")
+    a.release()
+    b.release()
+    time.sleep(0)
