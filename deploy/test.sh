@@ -10,14 +10,11 @@ log() { printf '\033[1m==> %s\033[0m\n' "$*" >&2; }
 log "python dependencies"
 "$PY" -m pip install --quiet --disable-pip-version-check -e '.[test]'
 
-# Debian packages the tests use: docker-compose validates the compose file (no engine needed).
-need_apt=()
-command -v docker-compose >/dev/null 2>&1 || need_apt+=(docker-compose)
-if ((${#need_apt[@]})); then
-  log "debian packages: ${need_apt[*]}"
-  SUDO=""; [ "$(id -u)" -eq 0 ] || SUDO="sudo"
-  $SUDO apt-get update -qq >/dev/null || true
-  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends "${need_apt[@]}" >/dev/null
+# Compose files are validated with compose-go, the loader of Docker Compose itself (no Docker
+# engine runs here); built from the Go module proxy when no `docker compose` client exists.
+if ! docker compose version >/dev/null 2>&1 && [ ! -x deploy/compose-check/bin/compose-check ]; then
+  log "building deploy/compose-check (compose-go)"
+  (cd deploy/compose-check && go build -o bin/compose-check .)
 fi
 
 log "ruff"
