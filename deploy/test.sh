@@ -17,6 +17,26 @@ if ! docker compose version >/dev/null 2>&1 && [ ! -x deploy/compose-check/bin/c
   (cd deploy/compose-check && go build -o bin/compose-check .)
 fi
 
+# Debian packages the tests use: kcat produces a message to the real broker like an operator would.
+need_apt=()
+command -v kcat >/dev/null 2>&1 || need_apt+=(kcat)
+if ((${#need_apt[@]})); then
+  log "debian packages: ${need_apt[*]}"
+  SUDO=""; [ "$(id -u)" -eq 0 ] || SUDO="sudo"
+  $SUDO apt-get update -qq >/dev/null || true
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends "${need_apt[@]}" >/dev/null
+fi
+
+# A real Apache Kafka broker (jars from Maven Central), unless one is given.
+if [ -z "${LLMPULSE_KAFKA_BOOTSTRAP:-}" ]; then
+  log "kafka broker (deploy/kafka)"
+  if ! bash deploy/kafka/kafka.sh status >/dev/null 2>&1; then
+    bash deploy/kafka/kafka.sh start
+    trap 'bash deploy/kafka/kafka.sh stop >/dev/null 2>&1 || true' EXIT
+  fi
+  export LLMPULSE_KAFKA_BOOTSTRAP=127.0.0.1:19092
+fi
+
 log "ruff"
 "$PY" -m ruff check .
 "$PY" -m ruff format --check .

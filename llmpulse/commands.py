@@ -385,3 +385,145 @@ def migrate(config_path: Path | None, data_dir: Path | None, clickhouse_url: str
     finally:
         conn.close()
     console.out.print(f"{conn.description}: " + (f"applied {', '.join(applied)}" if applied else "up to date"))
+
+
+def _kafka_options(fn: F) -> F:
+    fn = click.option(
+        "--bootstrap-servers", default=None, metavar="HOST:PORT", help="Kafka brokers [config kafka.bootstrap_servers]."
+    )(fn)
+    return fn
+
+
+def _kafka_settings(
+    config_path: Path | None, data_dir: Path | None, clickhouse_url: str | None, bootstrap: str | None
+) -> Settings:
+    return load_settings(
+        config_path,
+        {"data_dir": data_dir, "clickhouse": {"url": clickhouse_url}, "kafka": {"bootstrap_servers": bootstrap}},
+    )
+
+
+@cli.group()
+def topics() -> None:
+    """Kafka topics llmpulse reads and writes."""
+
+
+@topics.command("create")
+@_kafka_options
+@_data_options
+@_friendly_errors
+def topics_create(
+    bootstrap_servers: str | None, config_path: Path | None, data_dir: Path | None, clickhouse_url: str | None
+) -> None:
+    """Create every llmpulse topic that does not exist yet (names and partitions from config)."""
+    import asyncio
+
+    from ingest.kafka import create_topics, topic_specs
+
+    settings = _kafka_settings(config_path, data_dir, clickhouse_url, bootstrap_servers)
+    outcome = asyncio.run(create_topics(settings.kafka))
+    rows = [
+        {"topic": s.name, "partitions": s.partitions, "status": outcome.get(s.name, "?"), "holds": s.purpose}
+        for s in topic_specs(settings.kafka)
+    ]
+    console.out.print(console.table(f"Kafka topics on {settings.kafka.bootstrap_servers}", rows))
+
+
+@cli.command()
+@_kafka_options
+@_data_options
+@_friendly_errors
+def worker(
+    bootstrap_servers: str | None, config_path: Path | None, data_dir: Path | None, clickhouse_url: str | None
+) -> None:
+    """Consume llm.calls (and llm.feedback) and write ClickHouse; SIGTERM drains and exits cleanly."""
+    from llmpulse.worker import build_app
+
+    settings = _kafka_settings(config_path, data_dir, clickhouse_url, bootstrap_servers)
+    app, _ = build_app(settings)
+    worker = app.Worker(loglevel=settings.log_level.upper(), quiet=True)
+    worker.execute_from_commandline()
+
+
+@cli.group()
+def dlq() -> None:
+    """Dead letters: what was rejected and why; re-drive after a fix."""
+
+
+@dlq.command("show")
+@click.option("--since", default="7d", show_default=True, help="How far back (30m, 24h, 7d).")
+@_data_options
+@_friendly_errors
+def dlq_show(since: str, config_path: Path | None, data_dir: Path | None, clickhouse_url: str | None) -> None:
+    """Rejections grouped by reason, with an example position for each."""
+    from llmpulse.runtime import open_clickhouse
+    from schemas.config import parse_duration
+
+    settings = _settings(config_path, data_dir, clickhouse_url)
+    conn = open_clickhouse(settings, purpose="llmpulse dlq show")
+    try:
+        rows = conn.client.query(
+            "SELECT reason, path, count() AS letters, any(source) AS source, any(source_name) AS example_source, "
+            "any(source_offset) AS example_offset, max(received_at) AS last_seen FROM dlq FINAL "
+            "WHERE received_at >= now64(3) - toIntervalSecond({s:UInt64}) GROUP BY reason, path ORDER BY letters DESC",
+            parameters={"s": int(parse_duration(since))},
+        )
+    finally:
+        conn.close()
+    records = [dict(zip(rows.column_names, r, strict=True)) for r in rows.result_rows]
+    console.out.print(console.table(f"Dead letters in the last {since}", records))
+
+
+@dlq.command("replay")
+@click.option("--since", default="7d", show_default=True, help="Letters received within this period.")
+@click.option("--reason", "reason_like", default=None, help="Only letters whose reason contains this text.")
+@click.option("--limit", default=1_000_000, show_default=True, type=click.IntRange(1))
+@click.option("--dry-run", is_flag=True, help="Show what would be accepted now, write nothing.")
+@click.option("--to-kafka", is_flag=True, help="Republish the raw payloads to the calls topic instead.")
+@_kafka_options
+@_data_options
+@_friendly_errors
+def dlq_replay(
+    since: str,
+    reason_like: str | None,
+    limit: int,
+    dry_run: bool,
+    to_kafka: bool,
+    bootstrap_servers: str | None,
+    config_path: Path | None,
+    data_dir: Path | None,
+    clickhouse_url: str | None,
+) -> None:
+    """Re-drive dead letters through the (fixed) pipeline; accepted ones are written exactly once."""
+    from llmpulse.dlq import pending_letters, record, replay_into_clickhouse
+    from llmpulse.runtime import EmbeddedRuntime, open_clickhouse
+    from schemas.config import parse_duration
+
+    settings = _kafka_settings(config_path, data_dir, clickhouse_url, bootstrap_servers)
+    conn = open_clickhouse(settings, purpose="llmpulse dlq replay")
+    try:
+        letters = pending_letters(conn, parse_duration(since), reason_like, limit)
+        if to_kafka:
+            import asyncio
+
+            from llmpulse.dlq import republish
+
+            sent = asyncio.run(republish(settings.kafka, letters)) if not dry_run else len(letters)
+            if not dry_run:
+                record(conn, [(str(r["dlq_id"]), "republished", "") for r in letters])
+            console.out.print(f"Republished {sent} dead letters to {settings.kafka.topics.calls}.")
+            return
+        runtime = EmbeddedRuntime(settings, conn)
+        outcome = replay_into_clickhouse(runtime, letters, dry_run)
+        runtime.close()
+    finally:
+        conn.close()
+    verb = "would be" if dry_run else "were"
+    console.out.print(
+        f"{outcome.considered} dead letters considered: {outcome.accepted} {verb} accepted, "
+        f"{outcome.rejected} still rejected."
+    )
+    if outcome.reasons:
+        console.out.print(
+            console.table("Still rejected", [{"reason": k, "letters": v} for k, v in sorted(outcome.reasons.items())])
+        )

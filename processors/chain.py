@@ -41,6 +41,8 @@ class ProcessedCalls:
     counters: StepCounters
     block_id: str = ""
     """The input block these rows came from (``PayloadBatch.block_id``)."""
+    end_offset: int = -1
+    """``PayloadBatch.end_offset``: committable once this batch is durable."""
     late: int = 0
 
     def __len__(self) -> int:
@@ -119,6 +121,7 @@ class CallPipeline:
             samples=samples,
             counters=counters,
             block_id=batch.block_id,
+            end_offset=batch.end_offset,
             late=counters.late,
         )
 

@@ -26,6 +26,9 @@ class PayloadBatch:
     digest: str = ""
     """Identifies the content where offsets alone do not (a file chunk's hash, a run id, an
     HTTP Idempotency-Key); part of the block id that deduplicates inserts."""
+    end_offset: int = -1
+    """One past the last source position this batch covers, including messages dropped before
+    processing (already written ones): what may be committed once the batch is durable."""
 
     def __post_init__(self) -> None:
         if len(self.payloads) != len(self.offsets):

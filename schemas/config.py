@@ -115,6 +115,50 @@ class PricingSettings(_Section):
     path: Path | None = Field(None, description="Price table JSON; default: data_dir/prices.json, else built-in.")
 
 
+class TopicNames(_Section):
+    calls: str = "llm.calls"
+    feedback: str = "llm.feedback"
+    dlq: str = "llm.calls.dlq"
+    judge_requests: str = "llm.judge.requests"
+    judge_results: str = "llm.judge.results"
+    alerts: str = "llm.alerts"
+    partials: str = "llm.window.partials"
+
+
+class KafkaSettings(_Section):
+    bootstrap_servers: str = "127.0.0.1:19092"
+    security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = "PLAINTEXT"
+    sasl_mechanism: Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"] | None = None
+    sasl_username: str | None = None
+    sasl_password: SecretStr | None = None
+    sasl_password_file: Path | None = None
+    ssl_cafile: Path | None = None
+    ssl_certfile: Path | None = None
+    ssl_keyfile: Path | None = None
+    ssl_check_hostname: bool = True
+    client_id: str = "llmpulse"
+    consumer_group: str = "llmpulse-worker"
+    topics: TopicNames = Field(default_factory=TopicNames)
+    partitions: Annotated[int, Field(ge=1, le=10_000)] = 12
+    """Partitions of llm.calls when `llmpulse topics create` makes it (scale-out ceiling)."""
+    replication_factor: Annotated[int, Field(ge=1, le=10)] = 1
+    fetch_max_records: Annotated[int, Field(ge=1)] = 20_000
+    fetch_max_wait: Duration = 0.2
+    session_timeout: Duration = 30.0
+
+    def secret_sasl_password(self) -> str | None:
+        if self.sasl_password is not None:
+            return self.sasl_password.get_secret_value()
+        if self.sasl_password_file is not None:
+            try:
+                return self.sasl_password_file.read_text().strip()
+            except OSError as exc:
+                raise ConfigError(
+                    f"kafka.sasl_password_file: cannot read {self.sasl_password_file}: {exc.strerror}"
+                ) from exc
+        return None
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(
         env_prefix=ENV_PREFIX,
@@ -131,6 +175,7 @@ class Settings(BaseSettings):
     content: ContentSettings = Field(default_factory=ContentSettings)
     sampling: SamplingSettings = Field(default_factory=SamplingSettings)
     pricing: PricingSettings = Field(default_factory=PricingSettings)
+    kafka: KafkaSettings = Field(default_factory=KafkaSettings)
 
     @classmethod
     def settings_customise_sources(

@@ -106,6 +106,11 @@ class BufferedWriter:
             raise
         self._done(block)
 
+    def poll(self) -> None:
+        """Collect a finished insert without waiting (so its block is reported durable promptly)."""
+        if self._inflight is not None and self._inflight.done():
+            self._collect()
+
     def _done(self, block: Block | None) -> None:
         if block is not None and self._on_written is not None:
             self._on_written(block)

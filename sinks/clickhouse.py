@@ -145,6 +145,17 @@ class RetryPolicy:
 
 
 @dataclass
+class KafkaProgress:
+    partition: int
+    from_offset: int
+    written: set[int]
+
+    @property
+    def max_written(self) -> int | None:
+        return max(self.written) if self.written else None
+
+
+@dataclass
 class WriteStats:
     inserts: int = 0
     rows: int = 0
@@ -205,6 +216,47 @@ class ClickHouseSink:
             self.write_dead_letters(dead, f"{token}:dlq" if token else None)
         if any(b.events for b in batches):
             self._insert("feedback", columns.feedback_table(batches), token)
+
+    def kafka_progress(self, topic: str, partition: int, from_offset: int) -> KafkaProgress:
+        """Offsets at or above ``from_offset`` already written for a partition (raw rows and DLQ).
+
+        The worker skips exactly these when it re-reads after a crash: a block written to
+        ClickHouse but never committed to Kafka is not written again (nor counted twice by the
+        rollup views). A set rather than a maximum, because one insert block spanning two
+        monthly partitions is not atomic.
+        """
+        params = {"p": partition, "o": from_offset, "t": topic}
+        rows = self.client.query(
+            "SELECT kafka_offset FROM llm_calls WHERE source = 'kafka' AND kafka_partition = {p:Int32} "
+            "AND kafka_offset >= {o:Int64} "
+            "UNION ALL SELECT source_offset FROM dlq WHERE source = 'kafka' AND source_name = {t:String} "
+            "AND source_partition = {p:Int32} AND source_offset >= {o:Int64}",
+            parameters=params,
+        ).result_rows
+        offsets = {int(r[0]) for r in rows}
+        return KafkaProgress(partition, from_offset, offsets)
+
+    def window_rows(self, partition: int, since: float) -> list[dict[str, Any]]:
+        """Rows of one Kafka partition from ``since`` on: what rebuilds its open windows after a crash."""
+        sql = (
+            "SELECT event_id, ts, feature, team, model, provider, prompt_version, variant, status, refusal, "
+            "cost_usd, input_tokens, output_tokens, cached_input_tokens, cache_write_tokens, output_chars, "
+            "schema_valid, tool_calls, latency_ms, ttft_ms FROM llm_calls FINAL "
+            "WHERE source = 'kafka' AND kafka_partition = {p:Int32} AND ts >= fromUnixTimestamp64Milli({s:Int64})"
+        )
+        return self.query_rows(sql, {"p": partition, "s": int(since * 1000)})
+
+    def get_meta(self, key: str) -> str | None:
+        rows = self.client.query(
+            "SELECT value FROM llmpulse_meta FINAL WHERE key = {k:String}", parameters={"k": key}
+        ).result_rows
+        return str(rows[0][0]) if rows else None
+
+    def set_meta(self, key: str, value: str) -> None:
+        self.retry.run(
+            "write llmpulse_meta",
+            lambda: self.client.insert(f"{self.db}.llmpulse_meta", [[key, value]], column_names=["key", "value"]),
+        )
 
     def query_rows(self, sql: str, parameters: dict[str, Any] | None = None) -> list[dict[str, Any]]:
         result = self.retry.run("query", lambda: self.client.query(sql, parameters=parameters))

@@ -63,7 +63,10 @@ CREATE TABLE IF NOT EXISTS {db}.llm_calls {on_cluster}
     output              Nullable(String) TTL toDateTime(ts) + INTERVAL {content_ttl_days} DAY,
     output_chars        Nullable(UInt32),
 
-    attributes          Map(LowCardinality(String), String)
+    attributes          Map(LowCardinality(String), String),
+
+    -- the Kafka worker reads back what it already wrote per partition (DESIGN.md, delivery semantics)
+    INDEX idx_kafka_offset kafka_offset TYPE minmax GRANULARITY 1
 )
 ENGINE = {replacing_merge_tree}(ingested_at)
 PARTITION BY toYYYYMM(ts)

@@ -1,0 +1,94 @@
+"""Kafka plumbing shared by the worker, the CLI and the tests: client options and topics.
+
+Topic configs are chosen for what each topic carries: the hot ``llm.calls`` is partitioned by
+feature for scale-out and kept a week so a worker outage can be replayed; the DLQ is kept a
+month for re-drive; alerts are compacted by dedup key so the latest state of every incident
+survives; window partials are short-lived.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ssl
+from dataclasses import dataclass, field
+from typing import Any
+
+from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+from aiokafka.errors import TopicAlreadyExistsError
+
+from schemas.config import KafkaSettings
+
+DAY_MS = 86_400_000
+
+
+def client_options(k: KafkaSettings) -> dict[str, Any]:
+    """aiokafka keyword arguments for the configured security (the same for every client)."""
+    opts: dict[str, Any] = {
+        "bootstrap_servers": k.bootstrap_servers,
+        "security_protocol": k.security_protocol,
+        "client_id": k.client_id,
+    }
+    if k.security_protocol in ("SASL_PLAINTEXT", "SASL_SSL"):
+        opts["sasl_mechanism"] = k.sasl_mechanism or "PLAIN"
+        opts["sasl_plain_username"] = k.sasl_username
+        opts["sasl_plain_password"] = k.secret_sasl_password()
+    if k.security_protocol in ("SSL", "SASL_SSL"):
+        context = ssl.create_default_context(cafile=str(k.ssl_cafile) if k.ssl_cafile else None)
+        if k.ssl_certfile:
+            context.load_cert_chain(str(k.ssl_certfile), str(k.ssl_keyfile) if k.ssl_keyfile else None)
+        context.check_hostname = k.ssl_check_hostname
+        opts["ssl_context"] = context
+    return opts
+
+
+@dataclass(frozen=True)
+class TopicSpec:
+    name: str
+    partitions: int
+    configs: dict[str, str] = field(default_factory=dict)
+    purpose: str = ""
+
+
+def topic_specs(k: KafkaSettings) -> list[TopicSpec]:
+    t = k.topics
+    small = max(1, min(6, k.partitions))
+    return [
+        TopicSpec(
+            t.calls, k.partitions,
+            {"retention.ms": str(7 * DAY_MS), "compression.type": "producer", "max.message.bytes": "4194304"},
+            "one event per LLM call, keyed by feature",
+        ),
+        TopicSpec(t.feedback, small, {"retention.ms": str(7 * DAY_MS)}, "user feedback, keyed by request_id"),
+        TopicSpec(t.dlq, small, {"retention.ms": str(30 * DAY_MS)}, "rejected payloads: raw bytes + reason headers"),
+        TopicSpec(t.judge_requests, small, {"retention.ms": str(7 * DAY_MS)}, "sampled calls for the LLM judge"),
+        TopicSpec(t.judge_results, small, {"retention.ms": str(30 * DAY_MS)}, "judge scores, keyed by request_id"),
+        TopicSpec(
+            t.alerts, 1,
+            {"cleanup.policy": "compact", "min.compaction.lag.ms": "60000", "segment.ms": str(DAY_MS)},
+            "alert state changes, compacted by dedup key",
+        ),
+        TopicSpec(t.partials, small, {"retention.ms": str(DAY_MS)}, "stage-1 window partials, keyed by scope"),
+    ]  # fmt: skip
+
+
+async def create_topics(k: KafkaSettings) -> dict[str, str]:
+    """Create every llmpulse topic that does not exist yet; returns name → created|exists."""
+    admin = AIOKafkaAdminClient(**client_options(k))
+    await admin.start()
+    try:
+        existing = set(await admin.list_topics())
+        outcome: dict[str, str] = {}
+        missing = []
+        for spec in topic_specs(k):
+            if spec.name in existing:
+                outcome[spec.name] = "exists"
+            else:
+                missing.append(NewTopic(spec.name, spec.partitions, k.replication_factor, topic_configs=spec.configs))
+        if missing:
+            with contextlib.suppress(TopicAlreadyExistsError):  # a concurrent creator won: it is there
+                await admin.create_topics(missing)
+            for topic in missing:
+                outcome[topic.name] = "created"
+        return outcome
+    finally:
+        await admin.close()

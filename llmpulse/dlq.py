@@ -1,0 +1,121 @@
+"""``llmpulse dlq replay``: re-drive dead letters after the cause was fixed.
+
+A dead letter keeps its raw bytes, so once the producer, the price table or the limits are
+fixed it can go through the same pipeline again. Accepted payloads are written with an
+insert token derived from their DLQ ids (replaying twice writes once) and every outcome is
+recorded in ``dlq_replays``, so an accepted letter is never re-driven again and a still-bad
+one shows its new reason. ``--to-kafka`` republishes the raw bytes to the calls topic instead,
+for deployments where the worker should do the writing.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import xxhash
+
+from llmpulse.runtime import EmbeddedRuntime
+from processors.records import PayloadBatch, Source
+from processors.validate import split_by_kind
+from sinks.clickhouse import Connection
+
+REPLAY_SOURCE = Source("dlq-replay", "dlq")
+
+
+@dataclass
+class ReplayOutcome:
+    considered: int = 0
+    accepted: int = 0
+    rejected: int = 0
+    republished: int = 0
+    reasons: dict[str, int] = field(default_factory=dict)
+
+
+def pending_letters(conn: Connection, since_s: float, reason_like: str | None, limit: int) -> list[dict[str, Any]]:
+    sql = (
+        "SELECT dlq_id, kind, source, source_name, source_partition, source_offset, reason, raw "
+        "FROM dlq FINAL WHERE received_at >= now64(3) - toIntervalSecond({since:UInt64}) "
+        "AND dlq_id NOT IN (SELECT dlq_id FROM dlq_replays FINAL WHERE outcome IN ('accepted', 'republished')) "
+        + ("AND reason ILIKE {reason:String} " if reason_like else "")
+        + "ORDER BY received_at, source_partition, source_offset LIMIT {limit:UInt64}"
+    )
+    params: dict[str, Any] = {"since": int(since_s), "limit": limit}
+    if reason_like:
+        params["reason"] = f"%{reason_like}%"
+    result = conn.client.query(sql, parameters=params, column_formats={"raw": "bytes"})
+    cols = result.column_names
+    return [dict(zip(cols, row, strict=True)) for row in result.result_rows]
+
+
+def replay_into_clickhouse(runtime: EmbeddedRuntime, letters: list[dict[str, Any]], dry_run: bool) -> ReplayOutcome:
+    outcome = ReplayOutcome(considered=len(letters))
+    if not letters:
+        return outcome
+    ids = [str(r["dlq_id"]) for r in letters]
+    digest = xxhash.xxh3_128_hexdigest("\n".join(ids).encode())
+    batch = PayloadBatch(REPLAY_SOURCE, [bytes(r["raw"]) for r in letters], list(range(len(letters))), digest=digest)
+    calls, feedback = split_by_kind(batch)
+    now = time.time()
+    results: list[tuple[str, str, str]] = []
+    if calls.payloads:
+        processed = runtime.calls.process(calls, now)
+        rejected = {d.offset: d.reason for d in processed.dead}
+        processed.dead = []  # still-bad letters stay in the DLQ once; their new reason goes to dlq_replays
+        if not dry_run:
+            runtime.writer.add_calls(processed)
+        for offset in calls.offsets:
+            results.append((ids[offset], "rejected" if offset in rejected else "accepted", rejected.get(offset, "")))
+    if feedback.payloads:
+        processed_fb = runtime.feedback.process(feedback, now)
+        rejected = {d.offset: d.reason for d in processed_fb.dead}
+        processed_fb.dead = []
+        if not dry_run:
+            runtime.writer.add_feedback(processed_fb)
+        for offset in feedback.offsets:
+            results.append((ids[offset], "rejected" if offset in rejected else "accepted", rejected.get(offset, "")))
+    if not dry_run:
+        runtime.flush()
+        record(runtime.sink.conn, results)
+    for _, what, reason in results:
+        if what == "accepted":
+            outcome.accepted += 1
+        else:
+            outcome.rejected += 1
+            outcome.reasons[reason] = outcome.reasons.get(reason, 0) + 1
+    return outcome
+
+
+def record(conn: Connection, results: list[tuple[str, str, str]]) -> None:
+    if results:
+        conn.client.insert(
+            f"{conn.database}.dlq_replays", [list(r) for r in results], column_names=["dlq_id", "outcome", "reason"]
+        )
+
+
+async def republish(settings: Any, letters: list[dict[str, Any]]) -> int:
+    """Send raw payloads back to the calls topic, keyed by feature when the payload names one."""
+    import orjson
+    from aiokafka import AIOKafkaProducer
+
+    from ingest.kafka import client_options
+
+    producer = AIOKafkaProducer(acks="all", enable_idempotence=True, **client_options(settings))
+    await producer.start()
+    try:
+        for r in letters:
+            raw = bytes(r["raw"])
+            key = None
+            try:
+                obj = orjson.loads(raw)
+                if isinstance(obj, dict) and isinstance(obj.get("feature"), str):
+                    key = obj["feature"].encode()
+            except orjson.JSONDecodeError:
+                pass
+            topic = settings.topics.feedback if r["kind"] == "feedback" else settings.topics.calls
+            await producer.send(topic, raw, key=key)
+        await producer.flush()
+    finally:
+        await producer.stop()
+    return len(letters)

@@ -1,0 +1,451 @@
+"""``llmpulse worker``: the distributed runtime, a faust-streaming app around the same processors.
+
+faust provides the app, its lifecycle and signals (SIGTERM drains), topic management and the
+low-volume agents (feedback). The hot ``llm.calls`` topic is consumed by ``CallsConsumer``
+with aiokafka ``getmany`` under the worker's own control, because faust's per-message stream
+path drains ~15k msgs/s here against ~450k/s for ``getmany`` (DESIGN.md).
+
+Delivery: at least once from Kafka, exactly once into ClickHouse. Offsets are committed only
+after the ClickHouse write of everything below them succeeded, and on assignment the worker
+asks ClickHouse which offsets of the partition it already holds and skips them. Open windows
+are flushed to the partials topic on revoke and on shutdown; after a crash they are rebuilt
+from the rows ClickHouse already holds, so alerts see the whole window either way.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import math
+import time
+from collections import deque
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+import faust
+import mode
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListener, TopicPartition
+from aiokafka.structs import OffsetAndMetadata
+
+from ingest.kafka import client_options
+from llmpulse.runtime import open_clickhouse, pipeline_options, price_table, tune_gc, validation_limits
+from processors.chain import CallPipeline, FeedbackPipeline
+from processors.pricing import COST_CLIENT, Costs
+from processors.records import PayloadBatch, Source, StepCounters
+from processors.windows import WindowPartial
+from schemas.config import Settings
+from schemas.wire import WireCall
+from sinks.batching import Block, BufferedWriter
+from sinks.clickhouse import ClickHouseSink, Connection, RetryPolicy, SinkError
+from sinks.kafka import DEFAULT_SCOPES, KafkaPublisher
+
+log = logging.getLogger("llmpulse.worker")
+
+FLUSHED_MARKER = "windows_flushed:{topic}:{partition}"
+"""llmpulse_meta key: the offset up to which a partition's windows were flushed at a clean handoff."""
+
+
+@dataclass
+class PartitionState:
+    """What the worker holds for one assigned partition of llm.calls."""
+
+    partition: int
+    pipeline: CallPipeline
+    skip: set[int] = field(default_factory=set)
+    """Offsets ClickHouse already holds (read back on assignment)."""
+    skip_below: int = -1
+    """Skipping stops once past this offset (the highest written one)."""
+    next_offset: int = 0
+    """One past the last offset handed to the pipeline."""
+
+
+@dataclass
+class WorkerStats:
+    counters: StepCounters = field(default_factory=StepCounters)
+    batches: int = 0
+    skipped_written: int = 0
+    commits: int = 0
+    sink_failures: int = 0
+    process_s: float = 0.0
+    rebuilt_rows: int = 0
+
+
+def _rows_to_events(rows: list[dict[str, Any]]) -> tuple[list[WireCall], list[float], Costs]:
+    """ClickHouse rows back into the shapes the window aggregator folds (crash recovery only)."""
+    events: list[WireCall] = []
+    costs: list[float | None] = []
+    for r in rows:
+        ts: datetime = r["ts"]
+        events.append(
+            WireCall(
+                event_id=r["event_id"],
+                ts=ts,
+                feature=r["feature"],
+                model=r["model"],
+                input_tokens=r["input_tokens"],
+                output_tokens=r["output_tokens"],
+                latency_ms=r["latency_ms"],
+                status=r["status"],
+                team=r["team"] or None,
+                provider=r["provider"] or None,
+                prompt_version=r["prompt_version"] or None,
+                variant=r["variant"] or None,
+                refusal=bool(r["refusal"]),
+                cached_input_tokens=r["cached_input_tokens"],
+                cache_write_tokens=r["cache_write_tokens"],
+                output_chars=r["output_chars"],
+                schema_valid=r["schema_valid"],
+                tool_calls=tuple(r["tool_calls"]),
+                ttft_ms=r["ttft_ms"],
+            )
+        )
+        costs.append(r["cost_usd"])
+    ts_list = [e.ts.timestamp() for e in events]
+    missing = [c is None for c in costs]
+    return events, ts_list, Costs(costs, [COST_CLIENT] * len(costs), missing, sum(missing), 0, {})
+
+
+class CallsConsumer(mode.Service):
+    """Batch consumer of llm.calls: getmany → process → ClickHouse → publish → commit."""
+
+    def __init__(self, settings: Settings, scopes: Sequence[tuple[str, ...]] = DEFAULT_SCOPES, **kw: Any) -> None:
+        super().__init__(**kw)
+        self.settings = settings
+        self.kafka = settings.kafka
+        self.topic = settings.kafka.topics.calls
+        self.scopes = tuple(scopes)
+        self.stats = WorkerStats()
+        self.partitions: dict[int, PartitionState] = {}
+        self.prices = price_table(settings)
+        self.options = pipeline_options(settings)
+        self.conn: Connection | None = None
+        self.sink: ClickHouseSink | None = None
+        self.writer: BufferedWriter | None = None
+        self.consumer: AIOKafkaConsumer | None = None
+        self.producer: AIOKafkaProducer | None = None
+        self.publisher: KafkaPublisher | None = None
+        self._durable: deque[Block] = deque()
+        """Blocks the insert thread finished, waiting for their outputs and offset commits."""
+        self._unblocked: list[tuple[int, list[WindowPartial]]] = []
+        """Partials closed without a write behind them (idle ticks, revoke flushes)."""
+        self.ready = asyncio.Event()
+        self._assigning: dict[int, asyncio.Event] = {}
+
+    # ---- lifecycle -------------------------------------------------------------------------
+
+    async def on_start(self) -> None:
+        tune_gc()
+        self.conn = await asyncio.to_thread(open_clickhouse, self.settings, "llmpulse worker")
+        self.sink = ClickHouseSink(self.conn, RetryPolicy(retries=self.settings.pipeline.insert_retries))
+        self.writer = BufferedWriter(
+            self.sink,
+            self.settings.pipeline.batch_max_events,
+            self.settings.pipeline.batch_max_seconds,
+            on_written=self._on_written,
+        )
+        opts = client_options(self.kafka)
+        self.producer = AIOKafkaProducer(
+            acks="all", enable_idempotence=True, linger_ms=20, max_batch_size=1 << 20, **opts
+        )
+        await self.producer.start()
+        self.publisher = KafkaPublisher(self.kafka, self.producer)
+        self.consumer = AIOKafkaConsumer(
+            group_id=self.kafka.consumer_group,
+            enable_auto_commit=False,
+            auto_offset_reset="earliest",
+            max_partition_fetch_bytes=8 << 20,
+            fetch_max_bytes=64 << 20,
+            session_timeout_ms=int(self.kafka.session_timeout * 1000),
+            heartbeat_interval_ms=max(1000, int(self.kafka.session_timeout * 1000 / 10)),
+            max_poll_interval_ms=600_000,
+            isolation_level="read_committed",
+            **opts,
+        )
+        await self.consumer.start()
+        self.consumer.subscribe([self.topic], listener=_Rebalance(self))
+        self.ready.set()
+
+    async def on_stop(self) -> None:
+        """SIGTERM: stop reading, flush windows, write, publish, commit — then leave the group."""
+        with contextlib.suppress(Exception):
+            await self._release(list(self.partitions))
+        if self.consumer is not None:
+            with contextlib.suppress(Exception):
+                await self.consumer.stop()
+        if self.producer is not None:
+            with contextlib.suppress(Exception):
+                await self.producer.stop()
+        if self.writer is not None:
+            with contextlib.suppress(Exception):
+                await asyncio.to_thread(self.writer.close)
+        if self.conn is not None:
+            self.conn.close()
+        log.info("worker stopped: %s", self.stats)
+
+    @mode.Service.task
+    async def _consume(self) -> None:
+        assert self.consumer is not None
+        max_records = self.kafka.fetch_max_records
+        timeout_ms = int(self.kafka.fetch_max_wait * 1000)
+        idle = self.settings.pipeline.idle_timeout
+        while not self.should_stop:
+            records = await self.consumer.getmany(timeout_ms=timeout_ms, max_records=max_records)
+            log.debug("getmany: %s", {tp.partition: len(m) for tp, m in records.items()})
+            if records:
+                await self._handle(records)
+            await self._tick(idle)
+            await self._publish_and_commit()
+
+    # ---- the hot path ----------------------------------------------------------------------
+
+    async def _handle(self, records: dict[TopicPartition, list[Any]]) -> None:
+        batches: list[tuple[int, PayloadBatch]] = []
+        for tp, messages in records.items():
+            state = self.partitions.get(tp.partition)
+            if state is None and tp.partition in self._assigning:
+                # aiokafka starts fetching before our assignment callback has read ClickHouse back
+                await self._assigning[tp.partition].wait()
+                state = self.partitions.get(tp.partition)
+            if state is None:  # revoked while the fetch was in flight; the next owner reads them
+                continue
+            payloads: list[bytes] = []
+            offsets: list[int] = []
+            skip = state.skip
+            for m in messages:
+                if skip and m.offset in skip:
+                    self.stats.skipped_written += 1
+                    continue
+                payloads.append(m.value if m.value is not None else b"")
+                offsets.append(m.offset)
+            state.next_offset = messages[-1].offset + 1
+            if skip and messages[-1].offset >= state.skip_below:
+                state.skip = set()  # past everything ClickHouse held: stop checking
+            source = Source("kafka", tp.topic, tp.partition)
+            batches.append((tp.partition, PayloadBatch(source, payloads, offsets, end_offset=state.next_offset)))
+        # CPU-bound work off the event loop, so heartbeats and faust's agents keep running
+        await asyncio.to_thread(self._process, batches)
+
+    def _process(self, batches: list[tuple[int, PayloadBatch]]) -> None:
+        """Process and buffer; a batch with nothing left to write still goes through, carrying its offsets."""
+        assert self.writer is not None
+        started = time.perf_counter()
+        now = time.time()
+        for partition, batch in batches:
+            out = self.partitions[partition].pipeline.process(batch, now)
+            self.stats.counters.add(out.counters)
+            self.writer.add_calls(out)
+        self.stats.batches += 1
+        self.stats.process_s += time.perf_counter() - started
+
+    def _on_written(self, block: Block) -> None:
+        """Runs in whichever thread collected the insert; the event loop picks the block up."""
+        self._durable.append(block)
+
+    async def _tick(self, idle_timeout: float) -> None:
+        assert self.writer is not None
+        now = time.time()
+        for state in self.partitions.values():
+            partials = state.pipeline.windows.tick(now, idle_timeout)
+            if partials:
+                self._unblocked.append((state.partition, partials))
+        if self.writer.due():
+            await self._flush(wait=False)
+        try:
+            self.writer.poll()
+        except SinkError:
+            await self._flush(wait=False)  # retries the failed block with backoff
+
+    async def _flush(self, wait: bool) -> None:
+        """Hand the buffer to the insert thread; on failure keep retrying the same block (never skip)."""
+        assert self.writer is not None
+        writer = self.writer
+        delay = 1.0
+        while True:
+            try:
+                if writer.failed is not None:
+                    await asyncio.to_thread(writer.retry_failed)
+                await asyncio.to_thread(writer.flush, wait)
+                return
+            except SinkError as exc:
+                self.stats.sink_failures += 1
+                log.error("ClickHouse write failed, not committing; retrying in %.0fs: %s", delay, exc)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 30.0)
+                if self.should_stop and delay >= 30.0:
+                    raise
+
+    async def _publish_and_commit(self) -> None:
+        """For blocks now durable: publish what they produced, then commit their offsets.
+
+        Outputs wait for durability so a crash can never publish window partials, judge
+        requests or dead letters for rows that will be processed (and published) again.
+        """
+        assert self.publisher is not None and self.consumer is not None
+        commit: dict[int, int] = {}
+        while self._durable:
+            block = self._durable.popleft()
+            for b in block.calls:
+                await self.publisher.dead_letters(b.dead)
+                await self.publisher.judge_requests([b])
+                await self._publish_partials(b.source.partition, b.partials)
+                if b.end_offset >= 0:
+                    commit[b.source.partition] = max(commit.get(b.source.partition, 0), b.end_offset)
+        unblocked, self._unblocked = self._unblocked, []
+        for partition, partials in unblocked:
+            await self._publish_partials(partition, partials)
+        offsets = {
+            TopicPartition(self.topic, p): OffsetAndMetadata(o, "") for p, o in commit.items() if p in self.partitions
+        }
+        if offsets:
+            await self.consumer.commit(offsets)
+            self.stats.commits += 1
+
+    async def _publish_partials(self, partition: int, partials: list[WindowPartial]) -> None:
+        if partials:
+            assert self.publisher is not None
+            state = self.partitions.get(partition)
+            watermark = state.pipeline.windows.watermark if state else max(p.window_end for p in partials)
+            await self.publisher.partials(partials, self.scopes, partition, watermark)
+
+    # ---- rebalance ---------------------------------------------------------------------------
+
+    async def assign(self, partitions: list[int]) -> None:
+        assert self.consumer is not None and self.sink is not None
+        for p in partitions:
+            self._assigning[p] = asyncio.Event()
+        for p in partitions:
+            tp = TopicPartition(self.topic, p)
+            committed = await self.consumer.committed(tp)
+            if committed is None:
+                beginning = await self.consumer.beginning_offsets([tp])
+                committed = beginning[tp]
+            pipeline = CallPipeline(self.prices, self.options, partition=p)
+            state = PartitionState(p, pipeline, next_offset=committed)
+            progress = await asyncio.to_thread(self.sink.kafka_progress, self.topic, p, committed)
+            if progress.written:
+                state.skip = progress.written
+                state.skip_below = progress.max_written or -1
+                log.info(
+                    "partition %d: %d offsets >= %d already in ClickHouse; skipping them",
+                    p, len(progress.written), committed,
+                )  # fmt: skip
+            await self._rebuild_windows(state, committed)
+            self.partitions[p] = state
+            self._assigning.pop(p).set()
+
+    async def _rebuild_windows(self, state: PartitionState, committed: int) -> None:
+        """After a crash, refill the partition's open windows from the rows ClickHouse holds."""
+        assert self.sink is not None
+        marker = await asyncio.to_thread(
+            self.sink.get_meta, FLUSHED_MARKER.format(topic=self.topic, partition=state.partition)
+        )
+        if marker is not None and int(marker) >= committed:
+            return  # a clean handoff: the previous owner flushed its windows to the partials topic
+        windows = state.pipeline.windows
+        recent = await asyncio.to_thread(self.sink.window_rows, state.partition, time.time() - 86400 * 2)
+        if not recent:
+            return
+        newest = max(r["ts"].timestamp() for r in recent)
+        watermark = newest - windows.lateness_s
+        since = math.floor(watermark / windows.window_s) * windows.window_s
+        rows = [r for r in recent if r["ts"].timestamp() >= since]
+        events, ts, costs = _rows_to_events(rows)
+        windows.advance(watermark)  # windows below this were emitted before the crash
+        windows.add(events, ts, costs)
+        self.stats.rebuilt_rows += len(rows)
+        log.info("partition %d: rebuilt %d open-window rows from ClickHouse", state.partition, len(rows))
+
+    async def _release(self, partitions: Sequence[int]) -> None:
+        """Revoke or shutdown: flush windows early, make everything durable, publish, commit."""
+        assert self.sink is not None
+        await self._flush(wait=True)
+        for p in partitions:
+            state = self.partitions.get(p)
+            if state is not None:
+                self._unblocked.append((p, state.pipeline.flush_windows()))
+        await self._publish_and_commit()
+        for p in partitions:
+            state = self.partitions.pop(p, None)
+            if state is not None:
+                key = FLUSHED_MARKER.format(topic=self.topic, partition=p)
+                await asyncio.to_thread(self.sink.set_meta, key, str(state.next_offset))
+
+
+class _Rebalance(ConsumerRebalanceListener):  # type: ignore[misc]
+    def __init__(self, service: CallsConsumer) -> None:
+        self.service = service
+
+    async def on_partitions_revoked(self, revoked: list[TopicPartition]) -> None:
+        mine = [tp.partition for tp in revoked if tp.partition in self.service.partitions]
+        if mine:
+            log.info("llm.calls partitions revoked %s: flushing windows and writes", mine)
+            await self.service._release(mine)
+
+    async def on_partitions_assigned(self, assigned: list[TopicPartition]) -> None:
+        log.info("llm.calls partitions assigned %s", sorted(tp.partition for tp in assigned))
+        await self.service.assign([tp.partition for tp in assigned if tp.partition not in self.service.partitions])
+
+
+def build_app(settings: Settings, *, app_id: str = "llmpulse") -> tuple[faust.App, CallsConsumer]:
+    """The faust app: the batch consumer as a service, the feedback agent, and topic management."""
+    k = settings.kafka
+    credentials: Any = None
+    if k.security_protocol in ("SASL_PLAINTEXT", "SASL_SSL"):
+        credentials = faust.SASLCredentials(
+            username=k.sasl_username,
+            password=k.secret_sasl_password(),
+            mechanism=k.sasl_mechanism or "PLAIN",
+            ssl_context=client_options(k).get("ssl_context"),
+        )
+    elif k.security_protocol == "SSL":
+        credentials = faust.SSLCredentials(client_options(k)["ssl_context"])
+    app = faust.App(
+        f"{app_id}-{k.consumer_group}",
+        broker=[f"kafka://{host}" for host in k.bootstrap_servers.split(",")],
+        broker_credentials=credentials,
+        value_serializer="raw",
+        key_serializer="raw",
+        web_enabled=False,
+        topic_disable_leader=True,
+        datadir=str(settings.data_dir / "faust"),
+        consumer_auto_offset_reset="earliest",
+    )
+    (settings.data_dir / "faust").mkdir(parents=True, exist_ok=True)
+    consumer = CallsConsumer(settings)
+
+    class BoundCallsConsumer(mode.Service):
+        """faust instantiates @app.service classes itself; this hands it our configured instance."""
+
+        def __init__(self, **kw: Any) -> None:
+            super().__init__(**kw)
+            self.add_dependency(consumer)
+
+    app.service(BoundCallsConsumer)
+    _feedback_agent(app, settings, consumer)
+    return app, consumer
+
+
+def _feedback_agent(app: faust.App, settings: Settings, calls: CallsConsumer) -> None:
+    """Feedback is low-volume: an idiomatic faust agent, batched, through the same sink."""
+    name = settings.kafka.topics.feedback
+    topic = app.topic(name, value_type=bytes, key_type=bytes)
+    pipeline = FeedbackPipeline(validation_limits(settings))
+
+    @app.agent(topic)
+    async def feedback(stream: Any) -> None:
+        async for events in stream.take_events(2000, within=1.0):
+            await calls.ready.wait()
+            sink = calls.sink
+            assert sink is not None
+            by_partition: dict[int, PayloadBatch] = {}
+            for event in events:
+                m = event.message
+                batch = by_partition.setdefault(m.partition, PayloadBatch(Source("kafka", name, m.partition), [], []))
+                batch.payloads.append(event.value if isinstance(event.value, bytes) else bytes(event.value or b""))
+                batch.offsets.append(m.offset)
+            processed = [pipeline.process(b, time.time()) for b in by_partition.values()]
+            token = ";".join(f"{b.source.partition}:{b.offsets[0]}-{b.offsets[-1]}" for b in by_partition.values())
+            await asyncio.to_thread(sink.write_feedback, processed, f"feedback:{name}:{token}")

@@ -1,0 +1,152 @@
+"""KafkaPublisher: what the worker sends on besides ClickHouse rows.
+
+* dead letters to ``llm.calls.dlq``: the value is the payload byte for byte (so a fixed
+  consumer can read it as it was), reason and position ride in headers;
+* sampled calls to ``llm.judge.requests``, with the release tuple the judge's verdict must be
+  tied to;
+* stage-1 window partials to ``llm.window.partials``, projected onto each alert scope and
+  keyed by scope value, so one stage-2 consumer sees every partition's share of a scope.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+import orjson
+from aiokafka import AIOKafkaProducer
+
+from processors.chain import ProcessedCalls
+from processors.records import DeadLetter
+from processors.windows import SCOPE_DIMS, WindowPartial, project
+from schemas.config import KafkaSettings
+
+DEFAULT_SCOPES: tuple[tuple[str, ...], ...] = (
+    SCOPE_DIMS,
+    ("feature",),
+    ("team",),
+    ("model",),
+    ("provider",),
+)
+"""Scopes partials are published at until alert rules name their own."""
+
+
+def scope_key(dims: Sequence[str], values: Sequence[str]) -> str:
+    """``feature=support-chat,model=gpt-4o``: stable, readable, and the Kafka message key."""
+    return ",".join(f"{d}={v}" for d, v in zip(dims, values, strict=True))
+
+
+def judge_request(batch: ProcessedCalls, index: int, reason: str) -> dict[str, Any]:
+    """Everything a judge needs, and the lineage its score must be filed under."""
+    e = batch.events[index]
+    return {
+        "event_id": e.event_id,
+        "request_id": e.request_id,
+        "conversation_id": e.conversation_id,
+        "ts": e.ts.isoformat(),
+        "reason": reason,
+        "feature": e.feature,
+        "team": e.team,
+        "tenant": e.tenant,
+        "service": e.service,
+        "release_id": batch.release_ids[index],
+        "release": {
+            "prompt_version": e.prompt_version,
+            "model": e.model,
+            "response_model": e.response_model,
+            "adapter": e.adapter,
+            "feature_view": e.feature_view,
+            "guardrail_version": e.guardrail_version,
+            **e.release,
+        },
+        "variant": e.variant,
+        "provider": e.provider,
+        "status": e.status,
+        "refusal": e.refusal,
+        "finish_reason": e.finish_reason,
+        "prompt_hash": e.prompt_hash,
+        "prompt": e.prompt,
+        "output": e.output,
+        "output_chars": e.output_chars,
+    }
+
+
+def dead_letter_headers(d: DeadLetter) -> list[tuple[str, bytes]]:
+    return [
+        ("llmpulse.reason", d.reason.encode()),
+        ("llmpulse.path", d.path.encode()),
+        ("llmpulse.kind", d.kind.encode()),
+        ("llmpulse.source", d.source.kind.encode()),
+        ("llmpulse.source_topic", d.source.name.encode()),
+        ("llmpulse.source_partition", str(d.source.partition).encode()),
+        ("llmpulse.source_offset", str(d.offset).encode()),
+    ]
+
+
+def partial_messages(
+    partials: Iterable[WindowPartial],
+    scopes: Sequence[tuple[str, ...]],
+    source_partition: int,
+    watermark: float,
+) -> list[tuple[bytes, bytes]]:
+    """(key, value) messages: each partial projected onto each scope, merged within this partition."""
+    partials = list(partials)
+    out: list[tuple[bytes, bytes]] = []
+    for dims in scopes:
+        for (_, *values), merged in project(partials, dims).items():
+            key = scope_key(dims, values)
+            body = merged.to_wire()
+            body.update(
+                type="partial",
+                scope_dims=list(dims),
+                scope=key,
+                partition=source_partition,
+                watermark=watermark,
+            )
+            out.append((key.encode(), orjson.dumps(body)))
+    return out
+
+
+class KafkaPublisher:
+    def __init__(self, settings: KafkaSettings, producer: AIOKafkaProducer) -> None:
+        self.topics = settings.topics
+        self.producer = producer
+        self.sent = {"dlq": 0, "judge_requests": 0, "partials": 0}
+
+    async def _send_all(self, topic: str, messages: Iterable[tuple[bytes | None, bytes, list[Any] | None]]) -> int:
+        futures = [
+            await self.producer.send(topic, value=value, key=key, headers=headers) for key, value, headers in messages
+        ]
+        if futures:
+            await asyncio.gather(*futures)
+        return len(futures)
+
+    async def dead_letters(self, letters: Iterable[DeadLetter]) -> None:
+        self.sent["dlq"] += await self._send_all(
+            self.topics.dlq, ((None, d.raw, dead_letter_headers(d)) for d in letters)
+        )
+
+    async def judge_requests(self, batches: Iterable[ProcessedCalls]) -> None:
+        messages = (
+            (
+                (b.events[s.index].conversation_id or b.events[s.index].event_id).encode(),
+                orjson.dumps(judge_request(b, s.index, s.reason)),
+                None,
+            )
+            for b in batches
+            for s in b.samples
+        )
+        self.sent["judge_requests"] += await self._send_all(self.topics.judge_requests, messages)
+
+    async def partials(
+        self,
+        partials: list[WindowPartial],
+        scopes: Sequence[tuple[str, ...]],
+        source_partition: int,
+        watermark: float,
+    ) -> None:
+        if not partials:
+            return
+        messages = partial_messages(partials, scopes, source_partition, watermark)
+        self.sent["partials"] += await self._send_all(self.topics.partials, ((k, v, None) for k, v in messages))

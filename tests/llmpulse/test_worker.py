@@ -1,0 +1,265 @@
+"""The Kafka worker on the real broker, writing to real chDB: exact rows, DLQ, crash and restart, scale-out."""
+
+from __future__ import annotations
+
+import asyncio
+import shutil
+import signal
+import subprocess
+import time
+from pathlib import Path
+from typing import Any
+
+import orjson
+import pytest
+from pydantic import SecretStr
+
+from ingest.kafka import create_topics
+from processors.windows import WindowPartial
+from tests.conftest import call, iso
+from tests.llmpulse.workers import Worker, consume_all, produce, query, wait_caught_up, write_config
+
+pytestmark = pytest.mark.kafka
+
+
+def events(n: int, prefix: str, *, now: float | None = None, **kw: Any) -> list[tuple[bytes, bytes]]:
+    now = time.time() if now is None else now
+    out = []
+    for i in range(n):
+        feature = f"feature-{i % 7}"
+        e = call(event_id=f"{prefix}-{i}", ts=iso(now - 900 + i * 900 / n), feature=feature, team=f"team-{i % 3}", **kw)
+        out.append((feature.encode(), orjson.dumps(e)))
+    return out
+
+
+@pytest.fixture
+def topics(kafka_settings: Any) -> Any:
+    asyncio.run(create_topics(kafka_settings))
+    return kafka_settings
+
+
+def start_worker(tmp_path: Path, kafka: Any, name: str = "w") -> Worker:
+    cfg = write_config(tmp_path / f"{name}.yaml", kafka, pipeline={"batch_max_seconds": "200ms"})
+    return Worker(cfg, tmp_path / f"{name}-data", tmp_path / f"{name}.log").start()
+
+
+def test_exact_rows_costs_and_dead_letters(tmp_path: Path, topics: Any) -> None:
+    # 7,000 gpt-4o-mini calls, 1,000 input / 200 output tokens each:
+    # 1,000 × $0.15 + 200 × $0.60 per 1M = $0.00027 per call → $1.89 in all
+    good = events(7000, "e2e", model="gpt-4o-mini", input_tokens=1000, output_tokens=200)
+    bad = [(b"feature-0", b"{not json"), (b"feature-1", orjson.dumps(call(event_id="neg", input_tokens=-1)))]
+    asyncio.run(produce(topics, topics.topics.calls, good[:3500] + bad + good[3500:]))
+    worker = start_worker(tmp_path, topics)
+    try:
+        wait_caught_up(topics, topics.topics.calls, workers=[worker])
+    finally:
+        assert worker.stop() == 0, worker.log.read_text()[-3000:]
+    (row,) = query(
+        worker.data_dir,
+        "SELECT (SELECT count() FROM llm_calls) raw, (SELECT uniqExact(event_id) FROM llm_calls) ids, "
+        "(SELECT sum(calls) FROM llm_calls_1m) rolled, (SELECT round(sum(cost_usd), 6) FROM llm_calls_1m) cost, "
+        "(SELECT count() FROM dlq) dlq, (SELECT groupUniqArray(source) FROM llm_calls) sources",
+    )
+    assert row == {"raw": 7000, "ids": 7000, "rolled": 7000, "cost": 1.89, "dlq": 2, "sources": ["kafka"]}
+    letters = query(worker.data_dir, "SELECT reason, path, source_name, source_offset FROM dlq ORDER BY source_offset")
+    assert {(r["path"], r["source_name"]) for r in letters} == {
+        ("$", topics.topics.calls),
+        ("$.input_tokens", topics.topics.calls),
+    }
+    # the DLQ topic carries the raw bytes, with reason and position in headers
+    dlq_msgs = asyncio.run(consume_all(topics, topics.topics.dlq))
+    assert sorted(m.value for m in dlq_msgs) == sorted(v for _, v in bad)
+    headers = {dict(m.headers)["llmpulse.path"].decode() for m in dlq_msgs}
+    assert headers == {"$", "$.input_tokens"}
+    # sampled calls were published for the judge, with their release id
+    requests = [orjson.loads(m.value) for m in asyncio.run(consume_all(topics, topics.topics.judge_requests))]
+    (judged,) = query(worker.data_dir, "SELECT count() n FROM judge_samples")
+    assert len(requests) == judged["n"] > 0
+    assert all(r["release_id"] and r["feature"].startswith("feature-") for r in requests)
+
+
+def test_message_from_kcat_is_processed(tmp_path: Path, topics: Any) -> None:
+    kcat = shutil.which("kcat") or shutil.which("kafkacat")
+    if kcat is None:
+        pytest.skip("kcat not installed (deploy/test.sh installs Debian's kcat)")
+    payload = orjson.dumps(call(event_id="from-kcat", feature="cli", model="claude-haiku-4-5",
+                                input_tokens=2000, output_tokens=100, ts=iso(time.time() - 60)))  # fmt: skip
+    subprocess.run(
+        [kcat, "-P", "-b", topics.bootstrap_servers, "-t", topics.topics.calls, "-k", "cli"],
+        input=payload, check=True, capture_output=True,
+    )  # fmt: skip
+    worker = start_worker(tmp_path, topics)
+    try:
+        wait_caught_up(topics, topics.topics.calls, workers=[worker])
+    finally:
+        worker.stop()
+    (row,) = query(worker.data_dir, "SELECT event_id, feature, cost_usd, provider FROM llm_calls")
+    # claude-haiku-4-5: 2,000 × $1 + 100 × $5 per 1M = $0.0025
+    assert row == {
+        "event_id": "from-kcat",
+        "feature": "cli",
+        "cost_usd": pytest.approx(0.0025),
+        "provider": "anthropic",
+    }
+
+
+def test_sigkill_mid_stream_loses_and_duplicates_nothing(tmp_path: Path, topics: Any) -> None:
+    produced = events(60_000, "kill")
+    asyncio.run(produce(topics, topics.topics.calls, produced))
+    cfg = write_config(tmp_path / "w.yaml", topics, pipeline={"batch_max_seconds": "100ms", "batch_max_events": 5000})
+    data = tmp_path / "data"
+    kills = 0
+    for round_ in range(3):
+        worker = Worker(cfg, data, tmp_path / "w.log").start()
+        time.sleep(6 + round_)  # let it write and commit some, then pull the plug mid-batch
+        if not worker.alive():
+            break
+        worker.kill()
+        kills += 1
+    worker = Worker(cfg, data, tmp_path / "w.log").start()
+    try:
+        wait_caught_up(topics, topics.topics.calls, workers=[worker], timeout=180)
+    finally:
+        assert worker.stop() == 0
+    assert kills >= 2
+    (row,) = query(
+        data,
+        "SELECT (SELECT count() FROM llm_calls) raw, (SELECT uniqExact(event_id) FROM llm_calls) ids, "
+        "(SELECT sum(calls) FROM llm_calls_1m) rolled",
+    )
+    assert row == {"raw": 60_000, "ids": 60_000, "rolled": 60_000}  # not even before merges
+    mismatches = query(
+        data,
+        "SELECT r.minute, r.feature, r.calls, x.calls FROM "
+        "(SELECT minute, feature, sum(calls) calls FROM llm_calls_1m GROUP BY minute, feature) r "
+        "FULL OUTER JOIN (SELECT toStartOfMinute(ts) minute, feature, count() calls FROM llm_calls FINAL "
+        "GROUP BY minute, feature) x USING (minute, feature) WHERE r.calls != x.calls",
+    )
+    assert mismatches == []
+    assert "skipping them" in (tmp_path / "w.log").read_text()  # progress was read back from ClickHouse
+
+
+def test_sasl_scram_to_the_local_broker(tmp_path: Path, topics: Any) -> None:
+    if topics.bootstrap_servers != "127.0.0.1:19092":
+        pytest.skip("SCRAM listener is the project's own broker (deploy/kafka) on 127.0.0.1:19093")
+    asyncio.run(produce(topics, topics.topics.calls, events(500, "scram")))
+    scram = topics.model_copy(
+        update={
+            "bootstrap_servers": "127.0.0.1:19093",
+            "security_protocol": "SASL_PLAINTEXT",
+            "sasl_mechanism": "SCRAM-SHA-256",
+            "sasl_username": "llmpulse",
+            "sasl_password": SecretStr("llmpulse-secret"),
+        }
+    )
+    worker = start_worker(tmp_path, scram)
+    try:
+        wait_caught_up(topics, topics.topics.calls, workers=[worker])
+    finally:
+        worker.stop()
+    (row,) = query(worker.data_dir, "SELECT count() n FROM llm_calls")
+    assert row["n"] == 500
+    log = worker.log.read_text()
+    assert "llmpulse-secret" not in log
+
+
+def _partials(kafka: Any) -> dict[tuple[Any, ...], WindowPartial]:
+    merged: dict[tuple[Any, ...], WindowPartial] = {}
+    for m in asyncio.run(consume_all(kafka, kafka.topics.partials)):
+        body = orjson.loads(m.value)
+        part = WindowPartial.from_wire(body)
+        key = (body["scope"], part.window_start)
+        if key in merged:
+            merged[key].merge(part)
+        else:
+            merged[key] = part
+    return merged
+
+
+def test_two_workers_share_partitions_and_add_up_to_one(tmp_path: Path, topics: Any, kafka_settings: Any) -> None:
+    produced = events(30_000, "scale")
+    asyncio.run(produce(topics, topics.topics.calls, produced[:15_000]))
+    a = start_worker(tmp_path, topics, "a")
+    b = None
+    try:
+        wait_caught_up(topics, topics.topics.calls, workers=[a], timeout=180)
+        b = start_worker(tmp_path, topics, "b")  # joins later: a rebalance hands partitions over, windows open
+        deadline = time.time() + 60
+        while "llm.calls partitions revoked" not in a.log.read_text() and time.time() < deadline:
+            time.sleep(0.3)
+        while "llm.calls partitions assigned" not in b.log.read_text() and time.time() < deadline:
+            time.sleep(0.3)
+        asyncio.run(produce(topics, topics.topics.calls, produced[15_000:]))
+        wait_caught_up(topics, topics.topics.calls, workers=[a, b], timeout=180)
+    finally:
+        assert a.stop() == 0
+        assert b is not None and b.stop() == 0
+    assert "llm.calls partitions revoked" in a.log.read_text()
+    per_worker = [
+        query(w.data_dir, "SELECT count() n, uniqExact(event_id) ids, sum(cost_usd) cost FROM llm_calls")[0]
+        for w in (a, b)
+    ]
+    assert sum(r["n"] for r in per_worker) == 30_000
+    assert sum(r["ids"] for r in per_worker) == 30_000
+    assert all(r["n"] > 0 for r in per_worker), per_worker  # both did work
+    rolled = sum(query(w.data_dir, "SELECT sum(calls) n FROM llm_calls_1m")[0]["n"] for w in (a, b))
+    assert rolled == 30_000
+    # stage 2: merging both workers' partials equals what one worker alone computes
+    two = _partials(topics)
+    solo_kafka = topics.model_copy(
+        update={"consumer_group": topics.consumer_group + "-solo",
+                "topics": topics.topics.model_copy(update={"partials": topics.topics.partials + ".solo"})}
+    )  # fmt: skip
+    asyncio.run(create_topics(solo_kafka))
+    solo = start_worker(tmp_path, solo_kafka, "solo")
+    try:
+        wait_caught_up(solo_kafka, topics.topics.calls, workers=[solo], timeout=180)
+    finally:
+        solo.stop()
+    one = _partials(solo_kafka)
+    assert set(two) == set(one)
+    for key, p in one.items():
+        q = two[key]
+        assert (q.calls, q.errors, q.refusals, q.input_tokens) == (p.calls, p.errors, p.refusals, p.input_tokens)
+        assert q.cost_usd == pytest.approx(p.cost_usd)
+        if p.calls >= 200:
+            assert q.latency.quantile(0.95) == pytest.approx(p.latency.quantile(0.95), rel=0.02)
+
+
+def test_dlq_replay_after_a_fix(tmp_path: Path, topics: Any) -> None:
+    asyncio.run(
+        produce(topics, topics.topics.calls, [(b"x", orjson.dumps(call(event_id="r1", cached_input_tokens=5000)))])
+    )
+    worker = start_worker(tmp_path, topics)
+    try:
+        wait_caught_up(topics, topics.topics.calls, workers=[worker])
+    finally:
+        worker.stop()
+    # Nothing about that payload is fixable by config, so the replay reports it as still rejected...
+    proc = subprocess.run(
+        ["llmpulse", "dlq", "replay", "--data-dir", str(worker.data_dir)], capture_output=True, text=True, check=True
+    )
+    assert "1 dead letters considered: 0 were accepted, 1 still rejected" in proc.stdout
+    # ...while a payload rejected for its timestamp horizon is accepted once the limit is raised.
+    stale = orjson.dumps(call(event_id="future", ts=iso(time.time() + 3 * 3600)))
+    asyncio.run(produce(topics, topics.topics.calls, [(b"x", stale)]))
+    worker = Worker(worker.config, worker.data_dir, worker.log).start()
+    try:
+        wait_caught_up(topics, topics.topics.calls, workers=[worker])
+    finally:
+        worker.stop(signal.SIGTERM)
+    env_fix = {"LLMPULSE_PIPELINE__FUTURE_TOLERANCE": "6h"}
+    import os
+
+    proc = subprocess.run(
+        ["llmpulse", "dlq", "replay", "--data-dir", str(worker.data_dir)],
+        capture_output=True, text=True, check=True, env={**os.environ, **env_fix},
+    )  # fmt: skip
+    assert "2 dead letters considered: 1 were accepted, 1 still rejected" in proc.stdout
+    again = subprocess.run(
+        ["llmpulse", "dlq", "replay", "--data-dir", str(worker.data_dir)],
+        capture_output=True, text=True, check=True, env={**os.environ, **env_fix},
+    )  # fmt: skip
+    assert "1 dead letters considered: 0 were accepted, 1 still rejected" in again.stdout
+    (row,) = query(worker.data_dir, "SELECT count() n, groupArray(event_id) ids FROM llm_calls")
+    assert row == {"n": 1, "ids": ["future"]}

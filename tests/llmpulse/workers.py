@@ -1,0 +1,149 @@
+"""Helpers for tests that run `llmpulse worker` processes against the real broker."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import yaml
+from aiokafka import AIOKafkaProducer, TopicPartition
+from aiokafka.admin import AIOKafkaAdminClient
+
+from schemas.config import KafkaSettings
+
+ENV = {k: v for k, v in os.environ.items() if not k.startswith("LLMPULSE_")}
+
+
+def write_config(path: Path, kafka: KafkaSettings, **extra: Any) -> Path:
+    data = {"kafka": json.loads(kafka.model_dump_json(exclude_none=True)), **extra}
+    if kafka.sasl_password is not None:
+        data["kafka"]["sasl_password"] = kafka.sasl_password.get_secret_value()
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+class Worker:
+    """One `llmpulse worker` subprocess with its own chDB data directory."""
+
+    def __init__(self, config: Path, data_dir: Path, log: Path) -> None:
+        self.config = config
+        self.data_dir = data_dir
+        self.log = log
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> Worker:
+        self._out = self.log.open("ab")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "llmpulse.cli", "-v", "worker", "--config", str(self.config),
+             "--data-dir", str(self.data_dir)],
+            stdout=self._out, stderr=subprocess.STDOUT, env=ENV,
+        )  # fmt: skip
+        return self
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 60) -> int:
+        assert self.proc is not None
+        self.proc.send_signal(sig)
+        try:
+            return self.proc.wait(timeout)
+        finally:
+            self._out.close()
+
+    def kill(self) -> None:
+        assert self.proc is not None
+        self.proc.kill()
+        self.proc.wait()
+        self._out.close()
+
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+
+def query(data_dir: Path, sql: str) -> list[dict[str, Any]]:
+    proc = subprocess.run(
+        [sys.executable, "-m", "llmpulse.cli", "query", sql, "--format", "json", "--data-dir", str(data_dir)],
+        capture_output=True, text=True, env=ENV, check=False,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    return list(json.loads(proc.stdout))
+
+
+async def produce(kafka: KafkaSettings, topic: str, messages: list[tuple[bytes | None, bytes]]) -> None:
+    producer = AIOKafkaProducer(
+        bootstrap_servers=kafka.bootstrap_servers, acks="all", enable_idempotence=True, linger_ms=20,
+        max_batch_size=1 << 20,
+    )  # fmt: skip
+    await producer.start()
+    try:
+        for key, value in messages:
+            await producer.send(topic, value, key=key)
+        await producer.flush()
+    finally:
+        await producer.stop()
+
+
+async def group_lag(kafka: KafkaSettings, group: str, topic: str) -> int:
+    admin = AIOKafkaAdminClient(bootstrap_servers=kafka.bootstrap_servers)
+    await admin.start()
+    try:
+        committed = await admin.list_consumer_group_offsets(group)
+        from aiokafka import AIOKafkaConsumer
+
+        consumer = AIOKafkaConsumer(bootstrap_servers=kafka.bootstrap_servers)
+        await consumer.start()
+        try:
+            parts = consumer.partitions_for_topic(topic) or set()
+            if not parts:
+                await consumer._client.force_metadata_update()
+                parts = consumer.partitions_for_topic(topic) or set()
+            tps = [TopicPartition(topic, p) for p in parts]
+            ends = await consumer.end_offsets(tps)
+        finally:
+            await consumer.stop()
+        lag = 0
+        for tp in tps:
+            done = committed.get(tp)
+            lag += ends[tp] - (done.offset if done is not None and done.offset >= 0 else 0)
+        return lag
+    finally:
+        await admin.close()
+
+
+def wait_caught_up(kafka: KafkaSettings, topic: str, timeout: float = 120, workers: list[Worker] | None = None) -> None:
+    deadline = time.time() + timeout
+    lag = -1
+    while time.time() < deadline:
+        lag = asyncio.run(group_lag(kafka, kafka.consumer_group, topic))
+        if lag == 0:
+            return
+        for w in workers or []:
+            assert w.alive(), f"worker died; see {w.log}:\n{w.log.read_text()[-3000:]}"
+        time.sleep(0.5)
+    raise AssertionError(f"consumer group {kafka.consumer_group} still {lag} behind on {topic}")
+
+
+async def consume_all(kafka: KafkaSettings, topic: str, timeout: float = 10) -> list[Any]:
+    from aiokafka import AIOKafkaConsumer
+
+    consumer = AIOKafkaConsumer(
+        topic, bootstrap_servers=kafka.bootstrap_servers, auto_offset_reset="earliest", enable_auto_commit=False
+    )
+    await consumer.start()
+    out: list[Any] = []
+    try:
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            batch = await consumer.getmany(timeout_ms=500)
+            got = [m for msgs in batch.values() for m in msgs]
+            if not got and out:
+                break
+            out.extend(got)
+    finally:
+        await consumer.stop()
+    return out
