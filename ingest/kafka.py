@@ -92,3 +92,29 @@ async def create_topics(k: KafkaSettings) -> dict[str, str]:
         return outcome
     finally:
         await admin.close()
+
+
+async def consumer_lag(k: KafkaSettings, group: str, topic: str) -> dict[int, int]:
+    """Messages not yet committed by ``group``, per partition (what `pipeline lag` alerts watch)."""
+    from aiokafka import AIOKafkaConsumer, TopicPartition
+
+    admin = AIOKafkaAdminClient(**client_options(k))
+    consumer = AIOKafkaConsumer(**client_options(k))
+    await admin.start()
+    await consumer.start()
+    try:
+        committed = await admin.list_consumer_group_offsets(group)
+        parts = consumer.partitions_for_topic(topic)
+        if not parts:
+            await consumer._client.force_metadata_update()
+            parts = consumer.partitions_for_topic(topic) or set()
+        tps = [TopicPartition(topic, p) for p in sorted(parts)]
+        ends = await consumer.end_offsets(tps) if tps else {}
+        lag: dict[int, int] = {}
+        for tp in tps:
+            done = committed.get(tp)
+            lag[tp.partition] = ends[tp] - (done.offset if done is not None and done.offset >= 0 else 0)
+        return lag
+    finally:
+        await consumer.stop()
+        await admin.close()

@@ -11,6 +11,7 @@ state migration: the old owner flushes, the new owner continues.
 
 from __future__ import annotations
 
+import base64
 import math
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -123,7 +124,7 @@ class WindowPartial:
         }
 
     def to_wire(self) -> dict[str, Any]:
-        """A JSON-able form for the ``llm.window.partials`` topic (sketches as bytes → hex)."""
+        """A JSON-able form for the ``llm.window.partials`` topic (sketches base64-encoded)."""
         out: dict[str, Any] = {
             "window_start": self.window_start,
             "window_s": self.window_s,
@@ -132,8 +133,8 @@ class WindowPartial:
         }
         for name in _COUNTS + _SUMS:
             out[name] = getattr(self, name)
-        out["latency"] = self.latency.to_bytes().hex()
-        out["ttft"] = self.ttft.to_bytes().hex()
+        out["latency"] = base64.b64encode(self.latency.to_bytes()).decode()
+        out["ttft"] = base64.b64encode(self.ttft.to_bytes()).decode()
         return out
 
     @classmethod
@@ -143,8 +144,8 @@ class WindowPartial:
             window_s=int(data["window_s"]),
             key=tuple(data["key"]),
             partition=int(data.get("partition", -1)),
-            latency=QuantileSketch.from_bytes(bytes.fromhex(data["latency"])),
-            ttft=QuantileSketch.from_bytes(bytes.fromhex(data["ttft"])),
+            latency=QuantileSketch.from_bytes(base64.b64decode(data["latency"])),
+            ttft=QuantileSketch.from_bytes(base64.b64decode(data["ttft"])),
         )
         for name in _COUNTS:
             setattr(partial, name, int(data[name]))

@@ -13,9 +13,9 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from aiokafka import AIOKafkaProducer, TopicPartition
-from aiokafka.admin import AIOKafkaAdminClient
+from aiokafka import AIOKafkaProducer
 
+from ingest.kafka import consumer_lag
 from schemas.config import KafkaSettings
 
 ENV = {k: v for k, v in os.environ.items() if not k.startswith("LLMPULSE_")}
@@ -88,38 +88,11 @@ async def produce(kafka: KafkaSettings, topic: str, messages: list[tuple[bytes |
         await producer.stop()
 
 
-async def group_lag(kafka: KafkaSettings, group: str, topic: str) -> int:
-    admin = AIOKafkaAdminClient(bootstrap_servers=kafka.bootstrap_servers)
-    await admin.start()
-    try:
-        committed = await admin.list_consumer_group_offsets(group)
-        from aiokafka import AIOKafkaConsumer
-
-        consumer = AIOKafkaConsumer(bootstrap_servers=kafka.bootstrap_servers)
-        await consumer.start()
-        try:
-            parts = consumer.partitions_for_topic(topic) or set()
-            if not parts:
-                await consumer._client.force_metadata_update()
-                parts = consumer.partitions_for_topic(topic) or set()
-            tps = [TopicPartition(topic, p) for p in parts]
-            ends = await consumer.end_offsets(tps)
-        finally:
-            await consumer.stop()
-        lag = 0
-        for tp in tps:
-            done = committed.get(tp)
-            lag += ends[tp] - (done.offset if done is not None and done.offset >= 0 else 0)
-        return lag
-    finally:
-        await admin.close()
-
-
 def wait_caught_up(kafka: KafkaSettings, topic: str, timeout: float = 120, workers: list[Worker] | None = None) -> None:
     deadline = time.time() + timeout
     lag = -1
     while time.time() < deadline:
-        lag = asyncio.run(group_lag(kafka, kafka.consumer_group, topic))
+        lag = sum(asyncio.run(consumer_lag(kafka, kafka.consumer_group, topic)).values())
         if lag == 0:
             return
         for w in workers or []:
