@@ -17,9 +17,11 @@ if ! docker compose version >/dev/null 2>&1 && [ ! -x deploy/compose-check/bin/c
   (cd deploy/compose-check && go build -o bin/compose-check .)
 fi
 
-# Debian packages the tests use: kcat produces a message to the real broker like an operator would.
+# Debian packages the tests use: kcat produces a message to the real broker like an operator
+# would; a real Alertmanager receives our alerts (and amtool checks its config).
 need_apt=()
 command -v kcat >/dev/null 2>&1 || need_apt+=(kcat)
+command -v prometheus-alertmanager >/dev/null 2>&1 || need_apt+=(prometheus-alertmanager)
 if ((${#need_apt[@]})); then
   log "debian packages: ${need_apt[*]}"
   SUDO=""; [ "$(id -u)" -eq 0 ] || SUDO="sudo"

@@ -457,7 +457,7 @@ def dlq() -> None:
 def dlq_show(since: str, config_path: Path | None, data_dir: Path | None, clickhouse_url: str | None) -> None:
     """Rejections grouped by reason, with an example position for each."""
     from llmpulse.runtime import open_clickhouse
-    from schemas.config import parse_duration
+    from schemas.durations import parse_duration
 
     settings = _settings(config_path, data_dir, clickhouse_url)
     conn = open_clickhouse(settings, purpose="llmpulse dlq show")
@@ -497,7 +497,7 @@ def dlq_replay(
     """Re-drive dead letters through the (fixed) pipeline; accepted ones are written exactly once."""
     from llmpulse.dlq import pending_letters, record, replay_into_clickhouse
     from llmpulse.runtime import EmbeddedRuntime, open_clickhouse
-    from schemas.config import parse_duration
+    from schemas.durations import parse_duration
 
     settings = _kafka_settings(config_path, data_dir, clickhouse_url, bootstrap_servers)
     conn = open_clickhouse(settings, purpose="llmpulse dlq replay")

@@ -12,9 +12,10 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, Literal
 
+from schemas.channels import AlertAction as Action
+from schemas.channels import AlertSeverity as Severity
+
 AlertState = Literal["firing", "resolved"]
-Severity = Literal["critical", "warning", "info"]
-Action = Literal["page", "notify", "rollback", "pause_for_review"]
 
 
 @dataclass(frozen=True, slots=True)

@@ -6,7 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from schemas.config import ConfigError, load_settings, parse_duration
+from schemas.config import ConfigError, load_settings
+from schemas.durations import parse_duration
 
 
 @pytest.fixture(autouse=True)
