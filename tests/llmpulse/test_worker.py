@@ -263,3 +263,41 @@ def test_dlq_replay_after_a_fix(tmp_path: Path, topics: Any) -> None:
     assert "1 dead letters considered: 0 were accepted, 1 still rejected" in again.stdout
     (row,) = query(worker.data_dir, "SELECT count() n, groupArray(event_id) ids FROM llm_calls")
     assert row == {"n": 1, "ids": ["future"]}
+
+
+def test_sdk_to_kafka_to_worker_to_clickhouse(tmp_path: Path, topics: Any) -> None:
+    from ingest import Telemetry
+
+    telemetry = Telemetry(topics.bootstrap_servers, topic=topics.topics.calls, service="checkout", team="payments")
+    # 2,000 claude-sonnet-4-5 calls of 10,000 input tokens (6,000 read from cache) and 500 output:
+    # 4,000 × $3 + 6,000 × $0.30 + 500 × $15 per 1M = 0.012 + 0.0018 + 0.0075 = $0.0213 per call → $42.60
+    for i in range(2000):
+        telemetry.record(
+            feature="cart-assistant", model="claude-sonnet-4-5", input_tokens=10_000, cached_input_tokens=6_000,
+            output_tokens=500, latency_ms=1200.0, status="ok", request_id=f"sdk-{i}",
+        )  # fmt: skip
+    with telemetry.call(feature="cart-assistant", model="claude-sonnet-4-5") as tracked:
+        tracked.first_token()
+        tracked.usage(input_tokens=100, output_tokens=10)
+    assert telemetry.flush(30)
+    stats = telemetry.stats()
+    telemetry.close()
+    assert stats["sent"] == 2001 and stats["dropped_buffer_full"] == 0
+    worker = start_worker(tmp_path, topics)
+    try:
+        wait_caught_up(topics, topics.topics.calls, workers=[worker])
+    finally:
+        worker.stop()
+    (row,) = query(
+        worker.data_dir,
+        "SELECT count() n, round(sum(cost_usd), 6) cost, any(service) service, any(team) team, "
+        "countIf(ttft_ms IS NOT NULL) with_ttft FROM llm_calls",
+    )
+    # the timed call: 100 × $3 + 10 × $15 per 1M = $0.00045
+    assert row == {
+        "n": 2001,
+        "cost": round(42.6 + 0.00045, 6),
+        "service": "checkout",
+        "team": "payments",
+        "with_ttft": 1,
+    }
