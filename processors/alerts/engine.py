@@ -1,0 +1,274 @@
+"""AlertEngine: the per-(rule, scope) state machine that decides when on-call hears about it.
+
+ok → pending → firing → resolved (→ ok). A window breaches or clears by the rule's
+condition; ``for`` breaching windows in a row fire, ``clear_for`` clear windows in a row
+resolve, and a threshold alert only clears once the value is ``hysteresis`` back inside the
+limit — so a value hovering at the limit neither flaps nor re-pages. ``cooldown`` keeps a
+resolved alert from firing again too soon. Windows with fewer than ``min_calls`` calls carry no
+evidence: they neither breach nor clear. Spike baselines learn only from windows that did not
+breach, so a lasting regression keeps firing until it is fixed instead of becoming the new normal.
+
+Pure: it takes metric values per window and returns AlertEvents; the runtime stores state,
+delivers, and feeds it windows (live from stage 2, or historical ones for a backtest).
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+from collections import deque
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Literal
+
+import xxhash
+
+from processors.alerts.events import AlertEvent
+from schemas.rules import Rule
+
+State = Literal["ok", "pending", "firing"]
+QueryFor = Callable[[Rule, Mapping[str, str], float, float], str | None]
+
+
+def dedup_key(rule_name: str, scope: Mapping[str, str]) -> str:
+    """Stable across restarts and processes: the same incident stream always has the same key."""
+    text = rule_name + "\x1e" + "\x1f".join(f"{k}={v}" for k, v in sorted(scope.items()))
+    return "llmpulse-" + xxhash.xxh3_64_hexdigest(text.encode())
+
+
+def _utc(t: float) -> datetime:
+    return datetime.fromtimestamp(t, UTC)
+
+
+@dataclass
+class KeyState:
+    state: State = "ok"
+    breaches: int = 0
+    clears: int = 0
+    firing_since: float | None = None
+    first_breach_start: float | None = None
+    last_resolved: float | None = None
+    last_value: float | None = None
+    history: deque[float] = field(default_factory=deque)
+    """Baseline values (spike) or calls per window (absent)."""
+
+
+@dataclass(frozen=True)
+class Verdict:
+    breach: bool
+    clear: bool
+    baseline: float | None = None
+    detail: str = ""
+
+
+def _baseline(rule: Rule, history: deque[float]) -> tuple[float, float, float] | None:
+    """(level, mean, stdev) of the history, or None when there is not enough of it yet."""
+    spike = rule.spike
+    assert spike is not None
+    need = spike.min_baseline if spike.min_baseline is not None else max(3, spike.baseline // 2)
+    if len(history) < need:
+        return None
+    values = list(history)
+    if spike.method == "median":
+        level = statistics.median(values)
+    else:
+        alpha = 2 / (len(values) + 1)
+        level = values[0]
+        for v in values[1:]:
+            level = alpha * v + (1 - alpha) * level
+    mean = statistics.fmean(values)
+    stdev = statistics.pstdev(values) if len(values) > 1 else 0.0
+    return level, mean, stdev
+
+
+def judge(rule: Rule, value: float, st: KeyState) -> Verdict:
+    """Does this window breach, and (for a firing alert) is it clear enough to count toward a resolve?"""
+    h = rule.hysteresis
+    if rule.spike is not None:
+        stats = _baseline(rule, st.history)
+        if stats is None:
+            return Verdict(False, True, None, "learning the baseline")
+        level, mean, stdev = stats
+        spike = rule.spike
+        up = spike.direction in ("up", "both")
+        down = spike.direction in ("down", "both")
+        breach = False
+        clear = True
+        details = []
+        if spike.ratio is not None:
+            if up:
+                hi = spike.ratio * level
+                if value > hi and value - level > spike.min_delta:
+                    breach = True
+                    details.append(f"{value / level:.2f}× baseline {level:.4g}" if level else f"baseline {level:.4g}")
+                clear = clear and value <= hi * (1 - h)
+            if down and level > 0:
+                lo = level / spike.ratio
+                if value < lo and level - value > spike.min_delta:
+                    breach = True
+                    details.append(f"{value / level:.2f}× baseline {level:.4g}")
+                clear = clear and value >= lo * (1 + h)
+        if spike.zscore is not None:
+            if stdev > 0:
+                z = (value - mean) / stdev
+            else:  # a perfectly flat baseline: any move is infinitely unusual
+                z = 0.0 if value == mean else math.copysign(math.inf, value - mean)
+            outside = (up and z > spike.zscore) or (down and -z > spike.zscore)
+            if outside and abs(value - mean) > spike.min_delta:
+                breach = True
+                details.append(f"z-score {z:.1f}")
+            clear = clear and abs(z) <= spike.zscore * (1 - h)
+        return Verdict(breach, clear and not breach, level, "; ".join(details))
+    breach = False
+    clear = True
+    if rule.max is not None:
+        breach = breach or value > rule.max
+        clear = clear and value <= rule.max - h * abs(rule.max)
+    if rule.min is not None:
+        breach = breach or value < rule.min
+        clear = clear and value >= rule.min + h * abs(rule.min)
+    return Verdict(breach, clear and not breach)
+
+
+class AlertEngine:
+    def __init__(self, rules: Iterable[Rule], query_for: QueryFor | None = None) -> None:
+        self.rules = {r.name: r for r in rules}
+        self.query_for = query_for
+        self.states: dict[tuple[str, tuple[tuple[str, str], ...]], KeyState] = {}
+
+    def state(self, rule: Rule, scope: Mapping[str, str]) -> KeyState:
+        key = (rule.name, tuple(sorted(scope.items())))
+        st = self.states.get(key)
+        if st is None:
+            history_len = rule.spike.baseline if rule.spike else rule.absent.baseline if rule.absent else 1
+            st = self.states[key] = KeyState(history=deque(maxlen=history_len))
+        return st
+
+    def restore_firing(self, rule_name: str, scope: Mapping[str, str], since: float) -> None:
+        """After a restart: this alert is already firing and on-call already knows."""
+        rule = self.rules.get(rule_name)
+        if rule is None:
+            return
+        st = self.state(rule, scope)
+        st.state, st.firing_since, st.breaches = "firing", since, rule.for_
+
+    def seed_history(self, rule: Rule, scope: Mapping[str, str], values: Iterable[float]) -> None:
+        """Warm a spike/absence baseline from history (ClickHouse rollups) after a restart."""
+        st = self.state(rule, scope)
+        for v in values:
+            st.history.append(v)
+
+    def firing(self) -> list[tuple[str, tuple[tuple[str, str], ...], KeyState]]:
+        return [(name, scope, st) for (name, scope), st in self.states.items() if st.state == "firing"]
+
+    def evaluate(
+        self,
+        rule: Rule,
+        scope: Mapping[str, str],
+        window_start: float,
+        window_end: float,
+        metrics: Mapping[str, float | None],
+    ) -> AlertEvent | None:
+        """Feed one closed window of one scope; returns the transition it caused, if any."""
+        st = self.state(rule, scope)
+        calls = int(metrics.get("calls") or 0)
+        if rule.absent is not None:
+            had = sum(st.history)
+            enough = len(st.history) >= 1 and had >= rule.absent.min_baseline_calls
+            breach = calls == 0 and enough
+            verdict = Verdict(breach, not breach, had / max(len(st.history), 1), f"{had:.0f} calls before")
+            st.history.append(float(calls))
+            return self._step(rule, scope, st, verdict, float(calls), window_start, window_end, metrics)
+        value = metrics.get(rule.metric)
+        if value is None or calls < rule.min_calls or (isinstance(value, float) and math.isnan(value)):
+            return None  # no evidence either way
+        verdict = judge(rule, value, st)
+        if rule.spike is not None and not verdict.breach:
+            st.history.append(value)
+        return self._step(rule, scope, st, verdict, value, window_start, window_end, metrics)
+
+    def _step(
+        self,
+        rule: Rule,
+        scope: Mapping[str, str],
+        st: KeyState,
+        verdict: Verdict,
+        value: float,
+        start: float,
+        end: float,
+        metrics: Mapping[str, float | None],
+    ) -> AlertEvent | None:
+        st.last_value = value
+        if st.state in ("ok", "pending"):
+            if not verdict.breach:
+                st.state, st.breaches, st.first_breach_start = "ok", 0, None
+                return None
+            st.breaches += 1
+            if st.first_breach_start is None:
+                st.first_breach_start = start
+            cooling = st.last_resolved is not None and end - st.last_resolved < rule.cooldown
+            if st.breaches < rule.for_ or cooling:
+                st.state = "pending"
+                return None
+            st.state, st.clears, st.firing_since = "firing", 0, end
+            return self._event(rule, scope, st, "firing", value, verdict, start, end, metrics)
+        # firing
+        if verdict.clear:
+            st.clears += 1
+            if st.clears >= rule.clear_for:
+                event = self._event(rule, scope, st, "resolved", value, verdict, start, end, metrics)
+                st.state, st.breaches, st.clears, st.last_resolved = "ok", 0, 0, end
+                st.firing_since, st.first_breach_start = None, None
+                return event
+        else:
+            st.clears = 0
+        return None
+
+    def _event(
+        self,
+        rule: Rule,
+        scope: Mapping[str, str],
+        st: KeyState,
+        state: Literal["firing", "resolved"],
+        value: float,
+        verdict: Verdict,
+        start: float,
+        end: float,
+        metrics: Mapping[str, float | None],
+    ) -> AlertEvent:
+        scope_text = ", ".join(f"{k}={v}" for k, v in sorted(scope.items())) or "all traffic"
+        shown = f"{value:.4g}"
+        why = f" ({verdict.detail})" if verdict.detail else ""
+        if state == "firing":
+            summary = f"[{rule.severity}] {rule.name}: {rule.metric} {shown}{why} on {scope_text}"
+        else:
+            summary = f"[resolved] {rule.name}: {rule.metric} back to {shown} on {scope_text}"
+        assert st.firing_since is not None
+        query_start = (st.first_breach_start or start) - 6 * rule.window
+        return AlertEvent(
+            dedup_key=dedup_key(rule.name, scope),
+            rule=rule.name,
+            state=state,
+            severity=rule.severity,
+            action=rule.effective_action,
+            metric=rule.metric,
+            value=value,
+            condition=rule.describe(),
+            scope=dict(scope),
+            labels={**dict(scope), **rule.labels},
+            window_start=_utc(start),
+            window_end=_utc(end),
+            started_at=_utc(st.firing_since),
+            ended_at=_utc(end) if state == "resolved" else None,
+            summary=summary,
+            description=rule.description,
+            runbook_url=rule.runbook_url,
+            query=self.query_for(rule, scope, query_start, end) if self.query_for else None,
+            channels=tuple(rule.channels),
+            extra={
+                "calls": metrics.get("calls"),
+                "baseline": verdict.baseline,
+                "first_breach_window_start": _utc(st.first_breach_start).isoformat() if st.first_breach_start else None,
+            },
+        )

@@ -1,0 +1,60 @@
+"""Every stream metric as SQL over the minute rollups: the backtest, warm baselines after a
+restart, and each alert's "query behind it" use these, so they say exactly what the stream says.
+
+Each expression aggregates ``llm_calls_1m`` rows (alias ``r``) within one rule window.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+_Q = "quantilesTDigestMerge(0.5, 0.9, 0.95, 0.99)"
+
+
+def _ratio(num: str, den: str) -> str:
+    return f"if(sum(r.{den}) > 0, sum(r.{num}) / sum(r.{den}), NULL)"
+
+
+METRIC_SQL: dict[str, str] = {
+    "calls": "sum(r.calls)",
+    "cost_usd": "sum(r.cost_usd)",
+    "cost_per_call_usd": _ratio("cost_usd", "calls"),
+    "error_rate": _ratio("errors", "calls"),
+    "timeout_rate": _ratio("timeouts", "calls"),
+    "rate_limited_rate": _ratio("rate_limited", "calls"),
+    "refusal_rate": _ratio("refusals", "calls"),
+    "price_missing": "sum(r.price_missing)",
+    "input_tokens": "sum(r.input_tokens)",
+    "output_tokens": "sum(r.output_tokens)",
+    "output_tokens_avg": _ratio("output_tokens", "calls"),
+    "cached_input_share": _ratio("cached_input_tokens", "input_tokens"),
+    "output_chars_avg": _ratio("output_chars", "calls"),
+    "schema_valid_rate": _ratio("schema_valid", "schema_checked"),
+    "tool_call_rate": _ratio("tool_call_calls", "calls"),
+    "latency_avg_ms": _ratio("latency_ms_sum", "calls"),
+    "latency_p50_ms": f"{_Q}(r.latency_ms_q)[1]",
+    "latency_p95_ms": f"{_Q}(r.latency_ms_q)[3]",
+    "latency_p99_ms": f"{_Q}(r.latency_ms_q)[4]",
+    "ttft_p50_ms": f"if(sum(r.ttft_calls) > 0, {_Q}(r.ttft_ms_q)[1], NULL)",
+    "ttft_p95_ms": f"if(sum(r.ttft_calls) > 0, {_Q}(r.ttft_ms_q)[3], NULL)",
+    "ttft_p99_ms": f"if(sum(r.ttft_calls) > 0, {_Q}(r.ttft_ms_q)[4], NULL)",
+}
+
+
+def sql_literal(value: str) -> str:
+    return "'" + value.replace("\\", "\\\\").replace("'", "\\'") + "'"
+
+
+def where_clause(filters: Mapping[str, str]) -> str:
+    return " AND ".join(f"r.{k} = {sql_literal(v)}" for k, v in sorted(filters.items())) or "1"
+
+
+def metric_over_time(metric: str, filters: Mapping[str, str], start: float, end: float, window_s: int) -> str:
+    """A readable query for one scope: the metric per window around an alert (what on-call runs)."""
+    expr = METRIC_SQL.get(metric, "sum(r.calls)")
+    return (
+        f"SELECT toStartOfInterval(r.minute, INTERVAL {window_s} SECOND) AS window, sum(r.calls) AS calls, "
+        f"{expr} AS {metric} FROM llm_calls_1m AS r WHERE {where_clause(filters)} "
+        f"AND r.minute >= toDateTime({int(start)}) AND r.minute < toDateTime({int(end)}) "
+        "GROUP BY window ORDER BY window"
+    )

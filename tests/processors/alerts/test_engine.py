@@ -1,0 +1,149 @@
+"""The alert state machine on hand-built window sequences: exact firing and resolving points."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from processors.alerts.engine import AlertEngine, dedup_key
+from processors.alerts.events import AlertEvent
+from schemas.rules import Rule, parse_rules
+
+
+def rule(**kw: Any) -> Rule:
+    base: dict[str, Any] = {"name": "r", "metric": "ttft_p95_ms", "scope": ["feature"], "window": "1m", "min_calls": 10}
+    base.update(kw)
+    return parse_rules({"rules": [base]}, "test").rules[0]
+
+
+def run(r: Rule, values: list[float | None], calls: int = 100, scope: dict[str, str] | None = None,
+        engine: AlertEngine | None = None) -> list[tuple[int, AlertEvent]]:  # fmt: skip
+    engine = engine or AlertEngine([r])
+    out = []
+    for i, v in enumerate(values):
+        metrics = {"calls": float(calls), r.metric: v}
+        event = engine.evaluate(r, scope or {"feature": "chat"}, i * 60.0, (i + 1) * 60.0, metrics)
+        if event is not None:
+            out.append((i, event))
+    return out
+
+
+def test_ttft_limit_with_for_3_fires_once_at_the_fourth_window() -> None:
+    r = rule(max=850, **{"for": 3})
+    events = run(r, [790, 910, 930, 905])
+    assert [(i, e.state) for i, e in events] == [(3, "firing")]
+    (_, e) = events[0]
+    assert e.value == 905 and e.action == "rollback" and e.metric == "ttft_p95_ms"
+    assert e.condition == "ttft_p95_ms > 850 for 3 windows (1m windows)"
+    assert e.dedup_key == dedup_key("r", {"feature": "chat"})
+    # more breaching windows do not page again
+    assert [i for i, _ in run(r, [790, 910, 930, 905, 990, 1200, 900])] == [3]
+
+
+def test_a_value_hovering_at_the_limit_does_not_flap() -> None:
+    r = rule(max=850, hysteresis=0.05, clear_for=2)
+    values = [900, 845, 860, 840, 855, 849, 700, 690]  # 845/840/849 are inside, but not 5% inside
+    assert [(i, e.state) for i, e in run(r, values)] == [(0, "firing"), (7, "resolved")]
+
+
+def test_cooldown_holds_back_a_refire_and_resolve_carries_the_incident() -> None:
+    r = rule(max=850, cooldown="5m", hysteresis=0.0)
+    events = run(r, [900, 700, 900, 900, 900, 900, 900, 900])
+    assert [(i, e.state) for i, e in events] == [(0, "firing"), (1, "resolved"), (6, "firing")]
+    fired, resolved = events[0][1], events[1][1]
+    assert resolved.started_at == fired.started_at and resolved.ended_at is not None
+    assert resolved.dedup_key == fired.dedup_key
+
+
+def test_min_calls_windows_carry_no_evidence() -> None:
+    r = rule(max=850, **{"for": 2})
+    engine = AlertEngine([r])
+    assert run(r, [900], calls=5, engine=engine) == []  # too few calls: not even pending
+    assert engine.state(r, {"feature": "chat"}).state == "ok"
+    assert [i for i, _ in run(r, [900, 900, None], calls=50)] == [1]
+
+
+def test_quality_breach_pauses_for_review_latency_breach_rolls_back() -> None:
+    quality = rule(name="eval", metric="eval_score", min=0.8)
+    latency = rule(name="lat", metric="latency_p95_ms", max=2000)
+    (_, q), = run(quality, [0.72])
+    (_, lat), = run(latency, [2600])
+    assert q.action == "pause_for_review"
+    assert lat.action == "rollback"
+    explicit = rule(name="x", metric="latency_p95_ms", max=2000, action="notify")
+    assert run(explicit, [2600])[0][1].action == "notify"
+
+
+def test_restart_with_a_firing_alert_does_not_page_again() -> None:
+    r = rule(max=850)
+    engine = AlertEngine([r])
+    engine.restore_firing("r", {"feature": "chat"}, since=0.0)
+    events = run(r, [900, 950, 700], engine=engine)
+    assert [(i, e.state) for i, e in events] == [(2, "resolved")]
+
+
+def test_spike_ratio_against_median_baseline() -> None:
+    r = rule(metric="cost_usd", spike={"ratio": 2.0, "baseline": 6, "min_baseline": 4})
+    values = [10, 11, 9, 10, 10, 25, 26, 10, 10]
+    assert [(i, e.state) for i, e in run(r, values)] == [(5, "firing"), (7, "resolved")]
+    # learning: with too little history nothing can breach
+    assert run(r, [10, 50]) == []
+
+
+def test_spike_baseline_excludes_the_anomaly_so_a_lasting_regression_keeps_firing() -> None:
+    r = rule(metric="cost_usd", spike={"ratio": 2.0, "baseline": 4, "min_baseline": 3})
+    events = run(r, [10, 10, 10, 30, 30, 30, 30, 30, 30, 30])
+    assert [(i, e.state) for i, e in events] == [(3, "firing")]
+
+
+def test_spike_zscore_and_ewma() -> None:
+    z = rule(metric="latency_p95_ms", spike={"zscore": 3.0, "baseline": 8, "min_baseline": 6})
+    values = [100, 104, 98, 102, 99, 101, 103, 97, 160]
+    assert [(i, e.state) for i, e in run(z, values)] == [(8, "firing")]
+    ewma = rule(metric="cost_usd", spike={"ratio": 1.5, "baseline": 5, "method": "ewma", "min_baseline": 3})
+    assert [(i, e.state) for i, e in run(ewma, [10, 10, 10, 10, 16])] == [(4, "firing")]
+
+
+def test_spike_min_delta_ignores_tiny_absolute_moves() -> None:
+    r = rule(metric="refusal_rate", spike={"ratio": 2.5, "baseline": 6, "min_baseline": 3, "min_delta": 0.03})
+    assert run(r, [0.001, 0.001, 0.001, 0.004]) == []  # 4× but +0.3 points: not an incident
+    assert [i for i, _ in run(r, [0.02, 0.02, 0.02, 0.18])] == [3]
+
+
+def test_absence_fires_when_a_busy_scope_goes_silent() -> None:
+    r = rule(metric="calls", absent={"baseline": 3, "min_baseline_calls": 30}, min_calls=0)
+    engine = AlertEngine([r])
+    out = []
+    for i, calls in enumerate([20, 20, 20, 0, 0, 15]):
+        e = engine.evaluate(r, {"feature": "chat"}, i * 60.0, (i + 1) * 60.0, {"calls": float(calls)})
+        if e:
+            out.append((i, e.state))
+    assert out == [(3, "firing"), (5, "resolved")]
+    assert engine.evaluate(r, {"feature": "quiet"}, 0, 60, {"calls": 0.0}) is None  # never had traffic
+
+
+def test_rules_file_errors_name_file_rule_and_key() -> None:
+    from schemas.rules import RulesError
+
+    with pytest.raises(RulesError, match=r"^rules.yaml: rule 'slow': key `metric`: unknown metric 'latency_p96_ms'"):
+        parse_rules({"rules": [{"name": "slow", "metric": "latency_p96_ms", "max": 1}]}, "rules.yaml")
+    with pytest.raises(RulesError, match=r"rule #2: key `scope.by`: .*unknown dimension 'region'"):
+        parse_rules(
+            {"rules": [{"name": "a", "metric": "calls", "max": 1}, {"metric": "calls", "max": 1, "scope": ["region"]}]},
+            "rules.yaml",
+        )
+    with pytest.raises(RulesError, match=r"rule 'c': key `\(the entry\)`: a rule needs exactly one condition"):
+        parse_rules({"rules": [{"name": "c", "metric": "calls"}]}, "rules.yaml")
+    with pytest.raises(RulesError, match=r"rule 'w': key `window`: window must be a whole number of minutes"):
+        parse_rules({"rules": [{"name": "w", "metric": "calls", "max": 1, "window": "90s"}]}, "rules.yaml")
+    with pytest.raises(RulesError, match=r"rule 'k': key `fro`: unknown key"):
+        parse_rules({"rules": [{"name": "k", "metric": "calls", "max": 1, "fro": 2}]}, "rules.yaml")
+
+
+def test_default_rules_load() -> None:
+    from schemas.rules import default_rules
+
+    rules = default_rules()
+    names = {r.name for r in rules.rules}
+    assert {"cost-spike", "refusal-regression", "traffic-stopped", "error-rate-high"} <= names
