@@ -7,7 +7,8 @@ duplicated events, and a sprinkling of malformed payloads. Two incidents are inj
 demo has something to find:
 
 * **prompt change**: ``search-summarize`` moves from prompt ``v7`` to ``v8`` in the middle of
-  the period, and ``v8`` writes twice as many output tokens (a cost spike);
+  the period; ``v8`` writes twice as many output tokens from a 30% longer prompt (spend per
+  call up ~1.7×: a cost spike);
 * **refusal regression**: from 70% of the period on, ``claude-haiku-4-5`` refuses 18% of
   calls instead of 2%;
 
@@ -96,7 +97,7 @@ FEATURES: tuple[FeatureProfile, ...] = (
     ),
     FeatureProfile(
         "search-summarize", "search", "search-api", 0.22,
-        (("gpt-4o-mini", 0.85), ("gpt-4o", 0.15)), 3200, 260, "v7", distinct_prompts=400,
+        (("gpt-4o-mini", 0.85), ("gpt-4o", 0.15)), 1800, 500, "v7", distinct_prompts=400,
     ),
     FeatureProfile(
         "code-review", "devex", "review-bot", 0.12,
@@ -117,6 +118,7 @@ FEATURES: tuple[FeatureProfile, ...] = (
 )  # fmt: skip
 
 LN2 = math.log(2)
+LN13 = math.log(1.3)
 UNKNOWN_MODEL = "acme-llm-1"
 """Not in any price table: its calls arrive with ``price_missing``."""
 
@@ -273,8 +275,9 @@ def generate(s: Scenario, batch_size: int = 10_000) -> Iterator[list[bytes]]:
         static = conv.static
         if rand() < s.unknown_model_rate:
             static = static.replace(f'"model":"{conv.model}"'.encode(), f'"model":"{UNKNOWN_MODEL}"'.encode())
-        input_tokens = max(20, int(exp(feature.log_input + 0.45 * gauss())))
-        log_out = feature.log_output + (LN2 if conv.prompt_version == "v8" else 0.0)
+        v8 = conv.prompt_version == "v8"  # the incident: more few-shot examples, twice the output
+        input_tokens = max(20, int(exp(feature.log_input + (LN13 if v8 else 0.0) + 0.45 * gauss())))
+        log_out = feature.log_output + (LN2 if v8 else 0.0)
         output_tokens = max(1, int(exp(log_out + 0.5 * gauss())))
         cached = 0
         cache_write = 0

@@ -174,6 +174,18 @@ def _render_demo(s: dict[str, Any], settings: Settings) -> None:
             ],
         )
     )
+    if s.get("alerts"):
+        out.print(
+            console.table(
+                "Alerts the stream raised (default rules; delivered to no channel in the demo)",
+                [
+                    {"at (UTC)": a["at"].replace("T", " ")[:16], "rule": a["rule"], "state": a["state"],
+                     "scope": ", ".join(f"{k}={v}" for k, v in a["scope"].items()),
+                     "value": round(a["value"], 4) if a["value"] is not None else None, "action": a["action"]}
+                    for a in s["alerts"]
+                ],
+            )
+        )  # fmt: skip
     inc = s["incidents"]
     data_flag = f" --data-dir {settings.data_dir}" if str(settings.data_dir) != ".llmpulse" else ""
     out.print("[bold]Injected incidents to look for[/]")
@@ -527,3 +539,95 @@ def dlq_replay(
         console.out.print(
             console.table("Still rejected", [{"reason": k, "letters": v} for k, v in sorted(outcome.reasons.items())])
         )
+
+
+@cli.group()
+def rules() -> None:
+    """Alert rules: check a rules file, backtest it on history."""
+
+
+@rules.command("check")
+@click.argument("file", type=click.Path(exists=True, dir_okay=False, path_type=Path), required=False)
+@_friendly_errors
+def rules_check(file: Path | None) -> None:
+    """Validate a rules file (or show the built-in rules) and list what each rule watches."""
+    from schemas.rules import RulesError, default_rules, load_rules
+
+    try:
+        parsed = load_rules(file) if file else default_rules()
+    except RulesError as exc:
+        console.error(str(exc))
+        raise SystemExit(2) from None
+    rows = [
+        {"rule": r.name, "scope": ",".join(r.scope.by) or "all", "condition": r.describe(),
+         "min calls": r.min_calls, "severity": r.severity, "action": r.effective_action}
+        for r in parsed.rules
+    ]  # fmt: skip
+    console.out.print(console.table(f"{file or 'built-in rules'}: {len(parsed.rules)} rules", rows))
+    if parsed.budgets:
+        console.out.print(
+            console.table(
+                "Budgets",
+                [{"budget": b.name, "scope": b.scope, "period": b.period, "limit_usd": b.limit_usd,
+                  "warn at": ", ".join(f"{w:.0%}" for w in b.warn_at)} for b in parsed.budgets],
+            )
+        )  # fmt: skip
+
+
+@rules.command("backtest")
+@click.argument("file", type=click.Path(exists=True, dir_okay=False, path_type=Path), required=False)
+@click.option("--since", default="7d", show_default=True, help="How far back to replay (e.g. 24h, 7d, 30d).")
+@click.option("--json", "as_json", is_flag=True, help="Incidents as a JSON array.")
+@_data_options
+@_friendly_errors
+def rules_backtest(
+    file: Path | None, since: str, as_json: bool, config_path: Path | None, data_dir: Path | None,
+    clickhouse_url: str | None,
+) -> None:  # fmt: skip
+    """Replay rules (default: the built-in ones) over the stored history: when would they have fired?"""
+    import time as _time
+
+    from llmpulse.backtest import backtest
+    from llmpulse.runtime import open_clickhouse
+    from schemas.durations import parse_duration
+    from schemas.rules import RulesError, default_rules, load_rules
+    from sinks.alert_store import AlertStore
+
+    try:
+        parsed = load_rules(file) if file else default_rules()
+    except RulesError as exc:
+        console.error(str(exc))
+        raise SystemExit(2) from None
+    settings = _settings(config_path, data_dir, clickhouse_url)
+    conn = open_clickhouse(settings, purpose="llmpulse rules backtest")
+    try:
+        end = _time.time()
+        result = backtest(AlertStore(conn), parsed, end - parse_duration(since), end)
+    finally:
+        conn.close()
+    rows = [
+        {"fired (UTC)": f"{i.fired_at:%Y-%m-%d %H:%M}", "rule": i.rule,
+         "scope": ", ".join(f"{k}={v}" for k, v in i.scope.items()) or "all",
+         "resolved (UTC)": f"{i.resolved_at:%Y-%m-%d %H:%M}" if i.resolved_at else "still firing",
+         "duration": _human(i.duration_s), "value": round(i.value, 4) if i.value is not None else None,
+         "action": i.action}
+        for i in result.incidents
+    ]  # fmt: skip
+    if as_json:
+        sys.stdout.write(json.dumps(rows) + "\n")
+        return
+    console.out.print(console.table(f"Backtest over the last {since}: {len(rows)} incidents", rows))
+    counts: dict[str, int] = {}
+    for i in result.incidents:
+        counts[i.rule] = counts.get(i.rule, 0) + 1
+    quiet = [r.name for r in parsed.rules if r.name not in counts and r.name not in result.skipped_rules]
+    console.out.print(f"{result.windows:,} rule windows evaluated. Never fired: {', '.join(quiet) or '—'}.")
+    for name, why in result.skipped_rules.items():
+        console.out.print(f"[yellow]skipped[/] {name}: {why}")
+
+
+def _human(seconds: float | None) -> str:
+    if seconds is None:
+        return "—"
+    hours, rem = divmod(int(seconds), 3600)
+    return f"{hours}h{rem // 60:02d}m" if hours else f"{rem // 60}m"

@@ -17,6 +17,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from ingest.synthetic import Scenario, produce_into
+from llmpulse.alerting import AlertPipeline
 from llmpulse.runtime import EmbeddedRuntime, open_clickhouse
 from processors.records import PayloadBatch, Source
 from schemas.config import Settings
@@ -76,7 +77,8 @@ def _run(
     scenario: Scenario,
     on_progress: Callable[[int], None] | None,
 ) -> DemoResult:
-    runtime = EmbeddedRuntime(settings, conn)
+    alerts = AlertPipeline(settings, conn, channels=[]) if settings.alerting.enabled else None
+    runtime = EmbeddedRuntime(settings, conn, alerts=alerts)
     run_id = uuid.uuid4().hex[:12]
     source = Source(DEMO_SOURCE, f"run-{run_id}")
     ctx = multiprocessing.get_context("spawn")  # never fork a process that holds chDB
@@ -103,6 +105,8 @@ def _run(
         runtime.finish()
     finally:
         runtime.close()
+        if alerts is not None:
+            alerts.close()
         producer.join(timeout=10)
         if producer.is_alive():
             producer.terminate()
@@ -120,6 +124,11 @@ def _run(
         wall_seconds=round(wall, 3),
         inserts=runtime.sink.stats.inserts,
         window_partials=runtime.stats.partials,
+        alerts=[
+            {"rule": e.rule, "state": e.state, "severity": e.severity, "action": e.action,
+             "scope": e.scope, "value": e.value, "at": e.window_end.isoformat(timespec="minutes")}
+            for e in (alerts.delivered if alerts else [])
+        ],
         data=conn.description,
         period={"start": _iso(scenario.start), "end": _iso(scenario.end)},
         incidents={

@@ -9,10 +9,11 @@ from __future__ import annotations
 
 import gc
 import logging
+import math
 import time
-from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from processors.chain import CallPipeline, FeedbackPipeline, PipelineOptions
 from processors.records import PayloadBatch, StepCounters
@@ -24,6 +25,9 @@ from sinks.batching import BufferedWriter
 from sinks.clickhouse import ClickHouseSink, Connection, RetryPolicy, connect
 from sinks.migrations import migrate
 
+if TYPE_CHECKING:
+    from llmpulse.alerting import AlertPipeline
+
 log = logging.getLogger("llmpulse.runtime")
 
 GC_THRESHOLD = (50_000, 50, 100)
@@ -33,9 +37,6 @@ GC_THRESHOLD = (50_000, 50, 100)
 
 def tune_gc() -> None:
     gc.set_threshold(*GC_THRESHOLD)
-
-
-PartialsListener = Callable[[list[WindowPartial]], None]
 
 
 def price_table(settings: Settings) -> PriceTable:
@@ -97,7 +98,7 @@ class EmbeddedRuntime:
         self,
         settings: Settings,
         conn: Connection,
-        listeners: Iterable[PartialsListener] = (),
+        alerts: AlertPipeline | None = None,
         prices: PriceTable | None = None,
     ) -> None:
         self.settings = settings
@@ -107,7 +108,7 @@ class EmbeddedRuntime:
         self.feedback = FeedbackPipeline(validation_limits(settings))
         self.sink = ClickHouseSink(conn, RetryPolicy(retries=settings.pipeline.insert_retries))
         self.writer = BufferedWriter(self.sink, settings.pipeline.batch_max_events, settings.pipeline.batch_max_seconds)
-        self.listeners = list(listeners)
+        self.alerts = alerts
         self.stats = RuntimeStats()
         tune_gc()
 
@@ -120,7 +121,7 @@ class EmbeddedRuntime:
             processed = self.calls.process(calls, now)
             self.stats.counters.add(processed.counters)
             self.writer.add_calls(processed)
-            self._emit(processed.partials)
+            self._emit(processed.partials, self.calls.windows.watermark)
         if feedback is not None and feedback.payloads:
             done = self.feedback.process(feedback, now)
             self.stats.counters.add(done.counters)
@@ -128,12 +129,11 @@ class EmbeddedRuntime:
         self.stats.batches += 1
         self.stats.process_s += time.perf_counter() - started
 
-    def _emit(self, partials: list[WindowPartial]) -> None:
-        if not partials:
-            return
+    def _emit(self, partials: list[WindowPartial], watermark: float) -> None:
+        """Stage 2 in-process: this runtime is the only source of its windows."""
         self.stats.partials += len(partials)
-        for listener in self.listeners:
-            listener(partials)
+        if self.alerts is not None and math.isfinite(watermark):
+            self.alerts.on_partials(partials, self.calls.windows.partition, watermark)
 
     def tick(self) -> None:
         """Time-based duties between batches: start writing a due buffer."""
@@ -147,8 +147,10 @@ class EmbeddedRuntime:
         self.stats.process_s += time.perf_counter() - started
 
     def finish(self) -> None:
-        """A finite source ended: close every window and write everything."""
-        self._emit(self.calls.flush_windows())
+        """A finite source ended: close every window (complete minutes only count) and write everything."""
+        windows = self.calls.windows
+        last_minute_end = math.ceil(windows.max_ts / windows.window_s) * windows.window_s
+        self._emit(self.calls.flush_windows(), last_minute_end)
         self.flush()
 
     def close(self) -> None:

@@ -17,6 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 from schemas import limits
+from schemas.channels import ChannelList
 from schemas.durations import Duration
 
 ENV_PREFIX = "LLMPULSE_"
@@ -94,6 +95,15 @@ class PricingSettings(_Section):
     path: Path | None = Field(None, description="Price table JSON; default: data_dir/prices.json, else built-in.")
 
 
+class AlertingSettings(_Section):
+    enabled: bool = True
+    rules_path: Path | None = Field(None, description="Rules and budgets YAML; default: the built-in rules.")
+    channels: ChannelList = Field(default_factory=list)
+    """Where alerts go; none configured: the console."""
+    dashboard_url: str | None = Field(None, description="Linked from every alert (e.g. the Grafana dashboard).")
+    lag_check_interval: Duration = 60.0
+
+
 class TopicNames(_Section):
     calls: str = "llm.calls"
     feedback: str = "llm.feedback"
@@ -155,6 +165,7 @@ class Settings(BaseSettings):
     sampling: SamplingSettings = Field(default_factory=SamplingSettings)
     pricing: PricingSettings = Field(default_factory=PricingSettings)
     kafka: KafkaSettings = Field(default_factory=KafkaSettings)
+    alerting: AlertingSettings = Field(default_factory=AlertingSettings)
 
     @classmethod
     def settings_customise_sources(

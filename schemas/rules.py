@@ -105,12 +105,16 @@ class Scope(_Model):
 
 
 class Spike(_Model):
-    """Compare the window with a trailing baseline of ``baseline`` windows of the same scope."""
+    """Compare the window with a trailing baseline of ``baseline`` windows of the same scope.
+
+    With both ``ratio`` and ``zscore`` a window must pass both: big and unlikely to be noise.
+    """
 
     ratio: Annotated[float, Field(gt=1)] | None = None
-    """Breach when value > ratio × baseline (median or EWMA)."""
+    """Breach when value > ratio × baseline (median or EWMA; the pooled rate for ``*_rate``)."""
     zscore: Annotated[float, Field(gt=0)] | None = None
-    """Breach when (value − mean) / stdev of the baseline exceeds this."""
+    """Breach when the window is this many standard errors above the baseline (binomial for
+    rates: a refusal rate over 40 calls is noisier than over 4,000)."""
     baseline: Annotated[int, Field(ge=3, le=10_000)] = 24
     method: Literal["median", "ewma"] = "median"
     min_baseline: Annotated[int, Field(ge=1)] | None = None
@@ -208,7 +212,7 @@ class Rule(_Model):
                 parts.append(f"> {self.spike.ratio:g}× the {self.spike.method} of the last {self.spike.baseline}")
             if self.spike.zscore is not None:
                 parts.append(f"z-score > {self.spike.zscore:g}")
-            cond = f"{self.metric} {' or '.join(parts)}"
+            cond = f"{self.metric} {' and '.join(parts)}"
         else:
             bounds = []
             if self.max is not None:

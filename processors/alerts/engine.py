@@ -50,8 +50,8 @@ class KeyState:
     first_breach_start: float | None = None
     last_resolved: float | None = None
     last_value: float | None = None
-    history: deque[float] = field(default_factory=deque)
-    """Baseline values (spike) or calls per window (absent)."""
+    history: deque[tuple[float, float]] = field(default_factory=deque)
+    """(value, calls) of baseline windows (spike), or (calls, calls) per window (absent)."""
 
 
 @dataclass(frozen=True)
@@ -62,15 +62,27 @@ class Verdict:
     detail: str = ""
 
 
-def _baseline(rule: Rule, history: deque[float]) -> tuple[float, float, float] | None:
-    """(level, mean, stdev) of the history, or None when there is not enough of it yet."""
+def is_rate(metric: str) -> bool:
+    """Rates are proportions of calls: their noise is binomial, and their baseline is pooled."""
+    return metric.endswith(("_rate", "_share"))
+
+
+def _baseline(rule: Rule, history: deque[tuple[float, float]]) -> tuple[float, float, float] | None:
+    """(level, mean, stdev) of the history, or None when there is not enough of it yet.
+
+    For a rate the level is the pooled rate (all baseline calls together), not the median of
+    per-window rates, which small windows make jumpy.
+    """
     spike = rule.spike
     assert spike is not None
     need = spike.min_baseline if spike.min_baseline is not None else max(3, spike.baseline // 2)
     if len(history) < need:
         return None
-    values = list(history)
-    if spike.method == "median":
+    values = [v for v, _ in history]
+    if is_rate(rule.metric):
+        weight = sum(c for _, c in history)
+        level = sum(v * c for v, c in history) / weight if weight else statistics.fmean(values)
+    elif spike.method == "median":
         level = statistics.median(values)
     else:
         alpha = 2 / (len(values) + 1)
@@ -82,8 +94,22 @@ def _baseline(rule: Rule, history: deque[float]) -> tuple[float, float, float] |
     return level, mean, stdev
 
 
-def judge(rule: Rule, value: float, st: KeyState) -> Verdict:
-    """Does this window breach, and (for a firing alert) is it clear enough to count toward a resolve?"""
+def _zscore(rule: Rule, value: float, calls: float, level: float, mean: float, stdev: float) -> float:
+    """How unusual the window is: binomial standard error for a rate, spread of history otherwise."""
+    if is_rate(rule.metric) and calls > 0:
+        p = min(max(level, 0.5 / max(calls, 1.0)), 1.0 - 1e-9)  # a zero baseline is not certainty
+        return (value - p) / math.sqrt(p * (1 - p) / calls)
+    if stdev > 0:
+        return (value - mean) / stdev
+    return 0.0 if value == mean else math.copysign(math.inf, value - mean)  # a perfectly flat baseline
+
+
+def judge(rule: Rule, value: float, st: KeyState, calls: float = 0.0) -> Verdict:
+    """Does this window breach, and (for a firing alert) is it clear enough to count toward a resolve?
+
+    A spike rule with both ``ratio`` and ``zscore`` needs both: the move must be big *and*
+    unlikely to be noise.
+    """
     h = rule.hysteresis
     if rule.spike is not None:
         stats = _baseline(rule, st.history)
@@ -93,32 +119,24 @@ def judge(rule: Rule, value: float, st: KeyState) -> Verdict:
         spike = rule.spike
         up = spike.direction in ("up", "both")
         down = spike.direction in ("down", "both")
-        breach = False
+        tests: list[bool] = []
         clear = True
         details = []
+        big_enough = abs(value - level) > spike.min_delta
         if spike.ratio is not None:
+            hi, lo = spike.ratio * level, level / spike.ratio
+            tests.append(((up and value > hi) or (down and value < lo)) and big_enough)
             if up:
-                hi = spike.ratio * level
-                if value > hi and value - level > spike.min_delta:
-                    breach = True
-                    details.append(f"{value / level:.2f}× baseline {level:.4g}" if level else f"baseline {level:.4g}")
                 clear = clear and value <= hi * (1 - h)
-            if down and level > 0:
-                lo = level / spike.ratio
-                if value < lo and level - value > spike.min_delta:
-                    breach = True
-                    details.append(f"{value / level:.2f}× baseline {level:.4g}")
+            if down:
                 clear = clear and value >= lo * (1 + h)
+            details.append(f"{value / level:.2f}× baseline {level:.4g}" if level else f"baseline {level:.4g}")
         if spike.zscore is not None:
-            if stdev > 0:
-                z = (value - mean) / stdev
-            else:  # a perfectly flat baseline: any move is infinitely unusual
-                z = 0.0 if value == mean else math.copysign(math.inf, value - mean)
-            outside = (up and z > spike.zscore) or (down and -z > spike.zscore)
-            if outside and abs(value - mean) > spike.min_delta:
-                breach = True
-                details.append(f"z-score {z:.1f}")
+            z = _zscore(rule, value, calls, level, mean, stdev)
+            tests.append(((up and z > spike.zscore) or (down and -z > spike.zscore)) and big_enough)
             clear = clear and abs(z) <= spike.zscore * (1 - h)
+            details.append(f"z {z:.1f}")
+        breach = all(tests)
         return Verdict(breach, clear and not breach, level, "; ".join(details))
     breach = False
     clear = True
@@ -153,11 +171,11 @@ class AlertEngine:
         st = self.state(rule, scope)
         st.state, st.firing_since, st.breaches = "firing", since, rule.for_
 
-    def seed_history(self, rule: Rule, scope: Mapping[str, str], values: Iterable[float]) -> None:
-        """Warm a spike/absence baseline from history (ClickHouse rollups) after a restart."""
+    def seed_history(self, rule: Rule, scope: Mapping[str, str], windows: Iterable[tuple[float, float]]) -> None:
+        """Warm a spike/absence baseline from history (ClickHouse rollups) after a restart: (value, calls)."""
         st = self.state(rule, scope)
-        for v in values:
-            st.history.append(v)
+        for value, calls in windows:
+            st.history.append((value, calls))
 
     def firing(self) -> list[tuple[str, tuple[tuple[str, str], ...], KeyState]]:
         return [(name, scope, st) for (name, scope), st in self.states.items() if st.state == "firing"]
@@ -174,18 +192,18 @@ class AlertEngine:
         st = self.state(rule, scope)
         calls = int(metrics.get("calls") or 0)
         if rule.absent is not None:
-            had = sum(st.history)
+            had = sum(c for c, _ in st.history)
             enough = len(st.history) >= 1 and had >= rule.absent.min_baseline_calls
             breach = calls == 0 and enough
             verdict = Verdict(breach, not breach, had / max(len(st.history), 1), f"{had:.0f} calls before")
-            st.history.append(float(calls))
+            st.history.append((float(calls), float(calls)))
             return self._step(rule, scope, st, verdict, float(calls), window_start, window_end, metrics)
         value = metrics.get(rule.metric)
         if value is None or calls < rule.min_calls or (isinstance(value, float) and math.isnan(value)):
             return None  # no evidence either way
-        verdict = judge(rule, value, st)
+        verdict = judge(rule, value, st, calls)
         if rule.spike is not None and not verdict.breach:
-            st.history.append(value)
+            st.history.append((value, float(calls)))
         return self._step(rule, scope, st, verdict, value, window_start, window_end, metrics)
 
     def _step(

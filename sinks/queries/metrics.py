@@ -58,3 +58,18 @@ def metric_over_time(metric: str, filters: Mapping[str, str], start: float, end:
         f"AND r.minute >= toDateTime({int(start)}) AND r.minute < toDateTime({int(end)}) "
         "GROUP BY window ORDER BY window"
     )
+
+
+def rule_windows_sql(
+    metric: str, by: list[str], where: Mapping[str, str], window_s: int, start: float, end: float
+) -> str:
+    """A rule's metric and call count per window and scope value, in time order (backtests, baselines)."""
+    expr = METRIC_SQL[metric]
+    dims = "".join(f"r.{d} AS d{i}, " for i, d in enumerate(by))
+    group = "".join(f", d{i}" for i in range(len(by)))
+    return (
+        f"SELECT toUnixTimestamp(toStartOfInterval(r.minute, INTERVAL {window_s} SECOND)) AS ws, {dims}"
+        f"{expr} AS value, sum(r.calls) AS calls FROM llm_calls_1m AS r WHERE {where_clause(where)} "
+        f"AND r.minute >= toDateTime({int(start)}) AND r.minute < toDateTime({int(end)}) "
+        f"GROUP BY ws{group} ORDER BY ws"
+    )

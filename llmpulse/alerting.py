@@ -1,0 +1,162 @@
+"""Alert evaluation wired up: stage 2 → rule windows and budgets → delivery, storage, topic.
+
+The same ``AlertPipeline`` runs in both runtimes. Embedded, it listens to the in-process
+stage-1 partials (one source); in the worker it is fed by the partials topic, with every
+``llm.calls`` partition as a source. Delivery never blocks evaluation (the dispatcher queues),
+every transition is stored in the ``alerts`` table, and a restart restores what is firing so
+nobody is paged twice for one incident.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from pathlib import Path
+
+from processors.alerts.budgets import BudgetTracker, period_bounds, period_label
+from processors.alerts.engine import AlertEngine
+from processors.alerts.events import AlertEvent
+from processors.alerts.stage2 import Dims, RuleWindows, Stage2
+from processors.windows import SCOPE_DIMS, WindowPartial
+from schemas.channels import ChannelConfig, ConsoleChannelConfig
+from schemas.config import ConfigError, Settings
+from schemas.rules import Rule, RulesFile, default_rules, load_rules
+from sinks.alert_store import AlertStore
+from sinks.alerts import AlertDispatcher
+from sinks.clickhouse import Connection
+from sinks.queries.metrics import metric_over_time
+
+log = logging.getLogger("llmpulse.alerting")
+
+
+def rules_for(settings: Settings, path: Path | None = None) -> RulesFile:
+    chosen = path or settings.alerting.rules_path
+    return load_rules(chosen) if chosen else default_rules()
+
+
+def query_for(rule: Rule, scope: Mapping[str, str], start: float, end: float) -> str:
+    return metric_over_time(rule.metric, {**rule.scope.where, **scope}, start, end, int(rule.window))
+
+
+class AlertPipeline:
+    def __init__(
+        self,
+        settings: Settings,
+        conn: Connection,
+        *,
+        rules: RulesFile | None = None,
+        sources: Iterable[int] | None = None,
+        channels: Sequence[ChannelConfig] | None = None,
+        publish: Callable[[list[AlertEvent]], None] | None = None,
+    ) -> None:
+        self.settings = settings
+        self.rules = rules or rules_for(settings)
+        self.engine = AlertEngine(self.rules.rules, query_for=query_for)
+        self.windows = RuleWindows(self.engine)
+        self.stage2 = Stage2(sources)
+        self.budgets = BudgetTracker(self.rules.budgets)
+        self.store = AlertStore(conn)
+        chosen = list(channels) if channels is not None else list(settings.alerting.channels)
+        if channels is None and not chosen:
+            chosen = [ConsoleChannelConfig(name="console", type="console")]
+        try:
+            self.dispatcher = AlertDispatcher(chosen) if chosen else None
+        except ValueError as exc:  # a secret that is configured but not there
+            raise ConfigError(f"alerting.channels: {exc}") from exc
+        self.publish = publish
+        self.delivered: list[AlertEvent] = []
+        self.link = settings.alerting.dashboard_url
+
+    @property
+    def scope_dims(self) -> set[Dims]:
+        """The grains stage 1 must publish partials at for these rules and budgets."""
+        dims = set(self.windows.scope_dims)
+        dims |= {tuple(d for d in SCOPE_DIMS if d in b.scope) for b in self.rules.budgets}
+        return dims
+
+    # ---- restart ---------------------------------------------------------------------------
+
+    def restore(self, now: float | None = None) -> list[AlertEvent]:
+        """Carry on after a restart: firing alerts stay firing silently, baselines and budgets warm."""
+        now = time.time() if now is None else now
+        firing = self.store.firing()
+        for e in firing:
+            self.engine.restore_firing(e.rule, e.scope, e.started_at.timestamp())
+        if firing and self.dispatcher is not None:
+            self.dispatcher.refresh(firing)  # Alertmanager only: it forgets alerts nobody re-sends
+        for rule in self.engine.rules.values():
+            length = rule.spike.baseline if rule.spike else rule.absent.baseline if rule.absent else 0
+            if not length:
+                continue
+            aligned = now - now % rule.window
+            for values, history in self.store.recent_values(rule, aligned, length).items():
+                self.engine.seed_history(rule, dict(zip(rule.scope.by, values, strict=True)), history)
+        for budget in self.rules.budgets:
+            start, _ = period_bounds(budget.period, now)
+            spent = self.store.period_spend(budget, start, now)
+            announced = self.store.announced_thresholds(budget, period_label(budget.period, start))
+            self.budgets.seed(budget.name, start, spent, announced)
+        if firing:
+            log.info("restored %d firing alert(s): %s", len(firing), ", ".join(e.rule for e in firing))
+        return firing
+
+    # ---- feeding -----------------------------------------------------------------------------
+
+    def on_partials(self, partials: list[WindowPartial], source: int, watermark: float) -> list[AlertEvent]:
+        """Embedded runtime: full-grain partials of one source, then evaluate what became final."""
+        for p in partials:
+            self.stage2.add(SCOPE_DIMS, p, source, None)
+        self.stage2.heartbeat(source, watermark)
+        return self.evaluate()
+
+    def evaluate(self) -> list[AlertEvent]:
+        cells, through = self.stage2.release()
+        if not math.isfinite(through):
+            return []
+        events = self.windows.feed(cells, through) + self.budgets.feed(cells, through)
+        if events:
+            self.deliver(events)
+        return events
+
+    def check_lag(self, now: float) -> list[AlertEvent]:
+        """``pipeline_lag_s`` rules: how far the slowest source's watermark trails the wall clock."""
+        lag_rules = [r for r in self.engine.rules.values() if r.metric == "pipeline_lag_s"]
+        if not lag_rules or not self.stage2.watermarks:
+            return []
+        lag = max(0.0, now - min(self.stage2.watermarks.values()))
+        events = []
+        for rule in lag_rules:
+            e = self.engine.evaluate(rule, {}, now - rule.window, now, {"pipeline_lag_s": lag, "calls": math.inf})
+            if e is not None:
+                events.append(e)
+        if events:
+            self.deliver(events)
+        return events
+
+    def deliver(self, events: list[AlertEvent]) -> None:
+        if self.link:
+            events = [_with_link(e, self.link) for e in events]
+        if self.dispatcher is not None:
+            for e in events:
+                self.dispatcher.dispatch(e)
+        try:
+            self.store.write(events)
+        except Exception:  # the alert went out; losing its history row must not stop evaluation
+            log.exception("could not store %d alert(s) in ClickHouse", len(events))
+        if self.publish is not None:
+            self.publish(events)
+        self.delivered.extend(events)
+        for e in events:
+            log.warning("%s", e.summary)
+
+    def close(self, timeout: float = 5.0) -> None:
+        if self.dispatcher is not None:
+            self.dispatcher.close(timeout)
+
+
+def _with_link(e: AlertEvent, link: str) -> AlertEvent:
+    from dataclasses import replace
+
+    return replace(e, link=link)

@@ -1,0 +1,116 @@
+"""AlertStore: alert history in ClickHouse, and what a restarted evaluator needs to carry on.
+
+Every state change is a row of ``alerts``; the latest row per dedup key is the alert's state.
+After a restart the evaluator asks which alerts are firing (so it does not page again), what
+each spike rule's recent windows looked like (so baselines are warm), and how much each budget
+has spent this period and which thresholds it already announced.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from datetime import UTC, datetime
+from typing import Any
+
+from processors.alerts.events import AlertEvent
+from schemas.rules import Budget, Rule
+from sinks.clickhouse import Connection, RetryPolicy
+from sinks.queries.metrics import METRIC_SQL, rule_windows_sql, sql_literal, where_clause
+
+_COLUMNS = [
+    "dedup_key", "rule", "state", "severity", "action", "metric", "value", "condition", "scope", "labels",
+    "window_start", "window_end", "started_at", "ended_at", "summary", "runbook_url", "query", "extra",
+]  # fmt: skip
+
+
+def _row(e: AlertEvent) -> list[Any]:
+    return [
+        e.dedup_key, e.rule, e.state, e.severity, e.action, e.metric, e.value, e.condition, e.scope, e.labels,
+        e.window_start, e.window_end, e.started_at, e.ended_at, e.summary, e.runbook_url or "", e.query or "",
+        json.dumps(e.extra, default=str),
+    ]  # fmt: skip
+
+
+class AlertStore:
+    def __init__(self, conn: Connection, retry: RetryPolicy | None = None) -> None:
+        self.conn = conn
+        self.retry = retry or RetryPolicy(retries=3)
+
+    def write(self, events: Sequence[AlertEvent]) -> None:
+        if events:
+            rows = [_row(e) for e in events]
+            self.retry.run(
+                "insert into alerts",
+                lambda: self.conn.client.insert(f"{self.conn.database}.alerts", rows, column_names=_COLUMNS),
+            )
+
+    def firing(self) -> list[AlertEvent]:
+        """Alerts whose latest state is firing (rule alerts; budget notices do not resolve)."""
+        result = self.conn.client.query(
+            "SELECT dedup_key, argMax(tuple(" + ", ".join(_COLUMNS[1:]) + "), emitted_at) AS last "
+            "FROM alerts GROUP BY dedup_key HAVING last.2 = 'firing' AND last.5 != 'budget_spend_usd'"
+        )
+        out = []
+        for key, last in result.result_rows:
+            values = dict(zip(_COLUMNS[1:], last, strict=True))
+            out.append(
+                AlertEvent(
+                    dedup_key=key, rule=values["rule"], state="firing", severity=values["severity"],
+                    action=values["action"], metric=values["metric"], value=values["value"],
+                    condition=values["condition"], scope=dict(values["scope"]), labels=dict(values["labels"]),
+                    window_start=_aware(values["window_start"]), window_end=_aware(values["window_end"]),
+                    started_at=_aware(values["started_at"]), ended_at=None, summary=values["summary"],
+                    runbook_url=values["runbook_url"] or None, query=values["query"] or None,
+                    extra=json.loads(values["extra"] or "{}"),
+                )
+            )  # fmt: skip
+        return out
+
+    def window_values(
+        self, rule: Rule, start: float, end: float
+    ) -> dict[int, dict[tuple[str, ...], tuple[float | None, float]]]:
+        """The rule's metric per window start and scope value: {window: {values: (metric, calls)}}."""
+        metric = "calls" if rule.absent is not None else rule.metric
+        if metric not in METRIC_SQL:
+            return {}
+        sql = rule_windows_sql(metric, rule.scope.by, rule.scope.where, int(rule.window), start, end)
+        n = len(rule.scope.by)
+        out: dict[int, dict[tuple[str, ...], tuple[float | None, float]]] = {}
+        for row in self.conn.client.query(sql).result_rows:
+            values = tuple(str(v) for v in row[1 : 1 + n])
+            value, calls = row[1 + n], row[2 + n]
+            out.setdefault(int(row[0]), {})[values] = (None if value is None else float(value), float(calls))
+        return out
+
+    def recent_values(
+        self, rule: Rule, before: float, windows: int
+    ) -> dict[tuple[str, ...], list[tuple[float, float]]]:
+        """A rule's (value, calls) per scope for the ``windows`` windows before ``before`` (baseline warm-up)."""
+        out: dict[tuple[str, ...], list[tuple[float, float]]] = {}
+        by_window = self.window_values(rule, before - rule.window * windows, before)
+        for ws in sorted(by_window):
+            for values, (value, calls) in by_window[ws].items():
+                if value is not None and (rule.absent is not None or calls >= rule.min_calls):
+                    out.setdefault(values, []).append((value, calls))
+        return out
+
+    def period_spend(self, budget: Budget, start: float, end: float) -> float:
+        sql = (
+            f"SELECT sum(r.cost_usd) FROM llm_calls_1m AS r WHERE {where_clause(budget.scope)} "
+            f"AND r.minute >= toDateTime({int(start)}) AND r.minute < toDateTime({int(end)})"
+        )
+        value = self.conn.client.query(sql).result_rows[0][0]
+        return float(value or 0.0)
+
+    def announced_thresholds(self, budget: Budget, period_label: str) -> list[float]:
+        sql = (
+            "SELECT DISTINCT JSONExtractFloat(extra, 'threshold') FROM alerts "
+            f"WHERE rule = {sql_literal(budget.name)} AND metric = 'budget_spend_usd' "
+            f"AND scope['period'] = {sql_literal(period_label)}"
+        )
+        return [float(r[0]) for r in self.conn.client.query(sql).result_rows]
+
+
+def _aware(value: datetime) -> datetime:
+    return value if value.tzinfo is not None else value.replace(tzinfo=UTC)
