@@ -18,7 +18,7 @@ from pathlib import Path
 from processors.alerts.budgets import BudgetTracker, period_bounds, period_label
 from processors.alerts.engine import AlertEngine
 from processors.alerts.events import AlertEvent
-from processors.alerts.stage2 import Dims, RuleWindows, Stage2
+from processors.alerts.stage2 import RuleWindows, Stage2
 from processors.windows import SCOPE_DIMS, WindowPartial
 from schemas.channels import ChannelConfig, ConsoleChannelConfig
 from schemas.config import ConfigError, Settings
@@ -50,6 +50,7 @@ class AlertPipeline:
         sources: Iterable[int] | None = None,
         channels: Sequence[ChannelConfig] | None = None,
         publish: Callable[[list[AlertEvent]], None] | None = None,
+        progress_key: str | None = None,
     ) -> None:
         self.settings = settings
         self.rules = rules or rules_for(settings)
@@ -66,15 +67,11 @@ class AlertPipeline:
         except ValueError as exc:  # a secret that is configured but not there
             raise ConfigError(f"alerting.channels: {exc}") from exc
         self.publish = publish
+        self.progress_key = f"alerts_evaluated_through:{progress_key}" if progress_key else None
+        """llmpulse_meta key of the stream time alerts were evaluated through (survives restarts)."""
+        self._saved_through = -math.inf
         self.delivered: list[AlertEvent] = []
         self.link = settings.alerting.dashboard_url
-
-    @property
-    def scope_dims(self) -> set[Dims]:
-        """The grains stage 1 must publish partials at for these rules and budgets."""
-        dims = set(self.windows.scope_dims)
-        dims |= {tuple(d for d in SCOPE_DIMS if d in b.scope) for b in self.rules.budgets}
-        return dims
 
     # ---- restart ---------------------------------------------------------------------------
 
@@ -98,9 +95,28 @@ class AlertPipeline:
             spent = self.store.period_spend(budget, start, now)
             announced = self.store.announced_thresholds(budget, period_label(budget.period, start))
             self.budgets.seed(budget.name, start, spent, announced)
+        if self.progress_key:
+            saved = self.store.conn.client.query(
+                "SELECT value FROM llmpulse_meta FINAL WHERE key = {k:String}", parameters={"k": self.progress_key}
+            ).result_rows
+            if saved:
+                through = float(saved[0][0])
+                self.stage2.released_through = self._saved_through = through
+                self.windows.resume_after(through)
         if firing:
             log.info("restored %d firing alert(s): %s", len(firing), ", ".join(e.rule for e in firing))
         return firing
+
+    def save_progress(self) -> None:
+        """Record how far evaluation got, so a restart neither re-evaluates nor skips a window."""
+        through = self.stage2.released_through
+        if self.progress_key and math.isfinite(through) and through > self._saved_through:
+            self.store.conn.client.insert(
+                f"{self.store.conn.database}.llmpulse_meta",
+                [[self.progress_key, repr(through)]],
+                column_names=["key", "value"],
+            )
+            self._saved_through = through
 
     # ---- feeding -----------------------------------------------------------------------------
 

@@ -27,16 +27,20 @@ from typing import Any
 
 import faust
 import mode
+import orjson
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListener, TopicPartition
 from aiokafka.structs import OffsetAndMetadata
 
 from ingest.kafka import client_options
+from llmpulse.alerting import AlertPipeline, rules_for
 from llmpulse.runtime import open_clickhouse, pipeline_options, price_table, tune_gc, validation_limits
+from processors.alerts.stage2 import Stage2
 from processors.chain import CallPipeline, FeedbackPipeline
 from processors.pricing import COST_CLIENT, Costs
 from processors.records import PayloadBatch, Source, StepCounters
 from processors.windows import WindowPartial
 from schemas.config import Settings
+from schemas.rules import RulesFile
 from schemas.wire import WireCall
 from sinks.batching import Block, BufferedWriter
 from sinks.clickhouse import ClickHouseSink, Connection, RetryPolicy, SinkError
@@ -111,12 +115,14 @@ def _rows_to_events(rows: list[dict[str, Any]]) -> tuple[list[WireCall], list[fl
 class CallsConsumer(mode.Service):
     """Batch consumer of llm.calls: getmany → process → ClickHouse → publish → commit."""
 
-    def __init__(self, settings: Settings, scopes: Sequence[tuple[str, ...]] = DEFAULT_SCOPES, **kw: Any) -> None:
+    def __init__(self, settings: Settings, rules: RulesFile | None = None, **kw: Any) -> None:
         super().__init__(**kw)
         self.settings = settings
         self.kafka = settings.kafka
         self.topic = settings.kafka.topics.calls
-        self.scopes = tuple(scopes)
+        self.rules = rules or rules_for(settings)
+        self.scopes = tuple(sorted(self.rules.scope_dims)) or DEFAULT_SCOPES
+        """The grains partials are published at: exactly what the rules and budgets group by."""
         self.stats = WorkerStats()
         self.partitions: dict[int, PartitionState] = {}
         self.prices = price_table(settings)
@@ -129,8 +135,11 @@ class CallsConsumer(mode.Service):
         self.publisher: KafkaPublisher | None = None
         self._durable: deque[Block] = deque()
         """Blocks the insert thread finished, waiting for their outputs and offset commits."""
-        self._unblocked: list[tuple[int, list[WindowPartial]]] = []
-        """Partials closed without a write behind them (idle ticks, revoke flushes)."""
+        self._unblocked: list[tuple[int, list[WindowPartial], float]] = []
+        """Partials closed without a write behind them (idle ticks, revoke flushes), with the watermark."""
+        self.published_watermark: dict[int, float] = {}
+        """Per partition: every window ending before this has its partials on the partials topic."""
+        self._last_heartbeat = 0.0
         self.ready = asyncio.Event()
         self._assigning: dict[int, asyncio.Event] = {}
 
@@ -248,9 +257,11 @@ class CallsConsumer(mode.Service):
         assert self.writer is not None
         now = time.time()
         for state in self.partitions.values():
-            partials = state.pipeline.windows.tick(now, idle_timeout)
-            if partials:
-                self._unblocked.append((state.partition, partials))
+            windows = state.pipeline.windows
+            before = windows.watermark
+            partials = windows.tick(now, idle_timeout)
+            if partials or windows.watermark > before:
+                self._unblocked.append((state.partition, partials, windows.watermark))
         if self.writer.due():
             await self._flush(wait=False)
         try:
@@ -290,12 +301,13 @@ class CallsConsumer(mode.Service):
             for b in block.calls:
                 await self.publisher.dead_letters(b.dead)
                 await self.publisher.judge_requests([b])
-                await self._publish_partials(b.source.partition, b.partials)
+                await self._publish_partials(b.source.partition, b.partials, b.watermark)
                 if b.end_offset >= 0:
                     commit[b.source.partition] = max(commit.get(b.source.partition, 0), b.end_offset)
         unblocked, self._unblocked = self._unblocked, []
-        for partition, partials in unblocked:
-            await self._publish_partials(partition, partials)
+        for partition, partials, watermark in unblocked:
+            await self._publish_partials(partition, partials, watermark)
+        await self._heartbeat()
         offsets = {
             TopicPartition(self.topic, p): OffsetAndMetadata(o, "") for p, o in commit.items() if p in self.partitions
         }
@@ -303,12 +315,23 @@ class CallsConsumer(mode.Service):
             await self.consumer.commit(offsets)
             self.stats.commits += 1
 
-    async def _publish_partials(self, partition: int, partials: list[WindowPartial]) -> None:
+    async def _publish_partials(self, partition: int, partials: list[WindowPartial], watermark: float) -> None:
+        assert self.publisher is not None
         if partials:
-            assert self.publisher is not None
-            state = self.partitions.get(partition)
-            watermark = state.pipeline.windows.watermark if state else max(p.window_end for p in partials)
             await self.publisher.partials(partials, self.scopes, partition, watermark)
+        if watermark > self.published_watermark.get(partition, -math.inf):
+            self.published_watermark[partition] = watermark
+
+    async def _heartbeat(self, force: bool = False) -> None:
+        """Tell every stage-2 consumer how far each of our partitions is (quiet ones included)."""
+        now = time.monotonic()
+        if not force and now - self._last_heartbeat < 1.0:
+            return
+        self._last_heartbeat = now
+        assert self.publisher is not None
+        marks = {p: w for p, w in self.published_watermark.items() if p in self.partitions and math.isfinite(w)}
+        if marks:
+            await self.publisher.watermarks(marks)
 
     # ---- rebalance ---------------------------------------------------------------------------
 
@@ -333,6 +356,7 @@ class CallsConsumer(mode.Service):
                     p, len(progress.written), committed,
                 )  # fmt: skip
             await self._rebuild_windows(state, committed)
+            state.pipeline.windows.touch(time.time())  # a partition with no traffic still goes idle
             self.partitions[p] = state
             self._assigning.pop(p).set()
 
@@ -365,7 +389,7 @@ class CallsConsumer(mode.Service):
         for p in partitions:
             state = self.partitions.get(p)
             if state is not None:
-                self._unblocked.append((p, state.pipeline.flush_windows()))
+                self._unblocked.append((p, state.pipeline.flush_windows(), state.pipeline.windows.watermark))
         await self._publish_and_commit()
         for p in partitions:
             state = self.partitions.pop(p, None)
@@ -389,8 +413,105 @@ class _Rebalance(ConsumerRebalanceListener):  # type: ignore[misc]
         await self.service.assign([tp.partition for tp in assigned if tp.partition not in self.service.partitions])
 
 
+class AlertsConsumer(mode.Service):
+    """Stage 2 in the worker: merge every partition's partials per scope, evaluate, deliver.
+
+    The partials topic is keyed by scope, so each worker's stage 2 owns whole scopes; watermark
+    heartbeats reach every partition of it. Offsets are committed only below the oldest partial
+    of a minute not yet evaluated, and how far evaluation got is stored in ClickHouse, so a
+    restart neither double counts a minute nor skips one.
+    """
+
+    def __init__(self, settings: Settings, calls: CallsConsumer, **kw: Any) -> None:
+        super().__init__(**kw)
+        self.settings = settings
+        self.calls = calls
+        self.kafka = settings.kafka
+        self.pipeline: AlertPipeline | None = None
+        self.consumer: AIOKafkaConsumer | None = None
+        self._last_lag_check = 0.0
+        self._pending_publish: list[Any] = []
+        self.errors = 0
+
+    async def on_start(self) -> None:
+        await self.calls.ready.wait()
+        assert self.calls.conn is not None
+        opts = client_options(self.kafka)
+        self.consumer = AIOKafkaConsumer(
+            self.kafka.topics.partials,
+            group_id=f"{self.kafka.consumer_group}-alerts",
+            enable_auto_commit=False,
+            auto_offset_reset="earliest",
+            **opts,
+        )
+        await self.consumer.start()
+        assert self.calls.producer is not None
+        sources = await self.calls.producer.partitions_for(self.kafka.topics.calls)
+        self.pipeline = AlertPipeline(
+            self.settings,
+            self.calls.conn,
+            rules=self.calls.rules,
+            sources=sorted(sources),
+            publish=self._pending_publish.extend,
+            progress_key=self.kafka.consumer_group,
+        )
+        await asyncio.to_thread(self.pipeline.restore)
+
+    async def on_stop(self) -> None:
+        if self.consumer is not None:
+            with contextlib.suppress(Exception):
+                await self.consumer.stop()
+        if self.pipeline is not None:
+            self.pipeline.close()
+
+    @mode.Service.task
+    async def _consume(self) -> None:
+        while not self.should_stop and (self.consumer is None or self.pipeline is None):
+            await asyncio.sleep(0.05)
+        assert self.consumer is not None and self.pipeline is not None
+        stage2 = self.pipeline.stage2
+        last_offsets: dict[int, int] = {}
+        while not self.should_stop:
+            try:
+                await self._step(stage2, last_offsets)
+            except Exception:  # alerting must never take ingestion down with it
+                self.errors += 1
+                log.exception("alert evaluation failed; continuing")
+                await asyncio.sleep(1.0)
+
+    async def _step(self, stage2: Stage2, last_offsets: dict[int, int]) -> None:
+        assert self.consumer is not None and self.pipeline is not None
+        records = await self.consumer.getmany(timeout_ms=100, max_records=5000)
+        for tp, messages in records.items():
+            for m in messages:
+                body = orjson.loads(m.value)
+                if body.get("type") == "watermark":
+                    stage2.heartbeat(int(body["partition"]), float(body["watermark"]))
+                    continue
+                dims = tuple(body["scope_dims"])
+                partial = WindowPartial.from_wire(body)
+                stage2.add(dims, partial, int(body["partition"]), float(body["watermark"]), (tp.partition, m.offset))
+            last_offsets[tp.partition] = messages[-1].offset + 1
+        self.pipeline.evaluate()
+        now = time.time()
+        if now - self._last_lag_check >= self.settings.alerting.lag_check_interval:
+            self._last_lag_check = now
+            self.pipeline.check_lag(now)
+        if self._pending_publish and self.calls.publisher is not None:
+            events, self._pending_publish[:] = list(self._pending_publish), []
+            await self.calls.publisher.alerts(events)
+        if last_offsets:
+            await asyncio.to_thread(self.pipeline.save_progress)
+            pinned = stage2.pinned_offsets()
+            commit = {
+                TopicPartition(self.kafka.topics.partials, p): OffsetAndMetadata(min(o, pinned.get(p, o)), "")
+                for p, o in last_offsets.items()
+            }
+            await self.consumer.commit(commit)
+
+
 def build_app(settings: Settings, *, app_id: str = "llmpulse") -> tuple[faust.App, CallsConsumer]:
-    """The faust app: the batch consumer as a service, the feedback agent, and topic management."""
+    """The faust app: the batch consumer and stage-2 alerting as services, the feedback agent, topics."""
     k = settings.kafka
     credentials: Any = None
     if k.security_protocol in ("SASL_PLAINTEXT", "SASL_SSL"):
@@ -412,18 +533,27 @@ def build_app(settings: Settings, *, app_id: str = "llmpulse") -> tuple[faust.Ap
         topic_disable_leader=True,
         datadir=str(settings.data_dir / "faust"),
         consumer_auto_offset_reset="earliest",
+        # a SIGKILLed worker's membership must expire as fast in faust's group as in ours, or a
+        # restart waits on faust (its default is 60 s) before the hot consumer even starts
+        broker_session_timeout=k.session_timeout,
+        broker_heartbeat_interval=max(1.0, k.session_timeout / 10),
     )
     (settings.data_dir / "faust").mkdir(parents=True, exist_ok=True)
-    consumer = CallsConsumer(settings)
+    rules = rules_for(settings)
+    consumer = CallsConsumer(settings, rules=rules)
+    services: list[mode.Service] = [consumer]
+    if settings.alerting.enabled:
+        services.append(AlertsConsumer(settings, consumer))
 
-    class BoundCallsConsumer(mode.Service):
-        """faust instantiates @app.service classes itself; this hands it our configured instance."""
+    class WorkerServices(mode.Service):
+        """faust instantiates @app.service classes itself; this hands it our configured instances."""
 
         def __init__(self, **kw: Any) -> None:
             super().__init__(**kw)
-            self.add_dependency(consumer)
+            for service in services:
+                self.add_dependency(service)
 
-    app.service(BoundCallsConsumer)
+    app.service(WorkerServices)
     _feedback_agent(app, settings, consumer)
     return app, consumer
 

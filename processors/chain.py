@@ -43,6 +43,9 @@ class ProcessedCalls:
     """The input block these rows came from (``PayloadBatch.block_id``)."""
     end_offset: int = -1
     """``PayloadBatch.end_offset``: committable once this batch is durable."""
+    watermark: float = float("-inf")
+    """The partition's watermark after this batch: every window ending before it is in ``partials``
+    of this batch or an earlier one (stage 2 may trust it once those are published)."""
     late: int = 0
 
     def __len__(self) -> int:
@@ -122,6 +125,7 @@ class CallPipeline:
             counters=counters,
             block_id=batch.block_id,
             end_offset=batch.end_offset,
+            watermark=self.windows.watermark,
             late=counters.late,
         )
 

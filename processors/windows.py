@@ -284,6 +284,12 @@ class WindowAggregator:
             out.extend(self._open.pop(ws).values())
         return out
 
+    def touch(self, now: float) -> None:
+        """Count ``now`` as activity: a partition that never sees an event still goes idle (and
+        advances by wall clock) once ``idle_timeout`` passes, instead of holding stage 2 back forever."""
+        if not self._last_event_wall:
+            self._last_event_wall = now
+
     def tick(self, now: float, idle_timeout_s: float) -> list[WindowPartial]:
         """Idle partitions advance by wall clock, so quiet features still close windows.
 

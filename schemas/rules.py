@@ -256,6 +256,13 @@ class RulesFile(_Model):
     rules: list[Rule] = Field(default_factory=list)
     budgets: list[Budget] = Field(default_factory=list)
 
+    @property
+    def scope_dims(self) -> set[tuple[str, ...]]:
+        """The grains stage 1 must publish partials at: what the rules and budgets group by."""
+        dims = {r.scope.dims for r in self.rules}
+        dims |= {tuple(d for d in SCOPE_DIMENSIONS if d in b.scope) for b in self.budgets}
+        return dims
+
     @model_validator(mode="after")
     def _unique_names(self) -> RulesFile:
         seen: set[str] = set()

@@ -112,7 +112,7 @@ class KafkaPublisher:
     def __init__(self, settings: KafkaSettings, producer: AIOKafkaProducer) -> None:
         self.topics = settings.topics
         self.producer = producer
-        self.sent = {"dlq": 0, "judge_requests": 0, "partials": 0}
+        self.sent = {"dlq": 0, "judge_requests": 0, "partials": 0, "watermarks": 0, "alerts": 0}
 
     async def _send_all(self, topic: str, messages: Iterable[tuple[bytes | None, bytes, list[Any] | None]]) -> int:
         futures = [
@@ -138,6 +138,30 @@ class KafkaPublisher:
             for s in b.samples
         )
         self.sent["judge_requests"] += await self._send_all(self.topics.judge_requests, messages)
+
+    async def watermarks(self, marks: dict[int, float]) -> None:
+        """A heartbeat per source partition to every partials partition: stage 2 must hear from all."""
+        partitions = await self.producer.partitions_for(self.topics.partials)
+        futures = []
+        for source, watermark in marks.items():
+            body = orjson.dumps({"type": "watermark", "partition": source, "watermark": watermark})
+            for target in partitions:
+                futures.append(await self.producer.send(self.topics.partials, body, partition=target))
+        if futures:
+            await asyncio.gather(*futures)
+        self.sent["watermarks"] += len(futures)
+
+    async def alerts(self, events: Iterable[Any]) -> None:
+        """Alert state changes, keyed by dedup key on the compacted alerts topic."""
+        from dataclasses import asdict
+
+        futures = []
+        for e in events:
+            body = orjson.dumps(asdict(e), default=str)
+            futures.append(await self.producer.send(self.topics.alerts, body, key=e.dedup_key.encode()))
+        if futures:
+            await asyncio.gather(*futures)
+        self.sent["alerts"] += len(futures)
 
     async def partials(
         self,

@@ -135,4 +135,5 @@ def kafka_settings(kafka_bootstrap: str) -> Any:
         consumer_group=f"{tag}-worker",
         partitions=4,
         fetch_max_wait=0.05,
+        session_timeout=10.0,  # a SIGKILLed worker's partitions move on after 10 s
     )

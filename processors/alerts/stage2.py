@@ -35,14 +35,25 @@ class FinalCell:
 
 class Stage2:
     def __init__(self, sources: Iterable[int] | None = None) -> None:
-        self.expected: set[int] | None = set(sources) if sources is not None else None
+        self.expected: set[int] | None = set(sources) if sources else None
         """Source partitions that must report before a minute is final; None: whoever reported."""
         self.watermarks: dict[int, float] = {}
         self._cells: dict[CellKey, WindowPartial] = {}
         self.released_through = -math.inf
         self.late_partials = 0
+        self._positions: dict[CellKey, dict[int, int]] = {}
+        """Per open cell: the lowest input offset (per input partition) that contributed to it."""
 
-    def add(self, dims: Dims, partial: WindowPartial, source: int, watermark: float | None = None) -> None:
+    def add(
+        self,
+        dims: Dims,
+        partial: WindowPartial,
+        source: int,
+        watermark: float | None = None,
+        position: tuple[int, int] | None = None,
+    ) -> None:
+        """``position`` is (input partition, offset) of the message that carried the partial: stage 2
+        commits only below the oldest one whose minute is not evaluated yet."""
         if partial.window_end <= self.released_through:
             self.late_partials += 1  # its minute was already evaluated; counting it now would lie twice
             return
@@ -51,8 +62,22 @@ class Stage2:
         if cell is None:
             cell = self._cells[key] = WindowPartial(partial.window_start, partial.window_s, partial.key)
         cell.merge(partial)
+        if position is not None:
+            lowest = self._positions.setdefault(key, {})
+            part, offset = position
+            if offset < lowest.get(part, offset + 1):
+                lowest[part] = offset
         if watermark is not None:
             self.heartbeat(source, watermark)
+
+    def pinned_offsets(self) -> dict[int, int]:
+        """Per input partition, the lowest offset still needed by an unevaluated minute."""
+        out: dict[int, int] = {}
+        for lowest in self._positions.values():
+            for part, offset in lowest.items():
+                if offset < out.get(part, offset + 1):
+                    out[part] = offset
+        return out
 
     def heartbeat(self, source: int, watermark: float) -> None:
         if watermark > self.watermarks.get(source, -math.inf):
@@ -74,6 +99,8 @@ class Stage2:
             return [], self.released_through
         ready = [k for k in self._cells if k[2] + self._cells[k].window_s <= through]
         cells = [FinalCell(k[0], k[1], self._cells.pop(k)) for k in ready]
+        for k in ready:
+            self._positions.pop(k, None)
         self.released_through = through
         return cells, through
 
@@ -113,10 +140,11 @@ class RuleWindows:
         self.evaluated_windows = 0
         self.late_windows = 0
 
-    @property
-    def scope_dims(self) -> set[Dims]:
-        """What stage 1 must publish partials at for these rules."""
-        return {r.scope.dims for r in self.engine.rules.values()}
+    def resume_after(self, through: float) -> None:
+        """After a restart: windows ending by ``through`` were evaluated by the previous run."""
+        for rule in self.engine.rules.values():
+            w = int(rule.window)
+            self._done[rule.name] = int(through) - int(through) % w
 
     def feed(self, cells: list[FinalCell], through: float) -> list[AlertEvent]:
         events: list[AlertEvent] = []

@@ -6,6 +6,8 @@ import asyncio
 import shutil
 import signal
 import subprocess
+import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -17,7 +19,7 @@ from pydantic import SecretStr
 from ingest.kafka import create_topics
 from processors.windows import WindowPartial
 from tests.conftest import call, iso
-from tests.llmpulse.workers import Worker, consume_all, produce, query, wait_caught_up, write_config
+from tests.llmpulse.workers import ENV, Worker, consume_all, produce, query, wait_caught_up, write_config
 
 pytestmark = pytest.mark.kafka
 
@@ -103,31 +105,30 @@ def test_message_from_kcat_is_processed(tmp_path: Path, topics: Any) -> None:
     }
 
 
-def test_sigkill_mid_stream_loses_and_duplicates_nothing(tmp_path: Path, topics: Any) -> None:
-    produced = events(60_000, "kill")
-    asyncio.run(produce(topics, topics.topics.calls, produced))
-    cfg = write_config(tmp_path / "w.yaml", topics, pipeline={"batch_max_seconds": "100ms", "batch_max_events": 5000})
-    data = tmp_path / "data"
-    kills = 0
-    for round_ in range(3):
-        worker = Worker(cfg, data, tmp_path / "w.log").start()
-        time.sleep(6 + round_)  # let it write and commit some, then pull the plug mid-batch
-        if not worker.alive():
-            break
-        worker.kill()
-        kills += 1
-    worker = Worker(cfg, data, tmp_path / "w.log").start()
-    try:
-        wait_caught_up(topics, topics.topics.calls, workers=[worker], timeout=180)
-    finally:
-        assert worker.stop() == 0
-    assert kills >= 2
+CRASH_AFTER_WRITE = """
+import os, sys
+import llmpulse.worker as w
+original = w.CallsConsumer._publish_and_commit
+
+async def crash_before_commit(self):
+    if self._durable:  # the block is in ClickHouse; its offsets are not committed yet
+        os._exit(9)
+    return await original(self)
+
+w.CallsConsumer._publish_and_commit = crash_before_commit
+from llmpulse.cli import main
+sys.argv = ["llmpulse", "-v", "worker", "--config", sys.argv[1], "--data-dir", sys.argv[2]]
+main()
+"""
+
+
+def _exactly_once(data: Path, n: int) -> None:
     (row,) = query(
         data,
         "SELECT (SELECT count() FROM llm_calls) raw, (SELECT uniqExact(event_id) FROM llm_calls) ids, "
         "(SELECT sum(calls) FROM llm_calls_1m) rolled",
     )
-    assert row == {"raw": 60_000, "ids": 60_000, "rolled": 60_000}  # not even before merges
+    assert row == {"raw": n, "ids": n, "rolled": n}  # not even before merges
     mismatches = query(
         data,
         "SELECT r.minute, r.feature, r.calls, x.calls FROM "
@@ -136,7 +137,59 @@ def test_sigkill_mid_stream_loses_and_duplicates_nothing(tmp_path: Path, topics:
         "GROUP BY minute, feature) x USING (minute, feature) WHERE r.calls != x.calls",
     )
     assert mismatches == []
-    assert "skipping them" in (tmp_path / "w.log").read_text()  # progress was read back from ClickHouse
+
+
+def test_crash_between_write_and_commit_is_not_written_twice(tmp_path: Path, topics: Any) -> None:
+    asyncio.run(produce(topics, topics.topics.calls, events(20_000, "crash")))
+    cfg = write_config(tmp_path / "w.yaml", topics, pipeline={"batch_max_seconds": "100ms", "batch_max_events": 4000})
+    data = tmp_path / "data"
+    with (tmp_path / "crash.log").open("wb") as out:
+        crashed = subprocess.run(
+            [sys.executable, "-c", CRASH_AFTER_WRITE, str(cfg), str(data)],
+            stdout=out, stderr=subprocess.STDOUT, env=ENV, timeout=120, check=False,
+        )  # fmt: skip
+    assert crashed.returncode == 9
+    worker = Worker(cfg, data, tmp_path / "w.log").start()
+    try:
+        worker.wait_ready(120)
+        wait_caught_up(topics, topics.topics.calls, workers=[worker])
+    finally:
+        assert worker.stop() == 0
+    log = worker.log.read_text()
+    assert "already in ClickHouse; skipping them" in log  # progress was read back, not re-written
+    assert "rebuilt" in log  # and the crashed worker's open windows were refilled from ClickHouse
+    _exactly_once(data, 20_000)
+
+
+def test_sigkill_while_events_flow_loses_and_duplicates_nothing(tmp_path: Path, topics: Any) -> None:
+    produced = events(60_000, "kill")
+    feeding = threading.Thread(
+        target=lambda: [
+            asyncio.run(produce(topics, topics.topics.calls, produced[i : i + 3000])) or time.sleep(0.5)
+            for i in range(0, len(produced), 3000)
+        ]
+    )
+    feeding.start()
+    cfg = write_config(tmp_path / "w.yaml", topics, pipeline={"batch_max_seconds": "100ms", "batch_max_events": 5000})
+    data = tmp_path / "data"
+    kills = 0
+    for round_ in range(3):
+        worker = Worker(cfg, data, tmp_path / f"w{round_}.log").start()
+        worker.wait_ready(120)
+        time.sleep(2 + round_)  # mid-stream: the feeder keeps producing
+        if not worker.alive():
+            break
+        worker.kill()
+        kills += 1
+    feeding.join()
+    worker = Worker(cfg, data, tmp_path / "final.log").start()
+    try:
+        worker.wait_ready(120)  # the killed members' sessions must expire first
+        wait_caught_up(topics, topics.topics.calls, workers=[worker], timeout=180)
+    finally:
+        assert worker.stop() == 0
+    assert kills == 3
+    _exactly_once(data, 60_000)
 
 
 def test_sasl_scram_to_the_local_broker(tmp_path: Path, topics: Any) -> None:
@@ -167,6 +220,8 @@ def _partials(kafka: Any) -> dict[tuple[Any, ...], WindowPartial]:
     merged: dict[tuple[Any, ...], WindowPartial] = {}
     for m in asyncio.run(consume_all(kafka, kafka.topics.partials)):
         body = orjson.loads(m.value)
+        if body.get("type") == "watermark":
+            continue
         part = WindowPartial.from_wire(body)
         key = (body["scope"], part.window_start)
         if key in merged:
@@ -243,7 +298,7 @@ def test_dlq_replay_after_a_fix(tmp_path: Path, topics: Any) -> None:
     # ...while a payload rejected for its timestamp horizon is accepted once the limit is raised.
     stale = orjson.dumps(call(event_id="future", ts=iso(time.time() + 3 * 3600)))
     asyncio.run(produce(topics, topics.topics.calls, [(b"x", stale)]))
-    worker = Worker(worker.config, worker.data_dir, worker.log).start()
+    worker = Worker(worker.config, worker.data_dir, tmp_path / "w2.log").start()
     try:
         wait_caught_up(topics, topics.topics.calls, workers=[worker])
     finally:

@@ -18,7 +18,7 @@ from aiokafka import AIOKafkaProducer
 from ingest.kafka import consumer_lag
 from schemas.config import KafkaSettings
 
-ENV = {k: v for k, v in os.environ.items() if not k.startswith("LLMPULSE_")}
+ENV = {**{k: v for k, v in os.environ.items() if not k.startswith("LLMPULSE_")}, "PYTHONUNBUFFERED": "1"}
 
 
 def write_config(path: Path, kafka: KafkaSettings, **extra: Any) -> Path:
@@ -47,8 +47,17 @@ class Worker:
         )  # fmt: skip
         return self
 
+    def wait_ready(self, timeout: float = 60) -> None:
+        """Until the worker owns partitions (signal handlers are installed by then)."""
+        deadline = time.time() + timeout
+        while time.time() < deadline and self.alive():
+            if "llm.calls partitions assigned" in self.log.read_text(errors="replace"):
+                return
+            time.sleep(0.1)
+
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 60) -> int:
         assert self.proc is not None
+        self.wait_ready()
         self.proc.send_signal(sig)
         try:
             return self.proc.wait(timeout)

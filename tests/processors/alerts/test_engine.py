@@ -67,8 +67,8 @@ def test_min_calls_windows_carry_no_evidence() -> None:
 def test_quality_breach_pauses_for_review_latency_breach_rolls_back() -> None:
     quality = rule(name="eval", metric="eval_score", min=0.8)
     latency = rule(name="lat", metric="latency_p95_ms", max=2000)
-    (_, q), = run(quality, [0.72])
-    (_, lat), = run(latency, [2600])
+    ((_, q),) = run(quality, [0.72])
+    ((_, lat),) = run(latency, [2600])
     assert q.action == "pause_for_review"
     assert lat.action == "rollback"
     explicit = rule(name="x", metric="latency_p95_ms", max=2000, action="notify")

@@ -80,9 +80,7 @@ def test_a_silent_feature_pages_through_idle_watermarks() -> None:
     # no more calls: the partition's watermark advances by wall clock (idle) two minutes on
     stage2.heartbeat(0, T0 + 5 * 60)
     events += windows.feed(*stage2.release())
-    assert [(e.state, e.scope, e.window_start.timestamp()) for e in events] == [
-        ("firing", {"feature": "a"}, T0 + 180)
-    ]
+    assert [(e.state, e.scope, e.window_start.timestamp()) for e in events] == [("firing", {"feature": "a"}, T0 + 180)]
 
 
 def test_partials_for_an_evaluated_minute_are_counted_late_not_added() -> None:
