@@ -124,7 +124,9 @@ def run(bootstrap: str, events: int, workdir: Path, pin_core: int | None = 1) ->
     for name, group in (("llmpulse worker", f"{tag}-worker"), ("per-event faust agent", f"{tag}-faust-baseline")):
         kafka = base.model_copy(update={"consumer_group": group})
         cfg = workdir / f"{group}.yaml"
-        cfg.write_text(yaml.safe_dump({"kafka": json.loads(kafka.model_dump_json(exclude_none=True))}))
+        cfg.write_text(
+            yaml.safe_dump({"kafka": json.loads(kafka.model_dump_json(exclude_none=True)), "metrics": {"port": 0}})
+        )
         data = workdir / f"{group}-data"
         log = workdir / f"{group}.log"
         if name == "llmpulse worker":

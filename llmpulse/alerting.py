@@ -26,6 +26,7 @@ from schemas.rules import Rule, RulesFile, default_rules, load_rules
 from sinks.alert_store import AlertStore
 from sinks.alerts import AlertDispatcher
 from sinks.clickhouse import Connection
+from sinks.metrics import PipelineMetrics
 from sinks.queries.metrics import metric_over_time
 
 log = logging.getLogger("llmpulse.alerting")
@@ -51,6 +52,7 @@ class AlertPipeline:
         channels: Sequence[ChannelConfig] | None = None,
         publish: Callable[[list[AlertEvent]], None] | None = None,
         progress_key: str | None = None,
+        metrics: PipelineMetrics | None = None,
     ) -> None:
         self.settings = settings
         self.rules = rules or rules_for(settings)
@@ -71,6 +73,7 @@ class AlertPipeline:
         """llmpulse_meta key of the stream time alerts were evaluated through (survives restarts)."""
         self._saved_through = -math.inf
         self.delivered: list[AlertEvent] = []
+        self.metrics = metrics
         self.link = settings.alerting.dashboard_url
 
     # ---- restart ---------------------------------------------------------------------------
@@ -152,6 +155,9 @@ class AlertPipeline:
         return events
 
     def deliver(self, events: list[AlertEvent]) -> None:
+        stamped = time.time()
+        for e in events:  # when stage 2 decided: what "alert latency" is measured from
+            e.extra.setdefault("evaluated_at", stamped)
         if self.link:
             events = [_with_link(e, self.link) for e in events]
         if self.dispatcher is not None:
@@ -166,6 +172,8 @@ class AlertPipeline:
         self.delivered.extend(events)
         for e in events:
             log.warning("%s", e.summary)
+            if self.metrics is not None:
+                self.metrics.alert(e.rule, e.state, e.severity)
 
     def close(self, timeout: float = 5.0) -> None:
         if self.dispatcher is not None:

@@ -45,6 +45,7 @@ from schemas.wire import WireCall
 from sinks.batching import Block, BufferedWriter
 from sinks.clickhouse import ClickHouseSink, Connection, RetryPolicy, SinkError
 from sinks.kafka import DEFAULT_SCOPES, KafkaPublisher
+from sinks.metrics import PipelineMetrics
 
 log = logging.getLogger("llmpulse.worker")
 
@@ -141,12 +142,16 @@ class CallsConsumer(mode.Service):
         """Per partition: every window ending before this has its partials on the partials topic."""
         self._last_heartbeat = 0.0
         self.ready = asyncio.Event()
+        self.metrics = PipelineMetrics()
         self._assigning: dict[int, asyncio.Event] = {}
 
     # ---- lifecycle -------------------------------------------------------------------------
 
     async def on_start(self) -> None:
         tune_gc()
+        if self.settings.metrics.enabled:
+            server, _ = self.metrics.serve(self.settings.metrics.port, self.settings.metrics.addr)
+            log.info("metrics at http://%s:%d/metrics", self.settings.metrics.addr, server.server_port)
         self.conn = await asyncio.to_thread(open_clickhouse, self.settings, "llmpulse worker")
         self.sink = ClickHouseSink(self.conn, RetryPolicy(retries=self.settings.pipeline.insert_retries))
         self.writer = BufferedWriter(
@@ -243,8 +248,10 @@ class CallsConsumer(mode.Service):
         started = time.perf_counter()
         now = time.time()
         for partition, batch in batches:
+            began = time.perf_counter()
             out = self.partitions[partition].pipeline.process(batch, now)
             self.stats.counters.add(out.counters)
+            self.metrics.observe(out, time.perf_counter() - began)
             self.writer.add_calls(out)
         self.stats.batches += 1
         self.stats.process_s += time.perf_counter() - started
@@ -252,6 +259,8 @@ class CallsConsumer(mode.Service):
     def _on_written(self, block: Block) -> None:
         """Runs in whichever thread collected the insert; the event loop picks the block up."""
         self._durable.append(block)
+        self.metrics.inserts.inc()
+        self.metrics.rows.inc(sum(len(b.events) + len(b.dead) for b in block.calls))
 
     async def _tick(self, idle_timeout: float) -> None:
         assert self.writer is not None
@@ -262,6 +271,15 @@ class CallsConsumer(mode.Service):
             partials = windows.tick(now, idle_timeout)
             if partials or windows.watermark > before:
                 self._unblocked.append((state.partition, partials, windows.watermark))
+        for state in self.partitions.values():
+            wm = state.pipeline.windows.watermark
+            if math.isfinite(wm):
+                self.metrics.watermark_delay.labels(str(state.partition)).set(now - wm)
+            if self.consumer is not None:
+                tp = TopicPartition(self.topic, state.partition)
+                high = self.consumer.highwater(tp)
+                if high is not None:
+                    self.metrics.lag.labels(str(state.partition)).set(max(0, high - state.next_offset))
         if self.writer.due():
             await self._flush(wait=False)
         try:
@@ -282,6 +300,7 @@ class CallsConsumer(mode.Service):
                 return
             except SinkError as exc:
                 self.stats.sink_failures += 1
+                self.metrics.insert_errors.inc()
                 log.error("ClickHouse write failed, not committing; retrying in %.0fs: %s", delay, exc)
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 30.0)
@@ -454,6 +473,7 @@ class AlertsConsumer(mode.Service):
             sources=sorted(sources),
             publish=self._pending_publish.extend,
             progress_key=self.kafka.consumer_group,
+            metrics=self.calls.metrics,
         )
         await asyncio.to_thread(self.pipeline.restore)
 

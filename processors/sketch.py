@@ -40,6 +40,8 @@ class QuantileSketch:
 
     def extend(self, values: list[float]) -> None:
         self._pending.extend(values)
+        if len(self._pending) >= _FOLD_AT:
+            self._fold()
 
     def _fold(self) -> fastdigest.TDigest:
         digest = self._digest
@@ -56,6 +58,15 @@ class QuantileSketch:
         return folded + len(self._pending)
 
     def quantile(self, q: float) -> float | None:
+        if self._digest is None and len(self._pending) <= _RAW_MAX:
+            # a small cell is answered exactly from its values: cheaper than building a digest
+            if not self._pending:
+                return None
+            values = sorted(self._pending)
+            pos = q * (len(values) - 1)
+            lo = int(pos)
+            hi = min(lo + 1, len(values) - 1)
+            return values[lo] + (values[hi] - values[lo]) * (pos - lo)
         digest = self._fold()
         if digest.is_empty():
             return None
@@ -67,6 +78,8 @@ class QuantileSketch:
     def merge(self, other: QuantileSketch) -> None:
         if other._digest is None:
             self._pending.extend(other._pending)  # still raw values: no digest needed yet
+            if len(self._pending) >= _FOLD_AT:
+                self._fold()
             return
         other_digest = other._fold()
         if not other_digest.is_empty():

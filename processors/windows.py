@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import base64
 import math
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -81,47 +81,47 @@ class WindowPartial:
     def labels(self, dims: tuple[str, ...] = SCOPE_DIMS) -> dict[str, str]:
         return dict(zip(dims, self.key, strict=True))
 
-    def merge(self, other: WindowPartial) -> None:
-        for name in _COUNTS:
-            setattr(self, name, getattr(self, name) + getattr(other, name))
-        for name in _SUMS:
-            setattr(self, name, getattr(self, name) + getattr(other, name))
-        self.latency.merge(other.latency)
-        self.ttft.merge(other.ttft)
+    def merge(self, other: WindowPartial, latency: bool = True, ttft: bool = True) -> None:
+        """Add ``other`` in. Stage 2 passes ``latency``/``ttft`` False where no rule reads those
+        percentiles: merging sketches nobody queries is most of what merging costs."""
+        # spelled out: stage 2 merges hundreds of thousands of cells a minute, and a getattr/setattr
+        # loop over the field names costs five times as much
+        self.calls += other.calls
+        self.errors += other.errors
+        self.timeouts += other.timeouts
+        self.rate_limited += other.rate_limited
+        self.refusals += other.refusals
+        self.price_missing += other.price_missing
+        self.input_tokens += other.input_tokens
+        self.output_tokens += other.output_tokens
+        self.cached_input_tokens += other.cached_input_tokens
+        self.cache_write_tokens += other.cache_write_tokens
+        self.output_chars += other.output_chars
+        self.schema_checked += other.schema_checked
+        self.schema_valid += other.schema_valid
+        self.tool_call_calls += other.tool_call_calls
+        self.cost_usd += other.cost_usd
+        self.latency_ms_sum += other.latency_ms_sum
+        self.ttft_ms_sum += other.ttft_ms_sum
+        if latency:
+            self.latency.merge(other.latency)
+        if ttft:
+            self.ttft.merge(other.ttft)
+
+    def copy(self, key: tuple[str, ...] | None = None, latency: bool = True, ttft: bool = True) -> WindowPartial:
+        """A new partial with this one's aggregates (sketches copied too, so the two stay independent)."""
+        out = WindowPartial(self.window_start, self.window_s, self.key if key is None else key, self.partition)
+        out.merge(self, latency, ttft)
+        return out
+
+    def metric(self, name: str) -> float | None:
+        """One metric value (alert rules need one each: no reason to fold every sketch)."""
+        fn = METRIC_FNS.get(name)
+        return fn(self) if fn is not None else None
 
     def metrics(self) -> dict[str, float | None]:
-        """The per-window metric values alert rules and summaries read; None where undefined."""
-        calls = self.calls
-        lat = self.latency.quantiles(QUANTILES)
-        ttft = self.ttft.quantiles(QUANTILES)
-
-        def rate(n: int, d: int) -> float | None:
-            return n / d if d else None
-
-        return {
-            "calls": float(calls),
-            "cost_usd": self.cost_usd,
-            "cost_per_call_usd": rate_f(self.cost_usd, calls),
-            "error_rate": rate(self.errors, calls),
-            "timeout_rate": rate(self.timeouts, calls),
-            "rate_limited_rate": rate(self.rate_limited, calls),
-            "refusal_rate": rate(self.refusals, calls),
-            "price_missing": float(self.price_missing),
-            "input_tokens": float(self.input_tokens),
-            "output_tokens": float(self.output_tokens),
-            "output_tokens_avg": rate(self.output_tokens, calls),
-            "cached_input_share": rate(self.cached_input_tokens, self.input_tokens),
-            "output_chars_avg": rate(self.output_chars, calls),
-            "schema_valid_rate": rate(self.schema_valid, self.schema_checked),
-            "tool_call_rate": rate(self.tool_call_calls, calls),
-            "latency_avg_ms": rate_f(self.latency_ms_sum, calls),
-            "latency_p50_ms": lat[0],
-            "latency_p95_ms": lat[1],
-            "latency_p99_ms": lat[2],
-            "ttft_p50_ms": ttft[0],
-            "ttft_p95_ms": ttft[1],
-            "ttft_p99_ms": ttft[2],
-        }
+        """Every metric this window has, as alert rules and summaries read them; None where undefined."""
+        return {name: fn(self) for name, fn in METRIC_FNS.items()}
 
     def to_wire(self) -> dict[str, Any]:
         """A JSON-able form for the ``llm.window.partials`` topic (sketches base64-encoded)."""
@@ -156,6 +156,71 @@ class WindowPartial:
 
 def rate_f(n: float, d: int) -> float | None:
     return n / d if d else None
+
+
+SKETCH_METRICS: dict[str, str] = {
+    "latency_p50_ms": "latency", "latency_p95_ms": "latency", "latency_p99_ms": "latency",
+    "ttft_p50_ms": "ttft", "ttft_p95_ms": "ttft", "ttft_p99_ms": "ttft",
+}  # fmt: skip
+"""Metrics read from a sketch (and which one)."""
+
+
+def _q(sketch: str, q: float) -> Callable[[WindowPartial], float | None]:
+    return lambda p: getattr(p, sketch).quantile(q)
+
+
+METRIC_FNS: dict[str, Callable[[WindowPartial], float | None]] = {
+    "calls": lambda p: float(p.calls),
+    "cost_usd": lambda p: p.cost_usd,
+    "cost_per_call_usd": lambda p: rate_f(p.cost_usd, p.calls),
+    "error_rate": lambda p: rate_f(p.errors, p.calls),
+    "timeout_rate": lambda p: rate_f(p.timeouts, p.calls),
+    "rate_limited_rate": lambda p: rate_f(p.rate_limited, p.calls),
+    "refusal_rate": lambda p: rate_f(p.refusals, p.calls),
+    "price_missing": lambda p: float(p.price_missing),
+    "input_tokens": lambda p: float(p.input_tokens),
+    "output_tokens": lambda p: float(p.output_tokens),
+    "output_tokens_avg": lambda p: rate_f(p.output_tokens, p.calls),
+    "cached_input_share": lambda p: rate_f(p.cached_input_tokens, p.input_tokens),
+    "output_chars_avg": lambda p: rate_f(p.output_chars, p.calls),
+    "schema_valid_rate": lambda p: rate_f(p.schema_valid, p.schema_checked),
+    "tool_call_rate": lambda p: rate_f(p.tool_call_calls, p.calls),
+    "latency_avg_ms": lambda p: rate_f(p.latency_ms_sum, p.calls),
+    "latency_p50_ms": _q("latency", 0.5),
+    "latency_p95_ms": _q("latency", 0.95),
+    "latency_p99_ms": _q("latency", 0.99),
+    "ttft_p50_ms": _q("ttft", 0.5),
+    "ttft_p95_ms": _q("ttft", 0.95),
+    "ttft_p99_ms": _q("ttft", 0.99),
+}
+"""The stream's metrics, one function each (``sinks/queries/metrics.py`` has them as SQL)."""
+
+
+class MetricView(Mapping[str, float | None]):
+    """A window's metrics computed on first access and cached: several rules may ask for one."""
+
+    __slots__ = ("_cache", "_partial")
+
+    def __init__(self, partial: WindowPartial) -> None:
+        self._partial = partial
+        self._cache: dict[str, float | None] = {}
+
+    def __getitem__(self, name: str) -> float | None:
+        try:
+            return self._cache[name]
+        except KeyError:
+            value = self._cache[name] = self._partial.metric(name)
+            return value
+
+    def get(self, name: str, default: float | None = None) -> float | None:  # type: ignore[override]
+        value = self[name] if name in METRIC_FNS else None
+        return default if value is None else value
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(METRIC_FNS)
+
+    def __len__(self) -> int:
+        return len(METRIC_FNS)
 
 
 def project(partials: Iterable[WindowPartial], dims: tuple[str, ...]) -> dict[tuple[Any, ...], WindowPartial]:

@@ -95,6 +95,13 @@ class PricingSettings(_Section):
     path: Path | None = Field(None, description="Price table JSON; default: data_dir/prices.json, else built-in.")
 
 
+class MetricsSettings(_Section):
+    enabled: bool = True
+    port: Annotated[int, Field(ge=0, le=65535)] = 9464
+    """Prometheus /metrics of the worker (0: pick a free port)."""
+    addr: str = "0.0.0.0"
+
+
 class AlertingSettings(_Section):
     enabled: bool = True
     rules_path: Path | None = Field(None, description="Rules and budgets YAML; default: the built-in rules.")
@@ -166,6 +173,7 @@ class Settings(BaseSettings):
     pricing: PricingSettings = Field(default_factory=PricingSettings)
     kafka: KafkaSettings = Field(default_factory=KafkaSettings)
     alerting: AlertingSettings = Field(default_factory=AlertingSettings)
+    metrics: MetricsSettings = Field(default_factory=MetricsSettings)
 
     @classmethod
     def settings_customise_sources(

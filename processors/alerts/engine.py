@@ -155,12 +155,12 @@ class AlertEngine:
         self.query_for = query_for
         self.states: dict[tuple[str, tuple[tuple[str, str], ...]], KeyState] = {}
 
-    def state(self, rule: Rule, scope: Mapping[str, str]) -> KeyState:
-        key = (rule.name, tuple(sorted(scope.items())))
-        st = self.states.get(key)
+    def state(self, rule: Rule, scope: Mapping[str, str], key: tuple[tuple[str, str], ...] | None = None) -> KeyState:
+        key_ = (rule.name, key if key is not None else tuple(sorted(scope.items())))
+        st = self.states.get(key_)
         if st is None:
             history_len = rule.spike.baseline if rule.spike else rule.absent.baseline if rule.absent else 1
-            st = self.states[key] = KeyState(history=deque(maxlen=history_len))
+            st = self.states[key_] = KeyState(history=deque(maxlen=history_len))
         return st
 
     def restore_firing(self, rule_name: str, scope: Mapping[str, str], since: float) -> None:
@@ -187,10 +187,25 @@ class AlertEngine:
         window_start: float,
         window_end: float,
         metrics: Mapping[str, float | None],
+        key: tuple[tuple[str, str], ...] | None = None,
     ) -> AlertEvent | None:
-        """Feed one closed window of one scope; returns the transition it caused, if any."""
-        st = self.state(rule, scope)
+        """Feed one closed window of one scope; returns the transition it caused, if any.
+
+        ``key`` (the scope as sorted items) saves rebuilding it when the caller has it already.
+        """
         calls = int(metrics.get("calls") or 0)
+        if rule.absent is None and calls < rule.min_calls:
+            return None  # no evidence either way: not even worth looking up the state
+        if rule.spike is None and rule.absent is None:
+            # fast path for the common case: a threshold not crossed by a scope with nothing going on
+            value = metrics.get(rule.metric)
+            if value is None:
+                return None
+            if not ((rule.max is not None and value > rule.max) or (rule.min is not None and value < rule.min)):
+                existing = self.states.get((rule.name, key if key is not None else tuple(sorted(scope.items()))))
+                if existing is None or existing.state == "ok":
+                    return None
+        st = self.state(rule, scope, key)
         if rule.absent is not None:
             had = sum(c for c, _ in st.history)
             enough = len(st.history) >= 1 and had >= rule.absent.min_baseline_calls
@@ -199,7 +214,7 @@ class AlertEngine:
             st.history.append((float(calls), float(calls)))
             return self._step(rule, scope, st, verdict, float(calls), window_start, window_end, metrics)
         value = metrics.get(rule.metric)
-        if value is None or calls < rule.min_calls or (isinstance(value, float) and math.isnan(value)):
+        if value is None or (isinstance(value, float) and math.isnan(value)):
             return None  # no evidence either way
         verdict = judge(rule, value, st, calls)
         if rule.spike is not None and not verdict.breach:

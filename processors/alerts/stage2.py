@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 from processors.alerts.engine import AlertEngine
 from processors.alerts.events import AlertEvent
-from processors.windows import SCOPE_DIMS, WindowPartial
+from processors.windows import SCOPE_DIMS, SKETCH_METRICS, MetricView, WindowPartial
 from schemas.rules import Rule
 
 Dims = tuple[str, ...]
@@ -47,7 +47,7 @@ class Stage2:
     def add(
         self,
         dims: Dims,
-        partial: WindowPartial,
+        partial: WindowPartial,  # ownership passes to stage 2
         source: int,
         watermark: float | None = None,
         position: tuple[int, int] | None = None,
@@ -60,8 +60,9 @@ class Stage2:
         key = (dims, partial.key, partial.window_start)
         cell = self._cells.get(key)
         if cell is None:
-            cell = self._cells[key] = WindowPartial(partial.window_start, partial.window_s, partial.key)
-        cell.merge(partial)
+            self._cells[key] = partial  # stage 1 is done with it: adopted, not copied
+        else:
+            cell.merge(partial)
         if position is not None:
             lowest = self._positions.setdefault(key, {})
             part, offset = position
@@ -105,89 +106,153 @@ class Stage2:
         return cells, through
 
 
-def _project(cells: list[FinalCell], rule: Rule) -> dict[tuple[int, tuple[str, ...]], WindowPartial]:
-    """Cells onto the rule's scope: filter by ``where``, merge by ``by``, within each minute."""
-    dims = rule.scope.dims
+ScopeKey = tuple[tuple[str, ...], tuple[tuple[str, str], ...]]
+"""(group-by dimensions, where-filters): rules sharing it share one projection of the minutes."""
+
+
+Projected = dict[tuple[int, tuple[str, ...]], WindowPartial]
+"""(minute start, scope values) → the minute's merged partial."""
+
+
+def _project(
+    cells: list[FinalCell], by: tuple[str, ...], where: dict[str, str], sketches: tuple[bool, bool] = (True, True)
+) -> Projected:
+    """Cells onto a scope: filter by ``where``, merge by ``by``, within each minute."""
+    dims = tuple(d for d in SCOPE_DIMS if d in by or d in where)
     exact = [c for c in cells if c.dims == dims]
     source = exact or [c for c in cells if c.dims == SCOPE_DIMS]
-    by = rule.scope.by
-    where = rule.scope.where
-    out: dict[tuple[int, tuple[str, ...]], WindowPartial] = {}
+    out: Projected = {}
+    owned: set[tuple[int, tuple[str, ...]]] = set()
+    index = {d: i for i, d in enumerate(source[0].dims)} if source else {}
+    by_i = [index[d] for d in by]
+    where_i = [(index[d], v) for d, v in where.items()]
     for c in source:
-        labels = dict(zip(c.dims, c.values, strict=True))
-        if any(labels.get(d) != v for d, v in where.items()):
+        vals = c.values
+        if any(vals[i] != v for i, v in where_i):
             continue
-        values = tuple(labels[d] for d in by)
+        values = tuple(vals[i] for i in by_i)
         k = (c.partial.window_start, values)
         acc = out.get(k)
         if acc is None:
-            acc = out[k] = WindowPartial(c.partial.window_start, c.partial.window_s, values)
-        acc.merge(c.partial)
+            out[k] = c.partial  # shared until a second cell lands on the same key (copy on write)
+        else:
+            if k not in owned:
+                acc = out[k] = acc.copy(values, *sketches)
+                owned.add(k)
+            acc.merge(c.partial, *sketches)
     return out
 
 
+class _Group:
+    """Rules with the same scope and window: one set of window accumulators, evaluated together."""
+
+    def __init__(self, by: tuple[str, ...], where: dict[str, str], window: int) -> None:
+        self.by, self.where, self.window = by, where, window
+        self.rules: list[Rule] = []
+        self.open: dict[int, dict[tuple[str, ...], WindowPartial]] = {}
+        self.seen: dict[tuple[str, ...], int] = {}
+        """Scope values → the last window they had calls in (absence needs the silent ones)."""
+        self.done: int | None = None
+        """The end of the last evaluated window."""
+        self.owned: set[tuple[int, tuple[str, ...]]] = set()
+        """Accumulators this group created (the others still share a projected minute)."""
+
+    @property
+    def watches_absence(self) -> bool:
+        return any(r.absent is not None for r in self.rules)
+
+    @property
+    def sketches(self) -> tuple[bool, bool]:
+        """Whether any rule of the group reads a latency / a TTFT percentile."""
+        kinds = {SKETCH_METRICS.get(r.metric) for r in self.rules}
+        return "latency" in kinds, "ttft" in kinds
+
+
 class RuleWindows:
-    """Groups final minutes into each rule's windows and evaluates a window once it is complete."""
+    """Groups final minutes into each rule's windows and evaluates a window once it is complete.
+
+    Rules that share a scope and a window share the work: the minutes are projected once per
+    scope, accumulated once per window, and each window's metrics are computed once, lazily,
+    whatever number of rules read them.
+    """
 
     def __init__(self, engine: AlertEngine, *, forget_after_windows: int = 48) -> None:
         self.engine = engine
-        self._open: dict[tuple[str, int], dict[tuple[str, ...], WindowPartial]] = {}
-        self._seen: dict[str, dict[tuple[str, ...], int]] = {}
-        """Per rule: scope values → last window start they had calls (absence needs the silent ones)."""
         self._forget = forget_after_windows
-        self._done: dict[str, int] = {}
-        """Per rule: the end of the last evaluated window."""
+        self._groups: dict[tuple[ScopeKey, int], _Group] = {}
+        for rule in engine.rules.values():
+            key = ((tuple(rule.scope.by), tuple(sorted(rule.scope.where.items()))), int(rule.window))
+            group = self._groups.get(key)
+            if group is None:
+                group = self._groups[key] = _Group(tuple(rule.scope.by), dict(rule.scope.where), int(rule.window))
+            group.rules.append(rule)
+        self._scope_sketches: dict[ScopeKey, tuple[bool, bool]] = {}
+        for (scope_key, _), group in self._groups.items():
+            had = self._scope_sketches.get(scope_key, (False, False))
+            needs = group.sketches
+            self._scope_sketches[scope_key] = (had[0] or needs[0], had[1] or needs[1])
         self.evaluated_windows = 0
         self.late_windows = 0
 
     def resume_after(self, through: float) -> None:
         """After a restart: windows ending by ``through`` were evaluated by the previous run."""
-        for rule in self.engine.rules.values():
-            w = int(rule.window)
-            self._done[rule.name] = int(through) - int(through) % w
+        for group in self._groups.values():
+            group.done = int(through) - int(through) % group.window
 
     def feed(self, cells: list[FinalCell], through: float) -> list[AlertEvent]:
+        projections: dict[ScopeKey, Projected] = {}
         events: list[AlertEvent] = []
-        for rule in self.engine.rules.values():
-            w = int(rule.window)
-            for (minute, values), partial in _project(cells, rule).items():
+        for (scope_key, w), group in self._groups.items():
+            projected = projections.get(scope_key)
+            if projected is None:
+                needs = self._scope_sketches[scope_key]
+                projected = projections[scope_key] = _project(cells, group.by, group.where, needs) if cells else {}
+            sketches = group.sketches
+            for (minute, values), partial in projected.items():
                 start = minute - minute % w
-                bucket = self._open.setdefault((rule.name, start), {})
+                bucket = group.open.setdefault(start, {})
                 acc = bucket.get(values)
                 if acc is None:
-                    acc = bucket[values] = WindowPartial(start, w, values)
-                acc.merge(partial)
-            events.extend(self._close(rule, through))
+                    bucket[values] = partial  # shared (read-only) until the window's next minute
+                else:
+                    if (start, values) not in group.owned:
+                        acc = bucket[values] = acc.copy(values, *sketches)
+                        group.owned.add((start, values))
+                    acc.merge(partial, *sketches)
+            events.extend(self._close(group, through))
         return events
 
-    def _close(self, rule: Rule, through: float) -> list[AlertEvent]:
-        w = int(rule.window)
-        done = self._done.get(rule.name)
-        starts = {s for (name, s) in self._open if name == rule.name and s + w <= through}
-        if rule.absent is not None and done is not None and math.isfinite(through):
+    def _close(self, group: _Group, through: float) -> list[AlertEvent]:
+        w = group.window
+        starts = {s for s in group.open if s + w <= through}
+        if group.watches_absence and group.done is not None and math.isfinite(through):
             # time passed even where nothing arrived: silent scopes still get their (empty) windows
-            starts.update(range(done, int(through) - w + 1, w))
+            starts.update(range(group.done, int(through) - w + 1, w))
         events: list[AlertEvent] = []
-        seen = self._seen.setdefault(rule.name, {})
+        seen = group.seen
         for start in sorted(starts):
-            bucket = self._open.pop((rule.name, start), {})
-            if done is not None and start < done:
+            bucket = group.open.pop(start, {})
+            group.owned = {k for k in group.owned if k[0] != start}
+            if group.done is not None and start < group.done:
                 self.late_windows += 1  # a window already evaluated: do not evaluate it twice
                 continue
-            if rule.absent is not None:
+            if group.watches_absence:
                 for values, last in seen.items():
                     if values not in bucket and start > last:
                         bucket[values] = WindowPartial(start, w, values)  # a scope that went silent
             for values, partial in sorted(bucket.items()):
-                scope = dict(zip(rule.scope.by, values, strict=True))
-                event = self.engine.evaluate(rule, scope, start, start + w, partial.metrics())
-                self.evaluated_windows += 1
+                scope = dict(zip(group.by, values, strict=True))
+                key = tuple(sorted(scope.items()))
+                view = MetricView(partial)
+                for rule in group.rules:
+                    event = self.engine.evaluate(rule, scope, start, start + w, view, key)
+                    self.evaluated_windows += 1
+                    if event is not None:
+                        events.append(event)
                 if partial.calls:
                     seen[values] = start
-                if event is not None:
-                    events.append(event)
             for values, last in list(seen.items()):
                 if start - last > self._forget * w:
                     del seen[values]
-            done = self._done[rule.name] = start + w
+            group.done = start + w
         return events

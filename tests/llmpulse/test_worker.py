@@ -356,3 +356,89 @@ def test_sdk_to_kafka_to_worker_to_clickhouse(tmp_path: Path, topics: Any) -> No
         "team": "payments",
         "with_ttft": 1,
     }
+
+
+class Receiver:
+    """Someone else's webhook endpoint: records what it is sent."""
+
+    def __init__(self) -> None:
+        import http.server
+
+        received = self.received = []
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_POST(self) -> None:
+                body = self.rfile.read(int(self.headers["Content-Length"]))
+                received.append((time.time(), orjson.loads(body)))
+                self.send_response(200)
+                self.end_headers()
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_port}/hook"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self) -> None:
+        self.server.shutdown()
+
+
+def test_worker_alerts_reach_the_webhook_once_and_metrics_are_served(tmp_path: Path, topics: Any) -> None:
+    import urllib.request
+
+    receiver = Receiver()
+    rules = tmp_path / "rules.yaml"
+    rules.write_text(
+        "rules:\n"
+        "  - {name: refusals-high, metric: refusal_rate, scope: [model], window: 1m, max: 0.2, min_calls: 10,"
+        " severity: critical, runbook_url: https://runbooks.example/refusals}\n"
+    )
+    cfg = write_config(
+        tmp_path / "w.yaml", topics,
+        pipeline={"batch_max_seconds": "100ms", "allowed_lateness": "2s", "idle_timeout": "2s"},
+        alerting={"rules_path": str(rules), "channels": {"hook": {"type": "webhook", "url": receiver.url}}},
+    )  # fmt: skip
+    now = time.time()
+    start = now - now % 60 - 180  # three whole minutes in the past
+    calls = [
+        (f"f{i % 4}".encode(), orjson.dumps(call(event_id=f"a{i}", feature=f"f{i % 4}", model="gpt-4o",
+                                                 ts=iso(start + i * 0.5), refusal=i % 3 == 0)))
+        for i in range(240)
+    ]  # fmt: skip
+    asyncio.run(produce(topics, topics.topics.calls, calls))
+    worker = Worker(cfg, tmp_path / "data", tmp_path / "w.log").start()
+    try:
+        worker.wait_ready(120)
+        wait_caught_up(topics, topics.topics.calls, workers=[worker])
+        deadline = time.time() + 60
+        while not receiver.received and time.time() < deadline:
+            time.sleep(0.2)
+        metrics = urllib.request.urlopen(worker.metrics_url(), timeout=10).read().decode()
+    finally:
+        assert worker.stop() == 0
+    firing = [body for _, body in receiver.received if body["state"] == "firing"]
+    assert len(firing) == 1, receiver.received
+    alert = firing[0]
+    assert alert["rule"] == "refusals-high" and alert["scope"] == {"model": "gpt-4o"}
+    assert alert["value"] == pytest.approx(1 / 3, abs=0.02)  # a third refused, across all four partitions
+    assert alert["runbook_url"] == "https://runbooks.example/refusals" and "llm_calls_1m" in alert["query"]
+    received_at = receiver.received[0][0]
+    assert received_at - alert["extra"]["evaluated_at"] < 1.0  # window final in stage 2 → webhook
+    assert "llmpulse_events_accepted_total 240.0" in metrics
+    assert 'gen_ai_client_token_usage_count{gen_ai_operation_name="chat",gen_ai_provider_name="openai"' in metrics
+    assert "gen_ai_client_operation_duration_seconds_bucket" in metrics
+    # a restart does not page again for the incident that is still firing
+    worker = Worker(cfg, tmp_path / "data", tmp_path / "w2.log").start()
+    try:
+        worker.wait_ready(120)
+        time.sleep(6)
+    finally:
+        worker.stop()
+    receiver.close()
+    assert [b["state"] for _, b in receiver.received] == ["firing"]
+    assert "restored 1 firing alert(s): refusals-high" in worker.log.read_text()
+    (row,) = query(worker.data_dir, "SELECT rule, state, scope FROM alerts")
+    assert row == {"rule": "refusals-high", "state": "firing", "scope": {"model": "gpt-4o"}}
+    on_topic = [orjson.loads(m.value) for m in asyncio.run(consume_all(topics, topics.topics.alerts))]
+    assert [(m["rule"], m["state"]) for m in on_topic] == [("refusals-high", "firing")]

@@ -22,7 +22,8 @@ ENV = {**{k: v for k, v in os.environ.items() if not k.startswith("LLMPULSE_")},
 
 
 def write_config(path: Path, kafka: KafkaSettings, **extra: Any) -> Path:
-    data = {"kafka": json.loads(kafka.model_dump_json(exclude_none=True)), **extra}
+    """A worker config; /metrics on a free port (workers of a test run side by side)."""
+    data = {"kafka": json.loads(kafka.model_dump_json(exclude_none=True)), "metrics": {"port": 0}, **extra}
     if kafka.sasl_password is not None:
         data["kafka"]["sasl_password"] = kafka.sasl_password.get_secret_value()
     path.write_text(yaml.safe_dump(data))
@@ -54,6 +55,13 @@ class Worker:
             if "llm.calls partitions assigned" in self.log.read_text(errors="replace"):
                 return
             time.sleep(0.1)
+
+    def metrics_url(self) -> str:
+        import re
+
+        found = re.search(r"metrics at http://[^:]+:(\d+)/metrics", self.log.read_text(errors="replace"))
+        assert found, "the worker did not log its metrics address"
+        return f"http://127.0.0.1:{found.group(1)}/metrics"
 
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 60) -> int:
         assert self.proc is not None

@@ -110,3 +110,17 @@ def test_idle_partition_closes_windows_by_wall_clock() -> None:
     assert agg.tick(now=1030.0, idle_timeout_s=60) == []  # not idle long enough
     closed = agg.tick(now=T0 + 300, idle_timeout_s=60)
     assert [p.calls for p in closed] == [1]
+
+
+def test_merge_adds_every_field() -> None:
+    from dataclasses import fields
+
+    a = WindowPartial(0, 60, ("k",))
+    b = WindowPartial(0, 60, ("k",))
+    numeric = [f.name for f in fields(WindowPartial) if f.type in ("int", "float") and f.name not in
+               ("window_start", "window_s", "partition")]  # fmt: skip
+    for i, name in enumerate(numeric, start=1):
+        setattr(b, name, i)
+    a.merge(b)
+    a.merge(b)
+    assert {name: getattr(a, name) for name in numeric} == {name: 2 * i for i, name in enumerate(numeric, start=1)}

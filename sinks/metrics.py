@@ -1,0 +1,184 @@
+"""Prometheus metrics: pipeline health, and LLM metrics under the OTel GenAI names.
+
+Two families:
+
+* ``llmpulse_*``: what an operator of the pipeline watches (events in, rejected, late,
+  duplicates, ClickHouse inserts and their errors, consumer lag, watermark delay, alerts);
+* the OTel GenAI client metrics as Prometheus exports them (``gen_ai.client.token.usage`` →
+  ``gen_ai_client_token_usage``, ``gen_ai.client.operation.duration`` →
+  ``gen_ai_client_operation_duration_seconds``, ``gen_ai.server.time_to_first_token`` →
+  ``gen_ai_server_time_to_first_token_seconds``) with the semconv bucket boundaries, so
+  dashboards built for OTel-instrumented services read llmpulse too.
+
+Labels are bounded: at most ``MAX_LABEL_VALUES`` models and features each are tracked, the rest
+fold into ``_other``, so one service sending garbage model names cannot blow up Prometheus.
+Histograms are filled per batch (values sorted once, buckets counted with bisect in C), not
+per event through the client library.
+"""
+
+from __future__ import annotations
+
+import threading
+from bisect import bisect_right
+from collections.abc import Iterable, Iterator, Sequence
+from typing import Any
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from prometheus_client.core import HistogramMetricFamily
+from prometheus_client.registry import Collector
+
+from processors.chain import ProcessedCalls
+from processors.records import StepCounters
+
+MAX_LABEL_VALUES = 50
+OTHER = "_other"
+
+TOKEN_BUCKETS = (1, 4, 16, 64, 256, 1024, 4096, 16384, 65536, 262144, 1048576, 4194304, 16777216, 67108864)
+DURATION_BUCKETS = (0.01, 0.02, 0.04, 0.08, 0.16, 0.32, 0.64, 1.28, 2.56, 5.12, 10.24, 20.48, 40.96, 81.92)
+TTFT_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0)
+"""Bucket boundaries from the OTel GenAI metrics semantic conventions."""
+
+
+class BoundedLabel:
+    """Keeps the first ``limit`` distinct values of a label; later ones report as ``_other``."""
+
+    def __init__(self, limit: int = MAX_LABEL_VALUES) -> None:
+        self.limit = limit
+        self._seen: set[str] = set()
+        self._lock = threading.Lock()
+
+    def __call__(self, value: str | None) -> str:
+        v = value or ""
+        if v in self._seen:
+            return v
+        with self._lock:
+            if len(self._seen) < self.limit:
+                self._seen.add(v)
+                return v
+        return OTHER
+
+
+class _BatchHistogram:
+    """Cumulative bucket counts per label set, filled a batch at a time."""
+
+    def __init__(self, name: str, doc: str, labels: Sequence[str], buckets: Sequence[float]) -> None:
+        self.name, self.doc, self.labels, self.buckets = name, doc, tuple(labels), tuple(buckets)
+        self._state: dict[tuple[str, ...], list[float]] = {}
+        """label values → [count per bucket..., +Inf count, sum]"""
+        self._lock = threading.Lock()
+
+    def observe_many(self, labels: tuple[str, ...], values: list[float]) -> None:
+        if not values:
+            return
+        values.sort()
+        counts = [bisect_right(values, b) for b in self.buckets]
+        total = sum(values)
+        with self._lock:
+            state = self._state.get(labels)
+            if state is None:
+                state = self._state[labels] = [0.0] * (len(self.buckets) + 2)
+            for i, c in enumerate(counts):
+                state[i] += c
+            state[-2] += len(values)
+            state[-1] += total
+
+    def collect(self) -> HistogramMetricFamily:
+        family = HistogramMetricFamily(self.name, self.doc, labels=list(self.labels))
+        with self._lock:
+            for labels, state in self._state.items():
+                buckets = [(str(b), state[i]) for i, b in enumerate(self.buckets)] + [("+Inf", state[-2])]
+                family.add_metric(list(labels), buckets, state[-1])
+        return family
+
+
+class _GenAICollector(Collector):
+    def __init__(self, histograms: Iterable[_BatchHistogram]) -> None:
+        self.histograms = list(histograms)
+
+    def collect(self) -> Iterator[HistogramMetricFamily]:
+        for h in self.histograms:
+            yield h.collect()
+
+
+class PipelineMetrics:
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry or CollectorRegistry()
+        r = self.registry
+        self.received = Counter("llmpulse_events_received", "Payloads read from a source", ["source"], registry=r)
+        self.accepted = Counter("llmpulse_events_accepted", "Events accepted into the pipeline", registry=r)
+        self.rejected = Counter("llmpulse_events_rejected", "Payloads sent to the DLQ, by JSON path", ["path"],
+                                registry=r)  # fmt: skip
+        self.duplicates = Counter("llmpulse_events_duplicate", "Re-sent events dropped by event id", registry=r)
+        self.late = Counter("llmpulse_events_late", "Events after their window closed (raw only)", registry=r)
+        self.price_missing = Counter("llmpulse_events_price_missing", "Calls of models without a price", registry=r)
+        self.batch_seconds = Histogram(
+            "llmpulse_batch_duration_seconds", "Processing time of one batch", registry=r,
+            buckets=(0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
+        )  # fmt: skip
+        self.inserts = Counter("llmpulse_clickhouse_inserts", "Insert blocks written", registry=r)
+        self.rows = Counter("llmpulse_clickhouse_rows", "Rows written to ClickHouse", registry=r)
+        self.insert_errors = Counter("llmpulse_clickhouse_insert_errors", "Inserts that failed after retries",
+                                     registry=r)  # fmt: skip
+        self.lag = Gauge("llmpulse_kafka_consumer_lag", "Messages not yet committed", ["partition"], registry=r)
+        self.watermark_delay = Gauge(
+            "llmpulse_watermark_delay_seconds", "Wall clock minus the partition's watermark", ["partition"], registry=r
+        )
+        self.alerts = Counter("llmpulse_alerts", "Alert state changes", ["rule", "state", "severity"], registry=r)
+        self.dropped = Counter("llmpulse_dropped", "Things dropped on purpose (counted, never silent)", ["what"],
+                               registry=r)  # fmt: skip
+        self._path = BoundedLabel(100)
+        self._rule = BoundedLabel(200)
+        self.model = BoundedLabel()
+        self.feature = BoundedLabel()
+        gen_ai_labels = ("gen_ai_operation_name", "gen_ai_provider_name", "gen_ai_request_model", "llmpulse_feature")
+        self.tokens = _BatchHistogram(
+            "gen_ai_client_token_usage", "Tokens used per call (OTel gen_ai.client.token.usage)",
+            (*gen_ai_labels, "gen_ai_token_type"), TOKEN_BUCKETS,
+        )  # fmt: skip
+        self.duration = _BatchHistogram(
+            "gen_ai_client_operation_duration_seconds", "Call duration (OTel gen_ai.client.operation.duration)",
+            gen_ai_labels, DURATION_BUCKETS,
+        )  # fmt: skip
+        self.ttft = _BatchHistogram(
+            "gen_ai_server_time_to_first_token_seconds", "Time to first token (OTel gen_ai.server.time_to_first_token)",
+            gen_ai_labels, TTFT_BUCKETS,
+        )  # fmt: skip
+        r.register(_GenAICollector([self.tokens, self.duration, self.ttft]))
+
+    def observe(self, batch: ProcessedCalls, seconds: float) -> None:
+        """Once per processed batch: counters, then the GenAI histograms grouped per label set."""
+        self.count(batch.counters, batch.source.kind)
+        for d in batch.dead:
+            self.rejected.labels(self._path(d.path)).inc()
+        self.batch_seconds.observe(seconds)
+        groups: dict[tuple[str, ...], tuple[list[float], list[float], list[float], list[float]]] = {}
+        model, feature = self.model, self.feature
+        for e in batch.events:
+            key = ("chat", e.provider or "", model(e.model), feature(e.feature))
+            g = groups.get(key)
+            if g is None:
+                g = groups[key] = ([], [], [], [])
+            g[0].append(e.input_tokens)
+            g[1].append(e.output_tokens)
+            g[2].append(e.latency_ms / 1000)
+            if e.ttft_ms is not None:
+                g[3].append(e.ttft_ms / 1000)
+        for key, (inp, out, lat, ttft) in groups.items():
+            self.tokens.observe_many((*key, "input"), inp)
+            self.tokens.observe_many((*key, "output"), out)
+            self.duration.observe_many(key, lat)
+            self.ttft.observe_many(key, ttft)
+
+    def count(self, c: StepCounters, source: str) -> None:
+        self.received.labels(source).inc(c.received)
+        self.accepted.inc(c.accepted)
+        self.duplicates.inc(c.duplicates)
+        self.late.inc(c.late)
+        self.price_missing.inc(c.price_missing)
+
+    def alert(self, rule: str, state: str, severity: str) -> None:
+        self.alerts.labels(self._rule(rule), state, severity).inc()
+
+    def serve(self, port: int, addr: str = "0.0.0.0") -> Any:
+        """``/metrics`` on its own small HTTP thread (prometheus_client's server)."""
+        return start_http_server(port, addr=addr, registry=self.registry)
