@@ -41,7 +41,7 @@ def query(data_dir: Path, sql: str) -> list[dict[str, Any]]:
 @pytest.fixture(scope="module")
 def demo_dir(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, Any]]:
     data = tmp_path_factory.mktemp("demo")
-    proc = llmpulse("demo", "--events", "40000", "--days", "7", "--seed", "3", "--data-dir", str(data), "--json")
+    proc = llmpulse("demo", "--events", "200000", "--days", "7", "--seed", "3", "--data-dir", str(data), "--json")
     return data, json.loads(proc.stdout)
 
 
@@ -51,7 +51,7 @@ def test_demo_json_summary(demo_dir: tuple[Path, dict[str, Any]]) -> None:
                 "judge_samples", "events_per_second"):  # fmt: skip
         assert key in s
     assert s["events"] + s["dlq"] + s["duplicates"] == s["received"]
-    assert s["events"] > 39_000 and s["dlq"] > 0 and s["judge_samples"] > 0
+    assert s["events"] > 199_000 and s["dlq"] > 0 and s["judge_samples"] > 0
     assert len(s["cost_by_feature"]) >= 5 and len(s["cost_by_team"]) >= 3
     assert set(s["latency_ms_by_feature"]["support-chat"]) == {"p50", "p95", "p99"}
     lat = s["latency_ms_by_feature"]["support-chat"]
@@ -190,3 +190,15 @@ def test_prices_import_and_show(tmp_path: Path) -> None:
     assert row == {"cost_usd": 2.0, "price_version": "2026-11-acme", "price_missing": False}
     missing = llmpulse("prices", "show", "nobody-model", "--data-dir", str(data), check=False)
     assert missing.returncode == 1 and "price_missing" in missing.stderr
+
+
+def test_demo_fires_the_cost_spike_and_the_refusal_regression(demo_dir: tuple[Path, dict[str, Any]]) -> None:
+    data, s = demo_dir
+    firing = {(a["rule"], tuple(a["scope"].items())) for a in s["alerts"] if a["state"] == "firing"}
+    assert ("cost-spike", (("feature", "search-summarize"),)) in firing
+    assert ("refusal-regression", (("model", "claude-haiku-4-5"),)) in firing
+    prompt_change = s["incidents"]["prompt_change"]["at"]
+    cost = next(a for a in s["alerts"] if a["rule"] == "cost-spike" and a["state"] == "firing")
+    assert cost["at"] > prompt_change  # after the change, not before
+    stored = query(data, "SELECT count() n FROM alerts WHERE state = 'firing'")[0]["n"]
+    assert stored == sum(1 for a in s["alerts"] if a["state"] == "firing")

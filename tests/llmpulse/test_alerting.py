@@ -1,0 +1,99 @@
+"""Alerting wired to the real ClickHouse engine: delivery, restart, budgets, and the backtest."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import orjson
+
+from llmpulse.alerting import AlertPipeline
+from llmpulse.backtest import backtest
+from llmpulse.runtime import EmbeddedRuntime
+from processors.records import Source
+from schemas.channels import WebhookChannelConfig
+from schemas.rules import parse_rules
+from sinks.alert_store import AlertStore
+from tests.conftest import batch, call, iso
+from tests.llmpulse.test_worker import Receiver
+
+RULES = {
+    "rules": [
+        {"name": "errors-high", "metric": "error_rate", "scope": ["model"], "window": "5m", "max": 0.25,
+         "min_calls": 20, "severity": "critical", "runbook_url": "https://runbooks.example/errors"},
+    ],
+    "budgets": [{"name": "cx-daily", "scope": {"team": "cx"}, "period": "day", "limit_usd": 1.0,
+                 "warn_at": [0.5, 1.0]}],
+}  # fmt: skip
+
+
+def traffic(start: float, minutes: int, error_every: int | None, prefix: str) -> list[bytes]:
+    """30 calls a minute of gpt-4o (1,000 in / 200 out: $0.0045 each), failing 1 in ``error_every``."""
+    out = []
+    for m in range(minutes):
+        for i in range(30):
+            failed = error_every is not None and i % error_every == 0
+            out.append(orjson.dumps(call(event_id=f"{prefix}-{m}-{i}", ts=iso(start + m * 60 + i),
+                                         status="error" if failed else "ok")))  # fmt: skip
+    return out
+
+
+def run(settings: Any, conn: Any, payloads: list[bytes], alerts: AlertPipeline, now: float) -> None:
+    runtime = EmbeddedRuntime(settings, conn, alerts=alerts)
+    runtime.ingest(batch(payloads, Source("test", "alerting"), digest=str(now)), now=now, mixed=False)
+    runtime.finish()
+    runtime.close()
+
+
+def test_alert_delivery_restart_and_budget_on_the_real_engine(settings: Any, conn: Any) -> None:
+    receiver = Receiver()
+    hook = WebhookChannelConfig(name="hook", type="webhook", url=receiver.url)
+    rules = parse_rules(RULES, "test")
+    now = time.time()
+    start = now - now % 300 - 3600  # an hour ago, on a 5-minute boundary
+    alerts = AlertPipeline(settings, conn, rules=rules, channels=[hook])
+    # 10 healthy minutes, then 10 minutes where 1 in 2 calls fail
+    run(settings, conn, traffic(start, 10, None, "ok") + traffic(start + 600, 10, 2, "bad"), alerts, now)
+    alerts.close()
+    deadline = time.time() + 10
+    while not receiver.received and time.time() < deadline:
+        time.sleep(0.05)
+    kinds = [(b["rule"], b["state"]) for _, b in receiver.received]
+    assert kinds.count(("errors-high", "firing")) == 1
+    fired = next(b for _, b in receiver.received if b["rule"] == "errors-high")
+    assert fired["scope"] == {"model": "gpt-4o"} and fired["value"] == 0.5
+    assert fired["window_start"].startswith(iso(start + 600)[:16])  # the first bad window
+    # budget: 600 calls × $0.0045 = $2.70 ≥ 100% of $1 — both thresholds announced once
+    budget = sorted(b["extra"]["threshold"] for _, b in receiver.received if b["rule"] == "cx-daily")
+    assert budget == [0.5, 1.0]
+    stored = conn.client.query("SELECT rule, state FROM alerts ORDER BY rule").result_rows
+    assert stored == [("cx-daily", "firing"), ("cx-daily", "firing"), ("errors-high", "firing")]
+
+    # a restart: the incident is restored (not paged again) and the budget knows what it announced
+    restarted = AlertPipeline(settings, conn, rules=rules, channels=[hook])
+    firing = restarted.restore(now=now)
+    assert [e.rule for e in firing] == ["errors-high"]
+    more = traffic(start + 1200, 10, 2, "more")
+    run(settings, conn, more, restarted, now)
+    restarted.close()
+    time.sleep(0.5)
+    receiver.close()
+    assert [(b["rule"], b["state"]) for _, b in receiver.received].count(("errors-high", "firing")) == 1
+    assert len([b for _, b in receiver.received if b["rule"] == "cx-daily"]) == 2
+
+
+def test_backtest_finds_what_the_stream_found(settings: Any, conn: Any) -> None:
+    rules = parse_rules({"rules": RULES["rules"]}, "test")
+    now = time.time()
+    start = now - now % 300 - 7200
+    alerts = AlertPipeline(settings, conn, rules=rules, channels=[])
+    payloads = traffic(start, 15, None, "a") + traffic(start + 900, 15, 2, "b") + traffic(start + 1800, 15, None, "c")
+    run(settings, conn, payloads, alerts, now)
+    alerts.close()
+    streamed = [(e.state, e.window_end.timestamp()) for e in alerts.delivered]
+    result = backtest(AlertStore(conn), rules, start, start + 2700)
+    replayed = [
+        (i.fired_at.timestamp(), i.resolved_at.timestamp() if i.resolved_at else None) for i in result.incidents
+    ]
+    assert streamed == [("firing", start + 1200), ("resolved", start + 2100)]
+    assert replayed == [(start + 1200, start + 2100)]
