@@ -31,6 +31,9 @@ from sinks.queries.metrics import metric_over_time
 
 log = logging.getLogger("llmpulse.alerting")
 
+QUALITY_SOURCE = -2
+"""Stage-2 source id of quality partials (they carry no watermark)."""
+
 
 def rules_for(settings: Settings, path: Path | None = None) -> RulesFile:
     chosen = path or settings.alerting.rules_path
@@ -129,6 +132,11 @@ class AlertPipeline:
             self.stage2.add(SCOPE_DIMS, p, source, None)
         self.stage2.heartbeat(source, watermark)
         return self.evaluate()
+
+    def add_quality(self, partials: list[WindowPartial]) -> None:
+        """Judge scores and feedback, windowed by arrival: they add to scopes, never move watermarks."""
+        for p in partials:
+            self.stage2.add(SCOPE_DIMS, p, QUALITY_SOURCE, None)
 
     def evaluate(self) -> list[AlertEvent]:
         cells, through = self.stage2.release()

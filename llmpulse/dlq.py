@@ -56,10 +56,11 @@ def replay_into_clickhouse(runtime: EmbeddedRuntime, letters: list[dict[str, Any
     ids = [str(r["dlq_id"]) for r in letters]
     digest = xxhash.xxh3_128_hexdigest("\n".join(ids).encode())
     batch = PayloadBatch(REPLAY_SOURCE, [bytes(r["raw"]) for r in letters], list(range(len(letters))), digest=digest)
-    calls, feedback = split_by_kind(batch)
+    kinds = split_by_kind(batch)
+    calls, feedback = kinds.get("call"), kinds.get("feedback")
     now = time.time()
     results: list[tuple[str, str, str]] = []
-    if calls.payloads:
+    if calls is not None:
         processed = runtime.calls.process(calls, now)
         rejected = {d.offset: d.reason for d in processed.dead}
         processed.dead = []  # still-bad letters stay in the DLQ once; their new reason goes to dlq_replays
@@ -67,7 +68,7 @@ def replay_into_clickhouse(runtime: EmbeddedRuntime, letters: list[dict[str, Any
             runtime.writer.add_calls(processed)
         for offset in calls.offsets:
             results.append((ids[offset], "rejected" if offset in rejected else "accepted", rejected.get(offset, "")))
-    if feedback.payloads:
+    if feedback is not None:
         processed_fb = runtime.feedback.process(feedback, now)
         rejected = {d.offset: d.reason for d in processed_fb.dead}
         processed_fb.dead = []

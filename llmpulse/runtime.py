@@ -15,13 +15,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from processors.chain import CallPipeline, FeedbackPipeline, PipelineOptions
+from processors.chain import CallPipeline, FeedbackPipeline, JudgeResultPipeline, PipelineOptions
+from processors.quality import feedback_partials, judge_partials, thumbs_down_requests
 from processors.records import PayloadBatch, StepCounters
 from processors.validate import ValidationLimits, split_by_kind
 from processors.windows import WindowPartial
 from schemas.config import Settings
 from schemas.prices import PriceTable, builtin_price_table, load_price_table
-from sinks.batching import BufferedWriter
+from sinks.batching import Block, BufferedWriter
 from sinks.clickhouse import ClickHouseSink, Connection, RetryPolicy, connect
 from sinks.migrations import migrate
 
@@ -91,6 +92,7 @@ class RuntimeStats:
     batches: int = 0
     process_s: float = 0.0
     partials: int = 0
+    flagged_for_judge: int = 0
 
 
 class EmbeddedRuntime:
@@ -106,8 +108,14 @@ class EmbeddedRuntime:
         self.prices = prices or price_table(settings)
         self.calls = CallPipeline(self.prices, pipeline_options(settings))
         self.feedback = FeedbackPipeline(validation_limits(settings))
+        self.judge_results = JudgeResultPipeline(validation_limits(settings))
         self.sink = ClickHouseSink(conn, RetryPolicy(retries=settings.pipeline.insert_retries))
-        self.writer = BufferedWriter(self.sink, settings.pipeline.batch_max_events, settings.pipeline.batch_max_seconds)
+        self.writer = BufferedWriter(
+            self.sink,
+            settings.pipeline.batch_max_events,
+            settings.pipeline.batch_max_seconds,
+            on_written=self._after_write,
+        )
         self.alerts = alerts
         self.stats = RuntimeStats()
         tune_gc()
@@ -116,16 +124,23 @@ class EmbeddedRuntime:
         """Process one batch of payloads; ``mixed`` routes feedback events by their ``kind``."""
         now = time.time() if now is None else now
         started = time.perf_counter()
-        calls, feedback = split_by_kind(batch) if mixed else (batch, None)
-        if calls.payloads:
+        kinds = split_by_kind(batch) if mixed else {"call": batch}
+        calls = kinds.get("call")
+        if calls is not None:
             processed = self.calls.process(calls, now)
             self.stats.counters.add(processed.counters)
             self.writer.add_calls(processed)
             self._emit(processed.partials, self.calls.windows.watermark)
-        if feedback is not None and feedback.payloads:
+        feedback = kinds.get("feedback")
+        if feedback is not None:
             done = self.feedback.process(feedback, now)
             self.stats.counters.add(done.counters)
             self.writer.add_feedback(done)
+        results = kinds.get("judge_result")
+        if results is not None:
+            scored = self.judge_results.process(results, now)
+            self.stats.counters.add(scored.counters)
+            self.writer.add_judge_results(scored)
         self.stats.batches += 1
         self.stats.process_s += time.perf_counter() - started
 
@@ -134,6 +149,20 @@ class EmbeddedRuntime:
         self.stats.partials += len(partials)
         if self.alerts is not None and math.isfinite(watermark):
             self.alerts.on_partials(partials, self.calls.windows.partition, watermark)
+
+    def _after_write(self, block: Block) -> None:
+        """Once calls, feedback and scores are durable: flagged calls go to the judge, and verdicts
+        count toward their calls' scopes (eval score and thumbs-down rules)."""
+        flagged = [r for b in block.feedback for r in thumbs_down_requests(b.events)]
+        if flagged:
+            self.stats.flagged_for_judge += self.sink.sample_flagged(flagged)
+        if self.alerts is None:
+            return
+        w = self.calls.windows.window_s
+        quality = [p for b in block.feedback for p in feedback_partials(b.events, b.lineage, w)]
+        quality += [p for b in block.judge_results for p in judge_partials(b.events, b.lineage, w)]
+        if quality:
+            self.alerts.add_quality(quality)
 
     def tick(self) -> None:
         """Time-based duties between batches: start writing a due buffer."""

@@ -15,13 +15,14 @@ import xxhash
 from processors.content import ContentPolicy
 from processors.dedup import DropDuplicateEvents
 from processors.pricing import CostAttribution, Costs
+from processors.quality import Lineage
 from processors.records import DeadLetter, PayloadBatch, Source, StepCounters
 from processors.release import ReleaseFingerprint
 from processors.sampling import JudgeSample, JudgeSampler
-from processors.validate import ValidationLimits, decode_calls, decode_feedback
+from processors.validate import ValidationLimits, decode_calls, decode_feedback, decode_judge_results
 from processors.windows import WindowAggregator, WindowPartial
 from schemas.prices import PriceTable
-from schemas.wire import WireCall, WireFeedback
+from schemas.wire import WireCall, WireFeedback, WireJudgeResult
 
 
 @dataclass(slots=True)
@@ -61,6 +62,8 @@ class ProcessedFeedback:
     dead: list[DeadLetter]
     counters: StepCounters = field(default_factory=StepCounters)
     block_id: str = ""
+    lineage: dict[str, Lineage] = field(default_factory=dict)
+    """Filled by the sink when it looked the calls up (so the runtime need not ask twice)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -131,6 +134,42 @@ class CallPipeline:
 
     def flush_windows(self) -> list[WindowPartial]:
         return self.windows.flush()
+
+
+def judge_result_id(r: WireJudgeResult) -> str:
+    """The same verdict re-published dedupes: one score per (request, rubric, judge)."""
+    return xxhash.xxh3_128_hexdigest(f"{r.request_id}\x1f{r.rubric}\x1f{r.judge_model}".encode())
+
+
+@dataclass(slots=True)
+class ProcessedJudgeResults:
+    source: Source
+    events: list[WireJudgeResult]
+    offsets: list[int]
+    dead: list[DeadLetter]
+    counters: StepCounters = field(default_factory=StepCounters)
+    block_id: str = ""
+    lineage: dict[str, Lineage] = field(default_factory=dict)
+    """Filled by the sink when it looked the calls up (so the runtime need not ask twice)."""
+
+
+class JudgeResultPipeline:
+    def __init__(self, limits: ValidationLimits | None = None, dedup_capacity: int = 200_000) -> None:
+        self.decode = decode_judge_results(limits or ValidationLimits())
+        self.dedup = DropDuplicateEvents(dedup_capacity)
+
+    def process(self, batch: PayloadBatch, now: float) -> ProcessedJudgeResults:
+        decoded = self.decode(batch, now)
+        for r in decoded.events:
+            if r.event_id is None:
+                r.event_id = judge_result_id(r)
+        duplicates = self.dedup(decoded)
+        counters = StepCounters(
+            received=len(batch), accepted=len(decoded.events), rejected=len(decoded.dead), duplicates=duplicates
+        )
+        return ProcessedJudgeResults(
+            batch.source, decoded.events, decoded.offsets, decoded.dead, counters, batch.block_id
+        )
 
 
 def feedback_id(e: WireFeedback) -> str:

@@ -13,9 +13,9 @@ from typing import TypeVar
 import xxhash
 
 from processors.validate import Decoded
-from schemas.wire import WireCall, WireFeedback
+from schemas.wire import WireCall, WireFeedback, WireJudgeResult
 
-T = TypeVar("T", WireCall, WireFeedback)
+T = TypeVar("T", WireCall, WireFeedback, WireJudgeResult)
 
 
 class DropDuplicateEvents:

@@ -23,15 +23,18 @@ from schemas import limits
 from schemas.wire import (
     CALL_FIELDS,
     FEEDBACK_FIELDS,
+    JUDGE_RESULT_FIELDS,
     PARAM_FIELDS,
     AttributeValue,
     LenientCall,
     LenientFeedback,
+    LenientJudgeResult,
     WireCall,
     WireFeedback,
+    WireJudgeResult,
 )
 
-T = TypeVar("T", WireCall, WireFeedback)
+T = TypeVar("T", WireCall, WireFeedback, WireJudgeResult)
 
 _AT_PATH = re.compile(r" - at `(\$[^`]*)`$")
 _UNKNOWN = "Object contains unknown field"
@@ -259,20 +262,35 @@ def decode_feedback(bounds: ValidationLimits) -> DecodeEvents[WireFeedback]:
     return DecodeEvents(WireFeedback, LenientFeedback, FEEDBACK_FIELDS, "feedback", bounds, _check_feedback)
 
 
+def decode_judge_results(bounds: ValidationLimits) -> DecodeEvents[WireJudgeResult]:
+    return DecodeEvents(WireJudgeResult, LenientJudgeResult, JUDGE_RESULT_FIELDS, "judge_result", bounds)
+
+
+KINDS = ("call", "feedback", "judge_result")
+
+
 def kind_of(raw: bytes) -> str:
     """Route a payload of a mixed stream (HTTP, file replay) by its ``kind`` field; calls by default.
 
-    A substring test instead of a parse: both kinds are decoded fully right after, and a
-    payload that lies about its kind fails that decode with a proper reason.
+    A substring test instead of a parse: every kind is decoded fully right after, and a payload
+    that lies about its kind fails that decode with a proper reason.
     """
-    return "feedback" if b'"kind":"feedback"' in raw or b'"kind": "feedback"' in raw else "call"
+    if b'"kind"' not in raw:
+        return "call"
+    for kind in ("feedback", "judge_result"):
+        if f'"kind":"{kind}"'.encode() in raw or f'"kind": "{kind}"'.encode() in raw:
+            return kind
+    return "call"
 
 
-def split_by_kind(batch: PayloadBatch) -> tuple[PayloadBatch, PayloadBatch]:
-    calls = PayloadBatch(batch.source, [], [])
-    feedback = PayloadBatch(batch.source, [], [])
+def split_by_kind(batch: PayloadBatch) -> dict[str, PayloadBatch]:
+    """One batch per kind present, each keeping the original offsets and block identity."""
+    out: dict[str, PayloadBatch] = {}
     for raw, offset in zip(batch.payloads, batch.offsets, strict=True):
-        target = feedback if kind_of(raw) == "feedback" else calls
+        kind = kind_of(raw)
+        target = out.get(kind)
+        if target is None:
+            target = out[kind] = PayloadBatch(batch.source, [], [], batch.digest, batch.end_offset)
         target.payloads.append(raw)
         target.offsets.append(offset)
-    return calls, feedback
+    return out

@@ -41,8 +41,13 @@ _COUNTS = (
     "schema_checked",
     "schema_valid",
     "tool_call_calls",
+    "eval_count",
+    "feedback_count",
+    "thumbs_up",
+    "thumbs_down",
+    "rated",
 )
-_SUMS = ("cost_usd", "latency_ms_sum", "ttft_ms_sum")
+_SUMS = ("cost_usd", "latency_ms_sum", "ttft_ms_sum", "eval_sum", "eval_sumsq", "rating_sum")
 
 
 @dataclass(slots=True)
@@ -71,6 +76,15 @@ class WindowPartial:
     cost_usd: float = 0.0
     latency_ms_sum: float = 0.0
     ttft_ms_sum: float = 0.0
+    eval_count: int = 0
+    """Judge scores that arrived in the window (quality partials; calls stay 0 there)."""
+    eval_sum: float = 0.0
+    eval_sumsq: float = 0.0
+    feedback_count: int = 0
+    thumbs_up: int = 0
+    thumbs_down: int = 0
+    rated: int = 0
+    rating_sum: float = 0.0
     latency: QuantileSketch = field(default_factory=QuantileSketch)
     ttft: QuantileSketch = field(default_factory=QuantileSketch)
 
@@ -103,6 +117,15 @@ class WindowPartial:
         self.cost_usd += other.cost_usd
         self.latency_ms_sum += other.latency_ms_sum
         self.ttft_ms_sum += other.ttft_ms_sum
+        if other.eval_count or other.feedback_count:
+            self.eval_count += other.eval_count
+            self.eval_sum += other.eval_sum
+            self.eval_sumsq += other.eval_sumsq
+            self.feedback_count += other.feedback_count
+            self.thumbs_up += other.thumbs_up
+            self.thumbs_down += other.thumbs_down
+            self.rated += other.rated
+            self.rating_sum += other.rating_sum
         if latency:
             self.latency.merge(other.latency)
         if ttft:
@@ -148,9 +171,9 @@ class WindowPartial:
             ttft=QuantileSketch.from_bytes(base64.b64decode(data["ttft"])),
         )
         for name in _COUNTS:
-            setattr(partial, name, int(data[name]))
+            setattr(partial, name, int(data.get(name, 0)))
         for name in _SUMS:
-            setattr(partial, name, float(data[name]))
+            setattr(partial, name, float(data.get(name, 0.0)))
         return partial
 
 
@@ -192,8 +215,22 @@ METRIC_FNS: dict[str, Callable[[WindowPartial], float | None]] = {
     "ttft_p50_ms": _q("ttft", 0.5),
     "ttft_p95_ms": _q("ttft", 0.95),
     "ttft_p99_ms": _q("ttft", 0.99),
+    "eval_score": lambda p: rate_f(p.eval_sum, p.eval_count),
+    "eval_count": lambda p: float(p.eval_count),
+    "thumbs_down_rate": lambda p: rate_f(p.thumbs_down, p.thumbs_up + p.thumbs_down),
+    "feedback_count": lambda p: float(p.feedback_count),
+    "rating_avg": lambda p: rate_f(p.rating_sum, p.rated),
+    "rated": lambda p: float(p.rated),
 }
 """The stream's metrics, one function each (``sinks/queries/metrics.py`` has them as SQL)."""
+
+EVIDENCE: dict[str, str] = {
+    "eval_score": "eval_count",
+    "thumbs_down_rate": "feedback_count",
+    "rating_avg": "rated",
+}
+"""What ``min_calls`` counts for a metric: judged calls for eval scores, feedback for feedback
+metrics, calls for everything else."""
 
 
 class MetricView(Mapping[str, float | None]):

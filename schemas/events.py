@@ -150,3 +150,28 @@ class FeedbackEvent(BaseModel):
         if self.thumbs is None and self.rating is None:
             raise ValueError("feedback needs thumbs ('up'/'down') or a rating (1-5)")
         return self
+
+
+class JudgeResult(BaseModel):
+    """An LLM judge's score for one sampled call, published on ``llm.judge.results``.
+
+    Only ``request_id`` ties it to its call: llmpulse copies the call's lineage (feature,
+    release...) in at ingest. A judge may echo the lineage it was sent; llmpulse's own wins.
+    """
+
+    model_config = ConfigDict(extra="allow", json_schema_extra={"additionalProperties": True})
+
+    kind: Literal["judge_result"] = "judge_result"
+    schema_version: Annotated[int, Field(ge=1, le=1000)] = limits.SCHEMA_VERSION
+    request_id: Id
+    rubric: Name
+    score: Annotated[float, Field(ge=0, le=1, allow_inf_nan=False)]
+    judge_model: Name
+    ts: AwareDatetime
+    event_id: Id | None = None
+    rationale: Annotated[str, Field(max_length=limits.MAX_ERROR_MESSAGE_CHARS)] | None = None
+    feature: Name | None = None
+    release_id: Name | None = None
+    attributes: Annotated[dict[str, AttributeValue], Field(max_length=limits.MAX_ATTRIBUTES)] = Field(
+        default_factory=dict
+    )

@@ -13,11 +13,15 @@ from typing import Any
 
 from pydantic import BaseModel
 
-from schemas.events import CallEvent, FeedbackEvent
+from schemas.events import CallEvent, FeedbackEvent, JudgeResult
 from schemas.limits import SCHEMA_VERSION
 
 OUT_DIR = Path(__file__).parent / "jsonschema"
-MODELS: dict[str, type[BaseModel]] = {"call_event": CallEvent, "feedback_event": FeedbackEvent}
+MODELS: dict[str, type[BaseModel]] = {
+    "call_event": CallEvent,
+    "feedback_event": FeedbackEvent,
+    "judge_result": JudgeResult,
+}
 
 
 def schema_of(name: str) -> dict[str, Any]:

@@ -44,7 +44,9 @@ METRICS: dict[str, str] = {
     "ttft_p95_ms": "95th percentile time to first token (ms)",
     "ttft_p99_ms": "99th percentile time to first token (ms)",
     "pipeline_lag_s": "how far the pipeline's watermark trails the wall clock (s)",
-    "eval_score": "mean LLM-judge score (0..1) of the window's judged calls",
+    "eval_score": "mean LLM-judge score (0..1) of the judge results that arrived in the window",
+    "thumbs_down_rate": "share of thumbs given that were down",
+    "rating_avg": "mean user rating (1-5)",
 }
 """Metrics the stream computes per window. Processors may register more (eval score, drift):
 ``register_metric`` adds them, and rules can use any registered name."""
@@ -157,7 +159,8 @@ class Rule(_Model):
     cooldown: Duration = 0.0
     """After a resolve, the same scope cannot fire again for this long."""
     min_calls: Annotated[int, Field(ge=0)] = 20
-    """Windows with fewer calls carry no evidence either way."""
+    """Windows with fewer calls carry no evidence either way (for eval_score: judged calls; for
+    thumbs_down_rate and rating_avg: feedback received)."""
     severity: AlertSeverity = "warning"
     action: AlertAction | None = None
     """Default: by metric (quality → pause_for_review, latency/errors/refusals → rollback, ...)."""

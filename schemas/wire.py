@@ -117,6 +117,26 @@ class LenientFeedback(WireFeedback, forbid_unknown_fields=False):
     pass
 
 
+class WireJudgeResult(msgspec.Struct, forbid_unknown_fields=True, gc=False, omit_defaults=True):
+    request_id: Id
+    rubric: Name
+    score: Annotated[float, msgspec.Meta(ge=0, le=1)]
+    judge_model: Name
+    ts: AwareTs
+    kind: Literal["judge_result"] = "judge_result"
+    schema_version: Annotated[int, msgspec.Meta(ge=1, le=1000)] = limits.SCHEMA_VERSION
+    event_id: Id | None = None
+    rationale: Annotated[str, msgspec.Meta(max_length=limits.MAX_ERROR_MESSAGE_CHARS)] | None = None
+    feature: Name | None = None
+    release_id: Name | None = None
+    attributes: Annotated[dict[str, AttributeValue], msgspec.Meta(max_length=limits.MAX_ATTRIBUTES)] = {}
+
+
+class LenientJudgeResult(WireJudgeResult, forbid_unknown_fields=False):
+    pass
+
+
 CALL_FIELDS: frozenset[str] = frozenset(WireCall.__struct_fields__)
 PARAM_FIELDS: frozenset[str] = frozenset(WireParams.__struct_fields__)
 FEEDBACK_FIELDS: frozenset[str] = frozenset(WireFeedback.__struct_fields__)
+JUDGE_RESULT_FIELDS: frozenset[str] = frozenset(WireJudgeResult.__struct_fields__)

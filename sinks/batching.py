@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 
 import xxhash
 
-from processors.chain import ProcessedCalls, ProcessedFeedback
+from processors.chain import ProcessedCalls, ProcessedFeedback, ProcessedJudgeResults
 from sinks.clickhouse import ClickHouseSink
 
 
@@ -38,14 +38,21 @@ class Block:
 
     calls: list[ProcessedCalls] = field(default_factory=list)
     feedback: list[ProcessedFeedback] = field(default_factory=list)
+    judge_results: list[ProcessedJudgeResults] = field(default_factory=list)
     rows: int = 0
 
     def write(self, sink: ClickHouseSink) -> Block:
+        """Calls first: feedback and judge scores look their calls up (a batch may carry both)."""
         if self.calls:
             sink.write(self.calls, insert_token([b.block_id for b in self.calls]))
         if self.feedback:
             sink.write_feedback(self.feedback, insert_token([b.block_id for b in self.feedback]))
+        if self.judge_results:
+            sink.write_judge_results(self.judge_results, insert_token([b.block_id for b in self.judge_results]))
         return self
+
+    def __bool__(self) -> bool:
+        return bool(self.calls or self.feedback or self.judge_results)
 
 
 class BufferedWriter:
@@ -81,6 +88,10 @@ class BufferedWriter:
 
     def add_feedback(self, batch: ProcessedFeedback) -> None:
         self._buffer.feedback.append(batch)
+        self._added(len(batch.events) + len(batch.dead))
+
+    def add_judge_results(self, batch: ProcessedJudgeResults) -> None:
+        self._buffer.judge_results.append(batch)
         self._added(len(batch.events) + len(batch.dead))
 
     def _added(self, rows: int) -> None:
@@ -119,7 +130,7 @@ class BufferedWriter:
         """Start writing the buffer; ``wait`` also waits until everything is durable."""
         self._collect()
         block, self._buffer, self._since = self._buffer, Block(), None
-        if block.calls or block.feedback:
+        if block:
             if self._pool is None:
                 self._write_now(block)
             else:

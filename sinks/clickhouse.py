@@ -13,7 +13,7 @@ from __future__ import annotations
 import logging
 import time
 import urllib.parse
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
@@ -23,7 +23,8 @@ import pyarrow as pa
 from clickhouse_connect.driver.client import Client
 from clickhouse_connect.driver.exceptions import DatabaseError, OperationalError
 
-from processors.chain import ProcessedCalls, ProcessedFeedback
+from processors.chain import ProcessedCalls, ProcessedFeedback, ProcessedJudgeResults
+from processors.quality import Lineage
 from processors.records import DeadLetter
 from schemas.config import ClickHouseSettings, ConfigError
 from sinks import columns
@@ -211,11 +212,72 @@ class ClickHouseSink:
         self._insert("dlq", columns.dlq_table(letters), token)
 
     def write_feedback(self, batches: Sequence[ProcessedFeedback], token: str | None) -> None:
+        """Feedback with its call's lineage copied in (per-release feedback needs no join later)."""
         dead = [d for b in batches for d in b.dead]
         if dead:
             self.write_dead_letters(dead, f"{token}:dlq" if token else None)
         if any(b.events for b in batches):
-            self._insert("feedback", columns.feedback_table(batches), token)
+            known = self.lineage({e.request_id for b in batches for e in b.events})
+            self._insert("feedback", columns.feedback_table(batches, known), token)
+            for b in batches:
+                b.lineage = {e.request_id: known[e.request_id] for e in b.events if e.request_id in known}
+
+    def write_judge_results(
+        self, batches: Sequence[ProcessedJudgeResults], token: str | None, known: Mapping[str, Lineage] | None = None
+    ) -> None:
+        dead = [d for b in batches for d in b.dead]
+        if dead:
+            self.write_dead_letters(dead, f"{token}:dlq" if token else None)
+        if any(b.events for b in batches):
+            if known is None:
+                known = self.lineage({r.request_id for b in batches for r in b.events})
+            self._insert("judge_scores", columns.judge_scores_table(batches, known), token)
+            for b in batches:
+                b.lineage = {r.request_id: known[r.request_id] for r in b.events if r.request_id in known}
+
+    def lineage(self, request_ids: Iterable[str]) -> dict[str, Lineage]:
+        """The calls behind these request ids: judge samples first (small), then raw calls."""
+        wanted = sorted(set(request_ids))
+        found: dict[str, Lineage] = {}
+        cols = (
+            "request_id, any(event_id), any(ts), any(feature), any(team), any(model), any(provider), "
+            "any(prompt_version), any(variant), any(release_id)"
+        )
+        for table in ("judge_samples", "llm_calls"):
+            missing = [r for r in wanted if r not in found]
+            if not missing:
+                break
+            rows = self.retry.run(
+                "lineage lookup",
+                lambda t=table, m=missing: (
+                    self.client.query(
+                        f"SELECT {cols} FROM {t} WHERE request_id IN {{ids:Array(String)}} GROUP BY request_id",
+                        parameters={"ids": m},
+                    ).result_rows
+                ),
+            )
+            for r in rows:
+                found[r[0]] = Lineage(r[1], r[2], r[3], r[4], r[5], r[6], r[7], r[8], r[9])
+        return found
+
+    def sample_flagged(self, request_ids: Iterable[str], reason: str = "thumbs_down") -> int:
+        """Users flagged these calls: sample each for the judge unless it was sampled already."""
+        ids = sorted(set(request_ids))
+        if not ids:
+            return 0
+        before = self.client.command(f"SELECT count() FROM {self.db}.judge_samples")
+        self.client.command(
+            f"INSERT INTO {self.db}.judge_samples (event_id, ts, reason, feature, team, tenant, model, provider, "
+            "prompt_version, variant, release_id, request_id, conversation_id, status, refusal, prompt_hash, "
+            "prompt, output) "
+            f"SELECT event_id, ts, '{reason}', feature, team, tenant, model, provider, prompt_version, variant, "
+            "release_id, request_id, conversation_id, status, refusal, prompt_hash, prompt, output "
+            f"FROM {self.db}.llm_calls WHERE request_id IN {{ids:Array(String)}} "
+            f"AND request_id NOT IN (SELECT request_id FROM {self.db}.judge_samples)",
+            parameters={"ids": ids},
+        )
+        after = self.client.command(f"SELECT count() FROM {self.db}.judge_samples")
+        return int(after) - int(before)  # type: ignore[call-overload]
 
     def kafka_progress(self, topic: str, partition: int, from_offset: int) -> KafkaProgress:
         """Offsets at or above ``from_offset`` already written for a partition (raw rows and DLQ).

@@ -8,7 +8,7 @@ serialising rows. The same bytes go to chDB and to a server over HTTP.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from operator import attrgetter
 from typing import Any
 
@@ -16,7 +16,8 @@ import orjson
 import pyarrow as pa
 import xxhash
 
-from processors.chain import ProcessedCalls, ProcessedFeedback
+from processors.chain import ProcessedCalls, ProcessedFeedback, ProcessedJudgeResults
+from processors.quality import Lineage
 from processors.records import DeadLetter
 from schemas.wire import WireCall
 
@@ -201,10 +202,50 @@ def samples_table(batches: Iterable[ProcessedCalls]) -> pa.Table:
     return pa.Table.from_arrays([pa.array(v, type=types.get(k, _STR)) for k, v in rows.items()], names=list(rows))
 
 
-def feedback_table(batches: Iterable[ProcessedFeedback]) -> pa.Table:
-    events = [e for b in batches for e in b.events]
+def _lineage_columns(request_ids: list[str], lineage: Mapping[str, Lineage]) -> dict[str, pa.Array]:
+    found = [lineage.get(r) for r in request_ids]
+    return {
+        "event_id": pa.array([x.event_id if x else "" for x in found], type=_STR),
+        "call_ts": pa.array([x.call_ts if x else None for x in found], type=_TS),
+        "team": pa.array([x.team if x else "" for x in found], type=_DICT),
+        "model": pa.array([x.model if x else "" for x in found], type=_DICT),
+        "prompt_version": pa.array([x.prompt_version if x else "" for x in found], type=_DICT),
+        "variant": pa.array([x.variant if x else "" for x in found], type=_DICT),
+        "release_id": pa.array([x.release_id if x else "" for x in found], type=_DICT),
+    }
+
+
+def judge_scores_table(batches: Iterable[ProcessedJudgeResults], lineage: Mapping[str, Lineage]) -> pa.Table:
+    results = [r for b in batches for r in b.events]
+    ids = [r.request_id for r in results]
+    found = [lineage.get(i) for i in ids]
+    columns = _lineage_columns(ids, lineage)
+    columns["event_id"] = pa.array(
+        [x.event_id if x else (r.event_id or "") for x, r in zip(found, results, strict=True)]
+    )
     return pa.Table.from_pydict(
         {
+            "request_id": pa.array(ids, type=_STR),
+            "rubric": pa.array([r.rubric for r in results], type=_DICT),
+            "score": pa.array([r.score for r in results], type=pa.float64()),
+            "judge_model": pa.array([r.judge_model for r in results], type=_DICT),
+            "ts": pa.array([r.ts for r in results], type=_TS),
+            "feature": pa.array([x.feature if x else (r.feature or "") for x, r in zip(found, results, strict=True)],
+                                type=_DICT),
+            "provider": pa.array([x.provider if x else "" for x in found], type=_DICT),
+            "rationale": pa.array([r.rationale for r in results], type=_STR),
+            **columns,
+        }
+    )  # fmt: skip
+
+
+def feedback_table(batches: Iterable[ProcessedFeedback], lineage: Mapping[str, Lineage] | None = None) -> pa.Table:
+    events = [e for b in batches for e in b.events]
+    known = lineage or {}
+    extra = _lineage_columns([e.request_id for e in events], known)
+    return pa.Table.from_pydict(
+        {
+            **extra,
             "feedback_id": pa.array([e.event_id for e in events], type=_STR),
             "request_id": pa.array([e.request_id for e in events], type=_STR),
             "ts": pa.array([e.ts for e in events], type=_TS),
@@ -212,7 +253,10 @@ def feedback_table(batches: Iterable[ProcessedFeedback]) -> pa.Table:
             "rating": pa.array([e.rating for e in events], type=pa.uint8()),
             "comment": pa.array([e.comment for e in events], type=_STR),
             "user_id": pa.array([e.user_id for e in events], type=_STR),
-            "feature": pa.array([e.feature for e in events], type=_STR),
+            "feature": pa.array(
+                [e.feature or (known[e.request_id].feature if e.request_id in known else None) for e in events],
+                type=_STR,
+            ),
             "tenant": pa.array([e.tenant for e in events], type=_STR),
             "attributes": pa.array([_attribute_map(e.attributes) for e in events], type=_STR_MAP),
         }

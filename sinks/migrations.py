@@ -88,6 +88,11 @@ def _retention_ddl(db: str, on_cluster: str, r: RetentionSettings) -> list[str]:
         f"ALTER TABLE {db}.dlq {on_cluster} MODIFY TTL toDateTime(received_at) + INTERVAL {r.dlq_days} DAY",
         f"ALTER TABLE {db}.judge_samples {on_cluster} MODIFY TTL toDateTime(ts) + INTERVAL {r.raw_days} DAY",
         f"ALTER TABLE {db}.feedback {on_cluster} MODIFY TTL toDateTime(ts) + INTERVAL {r.raw_days} DAY",
+        f"ALTER TABLE {db}.judge_scores {on_cluster} MODIFY TTL toDateTime(ts) + INTERVAL {r.raw_days} DAY",
+        f"ALTER TABLE {db}.eval_1h {on_cluster} MODIFY TTL hour + INTERVAL {r.rollup_days} DAY",
+        f"ALTER TABLE {db}.feedback_1h {on_cluster} MODIFY TTL hour + INTERVAL {r.rollup_days} DAY",
+        f"ALTER TABLE {db}.cost_history {on_cluster} MODIFY TTL toDateTime(ts) + INTERVAL {r.raw_days} DAY",
+        f"ALTER TABLE {db}.alerts {on_cluster} MODIFY TTL toDateTime(started_at) + INTERVAL {r.raw_days} DAY",
     ]
 
 

@@ -25,6 +25,7 @@ from typing import Literal
 import xxhash
 
 from processors.alerts.events import AlertEvent
+from processors.windows import EVIDENCE
 from schemas.rules import Rule
 
 State = Literal["ok", "pending", "firing"]
@@ -193,7 +194,7 @@ class AlertEngine:
 
         ``key`` (the scope as sorted items) saves rebuilding it when the caller has it already.
         """
-        calls = int(metrics.get("calls") or 0)
+        calls = int(metrics.get(EVIDENCE.get(rule.metric, "calls")) or 0)
         if rule.absent is None and calls < rule.min_calls:
             return None  # no evidence either way: not even worth looking up the state
         if rule.spike is None and rule.absent is None:

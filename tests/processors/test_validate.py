@@ -144,5 +144,7 @@ def test_feedback_needs_a_verdict() -> None:
 
 def test_mixed_stream_is_split_by_kind() -> None:
     fb = orjson.dumps({"kind": "feedback", "request_id": "r1", "ts": iso(NOW), "rating": 4})
-    calls, feedback = split_by_kind(batch([payload(), fb, payload()]))
-    assert calls.offsets == [0, 2] and feedback.offsets == [1]
+    judged = orjson.dumps({"kind": "judge_result", "request_id": "r1", "rubric": "helpful", "score": 0.8,
+                           "judge_model": "gpt-4o", "ts": iso(NOW)})  # fmt: skip
+    kinds = split_by_kind(batch([payload(), fb, payload(), judged]))
+    assert kinds["call"].offsets == [0, 2] and kinds["feedback"].offsets == [1] and kinds["judge_result"].offsets == [3]

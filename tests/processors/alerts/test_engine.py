@@ -22,7 +22,7 @@ def run(r: Rule, values: list[float | None], calls: int = 100, scope: dict[str, 
     engine = engine or AlertEngine([r])
     out = []
     for i, v in enumerate(values):
-        metrics = {"calls": float(calls), r.metric: v}
+        metrics = {"calls": float(calls), "eval_count": float(calls), "feedback_count": float(calls), r.metric: v}
         event = engine.evaluate(r, scope or {"feature": "chat"}, i * 60.0, (i + 1) * 60.0, metrics)
         if event is not None:
             out.append((i, event))
