@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING
 from processors.chain import CallPipeline, FeedbackPipeline, JudgeResultPipeline, PipelineOptions
 from processors.quality import feedback_partials, judge_partials, thumbs_down_requests
 from processors.records import PayloadBatch, StepCounters
+from processors.sampling import JudgeBudget
 from processors.validate import ValidationLimits, split_by_kind
 from processors.windows import WindowPartial
 from schemas.config import Settings
@@ -61,6 +62,10 @@ def pipeline_options(settings: Settings) -> PipelineOptions:
         sample_rate=settings.sampling.default_rate,
         sample_rates=dict(settings.sampling.rates),
         sample_boost_cap_per_hour=settings.sampling.boost_cap_per_hour,
+        judge_budget=JudgeBudget(settings.sampling.max_per_hour, settings.sampling.judge_usd_per_day),
+        judge_budgets={f: JudgeBudget(b.max_per_hour, b.usd_per_day) for f, b in settings.sampling.budgets.items()},
+        judge_model=settings.sampling.judge_model,
+        judge_extra_tokens=(settings.sampling.rubric_tokens, settings.sampling.judge_output_tokens),
         dedup_capacity=p.dedup_capacity,
     )
 

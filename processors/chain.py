@@ -18,7 +18,7 @@ from processors.pricing import CostAttribution, Costs
 from processors.quality import Lineage
 from processors.records import DeadLetter, PayloadBatch, Source, StepCounters
 from processors.release import ReleaseFingerprint
-from processors.sampling import JudgeSample, JudgeSampler
+from processors.sampling import JudgeBudget, JudgeSample, JudgeSampler
 from processors.validate import ValidationLimits, decode_calls, decode_feedback, decode_judge_results
 from processors.windows import WindowAggregator, WindowPartial
 from schemas.prices import PriceTable
@@ -76,6 +76,11 @@ class PipelineOptions:
     sample_rate: float = 0.02
     sample_rates: dict[str, float] = field(default_factory=dict)
     sample_boost_cap_per_hour: int = 200
+    judge_budget: JudgeBudget = field(default_factory=JudgeBudget)
+    judge_budgets: dict[str, JudgeBudget] = field(default_factory=dict)
+    judge_model: str = "gpt-4o-mini"
+    judge_extra_tokens: tuple[int, int] = (600, 150)
+    """(rubric prompt tokens, judge output tokens) added to a call's text when estimating cost."""
     dedup_capacity: int = 1_000_000
 
 
@@ -90,7 +95,18 @@ class CallPipeline:
         self.content = ContentPolicy(capture=o.capture_content, redact_pii=o.redact_content)
         self.release = ReleaseFingerprint()
         self.windows = WindowAggregator(o.window_s, o.lateness_s, partition)
-        self.sampler = JudgeSampler(o.sample_rate, o.sample_rates, o.sample_boost_cap_per_hour)
+        judge_rates = self.price.rates(o.judge_model)
+        rubric, answer = o.judge_extra_tokens
+
+        def judge_cost(e: WireCall) -> float:
+            """The judge reads the call's prompt and output plus the rubric, and writes a short verdict."""
+            if judge_rates is None:
+                return 0.0
+            return judge_rates.cost(e.input_tokens + e.output_tokens + rubric, answer, 0, 0)
+
+        self.sampler = JudgeSampler(
+            o.sample_rate, o.sample_rates, o.sample_boost_cap_per_hour, o.judge_budget, o.judge_budgets, judge_cost
+        )
 
     def process(self, batch: PayloadBatch, now: float) -> ProcessedCalls:
         decoded = self.decode(batch, now)

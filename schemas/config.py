@@ -85,10 +85,25 @@ class ContentSettings(_Section):
     redact: bool = True
 
 
+class JudgeBudgetSettings(_Section):
+    max_per_hour: Annotated[int, Field(ge=0)] | None = None
+    usd_per_day: Annotated[float, Field(ge=0)] | None = None
+
+
 class SamplingSettings(_Section):
     default_rate: Annotated[float, Field(ge=0, le=1)] = 0.02
     rates: dict[str, Annotated[float, Field(ge=0, le=1)]] = Field(default_factory=dict)
     boost_cap_per_hour: Annotated[int, Field(ge=0)] = 200
+    max_per_hour: Annotated[int, Field(ge=0)] | None = 600
+    """Judged calls per feature per hour, at most."""
+    judge_usd_per_day: Annotated[float, Field(ge=0)] | None = 25.0
+    """Estimated judge spend per feature per day, at most."""
+    budgets: dict[str, JudgeBudgetSettings] = Field(default_factory=dict)
+    """Per-feature overrides of the two caps."""
+    judge_model: str = "gpt-4o-mini"
+    """Priced from the price table to estimate what judging a call costs."""
+    rubric_tokens: Annotated[int, Field(ge=0)] = 600
+    judge_output_tokens: Annotated[int, Field(ge=0)] = 150
 
 
 class PricingSettings(_Section):

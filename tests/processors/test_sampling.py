@@ -77,3 +77,33 @@ def test_same_choice_in_another_process() -> None:
 def test_rates_are_validated() -> None:
     with pytest.raises(ValueError, match=r"within 0\.\.1"):
         JudgeSampler(default_rate=1.5)
+
+
+def test_budget_caps_judged_calls_per_hour_and_spend_per_day() -> None:
+    from processors.sampling import JudgeBudget
+
+    events = evs(1000)  # 250 conversations, all in one hour
+    hourly = JudgeSampler(default_rate=1.0, budget=JudgeBudget(max_per_hour=100))
+    assert len(picked(hourly, events)) == 100
+    assert hourly.capped == 900
+    # $0.01 per judged call, $2.50 a day: 250 calls
+    daily = JudgeSampler(default_rate=1.0, budget=JudgeBudget(usd_per_day=2.5), judge_cost=lambda e: 0.01)
+    assert len(picked(daily, events)) == 250
+    # a feature with its own budget
+    per_feature = JudgeSampler(default_rate=1.0, budget=JudgeBudget(max_per_hour=10),
+                               budgets={"support-chat": JudgeBudget(max_per_hour=40)})  # fmt: skip
+    assert len(picked(per_feature, events)) == 40
+    assert len(picked(per_feature, evs(100, feature="other"))) == 10
+
+
+def test_judge_cost_estimate_uses_the_judge_models_price() -> None:
+    from processors.chain import CallPipeline, PipelineOptions
+    from schemas.prices import builtin_price_table
+
+    pipe = CallPipeline(
+        builtin_price_table(), PipelineOptions(judge_model="gpt-4o-mini", judge_extra_tokens=(600, 150))
+    )
+    e = DECODE(payload(input_tokens=1000, output_tokens=400))
+    # gpt-4o-mini reads 1,000 + 400 + 600 tokens at $0.15/1M and writes 150 at $0.60/1M
+    assert pipe.sampler.judge_cost is not None
+    assert pipe.sampler.judge_cost(e) == pytest.approx(2000 * 0.15e-6 + 150 * 0.6e-6)
