@@ -631,3 +631,81 @@ def _human(seconds: float | None) -> str:
         return "—"
     hours, rem = divmod(int(seconds), 3600)
     return f"{hours}h{rem // 60:02d}m" if hours else f"{rem // 60}m"
+
+
+@cli.command()
+@click.option("--candidate", required=True, help="Release id, or key=value[,key=value] (e.g. variant=canary).")
+@click.option("--baseline", required=True, help="Release id, or key=value[,key=value] (e.g. variant=control).")
+@click.option("--feature", default=None, help="Compare within this feature.")
+@click.option("--since", default="24h", show_default=True, help="Period both are measured over.")
+@click.option("--max-token-increase", type=float, default=None, help="e.g. 0.15: at most +15% tokens per call.")
+@click.option("--max-cost-increase", type=float, default=None, help="e.g. 0.10: at most +10% cost per call.")
+@click.option("--max-p95-ms", type=float, default=None, help="Candidate p95 latency at most this (ms).")
+@click.option("--max-p95-increase", type=float, default=None, help="e.g. 0.2: p95 at most +20% over the baseline.")
+@click.option("--min-quality-delta", type=float, default=None, help="0: not worse; >0 demands improvement.")
+@click.option("--max-refusal-increase", type=float, default=None, help="Absolute, e.g. 0.01 = +1 point.")
+@click.option("--max-error-increase", type=float, default=None, help="Absolute, e.g. 0.01 = +1 point.")
+@click.option("--min-calls", type=int, default=50, show_default=True, help="Calls needed on each side.")
+@click.option("--min-judged", type=int, default=30, show_default=True, help="Judge scores needed on each side.")
+@click.option("--allow-inconclusive", is_flag=True, help="Exit 0 (not 3) when a side has too little data.")
+@click.option("--json", "as_json", is_flag=True)
+@_data_options
+@_friendly_errors
+def gate(
+    candidate: str, baseline: str, feature: str | None, since: str, max_token_increase: float | None,
+    max_cost_increase: float | None, max_p95_ms: float | None, max_p95_increase: float | None,
+    min_quality_delta: float | None, max_refusal_increase: float | None, max_error_increase: float | None,
+    min_calls: int, min_judged: int, allow_inconclusive: bool, as_json: bool, config_path: Path | None,
+    data_dir: Path | None, clickhouse_url: str | None,
+) -> None:  # fmt: skip
+    """Compare a candidate release with its baseline; exit 1 when a policy fails (a CI gate).
+
+    Exit codes: 0 promote, 1 a policy failed, 3 not enough data to decide.
+    """
+    import dataclasses
+    import time as _time
+
+    from llmpulse.gate import GateUsageError, Policy, evaluate, measure, parse_selector
+    from llmpulse.runtime import open_clickhouse
+    from schemas.durations import parse_duration
+
+    try:
+        cand, base = parse_selector(candidate), parse_selector(baseline)
+    except GateUsageError as exc:
+        console.error(str(exc))
+        raise SystemExit(2) from None
+    if feature:
+        cand["feature"] = base["feature"] = feature
+    policy = Policy(max_token_increase, max_cost_increase, max_p95_ms, max_p95_increase, min_quality_delta,
+                    max_refusal_increase, max_error_increase, min_calls, min_judged)  # fmt: skip
+    settings = _settings(config_path, data_dir, clickhouse_url)
+    end = _time.time()
+    start = end - parse_duration(since)
+    conn = open_clickhouse(settings, purpose="llmpulse gate")
+    try:
+        result = evaluate(measure(conn, base, start, end, baseline), measure(conn, cand, start, end, candidate), policy)
+    finally:
+        conn.close()
+    code = 0 if result.passed else 1
+    if result.passed and not result.conclusive and not allow_inconclusive:
+        code = 3
+    if as_json:
+        out = {"passed": result.passed, "conclusive": result.conclusive, "exit_code": code,
+               "baseline": dataclasses.asdict(result.baseline), "candidate": dataclasses.asdict(result.candidate),
+               "checks": [dataclasses.asdict(c) for c in result.checks]}  # fmt: skip
+        sys.stdout.write(json.dumps(out, default=str) + "\n")
+        raise SystemExit(code)
+    rows = [
+        {"metric": c.metric, "baseline": c.baseline, "candidate": c.candidate, "change": c.change,
+         "limit": c.limit, "verdict": c.verdict}
+        for c in result.checks
+    ]  # fmt: skip
+    console.out.print(console.table(f"Gate: {candidate} vs {baseline} over the last {since}", rows))
+    if code == 0:
+        console.out.print("[bold green]PROMOTE[/]: every policy holds.")
+    elif code == 1:
+        failed = ", ".join(c.metric for c in result.checks if c.verdict == "FAIL")
+        console.out.print(f"[bold red]REFUSE[/]: {failed} outside policy.")
+    else:
+        console.out.print("[bold yellow]INCONCLUSIVE[/]: not enough calls or judge scores on a side to decide.")
+    raise SystemExit(code)
