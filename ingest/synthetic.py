@@ -79,6 +79,8 @@ class FeatureProfile:
     streaming: bool = True
     distinct_prompts: int = 4000
     """How many different prompts the feature sends (fewer: more cache opportunity)."""
+    agent: bool = False
+    """An agent: each run is one trace whose steps follow each other back to back."""
 
     @property
     def log_input(self) -> float:
@@ -113,9 +115,13 @@ FEATURES: tuple[FeatureProfile, ...] = (
     ),
     FeatureProfile(
         "agent-planner", "devex", "agent-runtime", 0.08,
-        (("gpt-4.1", 0.7), ("gpt-4o", 0.3)), 4200, 240, "v2", cache_share=0.5, turns=6, tool_rate=0.8,
+        (("gpt-4.1", 0.7), ("gpt-4o", 0.3)), 4200, 240, "v2", cache_share=0.5, turns=6, tool_rate=0.8, agent=True,
     ),
 )  # fmt: skip
+
+FEEDBACK_FEATURES = frozenset({"support-chat", "search-summarize", "email-draft"})
+"""User-facing features, where people click thumbs up or down."""
+FLAG_COMMENTS = ("wrong answer", "refused a normal question", "too long", "made that up", "not helpful")
 
 LN2 = math.log(2)
 LN13 = math.log(1.3)
@@ -135,6 +141,8 @@ class Scenario:
     duplicate_rate: float = 0.0005
     unknown_model_rate: float = 0.001
     incidents: bool = True
+    feedback_rate: float = 0.04
+    """Share of user-facing calls that get a thumbs up or down."""
 
     @property
     def start(self) -> float:
@@ -161,6 +169,8 @@ class Conversation:
     """Calls still to come in this conversation."""
     static: bytes = b""
     """The JSON members every call of the conversation shares, encoded once."""
+    last_end: float = 0.0
+    """When the previous call ended: a chat turn starts after it, an agent step right at it."""
 
 
 def _static_fields(c: Conversation) -> bytes:
@@ -179,6 +189,8 @@ def _static_fields(c: Conversation) -> bytes:
         "user_id": c.user_id,
         "params": {"temperature": 0.2, "max_tokens": 1024},
     }
+    if f.agent:
+        fields["trace_id"] = "t" + c.cid[1:]  # an agent run: its steps share a trace
     return b"," + orjson.dumps(fields)[1:-1]
 
 
@@ -191,6 +203,20 @@ def _iso(t: float, cache: dict[int, str]) -> str:
         prefix = cache[minute] = time.strftime("%Y-%m-%dT%H:%M:", time.gmtime(minute * 60))
     ms = int((t - minute * 60) * 1000)
     return f"{prefix}{ms // 1000:02d}.{ms % 1000:03d}Z"
+
+
+def _fallback(payload: bytes, event_id: str, getrandbits: Any, at: str) -> bytes:
+    """The same request served by OpenAI after Anthropic rate-limited or timed out, sent ``at``
+    the failed call's end: the user waits for both."""
+    e = orjson.loads(payload)
+    new_id = f"{getrandbits(64):016x}{getrandbits(64):016x}"
+    output_tokens = max(1, int(e["input_tokens"]) // 10)
+    e.update(event_id=new_id, request_id=f"r-{new_id[:20]}", model="gpt-4o", provider="openai", ts=at,
+             response_model="gpt-4o-2024-08-06", status="ok", fallback_from="anthropic", finish_reason="stop",
+             output_tokens=output_tokens, latency_ms=round(400 + output_tokens * 12.5, 1))  # fmt: skip
+    for key in ("error_type", "error_message", "cost_usd"):
+        e.pop(key, None)
+    return orjson.dumps(e)
 
 
 def _malformed(rng: random.Random, good: dict[str, object]) -> bytes:
@@ -236,20 +262,33 @@ def generate(s: Scenario, batch_size: int = 10_000) -> Iterator[list[bytes]]:
         return normals[getrandbits(14)]
 
     total_weight = cum_weights[-1]
+    burst: Conversation | None = None  # an agent run in progress: its steps come back to back
     for i in range(s.events):
         t = s.start + i * step + rand() * step
-        if rand() < s.late_rate:
-            t -= 180 + rand() * 600  # arrives 3-13 min late
-        feature = FEATURES[bisect(cum_weights, rand() * total_weight)]
-        convs = open_convs[feature.name]
-        if convs and rand() < 1 - 1 / feature.turns:
-            j = rng.randrange(len(convs))
-            conv = convs[j]
+        if burst is not None:
+            conv, feature = burst, burst.feature
+            t = conv.last_end + 0.05 + 0.4 * rand()  # the next step starts as the previous one returns
             conv.remaining -= 1
-            if conv.remaining <= 0:  # swap-remove: O(1), the list can hold thousands
-                convs[j] = convs[-1]
-                convs.pop()
+            if conv.remaining <= 0:
+                burst = None
         else:
+            if rand() < s.late_rate:
+                t -= 180 + rand() * 600  # arrives 3-13 min late
+            conv, feature = None, FEATURES[bisect(cum_weights, rand() * total_weight)]
+            convs = open_convs[feature.name]
+            if convs and not feature.agent and rand() < 1 - 1 / feature.turns:
+                j = rng.randrange(len(convs))
+                conv = convs[j]
+                conv.remaining -= 1
+                stale = t - conv.last_end > 1800  # a conversation idle for 30 min is over; so are its turns
+                if conv.remaining <= 0 or stale:  # swap-remove: O(1), the list can hold thousands
+                    convs[j] = convs[-1]
+                    convs.pop()
+                if stale:
+                    conv = None
+                elif conv.last_end > t:
+                    t = conv.last_end + 2.0 + 8.0 * rand()  # the user reads the answer, then types
+        if conv is None:
             conv_seq += 1
             r = rand()
             model = feature.models[-1][0]
@@ -269,7 +308,10 @@ def generate(s: Scenario, batch_size: int = 10_000) -> Iterator[list[bytes]]:
             conv = Conversation(cid, feature, model, variant, version, f"u-{rng.randrange(5000):05d}", turns - 1)
             conv.static = _static_fields(conv)
             if conv.remaining > 0:
-                convs.append(conv)
+                if feature.agent:
+                    burst = conv
+                else:
+                    open_convs[feature.name].append(conv)
 
         profile = MODELS[conv.model]
         static = conv.static
@@ -311,6 +353,7 @@ def generate(s: Scenario, batch_size: int = 10_000) -> Iterator[list[bytes]]:
             tail = ',"finish_reason":"stop"'
             if feature.streaming:
                 tail += f',"ttft_ms":{ttft:.1f}'
+        conv.last_end = t + latency / 1000
         if feature.tool_rate and rand() < feature.tool_rate:
             tail += (
                 ',"tool_calls":["search_kb"]'
@@ -340,6 +383,23 @@ def generate(s: Scenario, batch_size: int = 10_000) -> Iterator[list[bytes]]:
         if rand() < s.malformed_rate:
             payload = _malformed(rng, orjson.loads(payload))
         batch.append(payload)
+        if status in ("rate_limited", "timeout") and profile.provider == "anthropic" and rand() < 0.5:
+            # the service retried on another provider
+            batch.append(_fallback(payload, event_id, getrandbits, _iso(conv.last_end, iso_cache)))
+        if status == "ok" and feature.name in FEEDBACK_FEATURES and rand() < s.feedback_rate:
+            down = rand() < (0.6 if refusal == "true" else 0.15 if conv.variant == "canary" else 0.1)
+            when = _iso(min(t + 30 + rand() * 600, s.end), iso_cache)
+            feedback = {
+                "kind": "feedback",
+                "request_id": f"r-{event_id[:20]}",
+                "ts": when,
+                "thumbs": "down" if down else "up",
+                "user_id": conv.user_id,
+                "feature": feature.name,
+            }
+            if down and rand() < 0.4:
+                feedback["comment"] = rng.choice(FLAG_COMMENTS)
+            batch.append(orjson.dumps(feedback))  # fmt: skip
         if rand() < s.duplicate_rate and recent:
             batch.append(recent[rng.randrange(len(recent))])  # a client retry re-sends an event
         if i % 97 == 0:

@@ -267,21 +267,54 @@ def replay(file: Path, config_path: Path | None, data_dir: Path | None, clickhou
 
 
 @cli.command()
-@click.argument("sql")
+@click.argument("sql", required=False)
+@click.option("--since", default="7d", show_default=True, help="Named queries: the period ending now ({start}, {end}).")
+@click.option("-p", "--param", "params", multiple=True, metavar="KEY=VALUE", help="Named queries: another parameter.")
+@click.option("--list", "list_names", is_flag=True, help="List the named queries (sinks/queries/*.sql) and exit.")
 @click.option("--format", "fmt", type=click.Choice(["table", "json"]), default="table", show_default=True)
 @_data_options
 @_friendly_errors
-def query(sql: str, fmt: str, config_path: Path | None, data_dir: Path | None, clickhouse_url: str | None) -> None:
-    """Run SQL against the configured ClickHouse (tables of database `llmpulse` unqualified)."""
+def query(
+    sql: str | None, since: str, params: tuple[str, ...], list_names: bool, fmt: str,
+    config_path: Path | None, data_dir: Path | None, clickhouse_url: str | None,
+) -> None:  # fmt: skip
+    """Run SQL, or a named query such as `cost_by_feature`, against the configured ClickHouse.
+
+    Tables of database `llmpulse` are unqualified. A named query is the same file Grafana and the
+    weekly report run, so its numbers here match theirs.
+    """
+    import time as _time
+
     from clickhouse_connect.driver.exceptions import DatabaseError
 
     from llmpulse.runtime import open_clickhouse
+    from schemas.durations import parse_duration
+    from sinks import queries
 
+    if list_names or not sql:
+        rows = [{"name": n, "what": queries.describe(n)} for n in queries.names()]
+        console.out.print(console.table("Named queries (llmpulse query NAME --since 7d)", rows))
+        return
+    parameters: dict[str, Any] = {}
+    if sql in queries.names():
+        end = _time.time()
+        parameters = {"start": datetime.fromtimestamp(end - parse_duration(since), UTC),
+                      "end": datetime.fromtimestamp(end, UTC), **queries.DEFAULTS}  # fmt: skip
+        for item in params:
+            key, sep, value = item.partition("=")
+            if not sep:
+                console.error(f"--param {item!r} is not KEY=VALUE", "e.g. -p trace_id=4bf92f35")
+                raise SystemExit(2)
+            parameters[key] = value
+        sql = queries.sql(sql)
+    elif params:
+        console.error(f"--param only applies to named queries; {sql[:40]!r} is not one", "see llmpulse query --list")
+        raise SystemExit(2)
     settings = _settings(config_path, data_dir, clickhouse_url)
     conn = open_clickhouse(settings, purpose="llmpulse query")
     try:
         try:
-            result = conn.client.query(sql)
+            result = conn.client.query(sql, parameters=parameters or None)
         except DatabaseError as exc:
             console.error(str(exc).split("\n")[0])
             raise SystemExit(1) from None

@@ -12,6 +12,10 @@ from typing import Any
 
 from clickhouse_connect.driver.client import Client
 
+DEFAULTS: dict[str, Any] = {"tenant": "", "idle_s": 30}
+"""Parameters some queries take, with the value used unless the caller says otherwise: every
+tenant, and 30 s of quiet between a flow's calls ending a turn."""
+
 
 def sql(name: str) -> str:
     path = resources.files("sinks").joinpath("queries", f"{name}.sql")
@@ -26,7 +30,17 @@ def names() -> list[str]:
     return sorted(p.name[:-4] for p in folder.iterdir() if p.name.endswith(".sql"))
 
 
+def describe(name: str) -> str:
+    """The leading ``--`` comment of a query file: what it answers, for listings and docs."""
+    lines = []
+    for line in sql(name).splitlines():
+        if not line.startswith("--"):
+            break
+        lines.append(line[2:].strip())
+    return " ".join(lines)
+
+
 def run(client: Client, name: str, **params: Any) -> list[dict[str, Any]]:
-    result = client.query(sql(name), parameters=params)
+    result = client.query(sql(name), parameters={**DEFAULTS, **params})
     cols = result.column_names
     return [dict(zip(cols, row, strict=True)) for row in result.result_rows]

@@ -1,7 +1,7 @@
 from __future__ import annotations
 
 from ingest.synthetic import FEATURES, UNKNOWN_MODEL, Scenario, generate
-from processors.validate import ValidationLimits, decode_calls
+from processors.validate import ValidationLimits, decode_calls, decode_feedback, split_by_kind
 from tests.conftest import NOW, batch
 
 
@@ -18,9 +18,15 @@ def test_same_seed_same_traffic() -> None:
 def test_traffic_shape() -> None:
     s = Scenario(events=20_000, days=2, seed=3, end=NOW)
     raws = flat(s)
-    out = decode_calls(ValidationLimits())(batch(raws), NOW)
+    kinds = split_by_kind(batch(raws))
+    out = decode_calls(ValidationLimits())(kinds["call"], NOW)
+    feedback = decode_feedback(ValidationLimits())(kinds["feedback"], NOW)
     assert len(raws) >= 20_000
     assert 0 < len(out.dead) < 40  # a sprinkling of malformed payloads
+    assert not feedback.dead and 0.01 < len(feedback.events) / len(out.events) < 0.04
+    calls = {e.request_id for e in out.events}
+    orphans = [f for f in feedback.events if f.request_id not in calls]
+    assert len(orphans) <= 2  # feedback is about calls that happened (bar one whose call payload was mangled)
     features = {e.feature for e in out.events}
     assert features == {f.name for f in FEATURES}
     assert len({e.team for e in out.events}) >= 3
@@ -32,7 +38,7 @@ def test_traffic_shape() -> None:
 
 def test_incidents_are_in_the_data() -> None:
     s = Scenario(events=60_000, days=7, seed=9, end=NOW)
-    events = decode_calls(ValidationLimits())(batch(flat(s)), NOW).events
+    events = decode_calls(ValidationLimits())(split_by_kind(batch(flat(s)))["call"], NOW).events
     ok = [e for e in events if e.status == "ok"]
 
     def mean(xs: list[float]) -> float:
@@ -47,3 +53,15 @@ def test_incidents_are_in_the_data() -> None:
     assert before < 0.03 and 0.14 < after < 0.22
     canary = [e for e in events if e.feature == "support-chat" and e.variant == "canary"]
     assert canary and all(e.prompt_version == "v13" for e in canary)
+
+
+def test_agent_runs_are_back_to_back_traces() -> None:
+    s = Scenario(events=20_000, days=1, seed=4, end=NOW)
+    events = decode_calls(ValidationLimits())(split_by_kind(batch(flat(s)))["call"], NOW).events
+    runs: dict[str, list[float]] = {}
+    for e in events:
+        if e.feature == "agent-planner":
+            assert e.trace_id
+            runs.setdefault(e.trace_id, []).append(e.ts.timestamp())
+    spans = sorted(max(ts) - min(ts) for ts in runs.values() if len(ts) > 1)
+    assert len(spans) > 100 and spans[len(spans) // 2] < 120  # a run takes seconds to minutes, not the day

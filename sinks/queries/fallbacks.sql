@@ -1,0 +1,6 @@
+-- Fallback calls per provider pair: which provider a call fell back from, and to which.
+SELECT fallback_from, provider AS fell_back_to, count() AS calls, countIf(status = 'ok') AS succeeded
+FROM llm_calls
+WHERE ts >= {start:DateTime64(3)} AND ts < {end:DateTime64(3)} AND fallback_from != ''
+GROUP BY fallback_from, fell_back_to
+ORDER BY calls DESC

@@ -1,0 +1,12 @@
+-- The outputs users flagged most (thumbs down or a rating of 2 or less), with the release that
+-- served them. Output text is shown only where content capture is on.
+SELECT c.feature AS feature, c.release_id AS release_id, c.model AS model, c.prompt_hash AS prompt_hash,
+       count() AS flags, uniqExact(f.user_id) AS users, any(c.output) AS example_output,
+       groupArray(3)(f.comment) AS comments, max(f.ts) AS last_flagged
+FROM feedback AS f FINAL
+INNER JOIN llm_calls AS c ON c.request_id = f.request_id
+WHERE f.ts >= {start:DateTime64(3)} AND f.ts < {end:DateTime64(3)}
+  AND (f.thumbs = 'down' OR f.rating <= 2)
+GROUP BY feature, release_id, model, prompt_hash
+ORDER BY flags DESC, last_flagged DESC
+LIMIT 20
