@@ -13,7 +13,8 @@ demo has something to find:
   calls instead of 2%;
 
 and ``support-chat`` runs a canary of prompt ``v13`` (10% of conversations) whose refusal
-rate is 4× the control's.
+rate is 4× the control's. ``simulated_judge`` stands in for an LLM judge so every quality view
+has data: the canary's refusals pull its score down, ``v8``'s longer answers score a little higher.
 
 Everything is a pure function of the seed and the end time, so a test can regenerate the
 exact stream it checks against.
@@ -31,6 +32,7 @@ from math import exp
 from typing import Any
 
 import orjson
+import xxhash
 
 
 @dataclass(frozen=True)
@@ -122,6 +124,14 @@ FEATURES: tuple[FeatureProfile, ...] = (
 FEEDBACK_FEATURES = frozenset({"support-chat", "search-summarize", "email-draft"})
 """User-facing features, where people click thumbs up or down."""
 FLAG_COMMENTS = ("wrong answer", "refused a normal question", "too long", "made that up", "not helpful")
+
+JUDGE_QUALITY = {
+    "support-chat": 0.82, "search-summarize": 0.74, "code-review": 0.70,
+    "email-draft": 0.86, "doc-extract": 0.90, "agent-planner": 0.66,
+}  # fmt: skip
+"""Mean judge score of a normal answer per feature: the simulated judge's baseline."""
+SIM_JUDGE_MODEL = "sim-judge-1"
+SIM_RUBRIC = "helpfulness"
 
 LN2 = math.log(2)
 LN13 = math.log(1.3)
@@ -409,6 +419,37 @@ def generate(s: Scenario, batch_size: int = 10_000) -> Iterator[list[bytes]]:
             batch = []
     if batch:
         yield batch
+
+
+def simulated_judge(requests: list[dict[str, Any]]) -> list[bytes]:
+    """Deterministic verdicts for judge requests, as a judge service would publish them.
+
+    A refusal scores low (the demo's refusals are regressions, not policy), an error scores 0,
+    ``v8`` gains a little from its extra examples and the ``v13`` canary loses a little besides
+    its refusals; the rest is noise fixed by the request id, so reruns score identically.
+    """
+    out = []
+    for r in requests:
+        noise = xxhash.xxh64_intdigest(r["request_id"].encode()) / 2**64 - 0.5  # uniform in [-0.5, 0.5)
+        prompt_version = r.get("release", {}).get("prompt_version")
+        if r.get("status", "ok") != "ok":
+            score = 0.0
+        elif r.get("refusal"):
+            score = 0.15 + 0.2 * noise
+        else:
+            score = JUDGE_QUALITY.get(r.get("feature", ""), 0.75) + 0.24 * noise
+            score += 0.03 if prompt_version == "v8" else -0.04 if prompt_version == "v13" else 0.0
+        verdict = {
+            "kind": "judge_result",
+            "request_id": r["request_id"],
+            "rubric": SIM_RUBRIC,
+            "score": round(min(1.0, max(0.0, score)), 3),
+            "judge_model": SIM_JUDGE_MODEL,
+            "ts": r["ts"],
+            "rationale": "simulated verdict (llmpulse demo)",
+        }
+        out.append(orjson.dumps(verdict))
+    return out
 
 
 def produce_into(queue: Any, scenario: Scenario, batch_size: int = 10_000) -> None:

@@ -143,7 +143,10 @@ def _render_demo(s: dict[str, Any], settings: Settings) -> None:
         {"": "duplicates dropped", "value": s["duplicates"]},
         {"": "late (raw only)", "value": s["late"]},
         {"": "unpriced (price_missing)", "value": s["price_missing"]},
-        {"": "judge samples", "value": s["judge_samples"]},
+        {"": "judge samples (scored by the simulated judge)", "value": s["judge_samples"]},
+        {"": "  of which flagged by users", "value": s["flagged_for_judge"]},
+        {"": "judge verdicts", "value": s["judged"]},
+        {"": "user feedback events", "value": s["feedback"]},
         {"": "total cost (USD)", "value": s["cost_usd"]},
         {"": "pipeline events/s", "value": rate},
         {"": "wall time (s)", "value": s["wall_seconds"]},
@@ -186,6 +189,24 @@ def _render_demo(s: dict[str, Any], settings: Settings) -> None:
                 ],
             )
         )  # fmt: skip
+    canary = s["canary"]
+    out.print(
+        console.table(
+            "support-chat releases with 50+ calls: control vs canary (per call)",
+            [
+                {"release": r["release_id"], "prompt": r["prompt_version"], "variant": r["variant"],
+                 "model": r["model"], "calls": r["calls"], "tokens": r["tokens_per_call"],
+                 "cost": r["cost_per_call_usd"], "p95 ms": r["latency_p95_ms"],
+                 "refusals": f"{r['refusal_rate']:.1%}",
+                 "judge": None if r["eval_score"] is None else f"{r['eval_score']:.3f} (n={r['judged']})",
+                 "thumbs down": None if r["thumbs_down_rate"] is None else f"{r['thumbs_down_rate']:.1%}"}
+                for r in canary["releases"]
+                if r["calls"] >= 50
+            ],
+        )
+    )  # fmt: skip
+    verdict = "[bold green]PASS[/]" if canary["gate"]["passed"] else "[bold red]REFUSED[/]"
+    out.print(console.table(f"Gate: canary vs control → {verdict}", canary["gate"]["checks"]))
     inc = s["incidents"]
     data_flag = f" --data-dir {settings.data_dir}" if str(settings.data_dir) != ".llmpulse" else ""
     out.print("[bold]Injected incidents to look for[/]")
@@ -205,8 +226,11 @@ def _render_demo(s: dict[str, Any], settings: Settings) -> None:
         soft_wrap=True,
     )
     out.print(
-        "  • canary: support-chat prompt v13 (variant canary) refuses 4× as often as control.\n",
+        "  • canary: support-chat prompt v13 (variant canary) refuses 4× as often as control; the gate refuses it:\n"
+        f"    llmpulse gate{data_flag} --since 8d --feature support-chat --baseline variant=control "
+        "--candidate variant=canary --max-refusal-increase 0.02 --min-quality-delta 0\n",
         highlight=False,
+        soft_wrap=True,
     )
 
 
@@ -242,12 +266,15 @@ def replay(file: Path, config_path: Path | None, data_dir: Path | None, clickhou
         runtime.close()
     finally:
         conn.close()
-    c = runtime.stats.counters
+    c, fb, verdicts = runtime.stats.counters, runtime.stats.feedback, runtime.stats.verdicts
+    rejected = c.rejected + fb.rejected + verdicts.rejected
     rows = [
         {"": "lines read", "value": total},
-        {"": "accepted", "value": c.accepted},
-        {"": "rejected → dlq", "value": c.rejected},
-        {"": "duplicates dropped", "value": c.duplicates},
+        {"": "calls accepted", "value": c.accepted},
+        *([{"": "feedback accepted", "value": fb.accepted}] if fb.received else []),
+        *([{"": "judge verdicts accepted", "value": verdicts.accepted}] if verdicts.received else []),
+        {"": "rejected → dlq", "value": rejected},
+        {"": "duplicates dropped", "value": c.duplicates + fb.duplicates + verdicts.duplicates},
         {"": "unpriced (price_missing)", "value": c.price_missing},
         {"": "unknown fields kept in attributes", "value": c.unknown_fields},
     ]
@@ -258,7 +285,7 @@ def replay(file: Path, config_path: Path | None, data_dir: Path | None, clickhou
             + ", ".join(f"{m} ({n})" for m, n in sorted(c.unknown_models.items()))
             + ". Add them with `llmpulse prices import FILE`."
         )
-    if c.rejected:
+    if rejected:
         console.out.print(
             'See why lines were rejected: llmpulse query "SELECT kafka_offset, reason, path FROM dlq '
             'ORDER BY received_at DESC LIMIT 20"',

@@ -7,6 +7,7 @@ ClickHouse, so what it prints is what landed.
 
 from __future__ import annotations
 
+import dataclasses
 import multiprocessing
 import queue as queue_mod
 import time
@@ -16,8 +17,9 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
-from ingest.synthetic import Scenario, produce_into
+from ingest.synthetic import Scenario, produce_into, simulated_judge
 from llmpulse.alerting import AlertPipeline
+from llmpulse.gate import Policy, evaluate, measure
 from llmpulse.runtime import EmbeddedRuntime, open_clickhouse
 from processors.records import PayloadBatch, Source
 from schemas.config import Settings
@@ -78,7 +80,7 @@ def _run(
     on_progress: Callable[[int], None] | None,
 ) -> DemoResult:
     alerts = AlertPipeline(settings, conn, channels=[]) if settings.alerting.enabled else None
-    runtime = EmbeddedRuntime(settings, conn, alerts=alerts)
+    runtime = EmbeddedRuntime(settings, conn, alerts=alerts, judge=simulated_judge)
     run_id = uuid.uuid4().hex[:12]
     source = Source(DEMO_SOURCE, f"run-{run_id}")
     ctx = multiprocessing.get_context("spawn")  # never fork a process that holds chDB
@@ -98,7 +100,7 @@ def _run(
             offsets = list(range(offset, offset + len(payloads)))
             offset += len(payloads)
             # replay-time pipeline: "now" is the scenario's end, so the week is in range
-            runtime.ingest(PayloadBatch(source, payloads, offsets, digest=run_id), now=scenario.end, mixed=False)
+            runtime.ingest(PayloadBatch(source, payloads, offsets, digest=run_id), now=scenario.end)
             runtime.tick()
             if on_progress:
                 on_progress(len(payloads))
@@ -124,6 +126,9 @@ def _run(
         wall_seconds=round(wall, 3),
         inserts=runtime.sink.stats.inserts,
         window_partials=runtime.stats.partials,
+        feedback=runtime.stats.feedback.accepted,
+        judged=runtime.stats.verdicts.accepted,
+        flagged_for_judge=runtime.stats.flagged_for_judge,
         alerts=[
             {"rule": e.rule, "state": e.state, "severity": e.severity, "action": e.action,
              "scope": e.scope, "value": e.value, "at": e.window_end.isoformat(timespec="minutes")}
@@ -168,4 +173,24 @@ def summarize(conn: Connection, start: float, end: float) -> dict[str, Any]:
         "refusal_rate_by_model": {r["model"]: round(float(r["refusal_rate"]), 4) for r in refusals},
         "error_rate_by_model": {r["model"]: round(float(r["error_rate"]), 4) for r in refusals},
         "judge_samples": int(totals["judge_samples"] or 0),
+        "canary": canary_report(conn, start, end),
+    }
+
+
+CANARY = {"feature": "support-chat", "variant": "canary"}
+CONTROL = {"feature": "support-chat", "variant": "control"}
+CANARY_POLICY = Policy(max_token_increase=0.15, max_refusal_increase=0.02, min_quality_delta=0.0)
+"""What the demo's gate demands of the support-chat canary: no more than 15% more tokens per
+call, at most 2 points more refusals, and a judge score no worse than control's."""
+
+
+def canary_report(conn: Connection, start: float, end: float) -> dict[str, Any]:
+    """The support-chat canary against its control: per-release figures and the gate's verdict."""
+    period = {"start": datetime.fromtimestamp(start, UTC), "end": datetime.fromtimestamp(end, UTC)}
+    releases = [r for r in queries.run(conn.client, "release_metrics", **period) if r["feature"] == "support-chat"]
+    gate = evaluate(measure(conn, CONTROL, start, end, "control"), measure(conn, CANARY, start, end, "canary"),
+                    CANARY_POLICY)  # fmt: skip
+    return {
+        "releases": releases,
+        "gate": {"passed": gate.passed, "checks": [dataclasses.asdict(c) for c in gate.checks]},
     }

@@ -11,13 +11,16 @@ import gc
 import logging
 import math
 import time
+import uuid
+from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from processors.chain import CallPipeline, FeedbackPipeline, JudgeResultPipeline, PipelineOptions
 from processors.quality import feedback_partials, judge_partials, thumbs_down_requests
-from processors.records import PayloadBatch, StepCounters
+from processors.records import PayloadBatch, Source, StepCounters
 from processors.sampling import JudgeBudget
 from processors.validate import ValidationLimits, split_by_kind
 from processors.windows import WindowPartial
@@ -25,6 +28,7 @@ from schemas.config import Settings
 from schemas.prices import PriceTable, builtin_price_table, load_price_table
 from sinks.batching import Block, BufferedWriter
 from sinks.clickhouse import ClickHouseSink, Connection, RetryPolicy, connect
+from sinks.kafka import judge_request
 from sinks.migrations import migrate
 
 if TYPE_CHECKING:
@@ -94,10 +98,21 @@ def open_clickhouse(settings: Settings, purpose: str, *, data_dir: Path | None =
 @dataclass
 class RuntimeStats:
     counters: StepCounters = field(default_factory=StepCounters)
+    """Calls."""
+    feedback: StepCounters = field(default_factory=StepCounters)
+    verdicts: StepCounters = field(default_factory=StepCounters)
+    """Judge results."""
     batches: int = 0
     process_s: float = 0.0
     partials: int = 0
     flagged_for_judge: int = 0
+    judge_requests: int = 0
+    judge_results: int = 0
+
+
+InProcessJudge = Callable[[list[dict[str, Any]]], list[bytes]]
+"""Scores judge requests (the ``llm.judge.requests`` message shape) and returns ``judge_result``
+payloads: the embedded stand-in for a judge service reading the requests topic."""
 
 
 class EmbeddedRuntime:
@@ -107,6 +122,7 @@ class EmbeddedRuntime:
         conn: Connection,
         alerts: AlertPipeline | None = None,
         prices: PriceTable | None = None,
+        judge: InProcessJudge | None = None,
     ) -> None:
         self.settings = settings
         self.conn = conn
@@ -122,12 +138,18 @@ class EmbeddedRuntime:
             on_written=self._after_write,
         )
         self.alerts = alerts
+        self.judge = judge
+        self._judge_queue: deque[dict[str, Any]] = deque()  # filled as calls turn durable, drained by tick()
+        self._judge_source = Source("judge", f"in-process-{uuid.uuid4().hex[:12]}")
+        self._judge_offset = 0
+        self._now = time.time()
         self.stats = RuntimeStats()
         tune_gc()
 
     def ingest(self, batch: PayloadBatch, now: float | None = None, *, mixed: bool = True) -> None:
         """Process one batch of payloads; ``mixed`` routes feedback events by their ``kind``."""
         now = time.time() if now is None else now
+        self._now = now
         started = time.perf_counter()
         kinds = split_by_kind(batch) if mixed else {"call": batch}
         calls = kinds.get("call")
@@ -139,12 +161,12 @@ class EmbeddedRuntime:
         feedback = kinds.get("feedback")
         if feedback is not None:
             done = self.feedback.process(feedback, now)
-            self.stats.counters.add(done.counters)
+            self.stats.feedback.add(done.counters)
             self.writer.add_feedback(done)
         results = kinds.get("judge_result")
         if results is not None:
             scored = self.judge_results.process(results, now)
-            self.stats.counters.add(scored.counters)
+            self.stats.verdicts.add(scored.counters)
             self.writer.add_judge_results(scored)
         self.stats.batches += 1
         self.stats.process_s += time.perf_counter() - started
@@ -159,8 +181,11 @@ class EmbeddedRuntime:
         """Once calls, feedback and scores are durable: flagged calls go to the judge, and verdicts
         count toward their calls' scopes (eval score and thumbs-down rules)."""
         flagged = [r for b in block.feedback for r in thumbs_down_requests(b.events)]
-        if flagged:
-            self.stats.flagged_for_judge += self.sink.sample_flagged(flagged)
+        fresh = self.sink.sample_flagged(flagged) if flagged else []
+        self.stats.flagged_for_judge += len(fresh)
+        if self.judge is not None:
+            self._judge_queue.extend(judge_request(b, s.index, s.reason) for b in block.calls for s in b.samples)
+            self._judge_queue.extend(self.sink.sampled_requests(fresh))
         if self.alerts is None:
             return
         w = self.calls.windows.window_s
@@ -170,9 +195,25 @@ class EmbeddedRuntime:
             self.alerts.add_quality(quality)
 
     def tick(self) -> None:
-        """Time-based duties between batches: start writing a due buffer."""
+        """Time-based duties between batches: start writing a due buffer, judge what was sampled."""
+        self._judge_sampled()
         if self.writer.due():
             self.writer.flush(wait=False)
+
+    def _judge_sampled(self) -> int:
+        """Hand the calls sampled since last time to the in-process judge and ingest its verdicts
+        like any judge_result events (joined to their calls, rolled up, fed to the alert rules)."""
+        if self.judge is None or not self._judge_queue:
+            return 0
+        requests = [self._judge_queue.popleft() for _ in range(len(self._judge_queue))]
+        payloads = self.judge(requests)
+        self.stats.judge_requests += len(requests)
+        self.stats.judge_results += len(payloads)
+        if payloads:
+            offsets = list(range(self._judge_offset, self._judge_offset + len(payloads)))
+            self._judge_offset += len(payloads)
+            self.ingest(PayloadBatch(self._judge_source, payloads, offsets), now=self._now)
+        return len(payloads)
 
     def flush(self) -> None:
         """Write everything buffered and wait until it is durable."""
@@ -183,9 +224,14 @@ class EmbeddedRuntime:
     def finish(self) -> None:
         """A finite source ended: close every window (complete minutes only count) and write everything."""
         windows = self.calls.windows
-        last_minute_end = math.ceil(windows.max_ts / windows.window_s) * windows.window_s
-        self._emit(self.calls.flush_windows(), last_minute_end)
+        if math.isfinite(windows.max_ts):  # no calls at all (a feedback-only file): no windows to close
+            last_minute_end = math.ceil(windows.max_ts / windows.window_s) * windows.window_s
+            self._emit(self.calls.flush_windows(), last_minute_end)
         self.flush()
+        for _ in range(3):  # calls written -> judged -> verdicts written (flagged calls: one more round)
+            if not self._judge_sampled():
+                break
+            self.flush()
 
     def close(self) -> None:
         self.writer.close()

@@ -13,6 +13,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from datetime import datetime
 
+from processors.sampling import BOOSTED_REASONS
 from processors.windows import WindowPartial
 from schemas.wire import WireFeedback, WireJudgeResult
 
@@ -30,6 +31,8 @@ class Lineage:
     prompt_version: str
     variant: str
     release_id: str
+    sample_reason: str = ""
+    """Why the judge saw this call (``sampling.REASON_*``); empty when llmpulse did not sample it."""
 
     @property
     def key(self) -> tuple[str, ...]:
@@ -54,6 +57,8 @@ def judge_partials(
         known = lineage.get(r.request_id)
         if known is None:
             continue  # a score for a call we never saw: stored, but it has no scope to count toward
+        if known.sample_reason in BOOSTED_REASONS:
+            continue  # judged because it looked bad: kept for inspection, not for the quality average
         p = _partial(cells, r.ts.timestamp(), known.key, window_s)
         p.eval_count += 1
         p.eval_sum += r.score

@@ -22,6 +22,11 @@ _SPACE = 2**64
 REASON_RATE = "rate"
 REASON_ERROR = "error"
 REASON_REFUSAL = "refusal"
+REASON_FLAGGED = "thumbs_down"
+BOOSTED_REASONS = frozenset({REASON_ERROR, REASON_REFUSAL, REASON_FLAGGED})
+"""Samples taken because the call looked bad. Worth judging, but a score averaged over them
+says nothing about a release's quality, so the rolling eval score leaves them out (the
+``eval_1h`` view filters the same list)."""
 
 
 @dataclass(frozen=True, slots=True)

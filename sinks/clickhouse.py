@@ -15,6 +15,7 @@ import time
 import urllib.parse
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
+from datetime import UTC
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -26,6 +27,7 @@ from clickhouse_connect.driver.exceptions import DatabaseError, OperationalError
 from processors.chain import ProcessedCalls, ProcessedFeedback, ProcessedJudgeResults
 from processors.quality import Lineage
 from processors.records import DeadLetter
+from processors.sampling import REASON_FLAGGED
 from schemas.config import ClickHouseSettings, ConfigError
 from sinks import columns
 from sinks.lock import DataDirLock
@@ -241,43 +243,76 @@ class ClickHouseSink:
         found: dict[str, Lineage] = {}
         cols = (
             "request_id, any(event_id), any(ts), any(feature), any(team), any(model), any(provider), "
-            "any(prompt_version), any(variant), any(release_id)"
+            "any(prompt_version), any(variant), any(release_id), "
         )
-        for table in ("judge_samples", "llm_calls"):
+        for table, reason in (("judge_samples", "any(reason)"), ("llm_calls", "''")):
             missing = [r for r in wanted if r not in found]
             if not missing:
                 break
             rows = self.retry.run(
                 "lineage lookup",
-                lambda t=table, m=missing: (
+                lambda t=table, m=missing, why=reason: (
                     self.client.query(
-                        f"SELECT {cols} FROM {t} WHERE request_id IN {{ids:Array(String)}} GROUP BY request_id",
+                        f"SELECT {cols}{why} FROM {t} WHERE request_id IN {{ids:Array(String)}} GROUP BY request_id",
                         parameters={"ids": m},
                     ).result_rows
                 ),
             )
             for r in rows:
-                found[r[0]] = Lineage(r[1], r[2], r[3], r[4], r[5], r[6], r[7], r[8], r[9])
+                found[r[0]] = Lineage(*r[1:])
         return found
 
-    def sample_flagged(self, request_ids: Iterable[str], reason: str = "thumbs_down") -> int:
-        """Users flagged these calls: sample each for the judge unless it was sampled already."""
+    def sample_flagged(self, request_ids: Iterable[str], reason: str = REASON_FLAGGED) -> list[str]:
+        """Users flagged these calls: sample each for the judge unless it was sampled already.
+
+        Returns the request ids newly sampled, so the caller can send exactly those to the judge.
+        """
         ids = sorted(set(request_ids))
         if not ids:
-            return 0
-        before = self.client.command(f"SELECT count() FROM {self.db}.judge_samples")
-        self.client.command(
-            f"INSERT INTO {self.db}.judge_samples (event_id, ts, reason, feature, team, tenant, model, provider, "
-            "prompt_version, variant, release_id, request_id, conversation_id, status, refusal, prompt_hash, "
-            "prompt, output) "
-            f"SELECT event_id, ts, '{reason}', feature, team, tenant, model, provider, prompt_version, variant, "
-            "release_id, request_id, conversation_id, status, refusal, prompt_hash, prompt, output "
-            f"FROM {self.db}.llm_calls WHERE request_id IN {{ids:Array(String)}} "
-            f"AND request_id NOT IN (SELECT request_id FROM {self.db}.judge_samples)",
+            return []
+        fresh = [
+            str(r[0])
+            for r in self.client.query(
+                f"SELECT DISTINCT request_id FROM {self.db}.llm_calls WHERE request_id IN {{ids:Array(String)}} "
+                f"AND request_id NOT IN (SELECT request_id FROM {self.db}.judge_samples "
+                "WHERE request_id IN {ids:Array(String)})",
+                parameters={"ids": ids},
+            ).result_rows
+        ]
+        if fresh:
+            self.client.command(
+                f"INSERT INTO {self.db}.judge_samples (event_id, ts, reason, feature, team, tenant, model, provider, "
+                "prompt_version, variant, release_id, request_id, conversation_id, status, refusal, prompt_hash, "
+                "prompt, output) "
+                f"SELECT event_id, ts, '{reason}', feature, team, tenant, model, provider, prompt_version, variant, "
+                "release_id, request_id, conversation_id, status, refusal, prompt_hash, prompt, output "
+                f"FROM {self.db}.llm_calls WHERE request_id IN {{ids:Array(String)}} LIMIT 1 BY request_id",
+                parameters={"ids": fresh},
+            )
+        return fresh
+
+    def sampled_requests(self, request_ids: Iterable[str]) -> list[dict[str, Any]]:
+        """Judge requests for calls already in ``judge_samples``, in the shape the stream sends
+        (``sinks.kafka.judge_request``) as far as the table holds it: a call flagged after the
+        fact is judged exactly like one sampled in the stream."""
+        ids = sorted(set(request_ids))
+        if not ids:
+            return []
+        result = self.client.query(
+            "SELECT event_id, request_id, conversation_id, ts, reason, feature, team, tenant, release_id, "
+            "prompt_version, model, variant, provider, status, refusal, prompt_hash, prompt, output "
+            f"FROM {self.db}.judge_samples WHERE request_id IN {{ids:Array(String)}} LIMIT 1 BY request_id",
             parameters={"ids": ids},
         )
-        after = self.client.command(f"SELECT count() FROM {self.db}.judge_samples")
-        return int(after) - int(before)  # type: ignore[call-overload]
+        out = []
+        for row in result.result_rows:
+            r = dict(zip(result.column_names, row, strict=True))
+            ts = r["ts"] if r["ts"].tzinfo else r["ts"].replace(tzinfo=UTC)
+            r["ts"] = ts.isoformat()
+            r["release"] = {"prompt_version": r.pop("prompt_version"), "model": r["model"]}
+            r["refusal"] = bool(r["refusal"])
+            out.append(r)
+        return out
 
     def kafka_progress(self, topic: str, partition: int, from_offset: int) -> KafkaProgress:
         """Offsets at or above ``from_offset`` already written for a partition (raw rows and DLQ).

@@ -234,6 +234,7 @@ def judge_scores_table(batches: Iterable[ProcessedJudgeResults], lineage: Mappin
                                 type=_DICT),
             "provider": pa.array([x.provider if x else "" for x in found], type=_DICT),
             "rationale": pa.array([r.rationale for r in results], type=_STR),
+            "sample_reason": pa.array([x.sample_reason if x else "" for x in found], type=_DICT),
             **columns,
         }
     )  # fmt: skip

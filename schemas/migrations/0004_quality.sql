@@ -46,11 +46,14 @@ ORDER BY (feature, hour, release_id, rubric, prompt_version, variant, model)
 TTL hour + INTERVAL {rollup_ttl_days} DAY
 SETTINGS non_replicated_deduplication_window = {dedup_window};
 
+-- The rolling eval score reads the representative sample only: calls judged because they
+-- errored, refused or were flagged stay in judge_scores for inspection but would drag the mean.
 CREATE MATERIALIZED VIEW IF NOT EXISTS {db}.eval_1h_mv {on_cluster} TO {db}.eval_1h AS
 SELECT toStartOfHour(s.ts) AS hour, s.feature AS feature, s.release_id AS release_id,
        s.prompt_version AS prompt_version, s.variant AS variant, s.model AS model, s.rubric AS rubric,
        count() AS n, sum(s.score) AS score_sum, sum(s.score * s.score) AS score_sumsq
 FROM {db}.judge_scores AS s
+WHERE s.sample_reason NOT IN ('error', 'refusal', 'thumbs_down')  -- processors.sampling.BOOSTED_REASONS
 GROUP BY hour, feature, release_id, prompt_version, variant, model, rubric;
 
 ALTER TABLE {db}.feedback {on_cluster} ADD COLUMN IF NOT EXISTS event_id String DEFAULT '';

@@ -65,3 +65,22 @@ def test_agent_runs_are_back_to_back_traces() -> None:
             runs.setdefault(e.trace_id, []).append(e.ts.timestamp())
     spans = sorted(max(ts) - min(ts) for ts in runs.values() if len(ts) > 1)
     assert len(spans) > 100 and spans[len(spans) // 2] < 120  # a run takes seconds to minutes, not the day
+
+
+def test_simulated_judge_is_deterministic_and_penalises_refusals() -> None:
+    import orjson
+
+    from ingest.synthetic import simulated_judge
+
+    def request(rid: str, **kw: object) -> dict[str, object]:
+        return {"request_id": rid, "feature": "support-chat", "ts": "2026-11-18T10:00:00Z", "status": "ok",
+                "refusal": False, "release": {"prompt_version": "v12"}, **kw}  # fmt: skip
+
+    reqs = [request(f"r{i}") for i in range(400)]
+    first = [orjson.loads(p) for p in simulated_judge(reqs)]
+    assert first == [orjson.loads(p) for p in simulated_judge(reqs)]
+    ok = sum(v["score"] for v in first) / len(first)
+    assert 0.78 < ok < 0.86 and all(0 <= v["score"] <= 1 and v["kind"] == "judge_result" for v in first)
+    refused = [orjson.loads(p)["score"] for p in simulated_judge([request(f"x{i}", refusal=True) for i in range(50)])]
+    assert max(refused) < 0.3
+    assert orjson.loads(simulated_judge([request("e", status="error")])[0])["score"] == 0.0
