@@ -1,7 +1,7 @@
 """``llmpulse worker``: the distributed runtime, a faust-streaming app around the same processors.
 
 faust provides the app, its lifecycle and signals (SIGTERM drains), topic management and the
-low-volume agents (feedback). The hot ``llm.calls`` topic is consumed by ``CallsConsumer``
+low-volume agents (feedback, judge verdicts). The hot ``llm.calls`` topic is consumed by ``CallsConsumer``
 with aiokafka ``getmany`` under the worker's own control, because faust's per-message stream
 path drains ~15k msgs/s here against ~450k/s for ``getmany`` (DESIGN.md).
 
@@ -32,11 +32,12 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListen
 from aiokafka.structs import OffsetAndMetadata
 
 from ingest.kafka import client_options
-from llmpulse.alerting import AlertPipeline, rules_for
+from llmpulse.alerting import QUALITY_SOURCE, AlertPipeline, rules_for
 from llmpulse.runtime import open_clickhouse, pipeline_options, price_table, tune_gc, validation_limits
 from processors.alerts.stage2 import Stage2
-from processors.chain import CallPipeline, FeedbackPipeline
+from processors.chain import CallPipeline, FeedbackPipeline, JudgeResultPipeline
 from processors.pricing import COST_CLIENT, Costs
+from processors.quality import feedback_partials, judge_partials, thumbs_down_requests
 from processors.records import PayloadBatch, Source, StepCounters
 from processors.windows import WindowPartial
 from schemas.config import Settings
@@ -510,7 +511,9 @@ class AlertsConsumer(mode.Service):
                     continue
                 dims = tuple(body["scope_dims"])
                 partial = WindowPartial.from_wire(body)
-                stage2.add(dims, partial, int(body["partition"]), float(body["watermark"]), (tp.partition, m.offset))
+                watermark = body["watermark"]  # None from judge scores and feedback: they never move time
+                stage2.add(dims, partial, int(body["partition"]), None if watermark is None else float(watermark),
+                           (tp.partition, m.offset))  # fmt: skip
             last_offsets[tp.partition] = messages[-1].offset + 1
         self.pipeline.evaluate()
         now = time.time()
@@ -574,28 +577,67 @@ def build_app(settings: Settings, *, app_id: str = "llmpulse") -> tuple[faust.Ap
                 self.add_dependency(service)
 
     app.service(WorkerServices)
-    _feedback_agent(app, settings, consumer)
+    _quality_agent(app, settings, consumer, "feedback")
+    _quality_agent(app, settings, consumer, "judge_result")
     return app, consumer
 
 
-def _feedback_agent(app: faust.App, settings: Settings, calls: CallsConsumer) -> None:
-    """Feedback is low-volume: an idiomatic faust agent, batched, through the same sink."""
-    name = settings.kafka.topics.feedback
+def _quality_agent(app: faust.App, settings: Settings, calls: CallsConsumer, kind: str) -> None:
+    """Feedback and judge verdicts are low-volume: idiomatic faust agents, batched, through the
+    same sink. Once a batch is durable it feeds the alert rules (eval score, thumbs-down rate)
+    and, for a thumbs-down on a call nobody sampled, asks the judge to look at that call."""
+    topics = settings.kafka.topics
+    name = topics.feedback if kind == "feedback" else topics.judge_results
     topic = app.topic(name, value_type=bytes, key_type=bytes)
-    pipeline = FeedbackPipeline(validation_limits(settings))
+    limits = validation_limits(settings)
+    pipeline = FeedbackPipeline(limits) if kind == "feedback" else JudgeResultPipeline(limits)
+    window_s = int(settings.pipeline.window)
 
-    @app.agent(topic)
-    async def feedback(stream: Any) -> None:
+    async def write(processed: list[Any], token: str) -> None:
+        """Until it is durable: faust acks these messages only once we return."""
+        sink = calls.sink
+        assert sink is not None
+        delay = 0.5
+        while True:
+            try:
+                if kind == "feedback":
+                    await asyncio.to_thread(sink.write_feedback, processed, token)
+                else:
+                    await asyncio.to_thread(sink.write_judge_results, processed, token)
+                return
+            except SinkError as exc:
+                calls.metrics.insert_errors.inc()
+                log.error("ClickHouse write of %s failed; retrying in %.0fs: %s", name, delay, exc)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 30.0)
+
+    async def handle(events: list[Any]) -> None:
+        await calls.ready.wait()
+        by_partition: dict[int, PayloadBatch] = {}
+        for event in events:
+            m = event.message
+            batch = by_partition.setdefault(m.partition, PayloadBatch(Source("kafka", name, m.partition), [], []))
+            batch.payloads.append(event.value if isinstance(event.value, bytes) else bytes(event.value or b""))
+            batch.offsets.append(m.offset)
+        processed = [pipeline.process(b, time.time()) for b in by_partition.values()]
+        token = ";".join(f"{b.source.partition}:{b.offsets[0]}-{b.offsets[-1]}" for b in by_partition.values())
+        await write(processed, f"{kind}:{name}:{token}")
+        publisher, sink = calls.publisher, calls.sink
+        assert publisher is not None and sink is not None
+        await publisher.dead_letters(d for b in processed for d in b.dead)
+        if isinstance(pipeline, FeedbackPipeline):
+            flagged = [r for b in processed for r in thumbs_down_requests(b.events)]
+            if flagged:
+                fresh = await asyncio.to_thread(sink.sample_flagged, flagged)
+                await publisher.send_judge_requests(await asyncio.to_thread(sink.sampled_requests, fresh))
+            quality = [p for b in processed for p in feedback_partials(b.events, b.lineage, window_s)]
+        else:
+            quality = [p for b in processed for p in judge_partials(b.events, b.lineage, window_s)]
+        await publisher.partials(quality, calls.scopes, QUALITY_SOURCE, None)
+
+    async def agent(stream: Any) -> None:
         async for events in stream.take_events(2000, within=1.0):
-            await calls.ready.wait()
-            sink = calls.sink
-            assert sink is not None
-            by_partition: dict[int, PayloadBatch] = {}
-            for event in events:
-                m = event.message
-                batch = by_partition.setdefault(m.partition, PayloadBatch(Source("kafka", name, m.partition), [], []))
-                batch.payloads.append(event.value if isinstance(event.value, bytes) else bytes(event.value or b""))
-                batch.offsets.append(m.offset)
-            processed = [pipeline.process(b, time.time()) for b in by_partition.values()]
-            token = ";".join(f"{b.source.partition}:{b.offsets[0]}-{b.offsets[-1]}" for b in by_partition.values())
-            await asyncio.to_thread(sink.write_feedback, processed, f"feedback:{name}:{token}")
+            await handle(events)
+
+    agent.__name__ = f"{kind}_agent"
+    app.agent(topic, name=f"llmpulse.{kind}")(agent)

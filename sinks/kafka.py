@@ -88,7 +88,7 @@ def partial_messages(
     partials: Iterable[WindowPartial],
     scopes: Sequence[tuple[str, ...]],
     source_partition: int,
-    watermark: float,
+    watermark: float | None,
 ) -> list[tuple[bytes, bytes]]:
     """(key, value) messages: each partial projected onto each scope, merged within this partition."""
     partials = list(partials)
@@ -128,15 +128,11 @@ class KafkaPublisher:
         )
 
     async def judge_requests(self, batches: Iterable[ProcessedCalls]) -> None:
-        messages = (
-            (
-                (b.events[s.index].conversation_id or b.events[s.index].event_id).encode(),
-                orjson.dumps(judge_request(b, s.index, s.reason)),
-                None,
-            )
-            for b in batches
-            for s in b.samples
-        )
+        await self.send_judge_requests(judge_request(b, s.index, s.reason) for b in batches for s in b.samples)
+
+    async def send_judge_requests(self, requests: Iterable[dict[str, Any]]) -> None:
+        """Keyed by conversation: a judge consumer sees a conversation's turns in order."""
+        messages = (((r.get("conversation_id") or r["event_id"]).encode(), orjson.dumps(r), None) for r in requests)
         self.sent["judge_requests"] += await self._send_all(self.topics.judge_requests, messages)
 
     async def watermarks(self, marks: dict[int, float]) -> None:
@@ -168,8 +164,10 @@ class KafkaPublisher:
         partials: list[WindowPartial],
         scopes: Sequence[tuple[str, ...]],
         source_partition: int,
-        watermark: float,
+        watermark: float | None,
     ) -> None:
+        """``watermark`` None: the partials add to their minutes without moving any watermark
+        (judge scores and feedback arrive long after their calls' minutes)."""
         if not partials:
             return
         messages = partial_messages(partials, scopes, source_partition, watermark)

@@ -442,3 +442,61 @@ def test_worker_alerts_reach_the_webhook_once_and_metrics_are_served(tmp_path: P
     assert row == {"rule": "refusals-high", "state": "firing", "scope": {"model": "gpt-4o"}}
     on_topic = [orjson.loads(m.value) for m in asyncio.run(consume_all(topics, topics.topics.alerts))]
     assert [(m["rule"], m["state"]) for m in on_topic] == [("refusals-high", "firing")]
+
+
+def test_judge_verdicts_and_feedback_close_the_loop(tmp_path: Path, topics: Any) -> None:
+    """Sampled calls go out as judge requests; verdicts and feedback come back on their topics,
+    land joined to their calls, and feed an eval-score rule; a thumbs-down on a call nobody
+    sampled sends that call to the judge."""
+    receiver = Receiver()
+    rules = tmp_path / "rules.yaml"
+    rules.write_text(
+        "rules:\n  - {name: eval-low, metric: eval_score, scope: [feature], window: 1m, min: 0.5, min_calls: 5}\n"
+    )
+    cfg = write_config(
+        tmp_path / "w.yaml", topics,
+        pipeline={"batch_max_seconds": "100ms", "allowed_lateness": "2s", "idle_timeout": "2s"},
+        sampling={"default_rate": 0.0, "rates": {"chat": 1.0}},
+        alerting={"rules_path": str(rules), "channels": {"hook": {"type": "webhook", "url": receiver.url}}},
+    )  # fmt: skip
+    now = time.time()
+    chat = [call(event_id=f"c{i}", request_id=f"rc{i}", feature="chat", prompt_version="v2", ts=iso(now - 300 + i))
+            for i in range(10)]  # fmt: skip
+    mail = [call(event_id=f"m{i}", request_id=f"rm{i}", feature="mail", ts=iso(now - 300 + i)) for i in range(5)]
+    asyncio.run(produce(topics, topics.topics.calls, [(e["feature"].encode(), orjson.dumps(e)) for e in chat + mail]))
+    worker = Worker(cfg, tmp_path / "data", tmp_path / "w.log").start()
+    try:
+        worker.wait_ready(120)
+        wait_caught_up(topics, topics.topics.calls, workers=[worker])
+        requests = [orjson.loads(m.value) for m in asyncio.run(consume_all(topics, topics.topics.judge_requests))]
+        assert sorted(r["request_id"] for r in requests) == sorted(e["request_id"] for e in chat)
+        assert {r["reason"] for r in requests} == {"rate"} and {r["feature"] for r in requests} == {"chat"}
+        # the judge answers within the current minute: 0.2 on every call, far under the 0.5 floor
+        at = time.time()
+        at -= at % 60
+        verdicts = [{"kind": "judge_result", "request_id": r["request_id"], "rubric": "helpfulness", "score": 0.2,
+                     "judge_model": "judge-x", "ts": iso(at + 1)} for r in requests]  # fmt: skip
+        asyncio.run(produce(topics, topics.topics.judge_results, [(v["request_id"].encode(), orjson.dumps(v))
+                                                                  for v in verdicts]))  # fmt: skip
+        flag = {"kind": "feedback", "request_id": "rm3", "ts": iso(time.time() - 5), "thumbs": "down",
+                "comment": "wrong"}  # fmt: skip
+        asyncio.run(produce(topics, topics.topics.feedback, [(b"rm3", orjson.dumps(flag))]))
+        deadline = time.time() + 90
+        while not receiver.received and time.time() < deadline:
+            time.sleep(0.5)
+        requests = [orjson.loads(m.value) for m in asyncio.run(consume_all(topics, topics.topics.judge_requests))]
+    finally:
+        assert worker.stop() == 0, worker.log.read_text()[-3000:]
+    receiver.close()
+    flagged = [r for r in requests if r["request_id"] == "rm3"]
+    assert len(flagged) == 1 and flagged[0]["reason"] == "thumbs_down" and flagged[0]["feature"] == "mail"
+    scores = query(worker.data_dir, "SELECT feature, release_id, sample_reason, count() n, round(avg(score), 6) s "
+                                    "FROM judge_scores FINAL GROUP BY ALL")  # fmt: skip
+    (release,) = {r["release_id"] for r in requests if r["feature"] == "chat"}
+    assert scores == [{"feature": "chat", "release_id": release, "sample_reason": "rate", "n": 10, "s": 0.2}]
+    (fb,) = query(worker.data_dir, "SELECT request_id, feature, event_id, thumbs FROM feedback")
+    assert fb == {"request_id": "rm3", "feature": "mail", "event_id": "m3", "thumbs": "down"}
+    firing = [body for _, body in receiver.received if body["state"] == "firing"]
+    assert len(firing) == 1, receiver.received
+    assert firing[0]["rule"] == "eval-low" and firing[0]["scope"] == {"feature": "chat"}
+    assert firing[0]["value"] == pytest.approx(0.2)
