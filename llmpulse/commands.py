@@ -769,3 +769,95 @@ def gate(
     else:
         console.out.print("[bold yellow]INCONCLUSIVE[/]: not enough calls or judge scores on a side to decide.")
     raise SystemExit(code)
+
+
+@cli.command("trace")
+@click.argument("request_id")
+@click.option("--json", "as_json", is_flag=True)
+@_data_options
+@_friendly_errors
+def trace_cmd(
+    request_id: str, as_json: bool, config_path: Path | None, data_dir: Path | None, clickhouse_url: str | None
+) -> None:
+    """Lineage of one call: its release tuple, judge scores and feedback, and how its release
+    compares with the release of the same feature before it."""
+    import dataclasses
+
+    from llmpulse.lineage import NotFound, trace
+    from llmpulse.runtime import open_clickhouse
+
+    settings = _settings(config_path, data_dir, clickhouse_url)
+    conn = open_clickhouse(settings, purpose="llmpulse trace")
+    try:
+        try:
+            t = trace(conn, request_id)
+        except NotFound:
+            console.error(f"no call with request_id {request_id!r}",
+                          "request ids are the ones your services send; see: llmpulse query "
+                          '"SELECT request_id, ts, feature FROM llm_calls ORDER BY ts DESC LIMIT 10"')  # fmt: skip
+            raise SystemExit(1) from None
+    finally:
+        conn.close()
+    if as_json:
+        sys.stdout.write(orjson.dumps(dataclasses.asdict(t), default=_json_default).decode() + "\n")
+        return
+    _render_trace(t)
+
+
+def _render_trace(t: Any) -> None:
+    out, c = console.out, t.call
+    cached = f" ({c['cached_input_tokens']:,} cached)" if c["cached_input_tokens"] else ""
+    ttft = f", first token {c['ttft_ms']:,.0f} ms" if c["ttft_ms"] is not None else ""
+    cost = (
+        "unpriced"
+        if c["cost_usd"] is None
+        else f"${c['cost_usd']:.6f} ({c['cost_source']}, prices {c['price_version']})"
+    )
+    status = c["status"] + (" · refused" if c["refusal"] else "") + (f" · {c['error_type']}" if c["error_type"] else "")
+    rows = [
+        ("when", _json_default(c["ts"])), ("feature", f"{c['feature']} (team {c['team']}, service {c['service']})"),
+        ("provider / model", f"{c['provider']} / {c['model']}" + (f" → served by {c['response_model']}"
+                                                                  if c["response_model"] else "")),
+        ("status", status), ("tokens", f"{c['input_tokens']:,} in{cached}, {c['output_tokens']:,} out"),
+        ("latency", f"{c['latency_ms']:,.0f} ms{ttft}"), ("cost", cost),
+    ]  # fmt: skip
+    if c["fallback_from"]:
+        rows.append(("fell back from", c["fallback_from"]))
+    if t.flow:
+        f = t.flow
+        where = f"call {f['position']} of {f['calls']}: {f['tokens']:,} tokens, ${f['cost_usd']:.4f}, "
+        rows.append((f"flow ({f['by']})", where + f"{_duration_ms(f['span_ms'])} start to end"))
+    out.print(console.table(f"Call {c['request_id']}", [{"": k, "value": v} for k, v in rows]))
+    r = t.this_release
+    seen = (
+        f" — live {_json_default(r.first_seen)[:16]} → {_json_default(r.last_seen)[:16]}, {r.calls:,} calls"
+        if r
+        else ""
+    )
+    out.print(console.table(f"Release {c['release_id']} ({c['variant'] or 'no variant'}){seen}",
+                            [{"field": k, "value": v} for k, v in t.release.items()]))  # fmt: skip
+    if t.verdicts:
+        out.print(console.table("Judge verdicts", t.verdicts))
+    else:
+        out.print("[dim]Not judged (not sampled; a thumbs-down or a higher sampling rate would send it).[/]")
+    if t.feedback:
+        out.print(console.table("User feedback", t.feedback))
+    if c["output"] is not None:
+        out.print(f"[bold]Output[/] ({c['output_chars'] or len(c['output']):,} chars): {c['output'][:500]}",
+                  highlight=False)  # fmt: skip
+    if t.comparison is None:
+        out.print("[dim]No earlier release of this feature to compare with.[/]")
+        return
+    p = t.previous_release
+    rows = [
+        {"metric": k.metric, p.release_id: k.baseline, c["release_id"]: k.candidate, "change": k.change}
+        for k in t.comparison.checks
+    ]
+    out.print(console.table(f"Against the release before it: {p.release_id} (prompt {p.prompt_version}, "
+                            f"{p.model}, live from {_json_default(p.first_seen)[:16]})", rows))  # fmt: skip
+
+
+def _duration_ms(ms: float) -> str:
+    if ms < 10_000:
+        return f"{ms:,.0f} ms"
+    return f"{ms / 1000:,.1f} s" if ms < 120_000 else f"{ms / 60_000:,.1f} min"

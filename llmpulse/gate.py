@@ -73,7 +73,9 @@ def measure(conn: Connection, selector: dict[str, str], start: float, end: float
                                                                  "feature")}  # fmt: skip
     q_row = client.query(
         "SELECT sum(e.n), sum(e.score_sum), sum(e.score_sumsq) FROM eval_1h AS e "
-        f"WHERE {_where(eval_selector, 'e')} AND e.hour {span}"
+        # verdicts roll up per hour: the hour the period starts in counts whole
+        f"WHERE {_where(eval_selector, 'e')} AND e.hour BETWEEN toStartOfHour(toDateTime({int(start)})) "
+        f"AND toDateTime({int(end)})"
     ).result_rows[0]
     n = int(q_row[0] or 0)
     quality = ci = None
