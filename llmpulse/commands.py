@@ -861,3 +861,82 @@ def _duration_ms(ms: float) -> str:
     if ms < 10_000:
         return f"{ms:,.0f} ms"
     return f"{ms / 1000:,.1f} s" if ms < 120_000 else f"{ms / 60_000:,.1f} min"
+
+
+@cli.command()
+@click.option("--since", required=True, help="Reprice calls from this long ago (e.g. 30d).")
+@click.option("--until", "until", default=None, help="...up to this long ago [default: the start of this hour].")
+@click.option("--price-version", default=None, help="Refuse unless the price table applied has this version.")
+@click.option("--prices", "prices_path", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
+              help="Price table JSON to apply [default: the configured one].")  # fmt: skip
+@click.option("--dry-run", is_flag=True, help="Show what would change; write nothing.")
+@_data_options
+@_friendly_errors
+def reprice(
+    since: str, until: str | None, price_version: str | None, prices_path: Path | None, dry_run: bool,
+    config_path: Path | None, data_dir: Path | None, clickhouse_url: str | None,
+) -> None:  # fmt: skip
+    """Recompute past calls' costs with the current price table; history kept in cost_history.
+
+    Calls priced by their client are left alone. The minute rollups of the period are rebuilt
+    from raw, so dashboards and budgets see the new figures; the default end (the start of this
+    hour) keeps the rebuild clear of minutes a live worker is still writing.
+    """
+    import time as _time
+
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
+
+    from llmpulse.reprice import DAY
+    from llmpulse.reprice import reprice as run_reprice
+    from llmpulse.runtime import open_clickhouse, price_table
+    from schemas.durations import parse_duration
+    from schemas.prices import load_price_table
+
+    settings = _settings(config_path, data_dir, clickhouse_url)
+    table = load_price_table(prices_path) if prices_path else price_table(settings)
+    if price_version is not None and table.price_version != price_version:
+        source = prices_path or "the configured price table"
+        console.error(f"{source} is price version {table.price_version!r}, not {price_version!r}",
+                      "import the new prices first (llmpulse prices import FILE) or pass --prices FILE")  # fmt: skip
+        raise SystemExit(2)
+    now = _time.time()
+    end = now - now % 3600 if until is None else now - parse_duration(until)
+    start = now - parse_duration(since)
+    if start >= end:
+        console.error(f"nothing to do: --since {since} starts after the end of the period")
+        raise SystemExit(2)
+    conn = open_clickhouse(settings, purpose="llmpulse reprice")
+    try:
+        days = int(-(-(end - (start - start % DAY)) // DAY))
+        with Progress(TextColumn("[bold]reprice[/]"), BarColumn(), MofNCompleteColumn(), TextColumn("days"),
+                      console=console.err, transient=True) as progress:  # fmt: skip
+            task = progress.add_task("reprice", total=days)
+            stats = run_reprice(conn, table, start, end, dry_run=dry_run,
+                                on_day=lambda n: progress.advance(task, n))  # fmt: skip
+    finally:
+        conn.close()
+    rows = [
+        {"model": m, "calls": n, "old_cost_usd": round(o, 6), "new_cost_usd": round(c, 6),
+         "change": f"{(c - o) / o:+.1%}" if o else "newly priced"}
+        for m, (n, o, c) in sorted(stats.by_model.items(), key=lambda kv: -abs(kv[1][2] - kv[1][1]))
+    ]  # fmt: skip
+    verb = "Would reprice" if dry_run else "Repriced"
+    title = (f"{verb} {stats.changed:,} of {stats.scanned:,} calls to price version {stats.price_version} "
+             f"({_json_default(datetime.fromtimestamp(start, UTC))[:16]} → "
+             f"{_json_default(datetime.fromtimestamp(end, UTC))[:16]}, {stats.seconds:.1f} s)")  # fmt: skip
+    console.out.print(console.table(title, rows) if rows else title)
+    total = f"Total: {_usd(stats.old_cost_usd)} → {_usd(stats.new_cost_usd)}"
+    if stats.newly_priced:
+        total += f"; {stats.newly_priced:,} calls priced for the first time"
+    if stats.still_unpriced:
+        total += f"; {stats.still_unpriced:,} still without a price"
+    console.out.print(total)
+    if not dry_run and stats.changed:
+        history = ("SELECT new_price_version, old_price_version, count(), sum(old_cost_usd), sum(new_cost_usd) "
+                   "FROM cost_history GROUP BY ALL")  # fmt: skip
+        console.out.print(f'History: llmpulse query "{history}"', highlight=False)
+
+
+def _usd(x: float) -> str:
+    """Cents once the sums are large, four places below $100 (a few calls' worth)."""
+    return f"${x:,.2f}" if abs(x) >= 100 else f"${x:,.4f}"

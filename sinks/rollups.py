@@ -1,0 +1,156 @@
+"""Rollups recomputed from raw rows: for re-pricing, reconciliation and repair.
+
+The recomputation is the materialized view's own SELECT, read back from the server
+(``system.tables.as_select``) with its source swapped for a deduplicated, time-bounded read of
+the raw table. So there is one definition of every rollup — the migration's — and a rebuilt
+minute is exactly what the view would have produced from the rows as they are now.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+from sinks.clickhouse import Connection
+
+
+@dataclass(frozen=True)
+class Rollup:
+    table: str
+    view: str
+    source: str
+    bucket: str
+    """The rollup's time column (minute or hour)."""
+    seconds: int
+    keys: tuple[str, ...]
+    """Dimension columns, to compare a stored rollup with its recomputation cell by cell."""
+    sums: tuple[str, ...]
+
+
+ROLLUPS = {
+    r.table: r
+    for r in (
+        Rollup("llm_calls_1m", "llm_calls_1m_mv", "llm_calls", "minute", 60,
+               ("minute", "tenant", "service", "feature", "team", "provider", "model", "prompt_version", "variant",
+                "release_id"),
+               ("calls", "errors", "timeouts", "rate_limited", "refusals", "price_missing", "input_tokens",
+                "output_tokens", "cached_input_tokens", "cache_write_tokens", "output_chars", "schema_checked",
+                "schema_valid", "tool_call_calls", "ttft_calls", "cost_usd", "latency_ms_sum", "ttft_ms_sum")),
+        Rollup("eval_1h", "eval_1h_mv", "judge_scores", "hour", 3600,
+               ("hour", "feature", "release_id", "prompt_version", "variant", "model", "rubric"),
+               ("n", "score_sum", "score_sumsq")),
+        Rollup("feedback_1h", "feedback_1h_mv", "feedback", "hour", 3600,
+               ("hour", "feature", "release_id", "prompt_version", "variant", "model"),
+               ("n", "thumbs_up", "thumbs_down", "rated", "rating_sum")),
+    )
+}  # fmt: skip
+FLOAT_SUMS = frozenset({"cost_usd", "latency_ms_sum", "ttft_ms_sum", "score_sum", "score_sumsq", "rating_sum"})
+"""Sums of floats: compared with a relative tolerance (summation order differs between paths)."""
+
+
+class RollupError(RuntimeError):
+    pass
+
+
+def align(rollup: Rollup, start: float, end: float) -> tuple[int, int]:
+    """Whole buckets covering [start, end): a rollup row is rebuilt entirely or not at all."""
+    s = int(start // rollup.seconds * rollup.seconds)
+    e = int(-(-end // rollup.seconds) * rollup.seconds)
+    return s, e
+
+
+def _range(start: int, end: int) -> dict[str, datetime]:
+    return {"start": datetime.fromtimestamp(start, UTC), "end": datetime.fromtimestamp(end, UTC)}
+
+
+def recompute_sql(conn: Connection, rollup: Rollup) -> str:
+    """The view's SELECT over ``{start:DateTime}``..``{end:DateTime}`` of the raw table, FINAL."""
+    rows = conn.client.query(
+        "SELECT as_select FROM system.tables WHERE database = {db:String} AND name = {v:String}",
+        parameters={"db": conn.database, "v": rollup.view},
+    ).result_rows
+    if not rows:
+        raise RollupError(f"materialized view {conn.database}.{rollup.view} not found: run `llmpulse migrate`")
+    select = str(rows[0][0])
+    source = re.compile(rf"FROM\s+`?{re.escape(conn.database)}`?\.`?{rollup.source}`?\s+AS\s+(\w+)", re.IGNORECASE)
+    found = source.search(select)
+    if found is None:
+        raise RollupError(f"cannot find the source table {rollup.source} in the definition of {rollup.view}")
+    bounded = (
+        f"FROM (SELECT * FROM {conn.database}.{rollup.source} FINAL "
+        "WHERE ts >= {start:DateTime} AND ts < {end:DateTime}) AS " + found.group(1)
+    )
+    return select[: found.start()] + bounded + select[found.end() :]
+
+
+def rebuild(conn: Connection, table: str, start: float, end: float) -> tuple[int, int]:
+    """Replace the rollup's rows in [start, end) (whole buckets) with their recomputation.
+
+    Returns the aligned range. Not atomic: a reader may see the range empty for the moment
+    between the delete and the insert, and rows a live pipeline adds to these buckets in that
+    moment would be lost — repair closed periods, not the current minute.
+    """
+    rollup = ROLLUPS[table]
+    s, e = align(rollup, start, end)
+    params = _range(s, e)
+    conn.client.command(
+        f"ALTER TABLE {conn.database}.{table} DELETE WHERE {rollup.bucket} >= {{start:DateTime}} "
+        f"AND {rollup.bucket} < {{end:DateTime}}",
+        parameters=params,
+        settings={"mutations_sync": 2},
+    )
+    # insert_deduplicate off: a rebuild of unchanged rows must not be dropped as a repeat of the last one
+    conn.client.command(
+        f"INSERT INTO {conn.database}.{table} {recompute_sql(conn, rollup)}",
+        parameters=params,
+        settings={"insert_deduplicate": 0},
+    )
+    return s, e
+
+
+@dataclass
+class Difference:
+    table: str
+    key: dict[str, Any]
+    column: str
+    stored: float | None
+    recomputed: float | None
+
+
+def compare(conn: Connection, table: str, start: float, end: float, limit: int = 1000) -> list[Difference]:
+    """Cells whose stored sums differ from the recomputation (counts exactly, floats to 1e-9 relative)."""
+    rollup = ROLLUPS[table]
+    s, e = align(rollup, start, end)
+    keys = ", ".join(rollup.keys)
+    sums = ", ".join(f"sum({c}) AS {c}" for c in rollup.sums)
+    differs = " OR ".join(
+        f"abs(ifNull(a.{c}, 0) - ifNull(b.{c}, 0)) > 1e-9 * greatest(abs(ifNull(a.{c}, 0)), abs(ifNull(b.{c}, 0)), 1)"
+        if c in FLOAT_SUMS
+        else f"ifNull(a.{c}, 0) != ifNull(b.{c}, 0)"
+        for c in rollup.sums
+    )
+    stored = (
+        f"SELECT {keys}, {sums} FROM {conn.database}.{table} WHERE {rollup.bucket} >= {{start:DateTime}} "
+        f"AND {rollup.bucket} < {{end:DateTime}} GROUP BY {keys}"
+    )
+    fresh = f"SELECT {keys}, {sums} FROM ({recompute_sql(conn, rollup)}) GROUP BY {keys}"
+    using = ", ".join(rollup.keys)
+    result = conn.client.query(
+        f"SELECT {keys}, {', '.join(f'a.{c}, b.{c}' for c in rollup.sums)} "
+        f"FROM ({stored}) AS a FULL OUTER JOIN ({fresh}) AS b USING ({using}) WHERE {differs} "
+        f"LIMIT {int(limit)} SETTINGS join_use_nulls = 1",
+        parameters=_range(s, e),
+    )
+    out = []
+    n = len(rollup.keys)
+    for row in result.result_rows:
+        key = dict(zip(rollup.keys, row[:n], strict=True))
+        for i, c in enumerate(rollup.sums):
+            a, b = row[n + 2 * i], row[n + 2 * i + 1]
+            if (a or 0) != (b or 0) and (
+                c not in FLOAT_SUMS or abs((a or 0) - (b or 0)) > 1e-9 * max(abs(a or 0), abs(b or 0), 1)
+            ):
+                out.append(Difference(table, key, c, a, b))
+    return out
