@@ -16,6 +16,7 @@ import orjson
 
 from llmpulse import console
 from schemas.config import ConfigError, Settings, load_settings
+from schemas.judge import RubricError
 from schemas.prices import PriceError
 from sinks.clickhouse import SinkError
 from sinks.lock import DataDirBusy
@@ -63,7 +64,7 @@ def _friendly_errors(fn: F) -> F:
             console.error(str(exc), "Fix the value named above; `llmpulse.yaml` in the repository lists every key.")
         except DataDirBusy as exc:
             console.error(str(exc))
-        except PriceError as exc:
+        except (PriceError, RubricError) as exc:
             console.error(str(exc))
         except SinkError as exc:
             console.error(str(exc), "Is ClickHouse reachable? Check clickhouse.url and credentials.")
@@ -508,13 +509,72 @@ def topics_create(
 def worker(
     bootstrap_servers: str | None, config_path: Path | None, data_dir: Path | None, clickhouse_url: str | None
 ) -> None:
-    """Consume llm.calls (and llm.feedback) and write ClickHouse; SIGTERM drains and exits cleanly."""
+    """Consume llm.calls (and feedback, judge verdicts) and write ClickHouse; SIGTERM drains and exits cleanly."""
     from llmpulse.worker import build_app
 
     settings = _kafka_settings(config_path, data_dir, clickhouse_url, bootstrap_servers)
     app, _ = build_app(settings)
     worker = app.Worker(loglevel=settings.log_level.upper(), quiet=True)
     worker.execute_from_commandline()
+
+
+@cli.command()
+@click.option("--embedded", is_flag=True, help="Score judge_samples in ClickHouse instead of consuming Kafka.")
+@click.option("--since", default=None, help="Only calls from this long ago (e.g. 7d); Kafka: skip older ones.")
+@click.option("--max-requests", type=int, default=None, help="Stop after this many requests.")
+@click.option("--idle-exit", default=None, help="Kafka: stop after this long without requests (e.g. 30s).")
+@click.option("--rubric", "rubric_path", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
+              help="Rubric YAML [config judge.rubric_path, else the packaged helpfulness rubric].")  # fmt: skip
+@click.option("--model", default=None, help="Judge model [config judge.model, else the rubric's].")
+@click.option("--base-url", default=None, help="OpenAI-compatible API [config judge.base_url].")
+@click.option("--concurrency", type=int, default=None, help="Requests in flight [config judge.concurrency].")
+@click.option("--json", "as_json", is_flag=True, help="Print the run's figures as JSON.")
+@_kafka_options
+@_data_options
+@_friendly_errors
+def judge(
+    embedded: bool, since: str | None, max_requests: int | None, idle_exit: str | None, rubric_path: Path | None,
+    model: str | None, base_url: str | None, concurrency: int | None, as_json: bool, bootstrap_servers: str | None,
+    config_path: Path | None, data_dir: Path | None, clickhouse_url: str | None,
+) -> None:  # fmt: skip
+    """Score sampled calls with an LLM judge (any OpenAI-compatible API).
+
+    The key comes from $OPENAI_API_KEY (or the variable named by judge.api_key_env). Kafka:
+    consume llm.judge.requests, publish verdicts to llm.judge.results, commit once they are
+    acknowledged; SIGTERM finishes the batch in hand. --embedded: score judge_samples rows not
+    yet scored for this rubric and model. Calls stored without content (content.capture off)
+    are skipped and counted: a judge never sees only hashes.
+    """
+    from llmpulse.judge import run_judge
+    from schemas.durations import parse_duration
+
+    settings = load_settings(config_path, {
+        "data_dir": data_dir, "clickhouse": {"url": clickhouse_url}, "kafka": {"bootstrap_servers": bootstrap_servers},
+        "judge": {"rubric_path": rubric_path, "model": model, "base_url": base_url, "concurrency": concurrency},
+    })  # fmt: skip
+    with console.err.status("judging…") as status:
+        stats = run_judge(
+            settings, settings.judge, embedded=embedded, since=parse_duration(since) if since else None,
+            max_requests=max_requests, idle_exit=parse_duration(idle_exit) if idle_exit else None,
+            on_progress=lambda s: status.update(f"judging… {s.scored:,} scored, {s.skipped_total:,} skipped, "
+                                                f"{s.failed:,} failed"),
+        )  # fmt: skip
+    if as_json:
+        sys.stdout.write(json.dumps(stats.to_dict(), default=str) + "\n")
+    else:
+        mean = stats.mean_score
+        rows = [
+            {"": "requests", "value": stats.requests}, {"": "scored", "value": stats.scored},
+            {"": "mean score", "value": None if mean is None else round(mean, 4)},
+            *({"": f"skipped: {k}", "value": v} for k, v in sorted(stats.skipped.items())),
+            *({"": f"failed: {k}", "value": v} for k, v in sorted(stats.failures.items())),
+            {"": "deferred (endpoint unavailable)", "value": stats.deferred}, {"": "retries", "value": stats.retries},
+            {"": "verdicts published" if not embedded else "verdicts stored", "value": stats.published},
+            {"": "judge tokens in / out", "value": f"{stats.judge_input_tokens:,} / {stats.judge_output_tokens:,}"},
+            {"": "seconds", "value": round(stats.seconds, 1)},
+        ]  # fmt: skip
+        console.out.print(console.table("llmpulse judge" + (" (embedded)" if embedded else ""), rows))
+    raise SystemExit(1 if stats.failed or stats.deferred else 0)
 
 
 @cli.group()

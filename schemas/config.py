@@ -19,6 +19,7 @@ from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, Settings
 from schemas import limits
 from schemas.channels import ChannelList
 from schemas.durations import Duration
+from schemas.judge import JudgeSettings
 
 ENV_PREFIX = "LLMPULSE_"
 DEFAULT_CONFIG_NAME = "llmpulse.yaml"
@@ -189,6 +190,7 @@ class Settings(BaseSettings):
     kafka: KafkaSettings = Field(default_factory=KafkaSettings)
     alerting: AlertingSettings = Field(default_factory=AlertingSettings)
     metrics: MetricsSettings = Field(default_factory=MetricsSettings)
+    judge: JudgeSettings = Field(default_factory=JudgeSettings)
 
     @classmethod
     def settings_customise_sources(
