@@ -38,6 +38,8 @@ METRIC_SQL: dict[str, str] = {
     "ttft_p50_ms": f"if(sum(r.ttft_calls) > 0, {_Q}(r.ttft_ms_q)[1], NULL)",
     "ttft_p95_ms": f"if(sum(r.ttft_calls) > 0, {_Q}(r.ttft_ms_q)[3], NULL)",
     "ttft_p99_ms": f"if(sum(r.ttft_calls) > 0, {_Q}(r.ttft_ms_q)[4], NULL)",
+    "output_tokens_p50": f"{_Q}(r.output_tokens_q)[1]",
+    "output_tokens_p95": f"{_Q}(r.output_tokens_q)[3]",
 }
 
 
