@@ -96,6 +96,12 @@ class AlertPipeline:
             aligned = now - now % rule.window
             for values, history in self.store.recent_values(rule, aligned, length).items():
                 self.engine.seed_history(rule, dict(zip(rule.scope.by, values, strict=True)), history)
+            if rule.absent is not None:
+                since = aligned - rule.window * length
+                for ws, cells in self.store.window_values(rule, since, aligned).items():
+                    for values, (_, calls) in cells.items():
+                        if calls > 0:
+                            self.windows.saw(rule, values, ws)
         for budget in self.rules.budgets:
             start, _ = period_bounds(budget.period, now)
             spent = self.store.period_spend(budget, start, now)

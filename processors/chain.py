@@ -70,6 +70,8 @@ class ProcessedFeedback:
 class PipelineOptions:
     window_s: int = 60
     lateness_s: float = 120.0
+    flow_idle_s: float | None = None
+    """Track flows (agent runs, conversation turns) with this idle gap; None: no rule reads them."""
     limits: ValidationLimits = field(default_factory=ValidationLimits)
     capture_content: bool = False
     redact_content: bool = True
@@ -94,7 +96,7 @@ class CallPipeline:
         self.price = CostAttribution(prices)
         self.content = ContentPolicy(capture=o.capture_content, redact_pii=o.redact_content)
         self.release = ReleaseFingerprint()
-        self.windows = WindowAggregator(o.window_s, o.lateness_s, partition)
+        self.windows = WindowAggregator(o.window_s, o.lateness_s, partition, o.flow_idle_s)
         judge_rates = self.price.rates(o.judge_model)
         rubric, answer = o.judge_extra_tokens
 

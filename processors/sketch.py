@@ -52,6 +52,11 @@ class QuantileSketch:
             self._pending = []
         return digest
 
+    def compact(self) -> None:
+        """Fold buffered values into the digest now (a sketch kept for long, not a hot cell)."""
+        if self._pending:
+            self._fold()
+
     @property
     def count(self) -> int:
         folded = 0 if self._digest is None else int(self._digest.n_values)

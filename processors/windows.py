@@ -17,6 +17,7 @@ from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from processors.flows import ClosedFlow, FlowTracker
 from processors.pricing import Costs
 from processors.sketch import QuantileSketch
 from schemas.wire import WireCall
@@ -46,8 +47,12 @@ _COUNTS = (
     "thumbs_up",
     "thumbs_down",
     "rated",
+    "flows",
+    "flow_calls",
+    "flow_tokens",
 )
-_SUMS = ("cost_usd", "latency_ms_sum", "ttft_ms_sum", "eval_sum", "eval_sumsq", "rating_sum")
+_SUMS = ("cost_usd", "latency_ms_sum", "ttft_ms_sum", "eval_sum", "eval_sumsq", "rating_sum", "flow_ms_sum",
+         "flow_cost_usd")  # fmt: skip
 
 
 @dataclass(slots=True)
@@ -87,6 +92,18 @@ class WindowPartial:
     rating_sum: float = 0.0
     latency: QuantileSketch = field(default_factory=QuantileSketch)
     ttft: QuantileSketch = field(default_factory=QuantileSketch)
+    output: QuantileSketch = field(default_factory=QuantileSketch)
+    """Output tokens per call: the length distribution drift compares (p95, PSI)."""
+    served: set[str] = field(default_factory=set)
+    """The response_models that answered: a new one under an unchanged model name is a silent switch."""
+    flows: int = 0
+    """Multi-call flows (agent runs, conversation turns) known finished in this window (processors.flows)."""
+    flow_calls: int = 0
+    flow_tokens: int = 0
+    flow_ms_sum: float = 0.0
+    flow_cost_usd: float = 0.0
+    flow_ms: QuantileSketch = field(default_factory=QuantileSketch)
+    """Perceived latency of those flows: first call's start to last call's end."""
 
     @property
     def window_end(self) -> int:
@@ -95,9 +112,9 @@ class WindowPartial:
     def labels(self, dims: tuple[str, ...] = SCOPE_DIMS) -> dict[str, str]:
         return dict(zip(dims, self.key, strict=True))
 
-    def merge(self, other: WindowPartial, latency: bool = True, ttft: bool = True) -> None:
-        """Add ``other`` in. Stage 2 passes ``latency``/``ttft`` False where no rule reads those
-        percentiles: merging sketches nobody queries is most of what merging costs."""
+    def merge(self, other: WindowPartial, latency: bool = True, ttft: bool = True, output: bool = True) -> None:
+        """Add ``other`` in. Stage 2 passes ``latency``/``ttft``/``output`` False where no rule reads
+        those sketches: merging sketches nobody queries is most of what merging costs."""
         # spelled out: stage 2 merges hundreds of thousands of cells a minute, and a getattr/setattr
         # loop over the field names costs five times as much
         self.calls += other.calls
@@ -130,11 +147,24 @@ class WindowPartial:
             self.latency.merge(other.latency)
         if ttft:
             self.ttft.merge(other.ttft)
+        if output:
+            self.output.merge(other.output)
+        if other.served:
+            self.served |= other.served
+        if other.flows:
+            self.flows += other.flows
+            self.flow_calls += other.flow_calls
+            self.flow_tokens += other.flow_tokens
+            self.flow_ms_sum += other.flow_ms_sum
+            self.flow_cost_usd += other.flow_cost_usd
+            self.flow_ms.merge(other.flow_ms)  # flows are few: always merged
 
-    def copy(self, key: tuple[str, ...] | None = None, latency: bool = True, ttft: bool = True) -> WindowPartial:
+    def copy(
+        self, key: tuple[str, ...] | None = None, latency: bool = True, ttft: bool = True, output: bool = True
+    ) -> WindowPartial:
         """A new partial with this one's aggregates (sketches copied too, so the two stay independent)."""
         out = WindowPartial(self.window_start, self.window_s, self.key if key is None else key, self.partition)
-        out.merge(self, latency, ttft)
+        out.merge(self, latency, ttft, output)
         return out
 
     def metric(self, name: str) -> float | None:
@@ -158,6 +188,10 @@ class WindowPartial:
             out[name] = getattr(self, name)
         out["latency"] = base64.b64encode(self.latency.to_bytes()).decode()
         out["ttft"] = base64.b64encode(self.ttft.to_bytes()).decode()
+        out["output"] = base64.b64encode(self.output.to_bytes()).decode()
+        out["served"] = sorted(self.served)
+        if self.flows:
+            out["flow_ms"] = base64.b64encode(self.flow_ms.to_bytes()).decode()
         return out
 
     @classmethod
@@ -169,6 +203,14 @@ class WindowPartial:
             partition=int(data.get("partition", -1)),
             latency=QuantileSketch.from_bytes(base64.b64decode(data["latency"])),
             ttft=QuantileSketch.from_bytes(base64.b64decode(data["ttft"])),
+            # absent in partials from before drift metrics: an empty sketch, nothing served
+            output=QuantileSketch.from_bytes(base64.b64decode(data["output"]))
+            if "output" in data
+            else QuantileSketch(),
+            served=set(data.get("served", ())),
+            flow_ms=QuantileSketch.from_bytes(base64.b64decode(data["flow_ms"]))
+            if "flow_ms" in data
+            else QuantileSketch(),
         )
         for name in _COUNTS:
             setattr(partial, name, int(data.get(name, 0)))
@@ -184,6 +226,8 @@ def rate_f(n: float, d: int) -> float | None:
 SKETCH_METRICS: dict[str, str] = {
     "latency_p50_ms": "latency", "latency_p95_ms": "latency", "latency_p99_ms": "latency",
     "ttft_p50_ms": "ttft", "ttft_p95_ms": "ttft", "ttft_p99_ms": "ttft",
+    "output_tokens_p50": "output", "output_tokens_p95": "output", "output_tokens_psi": "output",
+    "flow_perceived_p50_ms": "flow_ms", "flow_perceived_p95_ms": "flow_ms",
 }  # fmt: skip
 """Metrics read from a sketch (and which one)."""
 
@@ -215,6 +259,18 @@ METRIC_FNS: dict[str, Callable[[WindowPartial], float | None]] = {
     "ttft_p50_ms": _q("ttft", 0.5),
     "ttft_p95_ms": _q("ttft", 0.95),
     "ttft_p99_ms": _q("ttft", 0.99),
+    "output_tokens_p50": _q("output", 0.5),
+    "output_tokens_p95": _q("output", 0.95),
+    # need the scope's trailing windows, not just this one: stage 2 supplies them (processors.drift.DriftMemory)
+    "output_tokens_psi": lambda p: None,
+    "response_models_new": lambda p: None,
+    "flows": lambda p: float(p.flows),
+    "flow_calls_avg": lambda p: rate_f(p.flow_calls, p.flows),
+    "flow_tokens_avg": lambda p: rate_f(p.flow_tokens, p.flows),
+    "flow_cost_usd_avg": lambda p: rate_f(p.flow_cost_usd, p.flows),
+    "flow_perceived_avg_ms": lambda p: rate_f(p.flow_ms_sum, p.flows),
+    "flow_perceived_p50_ms": _q("flow_ms", 0.5),
+    "flow_perceived_p95_ms": _q("flow_ms", 0.95),
     "eval_score": lambda p: rate_f(p.eval_sum, p.eval_count),
     "eval_count": lambda p: float(p.eval_count),
     "thumbs_down_rate": lambda p: rate_f(p.thumbs_down, p.thumbs_up + p.thumbs_down),
@@ -224,13 +280,23 @@ METRIC_FNS: dict[str, Callable[[WindowPartial], float | None]] = {
 }
 """The stream's metrics, one function each (``sinks/queries/metrics.py`` has them as SQL)."""
 
+FLOW_METRICS = frozenset(
+    ("flows", "flow_calls_avg", "flow_tokens_avg", "flow_cost_usd_avg", "flow_perceived_avg_ms",
+     "flow_perceived_p50_ms", "flow_perceived_p95_ms")
+)  # fmt: skip
+"""Metrics of finished flows (processors.flows): stage 1 tracks flows only when a rule reads one."""
+
 EVIDENCE: dict[str, str] = {
     "eval_score": "eval_count",
     "thumbs_down_rate": "feedback_count",
     "rating_avg": "rated",
-}
+    **dict.fromkeys(FLOW_METRICS - {"flows"}, "flows"),
+}  # fmt: skip
 """What ``min_calls`` counts for a metric: judged calls for eval scores, feedback for feedback
-metrics, calls for everything else."""
+metrics, finished flows for flow metrics, calls for everything else."""
+
+
+_MISSING: Any = object()
 
 
 class MetricView(Mapping[str, float | None]):
@@ -243,14 +309,21 @@ class MetricView(Mapping[str, float | None]):
         self._cache: dict[str, float | None] = {}
 
     def __getitem__(self, name: str) -> float | None:
-        try:
-            return self._cache[name]
-        except KeyError:
-            value = self._cache[name] = self._partial.metric(name)
-            return value
+        # no try/except KeyError: every metric misses the cache once, and a raised KeyError costs
+        # more than the metric (stage 2 asks 100k+ times a minute)
+        cache = self._cache
+        value: float | None = cache.get(name, _MISSING)
+        if value is _MISSING:
+            fn = METRIC_FNS.get(name)
+            value = cache[name] = fn(self._partial) if fn is not None else None
+        return value
+
+    def supply(self, values: Mapping[str, float | None]) -> None:
+        """Metrics that need more than this window (its scope's history): computed by whoever has it."""
+        self._cache.update(values)
 
     def get(self, name: str, default: float | None = None) -> float | None:  # type: ignore[override]
-        value = self[name] if name in METRIC_FNS else None
+        value = self[name]
         return default if value is None else value
 
     def __iter__(self) -> Iterator[str]:
@@ -277,9 +350,14 @@ def project(partials: Iterable[WindowPartial], dims: tuple[str, ...]) -> dict[tu
 class WindowAggregator:
     """Stage 1, per partition. Not thread-safe: one per consumer partition."""
 
-    def __init__(self, window_s: int = 60, lateness_s: float = 120.0, partition: int = -1) -> None:
+    def __init__(
+        self, window_s: int = 60, lateness_s: float = 120.0, partition: int = -1, flow_idle_s: float | None = 30.0
+    ) -> None:
+        """``flow_idle_s`` None: no flow tracking (it costs ~1.8 µs/event here; runtimes turn it on
+        only when a rule reads a flow metric)."""
         if window_s <= 0:
             raise ValueError("window_s must be positive")
+        self.flows = FlowTracker(flow_idle_s) if flow_idle_s is not None else None
         self.window_s = window_s
         self.lateness_s = lateness_s
         self.partition = partition
@@ -311,17 +389,11 @@ class WindowAggregator:
         accs: dict[tuple[str, ...], WindowPartial] = {}
         late = 0
         partition = self.partition
+        keys: list[tuple[str, ...]] = []
+        flows = self.flows  # the scope keys are kept for flow tracking only
         for i, e in enumerate(events):
             t = ts[i]
             ws = int(t // w) * w
-            if ws < closed_before:
-                late += 1
-                continue
-            if ws != last_ws:
-                accs = open_windows.get(ws)  # type: ignore[assignment]
-                if accs is None:
-                    accs = open_windows[ws] = {}
-                last_ws = ws
             key = (
                 e.feature,
                 e.team or "",
@@ -330,6 +402,16 @@ class WindowAggregator:
                 e.prompt_version or "",
                 e.variant or "",
             )
+            if flows is not None:
+                keys.append(key)
+            if ws < closed_before:
+                late += 1
+                continue
+            if ws != last_ws:
+                accs = open_windows.get(ws)  # type: ignore[assignment]
+                if accs is None:
+                    accs = open_windows[ws] = {}
+                last_ws = ws
             p = accs.get(key)
             if p is None:
                 p = accs[key] = WindowPartial(ws, w, key, partition)
@@ -367,7 +449,13 @@ class WindowAggregator:
             if ttft is not None:
                 p.ttft_ms_sum += ttft
                 p.ttft.add(ttft)
+            p.output.add(e.output_tokens)
+            rm = e.response_model
+            if rm is not None and rm not in p.served:
+                p.served.add(rm)
         self.late_events += late
+        if flows is not None:
+            flows.add(events, ts, keys, costs, closed_before)
         batch_max = max(ts)
         self.max_ts = max(self.max_ts, batch_max)
         self._last_event_wall = now
@@ -378,6 +466,8 @@ class WindowAggregator:
         if watermark <= self.watermark:
             return []
         self.watermark = watermark
+        if self.flows is not None:
+            self._count_flows(self.flows.close(watermark + self.lateness_s))  # event time: the newest event
         closed_starts = sorted(ws for ws in self._open if ws + self.window_s <= watermark)
         boundary = math.floor(watermark / self.window_s) * self.window_s
         self._closed_before = max(self._closed_before, boundary)
@@ -402,8 +492,31 @@ class WindowAggregator:
             return self.advance(now - self.lateness_s - idle_timeout_s)
         return []
 
+    def _count_flows(self, flows: list[ClosedFlow]) -> None:
+        """Closed flows into the (still open) window of the moment each was known to be over."""
+        w = self.window_s
+        floor = self._closed_before if math.isfinite(self._closed_before) else -math.inf
+        for f in flows:
+            if f.calls < 2:
+                continue  # one call is not a flow: its latency is the call's own
+            ws = int(max(f.known_at // w * w, floor))
+            accs = self._open.get(ws)
+            if accs is None:
+                accs = self._open[ws] = {}
+            p = accs.get(f.key)
+            if p is None:
+                p = accs[f.key] = WindowPartial(ws, w, f.key, self.partition)
+            p.flows += 1
+            p.flow_calls += f.calls
+            p.flow_tokens += f.tokens
+            p.flow_ms_sum += f.perceived_ms
+            p.flow_cost_usd += f.cost_usd
+            p.flow_ms.add(f.perceived_ms)
+
     def flush(self) -> list[WindowPartial]:
         """Emit everything still open (partition revoked, or a finite source ended)."""
+        if self.flows is not None:
+            self._count_flows(self.flows.flush())
         out: list[WindowPartial] = []
         for ws in sorted(self._open):
             out.extend(self._open[ws].values())

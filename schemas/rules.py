@@ -16,6 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from schemas.channels import AlertAction, AlertSeverity
 from schemas.durations import Duration
+from schemas.files import read_yaml
 
 SCOPE_DIMENSIONS = ("feature", "team", "model", "provider", "prompt_version", "variant")
 """What a rule may group by and filter on (the stream keeps partials at this grain)."""
@@ -43,6 +44,17 @@ METRICS: dict[str, str] = {
     "ttft_p50_ms": "median time to first token (ms)",
     "ttft_p95_ms": "95th percentile time to first token (ms)",
     "ttft_p99_ms": "99th percentile time to first token (ms)",
+    "output_tokens_p50": "median output tokens per call",
+    "output_tokens_p95": "95th percentile output tokens per call",
+    "output_tokens_psi": "PSI of the window's output-length distribution against the scope's trailing 24 windows",
+    "response_models_new": "snapshots (response_model) answering that the scope's trailing 24 windows did not see",
+    "flows": "multi-call flows (agent runs by trace_id, conversation turns) that finished in the window",
+    "flow_calls_avg": "calls per finished flow",
+    "flow_tokens_avg": "tokens (input + output) per finished flow",
+    "flow_cost_usd_avg": "cost per finished flow (USD)",
+    "flow_perceived_avg_ms": "mean perceived latency of finished flows: first call's start to last call's end (ms)",
+    "flow_perceived_p50_ms": "median perceived latency of finished flows (ms)",
+    "flow_perceived_p95_ms": "95th percentile perceived latency of finished flows (ms)",
     "pipeline_lag_s": "how far the pipeline's watermark trails the wall clock (s)",
     "eval_score": "mean LLM-judge score (0..1) of the judge results that arrived in the window",
     "thumbs_down_rate": "share of thumbs given that were down",
@@ -139,6 +151,21 @@ class Absent(_Model):
     baseline: Annotated[int, Field(ge=1, le=10_000)] = 12
     min_baseline_calls: Annotated[int, Field(ge=1)] = 10
     """Calls the scope must have had over the baseline windows for silence to mean something."""
+    min_active_windows: Annotated[int, Field(ge=1)] | None = None
+    """Of the last windows, how many in a row must have had calls for silence to page [all
+    ``baseline`` windows]: bursty scopes are silent between bursts and must not flap."""
+    max_silence_probability: Annotated[float, Field(gt=0, le=1)] = 0.001
+    """Page only when a silent window was this improbable given those windows' counts (Poisson,
+    or negative binomial where traffic is burstier than Poisson)."""
+
+    @model_validator(mode="after")
+    def _active_within_baseline(self) -> Absent:
+        if self.min_active_windows is not None and self.min_active_windows > self.baseline:
+            raise ValueError(
+                f"min_active_windows ({self.min_active_windows}) must be at most baseline ({self.baseline}): "
+                "only that many windows are kept"
+            )
+        return self
 
 
 class Rule(_Model):
@@ -288,17 +315,7 @@ def parse_rules(data: Any, source: str) -> RulesFile:
 
 
 def load_rules(path: Path) -> RulesFile:
-    try:
-        text = path.read_text(encoding="utf-8")
-    except OSError as exc:
-        raise RulesError(f"{path}: cannot read rules file: {exc.strerror}") from exc
-    try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f" line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-        raise RulesError(f"{path}{where}: not valid YAML: {getattr(exc, 'problem', None) or exc}") from exc
-    return parse_rules(data, str(path))
+    return parse_rules(read_yaml(path, "rules file", RulesError), str(path))
 
 
 def default_rules() -> RulesFile:

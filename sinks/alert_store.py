@@ -88,10 +88,13 @@ class AlertStore:
     ) -> dict[tuple[str, ...], list[tuple[float, float]]]:
         """A rule's (value, calls) per scope for the ``windows`` windows before ``before`` (baseline warm-up)."""
         out: dict[tuple[str, ...], list[tuple[float, float]]] = {}
-        by_window = self.window_values(rule, before - rule.window * windows, before)
+        start = before - rule.window * windows
+        by_window = self.window_values(rule, start, before)
+        if rule.absent is not None:
+            return _absence_history(by_window, int(start - start % rule.window), int(before), int(rule.window))
         for ws in sorted(by_window):
             for values, (value, calls) in by_window[ws].items():
-                if value is not None and (rule.absent is not None or calls >= rule.min_calls):
+                if value is not None and calls >= rule.min_calls:
                     out.setdefault(values, []).append((value, calls))
         return out
 
@@ -110,6 +113,25 @@ class AlertStore:
             f"AND scope['period'] = {sql_literal(period_label)}"
         )
         return [float(r[0]) for r in self.conn.client.query(sql).result_rows]
+
+
+def _absence_history(
+    by_window: dict[int, dict[tuple[str, ...], tuple[float | None, float]]], start: int, end: int, step: int
+) -> dict[tuple[str, ...], list[tuple[float, float]]]:
+    """Calls per window for absence rules, silent windows included as zeros (the rollups have no
+    rows for them, and a bursty scope must not look steady after a restart), up to each scope's
+    last window with calls: a silence still going on is the outage, not the baseline (the stream
+    keeps breaching windows out of the history the same way)."""
+    out: dict[tuple[str, ...], list[tuple[float, float]]] = {}
+    scopes = {values for cells in by_window.values() for values in cells}
+    for values in scopes:
+        series = [float(by_window.get(ws, {}).get(values, (0.0, 0.0))[1]) for ws in range(start, end, step)]
+        while series and series[-1] == 0:
+            series.pop()
+        while series and series[0] == 0:
+            series.pop(0)  # before its first call the scope did not exist yet
+        out[values] = [(c, c) for c in series]
+    return out
 
 
 def _aware(value: datetime) -> datetime:

@@ -14,9 +14,11 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable
 from dataclasses import dataclass
+from functools import cached_property
 
 from processors.alerts.engine import AlertEngine
 from processors.alerts.events import AlertEvent
+from processors.drift import STREAM_DRIFT_METRICS, DriftMemory
 from processors.windows import SCOPE_DIMS, SKETCH_METRICS, MetricView, WindowPartial
 from schemas.rules import Rule
 
@@ -115,7 +117,10 @@ Projected = dict[tuple[int, tuple[str, ...]], WindowPartial]
 
 
 def _project(
-    cells: list[FinalCell], by: tuple[str, ...], where: dict[str, str], sketches: tuple[bool, bool] = (True, True)
+    cells: list[FinalCell],
+    by: tuple[str, ...],
+    where: dict[str, str],
+    sketches: tuple[bool, bool, bool] = (True, True, True),
 ) -> Projected:
     """Cells onto a scope: filter by ``where``, merge by ``by``, within each minute."""
     dims = tuple(d for d in SCOPE_DIMS if d in by or d in where)
@@ -156,16 +161,23 @@ class _Group:
         """The end of the last evaluated window."""
         self.owned: set[tuple[int, tuple[str, ...]]] = set()
         """Accumulators this group created (the others still share a projected minute)."""
+        self.drift: dict[tuple[str, ...], DriftMemory] = {}
+        """Scope values → their trailing windows, where a rule reads a drift metric."""
 
-    @property
+    @cached_property
     def watches_absence(self) -> bool:
         return any(r.absent is not None for r in self.rules)
 
-    @property
-    def sketches(self) -> tuple[bool, bool]:
-        """Whether any rule of the group reads a latency / a TTFT percentile."""
+    # cached: RuleWindows adds every rule before the first window, and these are asked per scope value
+    @cached_property
+    def sketches(self) -> tuple[bool, bool, bool]:
+        """Whether any rule of the group reads a latency / a TTFT / an output-length sketch."""
         kinds = {SKETCH_METRICS.get(r.metric) for r in self.rules}
-        return "latency" in kinds, "ttft" in kinds
+        return "latency" in kinds, "ttft" in kinds, "output" in kinds
+
+    @cached_property
+    def watches_drift(self) -> bool:
+        return any(r.metric in STREAM_DRIFT_METRICS for r in self.rules)
 
 
 class RuleWindows:
@@ -186,13 +198,21 @@ class RuleWindows:
             if group is None:
                 group = self._groups[key] = _Group(tuple(rule.scope.by), dict(rule.scope.where), int(rule.window))
             group.rules.append(rule)
-        self._scope_sketches: dict[ScopeKey, tuple[bool, bool]] = {}
+        self._scope_sketches: dict[ScopeKey, tuple[bool, bool, bool]] = {}
         for (scope_key, _), group in self._groups.items():
-            had = self._scope_sketches.get(scope_key, (False, False))
+            had = self._scope_sketches.get(scope_key, (False, False, False))
             needs = group.sketches
-            self._scope_sketches[scope_key] = (had[0] or needs[0], had[1] or needs[1])
+            self._scope_sketches[scope_key] = (had[0] or needs[0], had[1] or needs[1], had[2] or needs[2])
         self.evaluated_windows = 0
         self.late_windows = 0
+
+    def saw(self, rule: Rule, values: tuple[str, ...], window_start: int) -> None:
+        """After a restart: this scope had calls in this window (from the rollups), so its silence
+        from then on still gets the empty windows absence rules need."""
+        key = ((tuple(rule.scope.by), tuple(sorted(rule.scope.where.items()))), int(rule.window))
+        group = self._groups.get(key)
+        if group is not None and window_start > group.seen.get(values, -1):
+            group.seen[values] = window_start
 
     def resume_after(self, through: float) -> None:
         """After a restart: windows ending by ``through`` were evaluated by the previous run."""
@@ -244,6 +264,11 @@ class RuleWindows:
                 scope = dict(zip(group.by, values, strict=True))
                 key = tuple(sorted(scope.items()))
                 view = MetricView(partial)
+                if group.watches_drift and partial.calls:  # quality-only partials carry no outputs
+                    memory = group.drift.get(values)
+                    if memory is None:
+                        memory = group.drift[values] = DriftMemory()
+                    view.supply(memory.observe(partial.output, partial.served, partial.calls))
                 for rule in group.rules:
                     event = self.engine.evaluate(rule, scope, start, start + w, view, key)
                     self.evaluated_windows += 1
@@ -254,5 +279,6 @@ class RuleWindows:
             for values, last in list(seen.items()):
                 if start - last > self._forget * w:
                     del seen[values]
+                    group.drift.pop(values, None)
             group.done = start + w
         return events

@@ -97,3 +97,37 @@ def test_backtest_finds_what_the_stream_found(settings: Any, conn: Any) -> None:
     ]
     assert streamed == [("firing", start + 1200), ("resolved", start + 2100)]
     assert replayed == [(start + 1200, start + 2100)]
+
+
+def test_flow_latency_rule_agrees_with_the_flows_query(settings: Any, conn: Any) -> None:
+    """Perceived latency of agent runs, in the stream (an alert rule) and in SQL (flows_by_feature)."""
+    from sinks import queries
+
+    now = time.time()
+    start = now - now % 3600 - 7200  # two hours ago, on an hour boundary
+    payloads, perceived = [], []
+    for k in range(20):  # runs of 2..6 steps, 3 s apart, 2 s each: 5, 8, 11, 14, 17 s perceived
+        steps = k % 5 + 2
+        for i in range(steps):
+            payloads.append(orjson.dumps(call(feature="agent", trace_id=f"run-{k}", latency_ms=2000.0,
+                                              ts=iso(start + k * 120 + i * 3))))  # fmt: skip
+        perceived.append((steps - 1) * 3000.0 + 2000.0)
+    payloads.append(orjson.dumps(call(feature="agent", ts=iso(start + 3600 + 600))))  # closes the hour
+    rules = parse_rules({"rules": [{"name": "slow-agents", "metric": "flow_perceived_p95_ms", "scope": ["feature"],
+                                    "window": "1h", "max": 10_000, "min_calls": 10},
+                                   {"name": "needs-21-flows", "metric": "flow_perceived_p95_ms", "scope": ["feature"],
+                                    "window": "1h", "max": 10_000, "min_calls": 21}]}, "test")  # fmt: skip
+    alerts = AlertPipeline(settings, conn, rules=rules, channels=[])
+    run(settings, conn, payloads, alerts, now)
+    alerts.close()
+    fired = conn.client.query("SELECT value, extra FROM alerts WHERE rule = 'slow-agents' AND state = 'firing'")
+    ((value, extra),) = fired.result_rows
+    exact = sorted(perceived)
+    pos = 0.95 * (len(exact) - 1)  # 20 flows: a small cell answers exactly, interpolating
+    assert value == exact[int(pos)] + (exact[int(pos) + 1] - exact[int(pos)]) * (pos - int(pos))
+    assert orjson.loads(extra)["calls"] == 80
+    unfired = conn.client.query("SELECT count() FROM alerts WHERE rule = 'needs-21-flows'").result_rows
+    assert unfired == [(0,)]  # min_calls counts finished flows for flow metrics: 20 < 21, though 80 calls
+    (row,) = queries.run(conn.client, "flows_by_feature", start=start, end=start + 3600)
+    assert (row["feature"], row["flows"], row["calls_per_flow"]) == ("agent", 20, 4.0)
+    assert row["perceived_p95_ms"] == 17_000 and abs(value - row["perceived_p95_ms"]) <= 0.05 * value

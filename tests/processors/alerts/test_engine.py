@@ -147,3 +147,55 @@ def test_default_rules_load() -> None:
     rules = default_rules()
     names = {r.name for r in rules.rules}
     assert {"cost-spike", "refusal-regression", "traffic-stopped", "error-rate-high"} <= names
+
+
+def test_absence_ignores_bursty_scopes_and_holds_through_a_long_outage() -> None:
+    r = rule(metric="calls", absent={"baseline": 3, "min_baseline_calls": 30}, min_calls=0)
+    engine = AlertEngine([r])
+
+    def feed(scope: str, counts: list[int]) -> list[tuple[int, str]]:
+        out = []
+        for i, calls in enumerate(counts):
+            e = engine.evaluate(r, {"feature": scope}, i * 60.0, (i + 1) * 60.0, {"calls": float(calls)})
+            if e:
+                out.append((i, e.state))
+        return out
+
+    # agent runs: 40 calls, a quiet window, 40 calls...: silence is normal there
+    assert feed("agents", [40, 0, 40, 0, 40, 0, 40, 0]) == []
+    # never silent, but bursty (mean 14.8, variance 150): a silent window has p = 0.03, not news
+    assert feed("batch", [2, 30, 1, 25, 3, 28, 0]) == []
+    # steady traffic (last three windows: mean 11, variance 0.67): p = e^-11 = 1.7e-5
+    assert feed("steady", [10, 12, 9, 12, 10, 11, 0]) == [(6, "firing")]
+    # a steady feature goes dark for far longer than the baseline: one page, held until calls return
+    assert feed("chat", [20, 20, 20] + [0] * 10 + [5]) == [(3, "firing"), (13, "resolved")]
+    # only two of the last three windows need traffic when the rule says so
+    lax = rule(name="lax", metric="calls", min_calls=0,
+               absent={"baseline": 3, "min_baseline_calls": 30, "min_active_windows": 2})  # fmt: skip
+    engine = AlertEngine([lax])
+    fired = [i for i, c in enumerate([40, 0, 40, 40, 0])
+             if engine.evaluate(lax, {"feature": "x"}, i * 60.0, (i + 1) * 60.0, {"calls": float(c)})]  # fmt: skip
+    assert fired == [4]
+
+
+def test_min_active_windows_cannot_exceed_the_baseline() -> None:
+    from schemas.rules import RulesError
+
+    with pytest.raises(RulesError, match=r"rule 'g': key `absent`: min_active_windows \(5\) must be at most baseline"):
+        parse_rules({"rules": [{"name": "g", "metric": "calls", "absent": {"baseline": 3, "min_active_windows": 5}}]},
+                    "rules.yaml")  # fmt: skip
+
+
+def test_absence_with_for_and_cooldown_still_pages() -> None:
+    """The silent windows of an outage do not erode the baseline that made silence news."""
+    r = rule(metric="calls", absent={"baseline": 3, "min_baseline_calls": 30}, min_calls=0, **{"for": 2},
+             cooldown="10m")  # fmt: skip
+    engine = AlertEngine([r])
+    states = []
+    for i, calls in enumerate([20, 20, 20, 0, 0, 0, 20, 20, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0]):
+        e = engine.evaluate(r, {"feature": "chat"}, i * 60.0, (i + 1) * 60.0, {"calls": float(calls)})
+        if e:
+            states.append((i, e.state))
+    # for: 2 fires on the second silent window; the outage right after the resolve waits out the
+    # 10-minute cooldown (counted from the resolve) and then pages, though far longer than the baseline
+    assert states == [(4, "firing"), (6, "resolved"), (16, "firing")]

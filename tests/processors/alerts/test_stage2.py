@@ -103,3 +103,73 @@ def test_where_filter_and_projection() -> None:
                      "max": 1, "min_calls": 0})  # fmt: skip
     (event,) = windows.feed(*stage2.release())
     assert event.value == 5.0 and event.scope == {"team": "x"}
+
+
+def _minutes(specs: list[list[dict[str, Any]]], windows: RuleWindows) -> list[Any]:
+    """Feed one minute per spec list (one partition), returning every alert event."""
+    stage2 = Stage2(sources=[0])
+    fired: list[Any] = []
+    for minute, calls in enumerate(specs):
+        parts, _ = partials(0, [(T0 + minute * 60 + i * 0.1, kw) for i, kw in enumerate(calls)])
+        for p in parts:
+            stage2.add(SCOPE_DIMS, p, 0, T0 + (minute + 1) * 60)
+        fired += windows.feed(*stage2.release())
+    return fired
+
+
+def test_output_length_drift_fires_on_a_reshaped_distribution_not_on_the_same_mean() -> None:
+    # six steady minutes of 100..199 tokens, then a bimodal 50/250 mix: the mean stays at 150,
+    # so output_tokens_avg sees nothing; PSI sees the shape change
+    steady = [{"output_tokens": 100 + i} for i in range(100)]
+    bimodal = [{"output_tokens": 50 if i % 2 else 250} for i in range(100)]
+    windows = rules({"name": "psi", "metric": "output_tokens_psi", "scope": ["feature", "model"], "max": 0.25,
+                     "min_calls": 50, "clear_for": 1})  # fmt: skip
+    fired = _minutes([steady] * 6 + [bimodal, steady], windows)
+    assert [(e.state, e.window_start.timestamp()) for e in fired] == [
+        ("firing", T0 + 6 * 60),
+        ("resolved", T0 + 7 * 60),
+    ]
+    assert fired[0].value > 1.0 and fired[0].scope == {"feature": "support-chat", "model": "gpt-4o"}
+    assert (
+        sum(c["output_tokens"] for c in bimodal) / 100 == 150 and sum(c["output_tokens"] for c in steady) / 100 == 149.5
+    )
+
+
+def test_a_new_snapshot_under_the_same_model_name_notifies_once() -> None:
+    old = [{"model": "gpt-4o-mini", "response_model": "gpt-4o-mini-2024-07-18"}] * 20
+    mixed = old[:10] + [{"model": "gpt-4o-mini", "response_model": "gpt-4o-mini-2025-10-28"}] * 10
+    windows = rules({"name": "switch", "metric": "response_models_new", "scope": ["model"], "max": 0,
+                     "min_calls": 1, "clear_for": 1})  # fmt: skip
+    # the first three minutes only learn (a restarted worker must not call every snapshot new)
+    fired = _minutes([old] * 3 + [old, mixed, mixed, old], windows)
+    assert [(e.state, e.window_start.timestamp(), e.value) for e in fired] == [
+        ("firing", T0 + 4 * 60, 1.0),
+        ("resolved", T0 + 5 * 60, 0.0),
+    ]
+
+
+def test_output_length_percentiles_are_stream_metrics() -> None:
+    windows = rules({"name": "p95", "metric": "output_tokens_p95", "scope": ["feature"], "max": 150,
+                     "min_calls": 10})  # fmt: skip
+    (event,) = _minutes([[{"output_tokens": t} for t in range(1, 201)]], windows)
+    assert event.value == 0.95 * 199 + 1  # 200 values: exact (small cells keep raw values)
+
+
+def test_after_a_restart_a_scope_seen_in_the_rollups_still_gets_its_silent_windows() -> None:
+    windows = rules({"name": "gone", "metric": "calls", "scope": ["feature"], "absent": {"baseline": 3,
+                     "min_baseline_calls": 30}, "min_calls": 0})  # fmt: skip
+    rule = windows.engine.rules["gone"]
+    windows.engine.seed_history(rule, {"feature": "chat"}, [(20.0, 20.0)] * 3)  # what restore reads back
+    windows.resume_after(T0)
+    stage2 = Stage2(sources=[0])
+    parts, _ = partials(0, [(T0 + i, {"feature": "other"}) for i in range(10)])  # chat says nothing
+    for p in parts:
+        stage2.add(SCOPE_DIMS, p, 0, T0 + 60)
+    cells, through = stage2.release()
+    assert windows.feed(cells, through) == []  # without knowing chat had traffic, its silence is invisible
+    windows.saw(rule, ("chat",), T0 - 60)
+    parts, _ = partials(0, [(T0 + 60 + i, {"feature": "other"}) for i in range(10)])
+    for p in parts:
+        stage2.add(SCOPE_DIMS, p, 0, T0 + 120)
+    (event,) = windows.feed(*stage2.release())
+    assert (event.state, event.scope, event.value) == ("firing", {"feature": "chat"}, 0.0)

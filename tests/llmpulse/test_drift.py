@@ -1,0 +1,106 @@
+"""``llmpulse drift`` on the real engine: a feature whose answers got longer and refuse more, served
+by a new snapshot of the same model name, next to one that did not move."""
+
+from __future__ import annotations
+
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+import orjson
+import pytest
+
+from llmpulse.drift import Thresholds, drift
+from llmpulse.runtime import EmbeddedRuntime
+from processors.drift import psi
+from tests.conftest import NOW, batch, call, iso
+from tests.llmpulse.test_cli import llmpulse
+
+DAY = 86400.0
+OLD, NEW = "gpt-4o-mini-2024-07-18", "gpt-4o-mini-2025-10-28"
+
+
+def _events(now: float) -> list[dict[str, Any]]:
+    out = []
+    for i in range(400):  # baseline: 4 to 1 days ago, 100..199 tokens, 2% refusals, the old snapshot
+        out.append(call(feature="helpdesk", model="gpt-4o-mini", response_model=OLD, output_tokens=100 + i % 100,
+                        refusal=i % 50 == 0, schema_valid=True, ts=iso(now - 4 * DAY + i * 600)))  # fmt: skip
+        out.append(call(feature="billing", model="gpt-4o-2024-08-06", response_model="gpt-4o-2024-08-06",
+                        output_tokens=300 + i % 7, ts=iso(now - 4 * DAY + i * 600 + 1)))  # fmt: skip
+    for i in range(400):  # window: the last day, 150..249 tokens, 10% refusals, the new snapshot
+        out.append(call(feature="helpdesk", model="gpt-4o-mini", response_model=NEW, output_tokens=150 + i % 100,
+                        refusal=i % 10 == 0, schema_valid=True, ts=iso(now - DAY + i * 200)))  # fmt: skip
+        out.append(call(feature="billing", model="gpt-4o-2024-08-06", response_model="gpt-4o-2024-08-06",
+                        output_tokens=300 + i % 7, ts=iso(now - DAY + i * 200 + 1)))  # fmt: skip
+    for i in range(10):  # too few to judge either way
+        out.append(call(feature="rare", model="gpt-4o", ts=iso(now - DAY / 2 + i)))
+    return out
+
+
+def _exact_mid_quantiles(values: list[int]) -> list[float]:
+    s = sorted(values)
+    return [float(s[min(len(s) - 1, int((k + 0.5) / 100 * len(s)))]) for k in range(100)]
+
+
+def test_drift_finds_longer_answers_more_refusals_and_the_new_snapshot(settings: Any, conn: Any) -> None:
+    runtime = EmbeddedRuntime(settings, conn)
+    runtime.ingest(batch([orjson.dumps(e) for e in _events(NOW)]), now=NOW)
+    runtime.finish()
+    runtime.close()
+
+    report = drift(conn, (NOW - DAY, NOW), (NOW - 4 * DAY, NOW - DAY), Thresholds())
+    by = {(m.feature, m.model): m for m in report.models}
+    assert set(by) == {("helpdesk", "gpt-4o-mini"), ("billing", "gpt-4o-2024-08-06")}
+    assert report.thin == [("rare", "gpt-4o", 10, 0)]
+
+    helpdesk = by[("helpdesk", "gpt-4o-mini")]
+    assert (helpdesk.calls, helpdesk.baseline_calls) == (400, 400)
+    changes = {c.metric: c for c in helpdesk.changes}
+    mean = changes["output_tokens_avg"]
+    assert (mean.baseline, mean.window) == (149.5, 199.5)  # exact: sums over counts
+    assert mean.drifted and mean.detail == "+33.4%"
+    p95 = changes["output_tokens_p95"]  # t-digest: within 2% of the exact p95 (194 → 244)
+    assert p95.baseline == pytest.approx(194.5, rel=0.02) and p95.window == pytest.approx(244.5, rel=0.02)
+    refusal = changes["refusal_rate"]
+    assert (refusal.baseline, refusal.window) == (8 / 400, 40 / 400)
+    assert refusal.drifted and refusal.detail == "+8.0 pts"
+    assert not changes["schema_valid_rate"].drifted and changes["schema_valid_rate"].window == 1.0
+    exact_psi = psi(
+        _exact_mid_quantiles([100 + i % 100 for i in range(400)]),
+        _exact_mid_quantiles([150 + i % 100 for i in range(400)]),
+    )
+    assert exact_psi is not None and exact_psi > 1.0  # half the window lies beyond the baseline's top decile
+    assert helpdesk.psi is not None and math.isclose(helpdesk.psi, exact_psi, rel_tol=0.15)
+    assert changes["output_tokens_psi"].drifted and changes["output_tokens_psi"].detail == "significant"
+
+    billing = by[("billing", "gpt-4o-2024-08-06")]
+    assert not billing.drifted and billing.psi is not None and billing.psi < 0.1
+
+    kinds = {model: [f.kind for f in found] for model, found in report.versions.items()}
+    assert kinds == {"gpt-4o-mini": ["switched", "unpinned"]}  # billing's model is a pinned snapshot
+    assert NEW in report.versions["gpt-4o-mini"][0].detail and "400 calls" in report.versions["gpt-4o-mini"][0].detail
+    assert report.drifted
+
+    only_billing = drift(conn, (NOW - DAY, NOW), (NOW - 4 * DAY, NOW - DAY), feature="billing")
+    assert [m.feature for m in only_billing.models] == ["billing"] and not only_billing.drifted
+
+
+def test_drift_cli_json_and_exit_code(tmp_path: Path) -> None:
+    now = time.time()
+    events = tmp_path / "events.jsonl"
+    events.write_text("\n".join(orjson.dumps(e).decode() for e in _events(now)) + "\n")
+    data = str(tmp_path / "d")
+    llmpulse("replay", str(events), "--data-dir", data)
+    out = llmpulse("drift", "--window", "24h", "--baseline", "3d", "--json", "--fail-on-drift", "--data-dir", data,
+                   check=False)  # fmt: skip
+    assert out.returncode == 1, out.stderr
+    report = orjson.loads(out.stdout)
+    drifted = {(m["feature"], m["model"]) for m in report["models"] if any(c["drifted"] for c in m["changes"])}
+    assert drifted == {("helpdesk", "gpt-4o-mini")}
+    assert report["versions"]["gpt-4o-mini"][0]["kind"] == "switched"
+    shown = llmpulse("drift", "--window", "24h", "--baseline", "3d", "--data-dir", data, COLUMNS="160")
+    for text in ("helpdesk", "gpt-4o-mini", "+33.4%", "+8.0 pts", NEW, "significant"):
+        assert text in shown.stdout, shown.stdout
+    bad = llmpulse("drift", "--reference", "2026-11-09", "--data-dir", data, check=False)
+    assert bad.returncode == 2 and "FROM..TO" in bad.stderr

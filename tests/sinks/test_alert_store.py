@@ -1,0 +1,37 @@
+"""What a restarted evaluator learns from the rollups (the real engine): absence baselines keep
+their silent windows and leave out a silence still going on."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import orjson
+
+from llmpulse.runtime import EmbeddedRuntime
+from schemas.rules import parse_rules
+from sinks.alert_store import AlertStore
+from tests.conftest import NOW, batch, call, iso
+
+START = NOW - NOW % 3600 - 6 * 3600  # six hours before NOW, on an hour boundary
+
+
+def test_absence_history_has_zeros_for_silent_windows_and_stops_at_the_last_call(settings: Any, conn: Any) -> None:
+    events = []
+    for w in range(6):  # six 10-minute windows
+        events += [call(feature="steady", ts=iso(START + w * 600 + i)) for i in range(10)]
+        if w % 2 == 0:
+            events += [call(feature="bursty", ts=iso(START + w * 600 + i)) for i in range(30)]
+    events += [call(feature="stopped", ts=iso(START + w * 600 + i)) for w in range(3) for i in range(5)]
+    runtime = EmbeddedRuntime(settings, conn)
+    runtime.ingest(batch([orjson.dumps(e) for e in events]), now=NOW)
+    runtime.finish()
+    runtime.close()
+    rule = parse_rules({"rules": [{"name": "gone", "metric": "calls", "scope": ["feature"], "window": "10m",
+                                   "absent": {"baseline": 6, "min_baseline_calls": 30}, "min_calls": 0}]},
+                       "test").rules[0]  # fmt: skip
+    history = AlertStore(conn).recent_values(rule, START + 6 * 600, 6)
+    assert history[("steady",)] == [(10.0, 10.0)] * 6
+    # bursty: its quiet windows are zeros (the rollups have no row for them), the last one dropped
+    # as a silence still going on
+    assert history[("bursty",)] == [(30.0, 30.0), (0.0, 0.0), (30.0, 30.0), (0.0, 0.0), (30.0, 30.0)]
+    assert history[("stopped",)] == [(5.0, 5.0)] * 3  # silent for its last three windows: the outage
