@@ -15,6 +15,7 @@ commits only those.
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -23,7 +24,7 @@ from dataclasses import dataclass, field
 import xxhash
 
 from processors.chain import ProcessedCalls, ProcessedFeedback, ProcessedJudgeResults
-from sinks.clickhouse import ClickHouseSink
+from sinks.clickhouse import ClickHouseSink, SinkError
 
 
 def insert_token(block_ids: list[str]) -> str:
@@ -95,11 +96,20 @@ class BufferedWriter:
         self._added(len(batch.events) + len(batch.dead))
 
     def _added(self, rows: int) -> None:
+        """Adding never raises: a processed batch is always handed over whole.
+
+        A full buffer starts the next insert once the one in flight is durable. If that one
+        failed, it waits in ``failed`` and nothing newer is written before it (blocks stay in
+        order, so a commit can never pass an unwritten block); the buffer keeps filling until
+        the owner calls ``flush``, which retries the failed block first and raises while it
+        still fails — that is where the owner backs off and stops reading.
+        """
         self._buffer.rows += rows
         if self._since is None:
             self._since = self._clock()
-        if self._buffer.rows >= self.max_rows:
-            self.flush(wait=False)
+        if self._buffer.rows >= self.max_rows and self.failed is None:
+            with contextlib.suppress(SinkError):
+                self.flush(wait=False)
 
     def due(self) -> bool:
         return self._since is not None and self._clock() - self._since >= self.max_seconds
@@ -127,8 +137,13 @@ class BufferedWriter:
             self._on_written(block)
 
     def flush(self, wait: bool = True) -> None:
-        """Start writing the buffer; ``wait`` also waits until everything is durable."""
+        """Start writing the buffer; ``wait`` also waits until everything is durable.
+
+        A block that failed earlier is written first (synchronously), so blocks land in order.
+        """
         self._collect()
+        if self.failed is not None:
+            self.retry_failed()
         block, self._buffer, self._since = self._buffer, Block(), None
         if block:
             if self._pool is None:
