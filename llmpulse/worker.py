@@ -47,6 +47,7 @@ from sinks.batching import Block, BufferedWriter
 from sinks.clickhouse import ClickHouseSink, Connection, RetryPolicy, SinkError
 from sinks.kafka import DEFAULT_SCOPES, KafkaPublisher
 from sinks.metrics import PipelineMetrics
+from sinks.rollups import repair
 
 log = logging.getLogger("llmpulse.worker")
 
@@ -77,6 +78,8 @@ class WorkerStats:
     sink_failures: int = 0
     process_s: float = 0.0
     rebuilt_rows: int = 0
+    rollups_repaired: int = 0
+    """Rollup tables rebuilt for rows a killed worker wrote whose view parts never landed."""
 
 
 def _rows_to_events(rows: list[dict[str, Any]]) -> tuple[list[WireCall], list[float], Costs]:
@@ -128,7 +131,7 @@ class CallsConsumer(mode.Service):
         self.stats = WorkerStats()
         self.partitions: dict[int, PartitionState] = {}
         self.prices = price_table(settings)
-        self.options = pipeline_options(settings)
+        self.options = pipeline_options(settings, self.rules)
         self.conn: Connection | None = None
         self.sink: ClickHouseSink | None = None
         self.writer: BufferedWriter | None = None
@@ -281,8 +284,8 @@ class CallsConsumer(mode.Service):
                 high = self.consumer.highwater(tp)
                 if high is not None:
                     self.metrics.lag.labels(str(state.partition)).set(max(0, high - state.next_offset))
-        if self.writer.due():
-            await self._flush(wait=False)
+        if self.writer.due() or self.writer.failed is not None:
+            await self._flush(wait=False)  # while a block fails this backs off, and intake waits in Kafka
         try:
             self.writer.poll()
         except SinkError:
@@ -375,10 +378,30 @@ class CallsConsumer(mode.Service):
                     "partition %d: %d offsets >= %d already in ClickHouse; skipping them",
                     p, len(progress.written), committed,
                 )  # fmt: skip
+                await self._repair_rollups(p, committed)
             await self._rebuild_windows(state, committed)
             state.pipeline.windows.touch(time.time())  # a partition with no traffic still goes idle
             self.partitions[p] = state
             self._assigning.pop(p).set()
+
+    async def _repair_rollups(self, partition: int, committed: int) -> None:
+        """Count the rows a killed owner wrote but never committed in the rollups, if its kill left them out.
+
+        They are skipped, not written again, so a view part lost between the raw part and the
+        kill would stay lost; the check is one small query, the rebuild happens only on a miss.
+        """
+        assert self.sink is not None and self.conn is not None
+        scope = await asyncio.to_thread(self.sink.kafka_written_scope, partition, committed)
+        if scope is None:
+            return
+        first, last, features = scope
+        rebuilt = await asyncio.to_thread(repair, self.conn, "llm_calls", first, last + 1, features)
+        if rebuilt:
+            self.stats.rollups_repaired += len(rebuilt)
+            log.warning(
+                "partition %d: %s lacked rows written before the last owner died; rebuilt from raw for %d feature(s)",
+                partition, ", ".join(rebuilt), len(features),
+            )  # fmt: skip
 
     async def _rebuild_windows(self, state: PartitionState, committed: int) -> None:
         """After a crash, refill the partition's open windows from the rows ClickHouse holds."""

@@ -9,6 +9,7 @@ minute is exactly what the view would have produced from the rows as they are no
 from __future__ import annotations
 
 import re
+from collections.abc import Collection
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -38,6 +39,8 @@ ROLLUPS = {
                ("calls", "errors", "timeouts", "rate_limited", "refusals", "price_missing", "input_tokens",
                 "output_tokens", "cached_input_tokens", "cache_write_tokens", "output_chars", "schema_checked",
                 "schema_valid", "tool_call_calls", "ttft_calls", "cost_usd", "latency_ms_sum", "ttft_ms_sum")),
+        Rollup("served_models_1m", "served_models_1m_mv", "llm_calls", "minute", 60,
+               ("minute", "feature", "model", "response_model"), ("calls",)),
         Rollup("eval_1h", "eval_1h_mv", "judge_scores", "hour", 3600,
                ("hour", "feature", "release_id", "prompt_version", "variant", "model", "rubric"),
                ("n", "score_sum", "score_sumsq")),
@@ -61,12 +64,23 @@ def align(rollup: Rollup, start: float, end: float) -> tuple[int, int]:
     return s, e
 
 
-def _range(start: int, end: int) -> dict[str, datetime]:
-    return {"start": datetime.fromtimestamp(start, UTC), "end": datetime.fromtimestamp(end, UTC)}
+def _range(start: int, end: int, features: Collection[str] | None = None) -> dict[str, Any]:
+    params: dict[str, Any] = {"start": datetime.fromtimestamp(start, UTC), "end": datetime.fromtimestamp(end, UTC)}
+    if features is not None:
+        params["features"] = sorted(features)
+    return params
 
 
-def recompute_sql(conn: Connection, rollup: Rollup) -> str:
-    """The view's SELECT over ``{start:DateTime}``..``{end:DateTime}`` of the raw table, FINAL."""
+def _only(features: Collection[str] | None) -> str:
+    """The filter narrowing a check or a rebuild to some features (every rollup has the column)."""
+    return "" if features is None else " AND feature IN {features:Array(String)}"
+
+
+def recompute_sql(conn: Connection, rollup: Rollup, features: Collection[str] | None = None) -> str:
+    """The view's SELECT over ``{start:DateTime}``..``{end:DateTime}`` of the raw table, FINAL.
+
+    With ``features``, only those features' rows are read (``{features:Array(String)}``).
+    """
     rows = conn.client.query(
         "SELECT as_select FROM system.tables WHERE database = {db:String} AND name = {v:String}",
         parameters={"db": conn.database, "v": rollup.view},
@@ -80,30 +94,33 @@ def recompute_sql(conn: Connection, rollup: Rollup) -> str:
         raise RollupError(f"cannot find the source table {rollup.source} in the definition of {rollup.view}")
     bounded = (
         f"FROM (SELECT * FROM {conn.database}.{rollup.source} FINAL "
-        "WHERE ts >= {start:DateTime} AND ts < {end:DateTime}) AS " + found.group(1)
+        "WHERE ts >= {start:DateTime} AND ts < {end:DateTime}" + _only(features) + ") AS " + found.group(1)
     )
     return select[: found.start()] + bounded + select[found.end() :]
 
 
-def rebuild(conn: Connection, table: str, start: float, end: float) -> tuple[int, int]:
+def rebuild(
+    conn: Connection, table: str, start: float, end: float, features: Collection[str] | None = None
+) -> tuple[int, int]:
     """Replace the rollup's rows in [start, end) (whole buckets) with their recomputation.
 
     Returns the aligned range. Not atomic: a reader may see the range empty for the moment
     between the delete and the insert, and rows a live pipeline adds to these buckets in that
-    moment would be lost — repair closed periods, not the current minute.
+    moment would be lost — repair closed periods, not the current minute, or (``features``) only
+    cells no one else is writing.
     """
     rollup = ROLLUPS[table]
     s, e = align(rollup, start, end)
-    params = _range(s, e)
+    params = _range(s, e, features)
     conn.client.command(
         f"ALTER TABLE {conn.database}.{table} DELETE WHERE {rollup.bucket} >= {{start:DateTime}} "
-        f"AND {rollup.bucket} < {{end:DateTime}}",
+        f"AND {rollup.bucket} < {{end:DateTime}}{_only(features)}",
         parameters=params,
         settings={"mutations_sync": 2},
     )
     # insert_deduplicate off: a rebuild of unchanged rows must not be dropped as a repeat of the last one
     conn.client.command(
-        f"INSERT INTO {conn.database}.{table} {recompute_sql(conn, rollup)}",
+        f"INSERT INTO {conn.database}.{table} {recompute_sql(conn, rollup, features)}",
         parameters=params,
         settings={"insert_deduplicate": 0},
     )
@@ -119,7 +136,14 @@ class Difference:
     recomputed: float | None
 
 
-def compare(conn: Connection, table: str, start: float, end: float, limit: int = 1000) -> list[Difference]:
+def compare(
+    conn: Connection,
+    table: str,
+    start: float,
+    end: float,
+    limit: int = 1000,
+    features: Collection[str] | None = None,
+) -> list[Difference]:
     """Cells whose stored sums differ from the recomputation (counts exactly, floats to 1e-9 relative)."""
     rollup = ROLLUPS[table]
     s, e = align(rollup, start, end)
@@ -133,15 +157,15 @@ def compare(conn: Connection, table: str, start: float, end: float, limit: int =
     )
     stored = (
         f"SELECT {keys}, {sums} FROM {conn.database}.{table} WHERE {rollup.bucket} >= {{start:DateTime}} "
-        f"AND {rollup.bucket} < {{end:DateTime}} GROUP BY {keys}"
+        f"AND {rollup.bucket} < {{end:DateTime}}{_only(features)} GROUP BY {keys}"
     )
-    fresh = f"SELECT {keys}, {sums} FROM ({recompute_sql(conn, rollup)}) GROUP BY {keys}"
+    fresh = f"SELECT {keys}, {sums} FROM ({recompute_sql(conn, rollup, features)}) GROUP BY {keys}"
     using = ", ".join(rollup.keys)
     result = conn.client.query(
         f"SELECT {keys}, {', '.join(f'a.{c}, b.{c}' for c in rollup.sums)} "
         f"FROM ({stored}) AS a FULL OUTER JOIN ({fresh}) AS b USING ({using}) WHERE {differs} "
         f"LIMIT {int(limit)} SETTINGS join_use_nulls = 1",
-        parameters=_range(s, e),
+        parameters=_range(s, e, features),
     )
     out = []
     n = len(rollup.keys)
@@ -154,3 +178,20 @@ def compare(conn: Connection, table: str, start: float, end: float, limit: int =
             ):
                 out.append(Difference(table, key, c, a, b))
     return out
+
+
+def repair(conn: Connection, source: str, start: float, end: float, features: Collection[str]) -> list[str]:
+    """Check the rollups fed by ``source`` for these features over [start, end); rebuild those that differ.
+
+    For a writer recovering from a crash: ClickHouse commits an insert's raw part and each view's
+    part separately, so a kill between them leaves raw rows the views never counted, and the
+    restarted writer, seeing the rows, rightly does not write them again. The writer owns these
+    features (Kafka keys calls by feature), so rebuilding their cells races with no one.
+    Returns the tables rebuilt.
+    """
+    rebuilt = []
+    for rollup in ROLLUPS.values():
+        if rollup.source == source and compare(conn, rollup.table, start, end, limit=1, features=features):
+            rebuild(conn, rollup.table, start, end, features)
+            rebuilt.append(rollup.table)
+    return rebuilt

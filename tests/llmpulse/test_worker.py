@@ -161,6 +161,51 @@ def test_crash_between_write_and_commit_is_not_written_twice(tmp_path: Path, top
     _exactly_once(data, 20_000)
 
 
+CRASH_BETWEEN_RAW_AND_VIEWS = """
+import os, sys
+import sinks.clickhouse as ch
+original = ch.ClickHouseSink.write
+
+def write_raw_only(self, batches, token):
+    # what a kill between ClickHouse committing the raw part and the views' parts leaves behind
+    for view in ("llm_calls_1m_mv", "served_models_1m_mv"):
+        self.client.command(f"DETACH TABLE {self.conn.database}.{view}")  # attached again on restart
+    original(self, batches, token)
+    os._exit(9)
+
+ch.ClickHouseSink.write = write_raw_only
+from llmpulse.cli import main
+sys.argv = ["llmpulse", "-v", "worker", "--config", sys.argv[1], "--data-dir", sys.argv[2]]
+main()
+"""
+
+
+def test_rows_whose_view_parts_were_lost_in_a_crash_are_rolled_up_by_the_next_worker(
+    tmp_path: Path, topics: Any
+) -> None:
+    asyncio.run(produce(topics, topics.topics.calls, events(12_000, "views", response_model="served-1")))
+    cfg = write_config(tmp_path / "w.yaml", topics, pipeline={"batch_max_seconds": "100ms", "batch_max_events": 4000})
+    data = tmp_path / "data"
+    with (tmp_path / "crash.log").open("wb") as out:
+        crashed = subprocess.run(
+            [sys.executable, "-c", CRASH_BETWEEN_RAW_AND_VIEWS, str(cfg), str(data)],
+            stdout=out, stderr=subprocess.STDOUT, env=ENV, timeout=120, check=False,
+        )  # fmt: skip
+    assert crashed.returncode == 9, (tmp_path / "crash.log").read_text(errors="replace")[-3000:]
+    (lost,) = query(data, "SELECT (SELECT count() FROM llm_calls) - (SELECT sum(calls) FROM llm_calls_1m) AS n")
+    assert lost["n"] > 0  # the raw rows are there, the rollup lacks them
+    worker = Worker(cfg, data, tmp_path / "w.log").start()
+    try:
+        worker.wait_ready(120)
+        wait_caught_up(topics, topics.topics.calls, workers=[worker])
+    finally:
+        assert worker.stop() == 0
+    log = worker.log.read_text()
+    assert "already in ClickHouse; skipping them" in log  # not written again...
+    assert "llm_calls_1m, served_models_1m lacked rows written before the last owner died" in log  # ...but counted
+    _exactly_once(data, 12_000)
+
+
 def test_sigkill_while_events_flow_loses_and_duplicates_nothing(tmp_path: Path, topics: Any) -> None:
     produced = events(60_000, "kill")
     feeding = threading.Thread(

@@ -8,7 +8,7 @@ from typing import Any
 import orjson
 
 from llmpulse.runtime import EmbeddedRuntime
-from sinks.rollups import ROLLUPS, compare, rebuild
+from sinks.rollups import ROLLUPS, compare, rebuild, repair
 from tests.conftest import NOW, batch, call, iso
 
 START, END = NOW - 7200, NOW + 60
@@ -16,8 +16,8 @@ START, END = NOW - 7200, NOW + 60
 
 def seed(settings: Any, conn: Any) -> None:
     runtime = EmbeddedRuntime(settings, conn)
-    calls = [call(request_id=f"r{i}", feature=f"f{i % 3}", latency_ms=100.0 + i, ts=iso(NOW - 3600 + i * 7))
-             for i in range(300)]  # fmt: skip
+    calls = [call(request_id=f"r{i}", feature=f"f{i % 3}", latency_ms=100.0 + i, ts=iso(NOW - 3600 + i * 7),
+                  response_model="served-a" if i % 4 else "served-b") for i in range(300)]  # fmt: skip
     quality = [
         *({"kind": "judge_result", "request_id": f"r{i}", "rubric": "h", "score": i / 300, "judge_model": "j",
            "ts": iso(NOW - 1800)} for i in range(0, 300, 10)),
@@ -68,3 +68,42 @@ def test_eval_rebuild_keeps_boosted_samples_out(settings: Any, conn: Any) -> Non
     assert {d.column for d in diffs} == {"n", "score_sum", "score_sumsq"}
     rebuild(conn, "eval_1h", START, END)
     assert conn.client.command("SELECT sum(n) FROM eval_1h") == 29
+
+
+def test_a_rollup_added_by_a_migration_is_backfilled_from_raw_once(settings: Any, conn: Any) -> None:
+    """Migration 0005 adds served_models_1m over existing calls: rebuilt from raw, and running the
+    backfill again (a migration interrupted before it was recorded) does not count twice."""
+    from sinks.migrations import _backfill
+
+    runtime = EmbeddedRuntime(settings, conn)
+    events = [call(response_model="gpt-4o-2024-08-06", ts=iso(NOW - 40 * 86400 + i * 3600)) for i in range(30)]
+    events += [call(response_model="gpt-4o-2024-11-20", ts=iso(NOW - 3600 + i)) for i in range(5)]
+    runtime.ingest(batch([orjson.dumps(e) for e in events]), now=NOW)
+    runtime.finish()
+    runtime.close()
+    db = conn.database
+    conn.client.command(f"TRUNCATE TABLE {db}.served_models_1m")  # as before the migration
+    for _ in range(2):
+        _backfill(conn, "served_models_1m")
+        rows = conn.client.query(
+            f"SELECT response_model, sum(calls) FROM {db}.served_models_1m GROUP BY 1 ORDER BY 1"
+        ).result_rows
+        assert rows == [("gpt-4o-2024-08-06", 30), ("gpt-4o-2024-11-20", 5)]
+
+
+def test_repair_rebuilds_only_the_features_it_owns_and_only_where_a_view_missed_rows(settings: Any, conn: Any) -> None:
+    """A worker killed between the raw part and the view parts: its successor repairs its own features."""
+    seed(settings, conn)
+    c = conn.client
+    assert repair(conn, "llm_calls", START, END, {"f0", "f1"}) == []  # nothing missed: nothing rebuilt
+    # f0's view parts never landed; f2 (another owner's feature) is double-counted and not ours to touch
+    for table in ("llm_calls_1m", "served_models_1m"):
+        c.command(f"ALTER TABLE {table} DELETE WHERE feature = 'f0'", settings={"mutations_sync": 2})
+    c.command("INSERT INTO llm_calls_1m SELECT * FROM llm_calls_1m WHERE feature = 'f2' LIMIT 1")
+    assert repair(conn, "llm_calls", START, END, {"f0", "f1"}) == ["llm_calls_1m", "served_models_1m"]
+    assert compare(conn, "llm_calls_1m", START, END, features={"f0", "f1"}) == []
+    assert compare(conn, "served_models_1m", START, END) == []
+    assert {d.key["feature"] for d in compare(conn, "llm_calls_1m", START, END)} == {"f2"}
+    assert c.command("SELECT sum(calls) FROM llm_calls_1m WHERE feature IN ('f0', 'f1')") == 200
+    # the judge and feedback rollups read other tables: a repair of llm_calls leaves them alone
+    assert compare(conn, "eval_1h", START, END) == [] and compare(conn, "feedback_1h", START, END) == []
