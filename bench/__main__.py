@@ -17,15 +17,30 @@ from bench.common import Figure, machine
 
 def main() -> None:
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
-    parser.add_argument("--only", default="p2,p3", help="comma-separated figures to run (p2,p3)")
+    parser.add_argument("--only", default="p1,p2,p3", help="comma-separated figures to run (p1,p2,p3,p4,p5,p5w)")
+    parser.add_argument("--p4-sizes", default="1,10", help="P4: millions of calls to report over")
     parser.add_argument("--events", type=int, default=300_000, help="events for P2")
+    parser.add_argument("--p1-events", type=int, default=200_000, help="events for P1")
     parser.add_argument("--bootstrap", default=os.environ.get("LLMPULSE_KAFKA_BOOTSTRAP", "127.0.0.1:19092"))
     stamp = time.strftime("%Y%m%d-%H%M%S")
     parser.add_argument("--out", type=Path, default=Path("bench/results") / f"bench-{stamp}.json")
+    parser.add_argument("--p3-events", type=int, default=600_000, help="events for P3's overhead runs")
+    parser.add_argument("--p3-repeat", type=int, default=3, help="P3: fresh processes per variant (medians)")
+    parser.add_argument("--p5-events", type=int, default=None, help="events for P5 [3M; env LLMPULSE_P5_EVENTS]")
+    parser.add_argument("--ci", action="store_true",
+                        help="CI sizes: every figure (P1-P5) on small inputs, so CI proves the harness runs; "
+                             "the figures are printed, not asserted")  # fmt: skip
     args = parser.parse_args()
+    if args.ci:
+        args.only, args.p1_events, args.events, args.p3_events = "p1,p2,p3,p4,p5,p5w", 50_000, 30_000, 100_000
+        args.p4_sizes, args.p5_events, args.p3_repeat = "0.2", 200_000, 1
     only = {x.strip().lower() for x in args.only.split(",")}
     figures: list[Figure] = []
     with tempfile.TemporaryDirectory(prefix="llmpulse-bench-") as tmp:
+        if "p1" in only:
+            from bench import p1_embedded
+
+            figures += p1_embedded.run(args.p1_events, Path(tmp))
         if "p2" in only:
             from bench import p2_kafka
 
@@ -33,9 +48,23 @@ def main() -> None:
         if "p3" in only:
             from bench import p3_alerts
 
-            figures.append(p3_alerts.overhead(Path(tmp) / "p3"))
-            figures.append(p3_alerts.overhead(Path(tmp) / "p3", windows=("1m",)))
+            figures.append(p3_alerts.overhead(Path(tmp) / "p3", n=args.p3_events, repeat=args.p3_repeat))
+            figures.append(p3_alerts.overhead(Path(tmp) / "p3-1m", n=args.p3_events, windows=("1m",),
+                                              repeat=args.p3_repeat))  # fmt: skip
             figures.append(p3_alerts.latency(Path(tmp) / "p3"))
+        if "p4" in only:
+            from bench import p4_report
+
+            sizes = tuple(int(float(x) * 1_000_000) for x in args.p4_sizes.split(","))
+            figures += p4_report.run(Path(tmp), sizes)
+        if "p5" in only:
+            from bench import p5_memory
+
+            figures += p5_memory.run(Path(tmp), args.p5_events)
+        if "p5w" in only:
+            from bench import p5_worker
+
+            figures += p5_worker.run(Path(tmp) / "p5w", args.p5_events, args.bootstrap)
     table = Table(title="llmpulse bench", header_style="bold cyan")
     for col in ("figure", "value", "baseline", "ratio", "CPU µs/event", "notes"):
         table.add_column(col, justify="right" if col in {"value", "ratio", "CPU µs/event"} else "left")

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import http.server
 import statistics
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -17,7 +19,7 @@ from typing import Any
 
 import orjson
 
-from bench.common import Figure
+from bench.common import Figure, pin_prefix
 from llmpulse.alerting import AlertPipeline
 from llmpulse.runtime import EmbeddedRuntime, open_clickhouse, pipeline_options, tune_gc
 from processors.chain import CallPipeline
@@ -64,49 +66,70 @@ def events(n: int, keys: int, start: float, span_s: float) -> list[bytes]:
     return out
 
 
-def overhead(
-    data_dir: Path, n: int = 600_000, keys: int = 10_000, span_s: float = 30.0, windows: tuple[str, ...] = WINDOWS
-) -> Figure:
-    """The embedded runtime (processing and ClickHouse writes: the worker's work minus Kafka) with
-    and without stage-2 evaluation. Events arrive at ``n / span_s`` per second of event time
-    (20k/s by default: what one worker core sustains here), so rule windows close as often per
-    event as they would live."""
+def _overhead_child(data_dir: str, with_alerts: bool, n: int, keys: int, span_s: float, windows: str,
+                    start: float, now: float) -> None:  # fmt: skip
+    """One measured run in a fresh process (fresh chDB: no background merges of another run's
+    data on the clock); prints {"cpu_s", "evaluated"}."""
     tune_gc()
     settings = load_settings(None, {"data_dir": data_dir, "pipeline": {"allowed_lateness": "5s"}})
-    now = time.time()
-    payloads = events(n, keys, now - 900, span_s)
-    rules = fifty_rules(windows)
+    payloads = events(n, keys, start, span_s)
+    rules = fifty_rules(tuple(windows.split(",")))
     assert len(rules.rules) == 50
+    conn = open_clickhouse(settings, purpose="bench p3")
+    alerts = AlertPipeline(settings, conn, rules=rules, channels=[]) if with_alerts else None
+    runtime = EmbeddedRuntime(settings, conn, alerts=alerts)
+    t0 = time.process_time()
+    for i in range(0, n, 10_000):
+        batch = PayloadBatch(Source("bench", "p3"), payloads[i : i + 10_000], list(range(i, i + 10_000)))
+        runtime.ingest(batch, now=now, mixed=False)
+    runtime.finish()
+    runtime.close()
+    spent = time.process_time() - t0
+    evaluated = alerts.windows.evaluated_windows if alerts else 0
+    if alerts is not None:
+        alerts.close()
+    conn.close()
+    print(orjson.dumps({"cpu_s": spent, "evaluated": evaluated}).decode())
 
-    def run(with_alerts: bool, database: str) -> tuple[float, int]:
-        s = settings.model_copy(update={"clickhouse": settings.clickhouse.model_copy(update={"database": database})})
-        conn = open_clickhouse(s, purpose="bench p3")
-        alerts = AlertPipeline(s, conn, rules=rules, channels=[]) if with_alerts else None
-        runtime = EmbeddedRuntime(s, conn, alerts=alerts)
-        t0 = time.process_time()
-        for i in range(0, n, 10_000):
-            batch = PayloadBatch(Source("bench", database), payloads[i : i + 10_000], list(range(i, i + 10_000)))
-            runtime.ingest(batch, now=now, mixed=False)
-        runtime.finish()
-        runtime.close()
-        spent = time.process_time() - t0
-        evaluated = alerts.windows.evaluated_windows if alerts else 0
-        if alerts is not None:
-            alerts.close()
-        conn.close()
-        return spent, evaluated
 
-    run(False, "p3_warmup")
-    base, _ = run(False, "p3_without")
-    with_alerts, evaluated = run(True, "p3_with")
-    pct = (with_alerts - base) / base * 100
+def overhead(
+    data_dir: Path, n: int = 600_000, keys: int = 10_000, span_s: float = 30.0, windows: tuple[str, ...] = WINDOWS,
+    repeat: int = 3, pin_core: int | None = 1,
+) -> Figure:  # fmt: skip
+    """The embedded runtime (processing and ClickHouse writes: the worker's work minus Kafka) with
+    and without stage-2 evaluation, each run in a fresh process pinned to one core, alternated
+    ``repeat`` times; the medians are compared. Events arrive at ``n / span_s`` per second of event
+    time (20k/s by default: what one worker core sustains here), so rule windows close as often per
+    event as they would live."""
+    now = time.time()
+    # the same alignment every run: the span starts 15 s before minute 11 of an hour two hours ago,
+    # so it crosses one 1m boundary and no 5m/15m/1h one (which windows close decides how many
+    # rule windows are evaluated, and so the figure)
+    start = (now - 7200) // 3600 * 3600 + 11 * 60 - 15
+    runs: dict[bool, list[float]] = {False: [], True: []}
+    evaluated = 0
+    for i in range(repeat):
+        for with_alerts in (False, True):
+            folder = data_dir / f"run-{i}-{int(with_alerts)}"
+            code = (f"from bench.p3_alerts import _overhead_child; _overhead_child({str(folder)!r}, {with_alerts}, "
+                    f"{n}, {keys}, {span_s}, {','.join(windows)!r}, {start}, {now})")  # fmt: skip
+            proc = subprocess.run([*pin_prefix(pin_core), sys.executable, "-c", code], capture_output=True, text=True,
+                                  check=False)  # fmt: skip
+            if proc.returncode != 0:
+                raise RuntimeError(f"P3 run failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}")
+            out = orjson.loads(proc.stdout.strip().splitlines()[-1])
+            runs[with_alerts].append(out["cpu_s"])
+            evaluated = max(evaluated, out["evaluated"])
+    base, with_alerts_cpu = statistics.median(runs[False]), statistics.median(runs[True])
+    pct = (with_alerts_cpu - base) / base * 100
     return Figure(
         f"P3 alert evaluation overhead (50 rules over {'/'.join(windows)} windows, 10k scope keys)", pct,
         "% of embedded runtime CPU",
-        None, None, with_alerts / n * 1e6,
+        None, None, with_alerts_cpu / n * 1e6,
         f"{n:,} events over {span_s:.0f} s of event time, {evaluated:,} rule windows evaluated; "
-        f"CPU µs/event {base / n * 1e6:.2f} without, {with_alerts / n * 1e6:.2f} with alerting "
-        "(process CPU: chDB's insert threads included)",
+        f"median CPU µs/event of {repeat} fresh pinned processes each: {base / n * 1e6:.2f} without, "
+        f"{with_alerts_cpu / n * 1e6:.2f} with alerting (chDB's insert threads included)",
+        {"without_cpu_s": runs[False], "with_cpu_s": runs[True]},
     )  # fmt: skip
 
 
