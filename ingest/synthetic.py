@@ -3,7 +3,7 @@
 A week of calls from six features owned by five teams across OpenAI, Anthropic and Google
 models: prompt caching, lognormal latencies and TTFT, multi-turn conversations, tool calls,
 structured outputs, client-sent costs, a few unknown models, unknown fields, late and
-duplicated events, and a sprinkling of malformed payloads. Two incidents are injected so the
+duplicated events, and a sprinkling of malformed payloads. Three incidents are injected so the
 demo has something to find:
 
 * **prompt change**: ``search-summarize`` moves from prompt ``v7`` to ``v8`` in the middle of
@@ -11,6 +11,8 @@ demo has something to find:
   call up ~1.7×: a cost spike);
 * **refusal regression**: from 70% of the period on, ``claude-haiku-4-5`` refuses 18% of
   calls instead of 2%;
+* **snapshot switch**: from 90% of the period on, the provider serves the ``gpt-4o-mini`` alias
+  from a newer snapshot (only ``response_model`` tells);
 
 and ``support-chat`` runs a canary of prompt ``v13`` (10% of conversations) whose refusal
 rate is 4× the control's. ``simulated_judge`` stands in for an LLM judge so every quality view
@@ -24,6 +26,7 @@ from __future__ import annotations
 
 import math
 import random
+import re
 import time
 from bisect import bisect
 from collections.abc import Iterator
@@ -135,6 +138,8 @@ SIM_RUBRIC = "helpfulness"
 
 LN2 = math.log(2)
 LN13 = math.log(1.3)
+SWITCHED_SNAPSHOT = "gpt-4o-mini-2025-10-28"
+"""What ``gpt-4o-mini`` resolves to after the provider's silent switch (the demo's third incident)."""
 UNKNOWN_MODEL = "acme-llm-1"
 """Not in any price table: its calls arrive with ``price_missing``."""
 
@@ -166,6 +171,10 @@ class Scenario:
     def refusal_regression_at(self) -> float:
         return self.start + 0.7 * (self.end - self.start)
 
+    @property
+    def snapshot_switch_at(self) -> float:
+        return self.start + 0.9 * (self.end - self.start)
+
 
 @dataclass
 class Conversation:
@@ -183,7 +192,8 @@ class Conversation:
     """When the previous call ended: a chat turn starts after it, an agent step right at it."""
 
 
-def _static_fields(c: Conversation) -> bytes:
+def _static_fields(c: Conversation, switched: bool = False) -> bytes:
+    """``switched``: the provider now serves the ``gpt-4o-mini`` alias from a newer snapshot."""
     m = MODELS[c.model]
     f = c.feature
     fields = {
@@ -192,7 +202,7 @@ def _static_fields(c: Conversation) -> bytes:
         "team": f.team,
         "provider": m.provider,
         "model": c.model,
-        "response_model": m.response_model,
+        "response_model": SWITCHED_SNAPSHOT if switched and c.model == "gpt-4o-mini" else m.response_model,
         "prompt_version": c.prompt_version,
         "variant": c.variant,
         "conversation_id": c.cid,
@@ -316,7 +326,7 @@ def generate(s: Scenario, batch_size: int = 10_000) -> Iterator[list[bytes]]:
                 version = "v8"
             turns = 1 if feature.turns <= 1 else max(1, round(rng.expovariate(1 / feature.turns)))
             conv = Conversation(cid, feature, model, variant, version, f"u-{rng.randrange(5000):05d}", turns - 1)
-            conv.static = _static_fields(conv)
+            conv.static = _static_fields(conv, s.incidents and t >= s.snapshot_switch_at)
             if conv.remaining > 0:
                 if feature.agent:
                     burst = conv
@@ -326,7 +336,7 @@ def generate(s: Scenario, batch_size: int = 10_000) -> Iterator[list[bytes]]:
         profile = MODELS[conv.model]
         static = conv.static
         if rand() < s.unknown_model_rate:
-            static = static.replace(f'"model":"{conv.model}"'.encode(), f'"model":"{UNKNOWN_MODEL}"'.encode())
+            static = re.sub(rb'"(response_)?model":"[^"]*"', rb'"\1model":"' + UNKNOWN_MODEL.encode() + b'"', static)
         v8 = conv.prompt_version == "v8"  # the incident: more few-shot examples, twice the output
         input_tokens = max(20, int(exp(feature.log_input + (LN13 if v8 else 0.0) + 0.45 * gauss())))
         log_out = feature.log_output + (LN2 if v8 else 0.0)

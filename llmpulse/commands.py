@@ -15,6 +15,7 @@ import click
 import orjson
 
 from llmpulse import console
+from llmpulse.client import QueryFailed, RemoteError
 from schemas.config import ConfigError, Settings, load_settings
 from schemas.judge import RubricError
 from schemas.prices import PriceError
@@ -49,6 +50,25 @@ def _data_options(fn: F) -> F:
     return fn
 
 
+def _server_options(fn: F) -> F:
+    """--server / --api-key on commands that read: through a running `llmpulse serve` instead of ClickHouse."""
+    fn = click.option(
+        "--api-key",
+        default=None,
+        envvar="LLMPULSE_API_KEY",
+        help="Key for --server (admin for free SQL) [env LLMPULSE_API_KEY; the local server's token is found].",
+    )(fn)
+    fn = click.option(
+        "--server",
+        "server_url",
+        default=None,
+        metavar="URL",
+        envvar="LLMPULSE_SERVER",
+        help="Read through this `llmpulse serve` [default: the one holding --data-dir, found automatically].",
+    )(fn)
+    return fn
+
+
 def _settings(config_path: Path | None, data_dir: Path | None, clickhouse_url: str | None) -> Settings:
     return load_settings(config_path, {"data_dir": data_dir, "clickhouse": {"url": clickhouse_url}})
 
@@ -68,6 +88,8 @@ def _friendly_errors(fn: F) -> F:
             console.error(str(exc))
         except SinkError as exc:
             console.error(str(exc), "Is ClickHouse reachable? Check clickhouse.url and credentials.")
+        except (RemoteError, QueryFailed) as exc:
+            console.error(str(exc))
         except FileNotFoundError as exc:
             console.error(f"{exc.filename}: no such file")
         raise SystemExit(2)
@@ -227,6 +249,12 @@ def _render_demo(s: dict[str, Any], settings: Settings) -> None:
         soft_wrap=True,
     )
     out.print(
+        f"  • snapshot switch: gpt-4o-mini served by {inc['snapshot_switch']['to']} from "
+        f"{inc['snapshot_switch']['at']}:\n    llmpulse drift{data_flag} --window 24h --baseline 3d",
+        highlight=False,
+        soft_wrap=True,
+    )
+    out.print(
         "  • canary: support-chat prompt v13 (variant canary) refuses 4× as often as control; the gate refuses it:\n"
         f"    llmpulse gate{data_flag} --since 8d --feature support-chat --baseline variant=control "
         "--candidate variant=canary --max-refusal-increase 0.02 --min-quality-delta 0\n",
@@ -300,11 +328,12 @@ def replay(file: Path, config_path: Path | None, data_dir: Path | None, clickhou
 @click.option("-p", "--param", "params", multiple=True, metavar="KEY=VALUE", help="Named queries: another parameter.")
 @click.option("--list", "list_names", is_flag=True, help="List the named queries (sinks/queries/*.sql) and exit.")
 @click.option("--format", "fmt", type=click.Choice(["table", "json"]), default="table", show_default=True)
+@_server_options
 @_data_options
 @_friendly_errors
 def query(
-    sql: str | None, since: str, params: tuple[str, ...], list_names: bool, fmt: str,
-    config_path: Path | None, data_dir: Path | None, clickhouse_url: str | None,
+    sql: str | None, since: str, params: tuple[str, ...], list_names: bool, fmt: str, server_url: str | None,
+    api_key: str | None, config_path: Path | None, data_dir: Path | None, clickhouse_url: str | None,
 ) -> None:  # fmt: skip
     """Run SQL, or a named query such as `cost_by_feature`, against the configured ClickHouse.
 
@@ -315,7 +344,7 @@ def query(
 
     from clickhouse_connect.driver.exceptions import DatabaseError
 
-    from llmpulse.runtime import open_clickhouse
+    from llmpulse.client import open_for_reading
     from schemas.durations import parse_duration
     from sinks import queries
 
@@ -339,11 +368,11 @@ def query(
         console.error(f"--param only applies to named queries; {sql[:40]!r} is not one", "see llmpulse query --list")
         raise SystemExit(2)
     settings = _settings(config_path, data_dir, clickhouse_url)
-    conn = open_clickhouse(settings, purpose="llmpulse query")
+    conn = open_for_reading(settings, "llmpulse query", server=server_url, api_key=api_key)
     try:
         try:
             result = conn.client.query(sql, parameters=parameters or None)
-        except DatabaseError as exc:
+        except (DatabaseError, QueryFailed) as exc:
             console.error(str(exc).split("\n")[0])
             raise SystemExit(1) from None
     finally:
@@ -444,14 +473,32 @@ def prices_import(
 
 
 @cli.command()
+@click.option("--print-sql", is_flag=True,
+              help="Print the whole schema's DDL (with the configured cluster and retention) instead of applying it: "
+                   "for review, or for clickhouse-client where the pipeline may not run DDL.")  # fmt: skip
+@click.option("--cluster", default=None, help="With --print-sql: the DDL for this cluster [config clickhouse.cluster].")
 @_data_options
 @_friendly_errors
-def migrate(config_path: Path | None, data_dir: Path | None, clickhouse_url: str | None) -> None:
+def migrate(
+    print_sql: bool, cluster: str | None, config_path: Path | None, data_dir: Path | None, clickhouse_url: str | None
+) -> None:
     """Create or upgrade the ClickHouse schema (every command also does this at start)."""
     from sinks.clickhouse import connect
     from sinks.migrations import migrate as run_migrations
+    from sinks.migrations import retention_sql, schema_sql
 
     settings = _settings(config_path, data_dir, clickhouse_url)
+    if print_sql:
+        ch = settings.clickhouse
+        on = cluster or ch.cluster
+        for statement in [
+            *schema_sql(ch.database, settings.retention, on),
+            *retention_sql(ch.database, settings.retention, on),
+        ]:
+            sys.stdout.write(statement.rstrip().rstrip(";") + ";\n\n")
+        return
+    if cluster:
+        raise click.UsageError("--cluster only goes with --print-sql; set clickhouse.cluster to migrate a cluster")
     conn = connect(settings.clickhouse, settings.data_dir, purpose="llmpulse migrate")
     try:
         applied = run_migrations(conn, settings.retention, settings.clickhouse.cluster)
@@ -584,15 +631,19 @@ def dlq() -> None:
 
 @dlq.command("show")
 @click.option("--since", default="7d", show_default=True, help="How far back (30m, 24h, 7d).")
+@_server_options
 @_data_options
 @_friendly_errors
-def dlq_show(since: str, config_path: Path | None, data_dir: Path | None, clickhouse_url: str | None) -> None:
+def dlq_show(
+    since: str, server_url: str | None, api_key: str | None, config_path: Path | None, data_dir: Path | None,
+    clickhouse_url: str | None,
+) -> None:  # fmt: skip
     """Rejections grouped by reason, with an example position for each."""
-    from llmpulse.runtime import open_clickhouse
+    from llmpulse.client import open_for_reading
     from schemas.durations import parse_duration
 
     settings = _settings(config_path, data_dir, clickhouse_url)
-    conn = open_clickhouse(settings, purpose="llmpulse dlq show")
+    conn = open_for_reading(settings, "llmpulse dlq show", server=server_url, api_key=api_key)
     try:
         rows = conn.client.query(
             "SELECT reason, path, count() AS letters, any(source) AS source, any(source_name) AS example_source, "
@@ -603,6 +654,9 @@ def dlq_show(since: str, config_path: Path | None, data_dir: Path | None, clickh
     finally:
         conn.close()
     records = [dict(zip(rows.column_names, r, strict=True)) for r in rows.result_rows]
+    if not records:
+        console.out.print(f"No dead letters in the last {since}: every event received was accepted.")
+        return
     console.out.print(console.table(f"Dead letters in the last {since}", records))
 
 
@@ -698,17 +752,18 @@ def rules_check(file: Path | None) -> None:
 @click.argument("file", type=click.Path(exists=True, dir_okay=False, path_type=Path), required=False)
 @click.option("--since", default="7d", show_default=True, help="How far back to replay (e.g. 24h, 7d, 30d).")
 @click.option("--json", "as_json", is_flag=True, help="Incidents as a JSON array.")
+@_server_options
 @_data_options
 @_friendly_errors
 def rules_backtest(
-    file: Path | None, since: str, as_json: bool, config_path: Path | None, data_dir: Path | None,
-    clickhouse_url: str | None,
+    file: Path | None, since: str, as_json: bool, server_url: str | None, api_key: str | None,
+    config_path: Path | None, data_dir: Path | None, clickhouse_url: str | None,
 ) -> None:  # fmt: skip
     """Replay rules (default: the built-in ones) over the stored history: when would they have fired?"""
     import time as _time
 
     from llmpulse.backtest import backtest
-    from llmpulse.runtime import open_clickhouse
+    from llmpulse.client import open_for_reading
     from schemas.durations import parse_duration
     from schemas.rules import RulesError, default_rules, load_rules
     from sinks.alert_store import AlertStore
@@ -719,7 +774,7 @@ def rules_backtest(
         console.error(str(exc))
         raise SystemExit(2) from None
     settings = _settings(config_path, data_dir, clickhouse_url)
-    conn = open_clickhouse(settings, purpose="llmpulse rules backtest")
+    conn = open_for_reading(settings, "llmpulse rules backtest", server=server_url, api_key=api_key)
     try:
         end = _time.time()
         result = backtest(AlertStore(conn), parsed, end - parse_duration(since), end)
@@ -769,14 +824,15 @@ def _human(seconds: float | None) -> str:
 @click.option("--min-judged", type=int, default=30, show_default=True, help="Judge scores needed on each side.")
 @click.option("--allow-inconclusive", is_flag=True, help="Exit 0 (not 3) when a side has too little data.")
 @click.option("--json", "as_json", is_flag=True)
+@_server_options
 @_data_options
 @_friendly_errors
 def gate(
     candidate: str, baseline: str, feature: str | None, since: str, max_token_increase: float | None,
     max_cost_increase: float | None, max_p95_ms: float | None, max_p95_increase: float | None,
     min_quality_delta: float | None, max_refusal_increase: float | None, max_error_increase: float | None,
-    min_calls: int, min_judged: int, allow_inconclusive: bool, as_json: bool, config_path: Path | None,
-    data_dir: Path | None, clickhouse_url: str | None,
+    min_calls: int, min_judged: int, allow_inconclusive: bool, as_json: bool, server_url: str | None,
+    api_key: str | None, config_path: Path | None, data_dir: Path | None, clickhouse_url: str | None,
 ) -> None:  # fmt: skip
     """Compare a candidate release with its baseline; exit 1 when a policy fails (a CI gate).
 
@@ -785,8 +841,8 @@ def gate(
     import dataclasses
     import time as _time
 
+    from llmpulse.client import open_for_reading
     from llmpulse.gate import GateUsageError, Policy, evaluate, measure, parse_selector
-    from llmpulse.runtime import open_clickhouse
     from schemas.durations import parse_duration
 
     try:
@@ -801,7 +857,7 @@ def gate(
     settings = _settings(config_path, data_dir, clickhouse_url)
     end = _time.time()
     start = end - parse_duration(since)
-    conn = open_clickhouse(settings, purpose="llmpulse gate")
+    conn = open_for_reading(settings, "llmpulse gate", server=server_url, api_key=api_key)
     try:
         result = evaluate(measure(conn, base, start, end, baseline), measure(conn, cand, start, end, candidate), policy)
     finally:
@@ -834,20 +890,22 @@ def gate(
 @cli.command("trace")
 @click.argument("request_id")
 @click.option("--json", "as_json", is_flag=True)
+@_server_options
 @_data_options
 @_friendly_errors
 def trace_cmd(
-    request_id: str, as_json: bool, config_path: Path | None, data_dir: Path | None, clickhouse_url: str | None
-) -> None:
+    request_id: str, as_json: bool, server_url: str | None, api_key: str | None, config_path: Path | None,
+    data_dir: Path | None, clickhouse_url: str | None,
+) -> None:  # fmt: skip
     """Lineage of one call: its release tuple, judge scores and feedback, and how its release
     compares with the release of the same feature before it."""
     import dataclasses
 
+    from llmpulse.client import open_for_reading
     from llmpulse.lineage import NotFound, trace
-    from llmpulse.runtime import open_clickhouse
 
     settings = _settings(config_path, data_dir, clickhouse_url)
-    conn = open_clickhouse(settings, purpose="llmpulse trace")
+    conn = open_for_reading(settings, "llmpulse trace", server=server_url, api_key=api_key)
     try:
         try:
             t = trace(conn, request_id)
@@ -997,6 +1055,232 @@ def reprice(
         console.out.print(f'History: llmpulse query "{history}"', highlight=False)
 
 
+@cli.command()
+@click.option("--since", default="7d", show_default=True, help="Check the period starting this long ago.")
+@click.option("--until", "until", default=None, help="...and ending this long ago [default: now].")
+@click.option("--fix", is_flag=True, help="Rebuild the rollup buckets found wrong from raw; merge repeated rows.")
+@click.option("--json", "as_json", is_flag=True, help="Print the report as one JSON object.")
+@_data_options
+@_friendly_errors
+def reconcile(
+    since: str, until: str | None, fix: bool, as_json: bool, config_path: Path | None, data_dir: Path | None,
+    clickhouse_url: str | None,
+) -> None:  # fmt: skip
+    """Recompute the rollups from raw rows (FINAL) and report every difference; find repeated events.
+
+    Exit 0 when everything matches (or --fix repaired all of it), 1 when differences remain.
+    """
+    import time as _time
+
+    from llmpulse.reconcile import as_json as report_json
+    from llmpulse.reconcile import reconcile as run_reconcile
+    from llmpulse.runtime import open_clickhouse
+    from schemas.durations import parse_duration
+
+    now = _time.time()
+    start, end = now - parse_duration(since), now - (parse_duration(until) if until else 0.0)
+    if start >= end:
+        console.error(f"nothing to do: --since {since} starts after the end of the period")
+        raise SystemExit(2)
+    settings = _settings(config_path, data_dir, clickhouse_url)
+    conn = open_clickhouse(settings, purpose="llmpulse reconcile")
+    try:
+        report = run_reconcile(conn, start, end, fix=fix)
+    finally:
+        conn.close()
+    if as_json:
+        sys.stdout.write(orjson.dumps(report_json(report)).decode() + "\n")
+    else:
+        _render_reconcile(report)
+    raise SystemExit(0 if report.ok else 1)
+
+
+def _render_reconcile(report: Any) -> None:
+    from llmpulse.reconcile import as_json as report_json
+
+    out = console.out
+    data = report_json(report)
+    raw = report.raw
+    out.print(f"Reconciled {data['start'][:16]} → {data['end'][:16]} in {report.seconds:.1f} s: {raw.rows:,} raw "
+              f"rows, {raw.rows_final:,} after FINAL, {raw.event_ids:,} event ids", highlight=False)  # fmt: skip
+    if report.differences:
+        rows = [{"table": d["table"], "bucket": next(iter(d["key"].values()))[:16],
+                 "key": " ".join(f"{k}={v}" for k, v in list(d["key"].items())[1:] if v not in ("", None)),
+                 "column": d["column"], "stored": d["stored"], "recomputed": d["recomputed"]}
+                for d in data["differences"]]  # fmt: skip
+        out.print(console.table("Rollup cells that differ from their recomputation", rows))
+    if report.repeats:
+        out.print(console.table(f"Repeated events: {report.repeated_ids:,} ids",
+                                [vars(r) for r in report.repeats[:50]]))  # fmt: skip
+    for table, buckets in data["rebuilt"].items():
+        out.print(f"rebuilt {len(buckets)} bucket(s) of {table} from raw", highlight=False)
+    if report.merged_months:
+        out.print(f"merged llm_calls months {', '.join(map(str, report.merged_months))}", highlight=False)
+    if not report.found:
+        out.print("[bold green]ok[/]: every rollup equals its recomputation; no event stored twice")
+    elif report.ok:
+        out.print("[bold green]repaired[/]: checked again, nothing differs")
+    elif report.rebuilt or report.merged_months:
+        out.print(f"[bold red]{report.remaining:,} difference(s) left after repairing[/] (an event id under two "
+                  "features or days is the producer's to resolve)")  # fmt: skip
+    else:
+        out.print(f"[bold red]{len(report.differences):,} rollup cell(s) differ, {report.repeated_ids:,} event "
+                  "id(s) stored more than once[/]; `--fix` rebuilds the cells from raw")  # fmt: skip
+
+
 def _usd(x: float) -> str:
     """Cents once the sums are large, four places below $100 (a few calls' worth)."""
     return f"${x:,.2f}" if abs(x) >= 100 else f"${x:,.4f}"
+
+
+@cli.command("drift")
+@click.option("--window", default="24h", show_default=True, help="The recent period to check (ends now).")
+@click.option("--baseline", default="7d", show_default=True, help="Trailing period before the window.")
+@click.option("--reference", default=None, metavar="FROM..TO",
+              help="A pinned baseline instead, e.g. 2026-11-02..2026-11-09 (ISO dates or times, UTC).")  # fmt: skip
+@click.option("--feature", default=None, help="Only this feature.")
+@click.option("--max-length-change", type=float, default=0.2, show_default=True,
+              help="Relative change of mean/p95 output tokens that counts as drift.")  # fmt: skip
+@click.option("--max-rate-change", type=float, default=0.02, show_default=True,
+              help="Absolute change of a rate (also needs to be beyond noise).")  # fmt: skip
+@click.option("--max-psi", type=float, default=0.2, show_default=True, help="PSI on output length that counts.")
+@click.option("--fail-on-drift", is_flag=True, help="Exit 1 when anything drifted (for CI or cron).")
+@click.option("--json", "as_json", is_flag=True)
+@_server_options
+@_data_options
+@_friendly_errors
+def drift_cmd(
+    window: str, baseline: str, reference: str | None, feature: str | None, max_length_change: float,
+    max_rate_change: float, max_psi: float, fail_on_drift: bool, as_json: bool, server_url: str | None,
+    api_key: str | None, config_path: Path | None, data_dir: Path | None, clickhouse_url: str | None,
+) -> None:  # fmt: skip
+    """Per feature and model: the window against its baseline — output length (mean, p95, PSI),
+    refusal, schema-valid, tool-call and thumbs-down rates — and model snapshot changes."""
+    import dataclasses
+    import time as _time
+
+    from llmpulse.client import open_for_reading
+    from llmpulse.drift import Thresholds, drift
+    from schemas.durations import parse_duration
+
+    now = _time.time()
+    win = (now - parse_duration(window), now)
+    if reference:
+        try:
+            lo, hi = (datetime.fromisoformat(x.strip()).replace(tzinfo=UTC) for x in reference.split(".."))
+        except ValueError:
+            console.error(f"--reference {reference!r}: expected FROM..TO, e.g. 2026-11-02..2026-11-09")
+            raise SystemExit(2) from None
+        base = (lo.timestamp(), hi.timestamp())
+    else:
+        base = (win[0] - parse_duration(baseline), win[0])
+    settings = _settings(config_path, data_dir, clickhouse_url)
+    conn = open_for_reading(settings, "llmpulse drift", server=server_url, api_key=api_key)
+    try:
+        report = drift(conn, win, base, Thresholds(max_length_change, max_rate_change, max_psi), feature)
+    finally:
+        conn.close()
+    if as_json:
+        sys.stdout.write(orjson.dumps(dataclasses.asdict(report), default=_json_default).decode() + "\n")
+    else:
+        _render_drift(report)
+    raise SystemExit(1 if fail_on_drift and report.drifted else 0)
+
+
+def _render_drift(report: Any) -> None:
+    out = console.out
+    w0, w1 = (_json_default(t)[:16] for t in report.window)
+    b0, b1 = (_json_default(t)[:16] for t in report.baseline)
+    rows = []
+    for m in report.models:
+        marks = {c.metric: ("[bold red]" if c.drifted else "") + c.detail + ("[/]" if c.drifted else "")
+                 for c in m.changes}  # fmt: skip
+        rows.append({
+            "feature": m.feature, "model": m.model, "calls": m.calls,
+            "mean out": marks.get("output_tokens_avg"), "p95 out": marks.get("output_tokens_p95"),
+            "PSI out": (f"{m.psi:.3f} " if m.psi is not None else "") + (marks.get("output_tokens_psi") or ""),
+            "refusals": marks.get("refusal_rate"), "schema ok": marks.get("schema_valid_rate"),
+            "tools": marks.get("tool_call_rate"), "thumbs down": marks.get("thumbs_down_rate"),
+            "verdict": "[bold red]DRIFT[/]" if m.drifted else "ok",
+        })  # fmt: skip
+    out.print(console.table(f"Drift: {w0} → {w1} against {b0} → {b1}", rows))
+    for model, found in report.versions.items():
+        for v in found:
+            if v.kind == "switched":
+                used = ", ".join(sorted(set(report.features.get(model, []))))
+                out.print(f"[bold red]model switched[/] {v.detail} (used by {used})", highlight=False)
+    unpinned = sorted(m for m, found in report.versions.items() if any(v.kind == "unpinned" for v in found))
+    if unpinned:
+        out.print(f"[yellow]Unpinned model aliases[/] (the provider decides when they change; pin a snapshot): "
+                  f"{', '.join(unpinned)}", highlight=False)  # fmt: skip
+    if report.thin:
+        thin = ", ".join(f"{f}/{m} ({w}/{b})" for f, m, w, b in report.thin[:8])
+        more = f" and {len(report.thin) - 8} more" if len(report.thin) > 8 else ""
+        out.print(f"[dim]Too few calls to judge (window/baseline, need {report.thresholds.min_calls} each): "
+                  f"{thin}{more}[/]", highlight=False)  # fmt: skip
+
+
+@cli.group()
+def report() -> None:
+    """Reports for people: the weekly LLMOps review."""
+
+
+@report.command("weekly")
+@click.option("--week", default=None, metavar="YYYY-Www",
+              help="ISO week, e.g. 2026-W47 [default: the last complete week, or the newest data's week].")  # fmt: skip
+@click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Directory for report.html, summary.md, report.json [data_dir/reports/YYYY-Www].")  # fmt: skip
+@click.option("--rules", "rules_path", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
+              help="Rules file with the budgets and latency rules to show [config alerting.rules_path].")  # fmt: skip
+@click.option("--open", "open_browser", is_flag=True, help="Open the page in a browser afterwards.")
+@_server_options
+@_data_options
+@_friendly_errors
+def report_weekly(
+    week: str | None, out_dir: Path | None, rules_path: Path | None, open_browser: bool, server_url: str | None,
+    api_key: str | None, config_path: Path | None, data_dir: Path | None, clickhouse_url: str | None,
+) -> None:  # fmt: skip
+    """Spend, budgets, latency, errors, eval and drift, alerts, error patterns, flagged outputs and cache
+    savings for one ISO week: a self-contained HTML page (charts inline, opens offline) and a summary
+    to paste in chat. Also overwrites data_dir/reports/latest.html, the page `llmpulse serve` shows."""
+    from llmpulse.alerting import rules_for
+    from llmpulse.client import open_for_reading
+    from llmpulse.report import ReportError, Week, build_weekly, choose_week, write
+    from schemas.rules import RulesError
+
+    settings = _settings(config_path, data_dir, clickhouse_url)
+    try:
+        chosen = Week.parse(week) if week else None
+        rules = rules_for(settings, rules_path)
+    except (ReportError, RulesError) as exc:
+        console.error(str(exc))
+        raise SystemExit(2) from None
+    conn = open_for_reading(settings, "llmpulse report weekly", server=server_url, api_key=api_key)
+    try:
+        reason = "as asked (--week)"
+        if chosen is None:
+            chosen, reason = choose_week(conn)
+        with console.err.status(f"building the {chosen.label} report…"):
+            built = build_weekly(conn, chosen, rules, reason=reason)
+    finally:
+        conn.close()
+    reports = settings.data_dir / "reports"
+    written = write(built, out_dir or reports / chosen.label, reports / "latest.html")
+    console.out.print(f"[bold]Weekly report {chosen.label}[/] ({reason}; {built.timings['total']:.2f} s)\n")
+    console.out.print(written.markdown.read_text(encoding="utf-8"), highlight=False, markup=False)
+    console.out.print(f"HTML: {written.html}\nMarkdown: {written.markdown}\nJSON: {written.json}\n"
+                      f"Latest: {written.latest}", highlight=False)  # fmt: skip
+    if open_browser:
+        import webbrowser
+
+        webbrowser.open(written.html.resolve().as_uri())
+
+
+def _register_server_commands() -> None:
+    """``serve``, ``keys`` and ``tenant-sql`` live in llmpulse.server, which imports the helpers above and
+    adds its commands to ``cli`` when it loads (when it is the one importing this module, it is loading)."""
+    if "llmpulse.server" not in sys.modules:
+        import llmpulse.server  # noqa: F401
+
+
+_register_server_commands()

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
-from ingest.synthetic import Scenario, produce_into, simulated_judge
+from ingest.synthetic import SWITCHED_SNAPSHOT, Scenario, produce_into, simulated_judge
 from llmpulse.alerting import AlertPipeline
 from llmpulse.gate import Policy, evaluate, measure
 from llmpulse.runtime import EmbeddedRuntime, open_clickhouse
@@ -140,6 +140,8 @@ def _run(
             "prompt_change": {"feature": "search-summarize", "from": "v7", "to": "v8",
                               "at": _iso(scenario.prompt_change_at)},
             "refusal_regression": {"model": "claude-haiku-4-5", "at": _iso(scenario.refusal_regression_at)},
+            "snapshot_switch": {"model": "gpt-4o-mini", "to": SWITCHED_SNAPSHOT,
+                                "at": _iso(scenario.snapshot_switch_at)},
             "canary": {"feature": "support-chat", "prompt_version": "v13", "variant": "canary"},
         },
     )  # fmt: skip

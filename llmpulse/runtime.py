@@ -23,7 +23,7 @@ from processors.quality import feedback_partials, judge_partials, thumbs_down_re
 from processors.records import PayloadBatch, Source, StepCounters
 from processors.sampling import JudgeBudget
 from processors.validate import ValidationLimits, split_by_kind
-from processors.windows import WindowPartial
+from processors.windows import FLOW_METRICS, WindowPartial
 from schemas.config import Settings
 from schemas.prices import PriceTable, builtin_price_table, load_price_table
 from sinks.batching import Block, BufferedWriter
@@ -33,6 +33,7 @@ from sinks.migrations import migrate
 
 if TYPE_CHECKING:
     from llmpulse.alerting import AlertPipeline
+    from schemas.rules import RulesFile
 
 log = logging.getLogger("llmpulse.runtime")
 
@@ -55,11 +56,14 @@ def price_table(settings: Settings) -> PriceTable:
     return builtin_price_table()
 
 
-def pipeline_options(settings: Settings) -> PipelineOptions:
+def pipeline_options(settings: Settings, rules: RulesFile | None = None) -> PipelineOptions:
+    """``rules``: the alert rules that will read this pipeline's partials (None: none)."""
     p = settings.pipeline
+    reads_flows = rules is not None and any(r.metric in FLOW_METRICS for r in rules.rules)
     return PipelineOptions(
         window_s=int(p.window),
         lateness_s=p.allowed_lateness,
+        flow_idle_s=p.flow_idle if reads_flows else None,
         limits=validation_limits(settings),
         capture_content=settings.content.capture,
         redact_content=settings.content.redact,
@@ -127,7 +131,7 @@ class EmbeddedRuntime:
         self.settings = settings
         self.conn = conn
         self.prices = prices or price_table(settings)
-        self.calls = CallPipeline(self.prices, pipeline_options(settings))
+        self.calls = CallPipeline(self.prices, pipeline_options(settings, alerts.rules if alerts else None))
         self.feedback = FeedbackPipeline(validation_limits(settings))
         self.judge_results = JudgeResultPipeline(validation_limits(settings))
         self.sink = ClickHouseSink(conn, RetryPolicy(retries=settings.pipeline.insert_retries))

@@ -12,14 +12,15 @@ import os
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 from schemas import limits
 from schemas.channels import ChannelList
 from schemas.durations import Duration
+from schemas.files import read_yaml
 from schemas.judge import JudgeSettings
+from schemas.server import ServerSettings
 
 ENV_PREFIX = "LLMPULSE_"
 DEFAULT_CONFIG_NAME = "llmpulse.yaml"
@@ -43,7 +44,12 @@ class ClickHouseSettings(_Section):
     password_file: Path | None = Field(None, description="Read the password from this file (k8s secrets).")
     verify_tls: bool = True
     ca_cert: Path | None = None
-    cluster: str | None = Field(None, description="Emit ON CLUSTER and Replicated engines in migrations.")
+    cluster: str | None = Field(
+        None,
+        description="A cluster from the server's remote_servers: migrations emit ON CLUSTER, Replicated engines "
+        "on `<table>_local` tables and Distributed tables under the plain names (sinks/migrations.py).",
+        pattern=r"^[A-Za-z0-9_.-]+$",
+    )
     connect_timeout_s: Duration = 10.0
     send_receive_timeout_s: Duration = 300.0
 
@@ -65,11 +71,55 @@ class RetentionSettings(_Section):
     content_days: Annotated[int, Field(ge=1, le=3650)] = 30
     rollup_days: Annotated[int, Field(ge=1, le=3650)] = 400
     dlq_days: Annotated[int, Field(ge=1, le=3650)] = 30
+    tables: dict[
+        Literal[
+            "llm_calls",
+            "llm_calls_1m",
+            "served_models_1m",
+            "dlq",
+            "dlq_replays",
+            "judge_samples",
+            "feedback",
+            "judge_scores",
+            "eval_1h",
+            "feedback_1h",
+            "cost_history",
+            "alerts",
+        ],
+        Annotated[int, Field(ge=1, le=3650)],
+    ] = Field(default_factory=dict)
+    """Row retention in days for single tables (``{judge_scores: 30}``), beating the class default above.
+    The key type lists the tables, so a misspelt name fails at load with every valid one named."""
+
+    @classmethod
+    def default_classes(cls) -> dict[str, str]:
+        """Which class setting each table's rows follow unless ``tables`` names it; the keys are exactly
+        the tables with a row TTL (a test holds them equal to the migrations and to ``tables``' keys)."""
+        return {
+            "llm_calls": "raw_days", "judge_samples": "raw_days", "feedback": "raw_days",
+            "judge_scores": "raw_days", "cost_history": "raw_days", "alerts": "raw_days",
+            "llm_calls_1m": "rollup_days", "served_models_1m": "rollup_days", "eval_1h": "rollup_days",
+            "feedback_1h": "rollup_days",
+            "dlq": "dlq_days", "dlq_replays": "dlq_days",
+        }  # fmt: skip
+
+    def days_for(self, table: str) -> int:
+        """The row retention of ``table`` in days: its override, else its class default."""
+        for name, days in self.tables.items():
+            if name == table:
+                return days
+        field = self.default_classes().get(table)
+        if field is None:
+            raise KeyError(f"no retention for table {table!r}: not one of {sorted(self.default_classes())}")
+        return int(getattr(self, field))
 
 
 class PipelineSettings(_Section):
     window: Duration = 60.0
     allowed_lateness: Duration = 120.0
+    flow_idle: Duration = 30.0
+    """A conversation's next call starting this long after the previous one ended is a new turn
+    (a new flow); an agent run (trace) is over once this long passed without a call."""
     idle_timeout: Duration = 60.0
     batch_max_events: Annotated[int, Field(ge=1, le=1_000_000)] = 50_000
     batch_max_seconds: Duration = 1.0
@@ -191,6 +241,8 @@ class Settings(BaseSettings):
     alerting: AlertingSettings = Field(default_factory=AlertingSettings)
     metrics: MetricsSettings = Field(default_factory=MetricsSettings)
     judge: JudgeSettings = Field(default_factory=JudgeSettings)
+    server: ServerSettings = Field(default_factory=ServerSettings)
+    """``llmpulse serve``: address, API keys, limits, group commit (``LLMPULSE_SERVER__PORT=4318``)."""
 
     @classmethod
     def settings_customise_sources(
@@ -231,19 +283,7 @@ def find_config_path(explicit: str | Path | None = None) -> Path | None:
 
 
 def read_config_file(path: Path) -> dict[str, Any]:
-    try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError as exc:
-        raise ConfigError(f"{path}: config file not found (given by --config or LLMPULSE_CONFIG)") from exc
-    except OSError as exc:
-        raise ConfigError(f"{path}: cannot read config file: {exc.strerror}") from exc
-    try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f" line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-        problem = getattr(exc, "problem", None) or str(exc)
-        raise ConfigError(f"{path}{where}: not valid YAML: {problem}") from exc
+    data = read_yaml(path, "config file", ConfigError, missing="given by --config or LLMPULSE_CONFIG")
     if data is None:
         return {}
     if not isinstance(data, dict):

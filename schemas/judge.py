@@ -21,6 +21,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
 from schemas.durations import Duration
+from schemas.files import read_yaml
 
 RUBRIC_NAME_PATTERN = r"^[A-Za-z0-9_.:-]+$"
 DEFAULT_RUBRIC = "data/rubrics/helpfulness.yaml"
@@ -215,17 +216,7 @@ def parse_rubric(data: Any, source: str) -> Rubric:
 
 
 def load_rubric(path: Path) -> Rubric:
-    try:
-        text = path.read_text(encoding="utf-8")
-    except OSError as exc:
-        raise RubricError(f"{path}: cannot read rubric file: {exc.strerror}") from exc
-    try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f" line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-        raise RubricError(f"{path}{where}: not valid YAML: {getattr(exc, 'problem', None) or exc}") from exc
-    return parse_rubric(data, str(path))
+    return parse_rubric(read_yaml(path, "rubric file", RubricError), str(path))
 
 
 def default_rubric() -> Rubric:

@@ -202,3 +202,19 @@ def test_demo_fires_the_cost_spike_and_the_refusal_regression(demo_dir: tuple[Pa
     assert cost["at"] > prompt_change  # after the change, not before
     stored = query(data, "SELECT count() n FROM alerts WHERE state = 'firing'")[0]["n"]
     assert stored == sum(1 for a in s["alerts"] if a["state"] == "firing")
+
+
+def test_migrate_print_sql_for_a_cluster(tmp_path: Path) -> None:
+    from schemas.config import RetentionSettings
+    from sinks.migrations import retention_sql, schema_sql
+
+    out = llmpulse("migrate", "--print-sql", "--cluster", "prod", "--data-dir", str(tmp_path / "d")).stdout
+    statements = [s for s in out.split(";\n\n") if s.strip()]
+    expected = schema_sql("llmpulse", RetentionSettings(), "prod") + retention_sql(
+        "llmpulse", RetentionSettings(), "prod"
+    )
+    assert len(statements) == len(expected) and all("ON CLUSTER `prod`" in s for s in statements[:3])
+    assert "llm_calls_local" in out and "ENGINE = Distributed" in out
+    assert not (tmp_path / "d").exists()  # printing the DDL touches no database
+    wrong = llmpulse("migrate", "--cluster", "prod", "--data-dir", str(tmp_path / "d"), check=False)
+    assert wrong.returncode == 2 and "--print-sql" in wrong.stderr

@@ -8,10 +8,6 @@ labels suppress it (silences are Alertmanager's, not ours).
 
 from __future__ import annotations
 
-import shutil
-import socket
-import subprocess
-import time
 import urllib.request
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
@@ -22,19 +18,12 @@ import orjson
 import pytest
 
 from sinks.alerts import AlertDispatcher
+from tests.deploy.prometheus import ALERTMANAGER, running_alertmanager
 from tests.sinks.alerts.conftest import FAST, alert, channels
-
-ALERTMANAGER = shutil.which("prometheus-alertmanager") or shutil.which("alertmanager")
 
 pytestmark = pytest.mark.skipif(
     ALERTMANAGER is None, reason="no Alertmanager binary (apt-get install prometheus-alertmanager)"
 )
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def _get(url: str) -> Any:
@@ -52,43 +41,10 @@ def _post(url: str, body: Any) -> Any:
 
 @pytest.fixture
 def alertmanager(tmp_path: Path) -> Iterator[str]:
-    assert ALERTMANAGER is not None
     config = tmp_path / "alertmanager.yml"
     config.write_text("route:\n  receiver: blackhole\nreceivers:\n  - name: blackhole\n")
-    port = _free_port()
-    log_path = tmp_path / "alertmanager.log"
-    log_file = log_path.open("wb")
-    process = subprocess.Popen(
-        [
-            ALERTMANAGER,
-            f"--config.file={config}",
-            f"--storage.path={tmp_path / 'data'}",
-            f"--web.listen-address=127.0.0.1:{port}",
-            "--cluster.listen-address=",
-        ],
-        stdout=subprocess.DEVNULL,
-        stderr=log_file,
-    )
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 10
-        while True:
-            try:
-                urllib.request.urlopen(url + "/-/ready", timeout=1).close()
-                break
-            except OSError:
-                if process.poll() is not None or time.monotonic() > deadline:
-                    pytest.fail(f"Alertmanager did not start:\n{log_path.read_text()[-2000:]}")
-                time.sleep(0.05)
+    with running_alertmanager(config, tmp_path) as url:
         yield url
-    finally:
-        process.terminate()
-        try:
-            process.wait(5)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait(5)
-        log_file.close()
 
 
 def test_real_alertmanager_keeps_silences_and_resolves_our_alert(alertmanager: str) -> None:
