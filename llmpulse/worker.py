@@ -526,6 +526,7 @@ class AlertsConsumer(mode.Service):
     async def _step(self, stage2: Stage2, last_offsets: dict[int, int]) -> None:
         assert self.consumer is not None and self.pipeline is not None
         records = await self.consumer.getmany(timeout_ms=100, max_records=5000)
+        sketches = self.pipeline.windows.sketches
         for tp, messages in records.items():
             for m in messages:
                 body = orjson.loads(m.value)
@@ -533,7 +534,7 @@ class AlertsConsumer(mode.Service):
                     stage2.heartbeat(int(body["partition"]), float(body["watermark"]))
                     continue
                 dims = tuple(body["scope_dims"])
-                partial = WindowPartial.from_wire(body)
+                partial = WindowPartial.from_wire(body, sketches)
                 watermark = body["watermark"]  # None from judge scores and feedback: they never move time
                 stage2.add(dims, partial, int(body["partition"]), None if watermark is None else float(watermark),
                            (tp.partition, m.offset))  # fmt: skip

@@ -9,7 +9,9 @@ costs a fraction of per-value calls.
 
 from __future__ import annotations
 
+import array
 import struct
+import sys
 
 import fastdigest
 
@@ -19,6 +21,9 @@ CENTROIDS = 300
 
 _RAW_MAX = 256
 """Up to this many values a sketch is serialized as the values themselves."""
+
+_LITTLE = sys.byteorder == "little"
+"""The wire form is little-endian doubles: the machine's own on every platform llmpulse runs on."""
 
 _FOLD_AT = 4096
 """Buffered values are folded into the digest at this many (bounds memory per hot key)."""
@@ -97,6 +102,8 @@ class QuantileSketch:
         digest is several KB, eight bytes a value is not.
         """
         if self._digest is None and len(self._pending) <= _RAW_MAX:
+            if _LITTLE:
+                return b"v" + array.array("d", self._pending).tobytes()
             return b"v" + struct.pack(f"<{len(self._pending)}d", *self._pending)
         return b"t" + self._fold().to_bytes()
 
@@ -105,7 +112,11 @@ class QuantileSketch:
         tag, body = data[:1], data[1:]
         if tag == b"v":
             sketch = cls()
-            sketch._pending = list(struct.unpack(f"<{len(body) // 8}d", body))
+            # stage 2 decodes three sketches per partial: a cast is a third cheaper than unpack
+            if _LITTLE:
+                sketch._pending = memoryview(body).cast("d").tolist()  # type: ignore[assignment]  # floats: "d"
+            else:
+                sketch._pending = list(struct.unpack(f"<{len(body) // 8}d", body))
             return sketch
         if tag == b"t":
             return cls(fastdigest.TDigest.from_bytes(body))

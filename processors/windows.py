@@ -195,28 +195,46 @@ class WindowPartial:
         return out
 
     @classmethod
-    def from_wire(cls, data: dict[str, Any]) -> WindowPartial:
+    def from_wire(cls, data: dict[str, Any], sketches: tuple[bool, bool, bool] = (True, True, True)) -> WindowPartial:
+        """``sketches``: decode the latency / TTFT / output sketch, or leave it empty. Stage 2 passes
+        False for those no rule reads; decoding them was a third of reading a partial."""
+        latency, ttft, output = sketches
         partial = cls(
             window_start=int(data["window_start"]),
             window_s=int(data["window_s"]),
             key=tuple(data["key"]),
             partition=int(data.get("partition", -1)),
-            latency=QuantileSketch.from_bytes(base64.b64decode(data["latency"])),
-            ttft=QuantileSketch.from_bytes(base64.b64decode(data["ttft"])),
+            latency=_sketch(data.get("latency") if latency else None),
+            ttft=_sketch(data.get("ttft") if ttft else None),
             # absent in partials from before drift metrics: an empty sketch, nothing served
-            output=QuantileSketch.from_bytes(base64.b64decode(data["output"]))
-            if "output" in data
-            else QuantileSketch(),
+            output=_sketch(data.get("output") if output else None),
             served=set(data.get("served", ())),
-            flow_ms=QuantileSketch.from_bytes(base64.b64decode(data["flow_ms"]))
-            if "flow_ms" in data
-            else QuantileSketch(),
+            flow_ms=_sketch(data.get("flow_ms")),
         )
-        for name in _COUNTS:
-            setattr(partial, name, int(data.get(name, 0)))
-        for name in _SUMS:
-            setattr(partial, name, float(data.get(name, 0.0)))
+        _read_numbers(partial, data.get)
         return partial
+
+
+def _sketch(encoded: str | None) -> QuantileSketch:
+    return QuantileSketch.from_bytes(base64.b64decode(encoded)) if encoded else QuantileSketch()
+
+
+def _compile_read_numbers() -> Callable[[WindowPartial, Callable[..., Any]], None]:
+    """``partial.calls = int(get("calls", 0))`` … for every count and sum, as straight-line code.
+
+    Stage 2 decodes one partial per scope key per minute from the partials topic; a setattr loop
+    over the 30 names was two thirds of that decode (11.9 → 5.7 µs per partial measured). Built
+    from ``_COUNTS``/``_SUMS`` so the field list stays in one place.
+    """
+    lines = [f"    p.{n} = int(get({n!r}, 0))" for n in _COUNTS]
+    lines += [f"    p.{n} = float(get({n!r}, 0.0))" for n in _SUMS]
+    namespace: dict[str, Any] = {}
+    exec("def read_numbers(p, get):\n" + "\n".join(lines), namespace)  # the names are our constants
+    fn: Callable[[WindowPartial, Callable[..., Any]], None] = namespace["read_numbers"]
+    return fn
+
+
+_read_numbers = _compile_read_numbers()
 
 
 def rate_f(n: float, d: int) -> float | None:

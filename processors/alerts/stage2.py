@@ -163,6 +163,18 @@ class _Group:
         """Accumulators this group created (the others still share a projected minute)."""
         self.drift: dict[tuple[str, ...], DriftMemory] = {}
         """Scope values → their trailing windows, where a rule reads a drift metric."""
+        self.scopes: dict[tuple[str, ...], tuple[dict[str, str], tuple[tuple[str, str], ...]]] = {}
+        """Scope values → (labels, sorted items): built once per scope, not once per window."""
+
+    def scope(self, values: tuple[str, ...], keep: bool) -> tuple[dict[str, str], tuple[tuple[str, str], ...]]:
+        """``keep`` only for scopes with calls: those are in ``seen``, which forgets them in time."""
+        found = self.scopes.get(values)
+        if found is None:
+            labels = dict(zip(self.by, values, strict=True))
+            found = (labels, tuple(sorted(labels.items())))
+            if keep:
+                self.scopes[values] = found
+        return found
 
     @cached_property
     def watches_absence(self) -> bool:
@@ -173,7 +185,8 @@ class _Group:
     def sketches(self) -> tuple[bool, bool, bool]:
         """Whether any rule of the group reads a latency / a TTFT / an output-length sketch."""
         kinds = {SKETCH_METRICS.get(r.metric) for r in self.rules}
-        return "latency" in kinds, "ttft" in kinds, "output" in kinds
+        # drift memory keeps the output-length distribution whichever drift metric is read
+        return "latency" in kinds, "ttft" in kinds, "output" in kinds or self.watches_drift
 
     @cached_property
     def watches_drift(self) -> bool:
@@ -203,6 +216,13 @@ class RuleWindows:
             had = self._scope_sketches.get(scope_key, (False, False, False))
             needs = group.sketches
             self._scope_sketches[scope_key] = (had[0] or needs[0], had[1] or needs[1], had[2] or needs[2])
+        self.sketches: tuple[bool, bool, bool] = (
+            any(n[0] for n in self._scope_sketches.values()),
+            any(n[1] for n in self._scope_sketches.values()),
+            any(n[2] for n in self._scope_sketches.values()),
+        )
+        """Whether any rule reads a latency / TTFT / output sketch: the worker's stage 2 decodes
+        only those from the partials topic."""
         self.evaluated_windows = 0
         self.late_windows = 0
 
@@ -260,25 +280,29 @@ class RuleWindows:
                 for values, last in seen.items():
                     if values not in bucket and start > last:
                         bucket[values] = WindowPartial(start, w, values)  # a scope that went silent
-            for values, partial in sorted(bucket.items()):
-                scope = dict(zip(group.by, values, strict=True))
-                key = tuple(sorted(scope.items()))
+            fired: list[tuple[tuple[str, ...], int, AlertEvent]] = []
+            evaluate, rules, end, scopes = self.engine.evaluate, group.rules, start + w, group.scopes
+            for values, partial in bucket.items():
+                scope, key = scopes.get(values) or group.scope(values, partial.calls > 0)
                 view = MetricView(partial)
                 if group.watches_drift and partial.calls:  # quality-only partials carry no outputs
                     memory = group.drift.get(values)
                     if memory is None:
                         memory = group.drift[values] = DriftMemory()
                     view.supply(memory.observe(partial.output, partial.served, partial.calls))
-                for rule in group.rules:
-                    event = self.engine.evaluate(rule, scope, start, start + w, view, key)
-                    self.evaluated_windows += 1
+                for i, rule in enumerate(rules):
+                    event = evaluate(rule, scope, start, end, view, key)
                     if event is not None:
-                        events.append(event)
+                        fired.append((values, i, event))
                 if partial.calls:
                     seen[values] = start
+            self.evaluated_windows += len(bucket) * len(rules)
+            # in scope order, then rule order: the same order every run (only the few that fired are sorted)
+            events.extend(e for _, _, e in sorted(fired, key=lambda f: (f[0], f[1])))
             for values, last in list(seen.items()):
                 if start - last > self._forget * w:
                     del seen[values]
                     group.drift.pop(values, None)
+                    group.scopes.pop(values, None)
             group.done = start + w
         return events

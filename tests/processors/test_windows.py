@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import msgspec
+import orjson
 import pytest
 
 from processors.pricing import CostAttribution
-from processors.windows import SCOPE_DIMS, WindowAggregator, WindowPartial, project
+from processors.windows import _COUNTS, _SUMS, SCOPE_DIMS, WindowAggregator, WindowPartial, project
 from schemas.prices import builtin_price_table
 from schemas.wire import WireCall
 from tests.conftest import iso, payload
@@ -101,6 +102,19 @@ def test_partial_survives_the_wire() -> None:
     assert back.latency.quantile(0.5) == pytest.approx(part.latency.quantile(0.5))
     assert back.labels()["feature"] == "support-chat"
     assert set(back.labels()) == set(SCOPE_DIMS)
+
+
+def test_every_count_and_sum_survives_the_wire_with_its_type() -> None:
+    part = WindowPartial(int(T0), 60, ("k",))
+    for i, name in enumerate(_COUNTS):
+        setattr(part, name, 1000 + i)
+    for i, name in enumerate(_SUMS):
+        setattr(part, name, 0.25 + i)
+    back = WindowPartial.from_wire(orjson.loads(orjson.dumps(part.to_wire())))
+    for name in _COUNTS:
+        assert getattr(back, name) == getattr(part, name) and type(getattr(back, name)) is int, name
+    for name in _SUMS:
+        assert getattr(back, name) == getattr(part, name) and type(getattr(back, name)) is float, name
 
 
 def test_idle_partition_closes_windows_by_wall_clock() -> None:
