@@ -173,3 +173,28 @@ def test_after_a_restart_a_scope_seen_in_the_rollups_still_gets_its_silent_windo
         stage2.add(SCOPE_DIMS, p, 0, T0 + 120)
     (event,) = windows.feed(*stage2.release())
     assert (event.state, event.scope, event.value) == ("firing", {"feature": "chat"}, 0.0)
+
+
+def test_a_scope_gone_quiet_is_forgotten_with_its_labels_and_alerts_come_in_scope_then_rule_order() -> None:
+    windows = RuleWindows(
+        AlertEngine(parse_rules({"rules": [
+            {"name": "z-calls", "metric": "calls", "scope": ["feature"], "max": 0, "min_calls": 0},
+            {"name": "a-calls", "metric": "calls", "scope": ["feature"], "max": 0, "min_calls": 0},
+        ]}, "test").rules),
+        forget_after_windows=2,
+    )  # fmt: skip
+    (group,) = windows._groups.values()
+    stage2 = Stage2(sources=[0])
+    parts, _ = partials(0, [(T0 + i, {"feature": f}) for i in range(3) for f in ("b", "a")])
+    for p in parts:
+        stage2.add(SCOPE_DIMS, p, 0, T0 + 60)
+    events = windows.feed(*stage2.release())
+    assert [(e.scope["feature"], e.rule) for e in events] == [("a", "z-calls"), ("a", "a-calls"),
+                                                               ("b", "z-calls"), ("b", "a-calls")]  # fmt: skip
+    assert set(group.scopes) == {("a",), ("b",)}
+    for minute in range(1, 5):  # only a keeps calling
+        parts, _ = partials(0, [(T0 + minute * 60, {"feature": "a"})])
+        for p in parts:
+            stage2.add(SCOPE_DIMS, p, 0, T0 + minute * 60 + 60)
+        windows.feed(*stage2.release())
+    assert set(group.scopes) == {("a",)} and set(group.seen) == {("a",)}
