@@ -124,6 +124,12 @@ class PipelineMetrics:
             "llmpulse_watermark_delay_seconds", "Wall clock minus the partition's watermark", ["partition"], registry=r
         )
         self.alerts = Counter("llmpulse_alerts", "Alert state changes", ["rule", "state", "severity"], registry=r)
+        self.alert_cpu = Counter(
+            "llmpulse_alert_evaluation_cpu_seconds",
+            "CPU of stage 2 (decoding partials, merging, evaluating rules): what alerting costs the worker",
+            registry=r,
+        )
+        self.alert_partials = Counter("llmpulse_alert_partials", "Window partials merged by stage 2", registry=r)
         self.dropped = Counter("llmpulse_dropped", "Things dropped on purpose (counted, never silent)", ["what"],
                                registry=r)  # fmt: skip
         self._path = BoundedLabel(100)

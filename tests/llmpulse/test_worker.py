@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import re
 import shutil
 import signal
 import subprocess
@@ -473,6 +474,10 @@ def test_worker_alerts_reach_the_webhook_once_and_metrics_are_served(tmp_path: P
     assert "llmpulse_events_accepted_total 240.0" in metrics
     assert 'gen_ai_client_token_usage_count{gen_ai_operation_name="chat",gen_ai_provider_name="openai"' in metrics
     assert "gen_ai_client_operation_duration_seconds_bucket" in metrics
+    # what alerting costs is measured and shown: stage 2's own CPU, and the partials it merged
+    assert re.search(r"^llmpulse_alert_evaluation_cpu_seconds_total [0-9.e-]+$", metrics, re.MULTILINE)
+    assert float(re.search(r"^llmpulse_alert_partials_total ([0-9.]+)$", metrics, re.MULTILINE)[1]) > 0  # type: ignore[index]
+    assert re.search(r"stage 2 \(alert evaluation\): [0-9.]+ s CPU for [1-9]\d* partials", worker.log.read_text())
     # a restart does not page again for the incident that is still firing
     worker = Worker(cfg, tmp_path / "data", tmp_path / "w2.log").start()
     try:
