@@ -80,12 +80,19 @@ async def _raw_consume(kafka: KafkaSettings, expected: int) -> tuple[float, floa
     return measured / wall, cpu / max(measured, 1) * 1e6
 
 
-async def _lag(kafka: KafkaSettings, group: str) -> int:
-    return sum((await consumer_lag(kafka, group, kafka.topics.calls)).values())
+async def _lag(kafka: KafkaSettings, group: str, topic: str | None = None) -> int:
+    return sum((await consumer_lag(kafka, group, topic or kafka.topics.calls)).values())
 
 
 def _run_consumer(cmd: list[str], env: dict[str, str], log: Path, marker: str, kafka: KafkaSettings, group: str,
-                  events: int, timeout: float) -> dict[str, Any]:  # fmt: skip
+                  events: int, timeout: float,
+                  then: tuple[float, str, str] | None = None) -> dict[str, Any]:  # fmt: skip
+    """Run a consumer until ``group`` has drained the calls topic; its CPU over that time.
+
+    ``then`` = (seconds, group, topic): after the calls are drained, wait that long (windows
+    closing on idle) and until that group has drained that topic too, twice in a row (stage 2
+    working off the partials): the work that follows the calls is counted.
+    """
     with log.open("wb") as out:
         proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env)
         try:
@@ -104,6 +111,15 @@ def _run_consumer(cmd: list[str], env: dict[str, str], log: Path, marker: str, k
                 if proc.poll() is not None or time.time() > deadline:
                     raise RuntimeError(f"{cmd} stopped or timed out; see {log}")
                 time.sleep(0.2)
+            if then is not None:
+                pause, then_group, then_topic = then
+                time.sleep(pause)
+                clear = 0
+                while clear < 2:
+                    clear = clear + 1 if asyncio.run(_lag(kafka, then_group, then_topic)) == 0 else 0
+                    if proc.poll() is not None or time.time() > deadline:
+                        raise RuntimeError(f"{cmd} stopped or timed out; see {log}")
+                    time.sleep(0.5)
             wall, cpu = time.perf_counter() - t0, proc_cpu_seconds(proc.pid) - c0
         finally:
             proc.terminate()
