@@ -94,6 +94,7 @@ if TYPE_CHECKING:
     from sinks.batching import Block
     from sinks.clickhouse import Connection
     from sinks.metrics import PipelineMetrics
+    from sinks.rollups import Recovery, WriteHorizon
 
 log = logging.getLogger("llmpulse.server")
 
@@ -103,6 +104,8 @@ Route = Literal["events", "otlp"]
 TOKEN_FILE = "llmpulse.server-token"
 """In the data directory, mode 0600: the local admin token the CLI on this machine uses."""
 IDEMPOTENCY_JOURNAL = "llmpulse.idempotency.jsonl"
+WRITE_HORIZON = "llmpulse.serve.horizon.json"
+"""In the data directory while the embedded server runs (``sinks.rollups.WriteHorizon``)."""
 LOCAL_TENANT = "local"
 """Tenant of the local admin token (it is meant for reads; events sent with it are filed here)."""
 MAX_ERRORS_REPORTED = 100
@@ -1061,9 +1064,11 @@ class EmbeddedCommitter(Committer):
         settings: Settings,
         conn: Connection,
         alerts: AlertPipeline | None = None,
+        horizon: WriteHorizon | None = None,
     ) -> None:
         super().__init__(server, metrics)
         self.settings = settings
+        self.horizon = horizon
         self.runtime = _server_runtime_class()(settings, conn, self._durable, alerts=alerts, metrics=metrics.pipeline)
         self.run_id = uuid.uuid4().hex[:12]
         """Part of every block id: unique per server process, so insert tokens never collide across runs."""
@@ -1084,6 +1089,8 @@ class EmbeddedCommitter(Committer):
                 grp.pending.discard(b.block_id)
                 if not grp.pending:
                     done.append(grp)
+        if self.horizon is not None:
+            self.horizon.advance(time.time())  # inserts run one at a time: everything before is whole
         pm = self.metrics.pipeline
         pm.inserts.inc()
         pm.rows.inc(sum(len(b.events) + len(b.dead) for b in batches))
@@ -1550,6 +1557,8 @@ class IngestServer:
         self.conn: Connection | None = None
         self.alerts: AlertPipeline | None = None
         self.idempotency: IdempotencyStore | None = None
+        self.horizon: WriteHorizon | None = None
+        self.recovered: Recovery | None = None
         self.validator: EventValidator | None = None
         self.otlp_options: OtlpOptions | None = None
         self.url: str | None = None
@@ -1564,8 +1573,25 @@ class IngestServer:
         """Embedded: take the data directory (migrated) and start the pipeline; returns a local token."""
         from llmpulse.alerting import AlertPipeline
         from llmpulse.runtime import open_clickhouse
+        from sinks.rollups import WriteHorizon
 
         self.conn = open_clickhouse(self.settings, purpose="llmpulse serve")
+        if self.conn.lock is not None:  # the only writer of this chDB directory
+            self.horizon = WriteHorizon(self.conn.lock.data_dir / WRITE_HORIZON)
+            started = time.perf_counter()
+            self.recovered = self.horizon.recover(self.conn)
+            if self.recovered is not None:
+                rebuilt = sorted({t for tables in self.recovered.rebuilt.values() for t in tables})
+                log.warning(
+                    "the last run of this data directory stopped without a clean shutdown: rollups of the rows "
+                    "written since its last whole insert checked in %.1f s (%s); %d call and %d feedback ids "
+                    "of its last inserts remembered, so a client retrying a request it got no answer for is "
+                    "not counted twice",
+                    time.perf_counter() - started,
+                    f"rebuilt {', '.join(rebuilt)} from raw" if rebuilt else "all whole",
+                    len(self.recovered.ids.get("llm_calls", ())), len(self.recovered.ids.get("feedback", ())),
+                )  # fmt: skip
+            self.horizon.advance(time.time(), force=True)
         if self.settings.alerting.enabled:
             self.alerts = AlertPipeline(self.settings, self.conn, metrics=self.pipeline_metrics)
         self.queries = QueryService(self.settings, self.server)
@@ -1610,7 +1636,13 @@ class IngestServer:
         if self.mode == "embedded":
             token = await asyncio.to_thread(self._open_data)
             assert self.conn is not None
-            self.committer = EmbeddedCommitter(self.server, self.metrics, self.settings, self.conn, self.alerts)
+            self.committer = EmbeddedCommitter(
+                self.server, self.metrics, self.settings, self.conn, self.alerts, self.horizon
+            )
+            if self.recovered is not None:
+                runtime = self.committer.runtime
+                runtime.calls.dedup.remember(self.recovered.ids.get("llm_calls", ()))
+                runtime.feedback.dedup.remember(self.recovered.ids.get("feedback", ()))
         else:
             self.validator = EventValidator(validation_limits(self.settings))
             self.idempotency = IdempotencyStore(self.server.idempotency_keys_per_tenant, self.server.idempotency_ttl)
@@ -1669,6 +1701,8 @@ class IngestServer:
             await self._runner.cleanup()
         if self.committer is not None:
             await self.committer.close()
+        if self.horizon is not None:
+            self.horizon.close()  # everything accepted is written, views included: nothing to check next time
         if self.idempotency is not None:
             self.idempotency.close()
         if self.queries is not None:

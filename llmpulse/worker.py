@@ -47,7 +47,7 @@ from sinks.batching import Block, BufferedWriter
 from sinks.clickhouse import ClickHouseSink, Connection, RetryPolicy, SinkError
 from sinks.kafka import DEFAULT_SCOPES, KafkaPublisher
 from sinks.metrics import PipelineMetrics
-from sinks.rollups import repair
+from sinks.rollups import repair, written_scope
 
 log = logging.getLogger("llmpulse.worker")
 
@@ -390,8 +390,12 @@ class CallsConsumer(mode.Service):
         They are skipped, not written again, so a view part lost between the raw part and the
         kill would stay lost; the check is one small query, the rebuild happens only on a miss.
         """
-        assert self.sink is not None and self.conn is not None
-        scope = await asyncio.to_thread(self.sink.kafka_written_scope, partition, committed)
+        assert self.conn is not None
+        scope = await asyncio.to_thread(
+            written_scope, self.conn, "llm_calls",
+            "source = 'kafka' AND kafka_partition = {p:Int32} AND kafka_offset >= {o:Int64}",
+            {"p": partition, "o": committed},
+        )  # fmt: skip
         if scope is None:
             return
         first, last, features = scope

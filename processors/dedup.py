@@ -8,6 +8,7 @@ fixed, and an id is remembered for at least ``capacity`` further events.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import TypeVar
 
 import xxhash
@@ -23,6 +24,17 @@ class DropDuplicateEvents:
         self.capacity = capacity
         self._current: set[int] = set()
         self._previous: set[int] = set()
+
+    def remember(self, ids: Iterable[str]) -> int:
+        """Ids already written (read back after a crash): a client re-sending them is deduplicated."""
+        h = xxhash.xxh3_64_intdigest
+        n = 0
+        for eid in ids:
+            self._current.add(h(eid.encode()))
+            n += 1
+            if len(self._current) >= self.capacity:
+                self._previous, self._current = self._current, set()
+        return n
 
     def __call__(self, decoded: Decoded[T]) -> int:
         """Removes repeats from ``decoded`` in place and returns how many there were."""

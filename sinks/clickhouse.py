@@ -333,22 +333,6 @@ class ClickHouseSink:
         offsets = {int(r[0]) for r in rows}
         return KafkaProgress(partition, from_offset, offsets)
 
-    def kafka_written_scope(self, partition: int, from_offset: int) -> tuple[float, float, set[str]] | None:
-        """Time span and features of a partition's raw rows at or above ``from_offset``.
-
-        These are the rows written but not committed when the last owner died: the ones whose
-        rollup cells may lack them (``sinks.rollups.repair``). None when there are none.
-        """
-        (row,) = self.client.query(
-            "SELECT count(), toUnixTimestamp64Milli(min(ts)), toUnixTimestamp64Milli(max(ts)), "
-            "groupUniqArray(feature) FROM llm_calls WHERE source = 'kafka' AND kafka_partition = {p:Int32} "
-            "AND kafka_offset >= {o:Int64}",
-            parameters={"p": partition, "o": from_offset},
-        ).result_rows
-        if not row[0]:
-            return None
-        return row[1] / 1000, row[2] / 1000, set(row[3])
-
     def window_rows(self, partition: int, since: float) -> list[dict[str, Any]]:
         """Rows of one Kafka partition from ``since`` on: what rebuilds its open windows after a crash."""
         sql = (

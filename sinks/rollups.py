@@ -8,11 +8,15 @@ minute is exactly what the view would have produced from the rows as they are no
 
 from __future__ import annotations
 
+import os
 import re
 from collections.abc import Collection
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
+
+import orjson
 
 from sinks.clickhouse import Connection
 
@@ -180,6 +184,24 @@ def compare(
     return out
 
 
+def written_scope(
+    conn: Connection, source: str, condition: str, parameters: dict[str, Any]
+) -> tuple[float, float, set[str]] | None:
+    """Time span and features of the ``source`` rows matching ``condition``: what to ``repair``.
+
+    The rows are those a writer that died may have left uncounted by the views (written in the
+    insert it was in, or not yet known to be whole). None when there are none.
+    """
+    (row,) = conn.client.query(
+        "SELECT count(), toUnixTimestamp64Milli(min(ts)), toUnixTimestamp64Milli(max(ts)), groupUniqArray(feature) "
+        f"FROM {conn.database}.{source} WHERE {condition}",
+        parameters=parameters,
+    ).result_rows
+    if not row[0]:
+        return None
+    return row[1] / 1000, row[2] / 1000, set(row[3])
+
+
 def repair(conn: Connection, source: str, start: float, end: float, features: Collection[str]) -> list[str]:
     """Check the rollups fed by ``source`` for these features over [start, end); rebuild those that differ.
 
@@ -195,3 +217,76 @@ def repair(conn: Connection, source: str, start: float, end: float, features: Co
             rebuild(conn, rollup.table, start, end, features)
             rebuilt.append(rollup.table)
     return rebuilt
+
+
+@dataclass
+class Recovery:
+    """What ``WriteHorizon.recover`` found after an unclean stop."""
+
+    since: float
+    """The last time every insert before it was known whole."""
+    rebuilt: dict[str, list[str]] = field(default_factory=dict)
+    """Source table → rollups rebuilt from raw (empty: the views had every row)."""
+    ids: dict[str, list[str]] = field(default_factory=dict)
+    """Table → ids written shortly before the stop: to deduplicate a client's retry of them."""
+
+
+class WriteHorizon:
+    """A file in a single writer's data directory while it runs: every row ingested before the
+    time it holds is whole (raw part and view parts). Found at start-up, it means the last run
+    died; rows ingested since may lack their view parts (or, retried by a client that never got
+    its answer, be counted twice), so their rollup cells are checked and rebuilt from raw.
+
+    Only for a writer no one else writes beside (embedded chDB): the rebuild is not atomic.
+    """
+
+    SLACK_S = 2.0
+    """Clock slack between the writer's time and the engine's ``now64()`` in ``ingested_at``."""
+
+    def __init__(self, path: Path, every_s: float = 5.0) -> None:
+        self.path = path
+        self.every_s = every_s
+        self._written = 0.0
+
+    RETRY_WINDOW_S = 120.0
+    """How far before the last whole insert a client may still be waiting for an answer it never got."""
+
+    def recover(self, conn: Connection) -> Recovery | None:
+        """None after a clean stop; else what was checked and rebuilt, and the ids a retry may repeat."""
+        try:
+            since = float(orjson.loads(self.path.read_bytes())["since"])
+        except FileNotFoundError:
+            return None
+        except (ValueError, KeyError, TypeError):
+            since = 0.0  # unreadable (torn write): check everything
+        out = Recovery(since)
+        cutoff = {"since": datetime.fromtimestamp(max(since - self.SLACK_S, 0.0), UTC)}
+        for source in sorted({r.source for r in ROLLUPS.values()}):
+            scope = written_scope(conn, source, "ingested_at >= {since:DateTime64(3, 'UTC')}", cutoff)
+            out.rebuilt[source] = [] if scope is None else repair(conn, source, scope[0], scope[1] + 1, scope[2])
+        # an insert is whole before its answer is sent: the last ones' clients may retry
+        answered = {"since": datetime.fromtimestamp(max(since - self.RETRY_WINDOW_S, 0.0), UTC)}
+        for table, column in (("llm_calls", "event_id"), ("feedback", "feedback_id")):
+            out.ids[table] = [
+                str(r[0])
+                for r in conn.client.query(
+                    f"SELECT {column} FROM {conn.database}.{table} "
+                    "WHERE ingested_at >= {since:DateTime64(3, 'UTC')} AND " + column + " != ''",
+                    parameters=answered,
+                ).result_rows
+            ]
+        return out
+
+    def advance(self, now: float, force: bool = False) -> None:
+        """After an insert completed (all inserts before it too): rows ingested from now on are the
+        uncertain ones. Written at most every ``every_s`` (atomically), so it lags by that much."""
+        if not force and now - self._written < self.every_s:
+            return
+        tmp = self.path.with_suffix(".tmp")
+        tmp.write_bytes(orjson.dumps({"since": now, "pid": os.getpid()}))
+        os.replace(tmp, self.path)
+        self._written = now
+
+    def close(self) -> None:
+        """A clean stop: everything written is whole."""
+        self.path.unlink(missing_ok=True)

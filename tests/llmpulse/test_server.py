@@ -12,7 +12,9 @@ Run as a module (`python -m tests.llmpulse.test_server load ...`) it is the load
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gzip
+import http.client
 import json
 import os
 import re
@@ -688,6 +690,71 @@ def test_embedded_backpressure_answers_503_and_loses_nothing(tmp_path: Path, key
         assert re.search(r'llmpulse_http_refused_total\{reason="overloaded"\} [1-9]', metrics)
     finally:
         assert srv.stop() == 0, srv.log.read_text()[-3000:]
+
+
+CRASH_BEFORE_ANSWER = """
+import os, sys
+import llmpulse.server as srv
+# the group is in ClickHouse (raw and views), the client has no answer yet
+srv.EmbeddedCommitter.resolve = lambda self, subs, started: os._exit(9)
+from llmpulse.cli import main
+sys.argv = ["llmpulse", "serve", "--config", sys.argv[1], "--data-dir", sys.argv[2]]
+main()
+"""
+
+CRASH_BETWEEN_RAW_AND_VIEWS = """
+import os, sys
+import sinks.clickhouse as ch
+original = ch.ClickHouseSink.write
+
+def write_raw_only(self, batches, token):
+    # what a kill between ClickHouse committing the raw part and the views' parts leaves behind
+    for view in ("llm_calls_1m_mv", "served_models_1m_mv"):
+        self.client.command(f"DETACH TABLE {self.conn.database}.{view}")  # attached again on restart
+    original(self, batches, token)
+    os._exit(9)
+
+ch.ClickHouseSink.write = write_raw_only
+from llmpulse.cli import main
+sys.argv = ["llmpulse", "serve", "--config", sys.argv[1], "--data-dir", sys.argv[2]]
+main()
+"""
+
+
+@pytest.mark.parametrize("crash", [CRASH_BEFORE_ANSWER, CRASH_BETWEEN_RAW_AND_VIEWS], ids=["before-answer", "views"])
+def test_a_crash_mid_request_and_the_clients_retry_count_once(tmp_path: Path, keys: Keys, crash: str) -> None:
+    """The server dies with the batch in raw (its views written or not) and no answer sent; the
+    client retries with its Idempotency-Key against the restarted server: rows and rollups count
+    each call once."""
+    config = write_config(tmp_path / "llmpulse.yaml", keys, {})
+    data, log = tmp_path / "data", tmp_path / "crash.log"
+    run = uuid.uuid4().hex[:10]
+    batch = [call(event_id=f"{run}-{i}", service=run, response_model="served-1", ts=recent()) for i in range(500)]
+    with log.open("ab") as out:
+        proc = subprocess.Popen([sys.executable, "-c", crash, str(config), str(data)], stdout=out,
+                                stderr=subprocess.STDOUT, env=ENV, cwd=ROOT)  # fmt: skip
+    url = wait_listening(proc, log, 90)
+    with contextlib.suppress(OSError, http.client.HTTPException):  # the connection dies with the server
+        post_events(url, batch, keys.acme, **{"Idempotency-Key": f"{run}-batch"})
+    assert proc.wait(60) == 9, log.read_text()[-3000:]
+    srv = Server(config, data, tmp_path / "serve.log").start()
+    try:
+        retry = post_events(srv.url, batch, keys.acme, **{"Idempotency-Key": f"{run}-batch"})
+        assert retry.status == 200, retry.body
+        assert retry.json()["duplicates"] == 500  # already written: remembered from ClickHouse, not added again
+        assert srv.sql(keys.admin, "SELECT (SELECT count() FROM llm_calls FINAL WHERE service = {s:String}) AS raw, "
+                       "(SELECT sum(calls) FROM llm_calls_1m WHERE service = {s:String}) AS rolled, "
+                       "(SELECT sum(calls) FROM served_models_1m WHERE response_model = 'served-1') AS served",
+                       s=run) == [{"raw": 500, "rolled": 500, "served": 500}]  # fmt: skip
+    finally:
+        assert srv.stop() == 0, srv.log.read_text()[-3000:]
+    text = srv.log.read_text()
+    assert "stopped without a clean shutdown" in text
+    assert ("rebuilt llm_calls_1m, served_models_1m from raw" in text) == (crash is CRASH_BETWEEN_RAW_AND_VIEWS)
+    # stopped cleanly this time: the next start has nothing to check
+    again = Server(config, data, tmp_path / "again.log").start()
+    assert again.stop() == 0
+    assert "stopped without a clean shutdown" not in again.log.read_text()
 
 
 # ------------------------------------------------------------------------------------------------

@@ -23,3 +23,13 @@ def test_memory_is_bounded_by_two_generations() -> None:
     for k in range(10):
         step(decode(batch([payload(event_id=f"{k}-{i}") for i in range(100)]), NOW))
     assert len(step._current) + len(step._previous) <= 200
+
+
+def test_ids_read_back_after_a_crash_are_remembered_within_the_same_bound() -> None:
+    decode = decode_calls(ValidationLimits())
+    step = DropDuplicateEvents(capacity=100)
+    assert step.remember(f"old-{i}" for i in range(250)) == 250
+    assert len(step._current) + len(step._previous) <= 200  # the newest 150-200 kept
+    retried = decode(batch([payload(event_id="old-249"), payload(event_id="old-0"), payload(event_id="new")]), NOW)
+    assert step(retried) == 1
+    assert [e.event_id for e in retried.events] == ["old-0", "new"]  # the oldest fell out of the horizon

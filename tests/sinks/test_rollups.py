@@ -3,12 +3,13 @@ difference reported cell by cell when something did, and a rebuild that puts it 
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 import orjson
 
 from llmpulse.runtime import EmbeddedRuntime
-from sinks.rollups import ROLLUPS, compare, rebuild, repair
+from sinks.rollups import ROLLUPS, WriteHorizon, compare, rebuild, repair
 from tests.conftest import NOW, batch, call, iso
 
 START, END = NOW - 7200, NOW + 60
@@ -107,3 +108,29 @@ def test_repair_rebuilds_only_the_features_it_owns_and_only_where_a_view_missed_
     assert c.command("SELECT sum(calls) FROM llm_calls_1m WHERE feature IN ('f0', 'f1')") == 200
     # the judge and feedback rollups read other tables: a repair of llm_calls leaves them alone
     assert compare(conn, "eval_1h", START, END) == [] and compare(conn, "feedback_1h", START, END) == []
+
+
+def test_write_horizon_checks_only_after_an_unclean_stop_and_only_what_came_after(
+    settings: Any, conn: Any, tmp_path: Any
+) -> None:
+    horizon = WriteHorizon(tmp_path / "horizon.json", every_s=5.0)
+    assert horizon.recover(conn) is None  # never ran, or stopped cleanly
+    seed(settings, conn)
+    horizon.advance(1000.0, force=True)
+    horizon.advance(1003.0)  # within every_s: not written
+    assert orjson.loads(horizon.path.read_bytes())["since"] == 1000.0
+    # the rows seeded were ingested after 1000 (1970): a crash now leaves all of them to check
+    conn.client.command("ALTER TABLE llm_calls_1m DELETE WHERE feature = 'f1'", settings={"mutations_sync": 2})
+    found = horizon.recover(conn)
+    assert found is not None and found.since == 1000.0
+    assert found.rebuilt["llm_calls"] == ["llm_calls_1m"] and found.rebuilt["feedback"] == []
+    assert compare(conn, "llm_calls_1m", START, END) == []
+    assert len(found.ids["llm_calls"]) == 300 and len(found.ids["feedback"]) == 12
+    horizon.advance(time.time(), force=True)  # a fresh start: nothing ingested since
+    found = horizon.recover(conn)
+    assert found is not None and found.rebuilt == {s: [] for s in ("feedback", "judge_scores", "llm_calls")}
+    assert len(found.ids["llm_calls"]) == 300  # answered moments before: a client may still retry them
+    horizon.path.write_text('{"since": ')  # torn: everything is checked, nothing is assumed
+    assert horizon.recover(conn).since == 0.0  # type: ignore[union-attr]
+    horizon.close()
+    assert horizon.recover(conn) is None
