@@ -255,21 +255,32 @@ def worker_overhead(
     for i in range(repeat):
         for name in variants:
             group = f"{tag}-{i}-{name}"
-            kafka = base.model_copy(update={"consumer_group": group})
+            # the calls topic is shared; every other topic is the run's own (a later run's stage 2
+            # must not read an earlier run's partials)
+            own = {k: f"{group}.{v}" for k, v in base.topics.model_dump().items() if k != "calls"}
+            kafka = base.model_copy(update={"consumer_group": group, "topics": base.topics.model_copy(update=own)})
+            asyncio.run(create_topics(kafka))
             cfg = workdir / f"{group}.yaml"
             cfg.write_text(yaml.safe_dump({
                 "kafka": orjson.loads(kafka.model_dump_json(exclude_none=True)), "metrics": {"port": 0},
-                "pipeline": {"allowed_lateness": "5s", "idle_timeout": "2s"},
+                # idle_timeout outlasts start-up (a partition whose first fetch came later would go
+                # idle, jump to the wall clock and count its backlog late) and precedes the final flush
+                "pipeline": {"allowed_lateness": "5s", "idle_timeout": f"{IDLE_S:.0f}s"},
                 "alerting": {"enabled": name != "off", "rules_path": str(workdir / f"rules-{name}.yaml")},
             }))  # fmt: skip
             cmd = [*pin_prefix(pin_core), sys.executable, "-m", "llmpulse.cli", "-v", "worker", "--config", str(cfg),
                    "--data-dir", str(workdir / f"{group}-data")]  # fmt: skip
-            then = (4.0, group, base.topics.calls) if name == "off" else (4.0, f"{group}-alerts", base.topics.partials)
+            drained = (group, base.topics.calls) if name == "off" else (f"{group}-alerts", kafka.topics.partials)
+            then = (IDLE_S + 4.0, *drained)
             log = workdir / f"{group}.log"
             run = _run_consumer(cmd, ENV, log, "llm.calls partitions assigned", kafka, group, n, timeout=1800,
                                 then=then)  # fmt: skip
+            text = log.read_text(errors="replace")
+            late = LATE_LOG.search(text)
+            if late is None or int(late[1]):
+                raise RuntimeError(f"late events in a P3w run would leave windows out of the figure; see {log}")
             if name != "off":
-                found = STAGE2_LOG.search(log.read_text(errors="replace"))
+                found = STAGE2_LOG.search(text)
                 if found is None:
                     raise RuntimeError(f"the worker did not report its stage-2 CPU; see {log}")
                 run["stage2_cpu_s"], run["partials"], run["rule_windows"] = (float(found[1]), int(found[2]),
@@ -295,4 +306,6 @@ def worker_overhead(
     return figures
 
 
+IDLE_S = 15.0
+LATE_LOG = re.compile(r"worker stopped: WorkerStats\(counters=StepCounters\(.*?late=(\d+)")
 STAGE2_LOG = re.compile(r"stage 2 \(alert evaluation\): ([0-9.]+) s CPU for (\d+) partials, (\d+) rule windows")
