@@ -131,3 +131,20 @@ def test_flow_latency_rule_agrees_with_the_flows_query(settings: Any, conn: Any)
     (row,) = queries.run(conn.client, "flows_by_feature", start=start, end=start + 3600)
     assert (row["feature"], row["flows"], row["calls_per_flow"]) == ("agent", 20, 4.0)
     assert row["perceived_p95_ms"] == 17_000 and abs(value - row["perceived_p95_ms"]) <= 0.05 * value
+
+
+def test_progress_is_saved_once_a_minute_and_a_restart_resumes_from_it(settings: Any, conn: Any) -> None:
+    """A save per watermark move was an insert ten times a second; a restart floors to the minute anyway."""
+    rules = parse_rules({"rules": [{"name": "calls", "metric": "calls", "scope": ["feature"], "max": 1e9}]}, "t")
+    alerts = AlertPipeline(settings, conn, rules=rules, channels=[], progress_key="group-a")
+    saved = []
+    for through in (600.0, 612.5, 659.9, 660.0, 661.0, 780.5):
+        alerts.stage2.released_through = through
+        saved.append(alerts.save_progress())
+    assert saved == [True, False, False, True, False, True]
+    assert conn.client.command("SELECT count() FROM llmpulse_meta WHERE key = 'alerts_evaluated_through:group-a'") == 3
+    restarted = AlertPipeline(settings, conn, rules=rules, channels=[], progress_key="group-a")
+    restarted.restore()
+    assert restarted.stage2.released_through == 780.5
+    (group,) = restarted.windows._groups.values()
+    assert group.done == 780  # the 12:00 minute was evaluated; 13:00 is next
