@@ -1643,6 +1643,7 @@ class IngestServer:
                 runtime = self.committer.runtime
                 runtime.calls.dedup.remember(self.recovered.ids.get("llm_calls", ()))
                 runtime.feedback.dedup.remember(self.recovered.ids.get("feedback", ()))
+                self.recovered.ids.clear()  # held by the dedup step now, as hashes
         else:
             self.validator = EventValidator(validation_limits(self.settings))
             self.idempotency = IdempotencyStore(self.server.idempotency_keys_per_tenant, self.server.idempotency_ttl)

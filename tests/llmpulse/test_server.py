@@ -41,6 +41,7 @@ from bench.serve_ingest import load, wait_listening
 from schemas.config import Settings
 from schemas.server import hash_api_key
 from tests.conftest import call, iso
+from tests.llmpulse.workers import RAW_PART_ONLY, crashing_cli
 
 ROOT = Path(__file__).resolve().parents[2]
 JS_DIR = Path(__file__).resolve().parent / "otel_js"
@@ -692,36 +693,14 @@ def test_embedded_backpressure_answers_503_and_loses_nothing(tmp_path: Path, key
         assert srv.stop() == 0, srv.log.read_text()[-3000:]
 
 
-CRASH_BEFORE_ANSWER = """
-import os, sys
+ANSWER_NEVER_SENT = """
+import os
 import llmpulse.server as srv
-# the group is in ClickHouse (raw and views), the client has no answer yet
-srv.EmbeddedCommitter.resolve = lambda self, subs, started: os._exit(9)
-from llmpulse.cli import main
-sys.argv = ["llmpulse", "serve", "--config", sys.argv[1], "--data-dir", sys.argv[2]]
-main()
-"""
-
-CRASH_BETWEEN_RAW_AND_VIEWS = """
-import os, sys
-import sinks.clickhouse as ch
-original = ch.ClickHouseSink.write
-
-def write_raw_only(self, batches, token):
-    # what a kill between ClickHouse committing the raw part and the views' parts leaves behind
-    for view in ("llm_calls_1m_mv", "served_models_1m_mv"):
-        self.client.command(f"DETACH TABLE {self.conn.database}.{view}")  # attached again on restart
-    original(self, batches, token)
-    os._exit(9)
-
-ch.ClickHouseSink.write = write_raw_only
-from llmpulse.cli import main
-sys.argv = ["llmpulse", "serve", "--config", sys.argv[1], "--data-dir", sys.argv[2]]
-main()
+srv.EmbeddedCommitter.resolve = lambda self, subs, started: os._exit(9)  # in ClickHouse, views too; no answer
 """
 
 
-@pytest.mark.parametrize("crash", [CRASH_BEFORE_ANSWER, CRASH_BETWEEN_RAW_AND_VIEWS], ids=["before-answer", "views"])
+@pytest.mark.parametrize("crash", [ANSWER_NEVER_SENT, RAW_PART_ONLY], ids=["before-answer", "views"])
 def test_a_crash_mid_request_and_the_clients_retry_count_once(tmp_path: Path, keys: Keys, crash: str) -> None:
     """The server dies with the batch in raw (its views written or not) and no answer sent; the
     client retries with its Idempotency-Key against the restarted server: rows and rollups count
@@ -731,7 +710,8 @@ def test_a_crash_mid_request_and_the_clients_retry_count_once(tmp_path: Path, ke
     run = uuid.uuid4().hex[:10]
     batch = [call(event_id=f"{run}-{i}", service=run, response_model="served-1", ts=recent()) for i in range(500)]
     with log.open("ab") as out:
-        proc = subprocess.Popen([sys.executable, "-c", crash, str(config), str(data)], stdout=out,
+        script = crashing_cli(crash, "serve")
+        proc = subprocess.Popen([sys.executable, "-c", script, str(config), str(data)], stdout=out,
                                 stderr=subprocess.STDOUT, env=ENV, cwd=ROOT)  # fmt: skip
     url = wait_listening(proc, log, 90)
     with contextlib.suppress(OSError, http.client.HTTPException):  # the connection dies with the server
@@ -750,7 +730,7 @@ def test_a_crash_mid_request_and_the_clients_retry_count_once(tmp_path: Path, ke
         assert srv.stop() == 0, srv.log.read_text()[-3000:]
     text = srv.log.read_text()
     assert "stopped without a clean shutdown" in text
-    assert ("rebuilt llm_calls_1m, served_models_1m from raw" in text) == (crash is CRASH_BETWEEN_RAW_AND_VIEWS)
+    assert ("rebuilt llm_calls_1m, served_models_1m from raw" in text) == (crash is RAW_PART_ONLY)
     # stopped cleanly this time: the next start has nothing to check
     again = Server(config, data, tmp_path / "again.log").start()
     assert again.stop() == 0

@@ -20,7 +20,17 @@ from pydantic import SecretStr
 from ingest.kafka import create_topics
 from processors.windows import WindowPartial
 from tests.conftest import call, iso
-from tests.llmpulse.workers import ENV, Worker, consume_all, produce, query, wait_caught_up, write_config
+from tests.llmpulse.workers import (
+    ENV,
+    RAW_PART_ONLY,
+    Worker,
+    consume_all,
+    crashing_cli,
+    produce,
+    query,
+    wait_caught_up,
+    write_config,
+)
 
 pytestmark = pytest.mark.kafka
 
@@ -107,7 +117,7 @@ def test_message_from_kcat_is_processed(tmp_path: Path, topics: Any) -> None:
 
 
 CRASH_AFTER_WRITE = """
-import os, sys
+import os
 import llmpulse.worker as w
 original = w.CallsConsumer._publish_and_commit
 
@@ -117,9 +127,6 @@ async def crash_before_commit(self):
     return await original(self)
 
 w.CallsConsumer._publish_and_commit = crash_before_commit
-from llmpulse.cli import main
-sys.argv = ["llmpulse", "-v", "worker", "--config", sys.argv[1], "--data-dir", sys.argv[2]]
-main()
 """
 
 
@@ -146,7 +153,7 @@ def test_crash_between_write_and_commit_is_not_written_twice(tmp_path: Path, top
     data = tmp_path / "data"
     with (tmp_path / "crash.log").open("wb") as out:
         crashed = subprocess.run(
-            [sys.executable, "-c", CRASH_AFTER_WRITE, str(cfg), str(data)],
+            [sys.executable, "-c", crashing_cli(CRASH_AFTER_WRITE, "-v", "worker"), str(cfg), str(data)],
             stdout=out, stderr=subprocess.STDOUT, env=ENV, timeout=120, check=False,
         )  # fmt: skip
     assert crashed.returncode == 9
@@ -162,25 +169,6 @@ def test_crash_between_write_and_commit_is_not_written_twice(tmp_path: Path, top
     _exactly_once(data, 20_000)
 
 
-CRASH_BETWEEN_RAW_AND_VIEWS = """
-import os, sys
-import sinks.clickhouse as ch
-original = ch.ClickHouseSink.write
-
-def write_raw_only(self, batches, token):
-    # what a kill between ClickHouse committing the raw part and the views' parts leaves behind
-    for view in ("llm_calls_1m_mv", "served_models_1m_mv"):
-        self.client.command(f"DETACH TABLE {self.conn.database}.{view}")  # attached again on restart
-    original(self, batches, token)
-    os._exit(9)
-
-ch.ClickHouseSink.write = write_raw_only
-from llmpulse.cli import main
-sys.argv = ["llmpulse", "-v", "worker", "--config", sys.argv[1], "--data-dir", sys.argv[2]]
-main()
-"""
-
-
 def test_rows_whose_view_parts_were_lost_in_a_crash_are_rolled_up_by_the_next_worker(
     tmp_path: Path, topics: Any
 ) -> None:
@@ -189,7 +177,7 @@ def test_rows_whose_view_parts_were_lost_in_a_crash_are_rolled_up_by_the_next_wo
     data = tmp_path / "data"
     with (tmp_path / "crash.log").open("wb") as out:
         crashed = subprocess.run(
-            [sys.executable, "-c", CRASH_BETWEEN_RAW_AND_VIEWS, str(cfg), str(data)],
+            [sys.executable, "-c", crashing_cli(RAW_PART_ONLY, "-v", "worker"), str(cfg), str(data)],
             stdout=out, stderr=subprocess.STDOUT, env=ENV, timeout=120, check=False,
         )  # fmt: skip
     assert crashed.returncode == 9, (tmp_path / "crash.log").read_text(errors="replace")[-3000:]

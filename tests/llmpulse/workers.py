@@ -21,6 +21,31 @@ from schemas.config import KafkaSettings
 ENV = {**{k: v for k, v in os.environ.items() if not k.startswith("LLMPULSE_")}, "PYTHONUNBUFFERED": "1"}
 
 
+RAW_PART_ONLY = """
+import os
+import sinks.clickhouse as ch
+original = ch.ClickHouseSink.write
+
+def write_raw_only(self, batches, token):
+    # what a kill between ClickHouse committing the raw part and the views' parts leaves behind
+    for view in ("llm_calls_1m_mv", "served_models_1m_mv"):
+        self.client.command(f"DETACH TABLE {self.conn.database}.{view}")  # attached again on restart
+    original(self, batches, token)
+    os._exit(9)
+
+ch.ClickHouseSink.write = write_raw_only
+"""
+"""Crash hook for ``crashing_cli``: the first insert lands in raw only, then the process dies."""
+
+
+def crashing_cli(hook: str, *command: str) -> str:
+    """A ``python -c`` script: install ``hook`` (code that makes the process die somewhere), then run
+    ``llmpulse COMMAND --config ARGV1 --data-dir ARGV2``."""
+    args = ", ".join(repr(a) for a in command)
+    argv = f"['llmpulse', {args}, '--config', sys.argv[1], '--data-dir', sys.argv[2]]"
+    return f"import sys\n{hook}\nfrom llmpulse.cli import main\nsys.argv = {argv}\nmain()\n"
+
+
 def write_config(path: Path, kafka: KafkaSettings, **extra: Any) -> Path:
     """A worker config; /metrics on a free port (workers of a test run side by side)."""
     data = {"kafka": json.loads(kafka.model_dump_json(exclude_none=True)), "metrics": {"port": 0}, **extra}
