@@ -271,6 +271,13 @@ class CallsConsumer(mode.Service):
         now = time.time()
         for state in self.partitions.values():
             windows = state.pipeline.windows
+            if self.consumer is not None:
+                high = self.consumer.highwater(TopicPartition(self.topic, state.partition))
+                if high is not None and state.next_offset < high:
+                    # a partition waiting its turn in a backlog is not idle: moving it to the wall
+                    # clock would count the backlog late, and its windows would miss the alerts
+                    windows.behind(now)
+                    continue
             before = windows.watermark
             partials = windows.tick(now, idle_timeout)
             if partials or windows.watermark > before:

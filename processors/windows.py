@@ -500,6 +500,11 @@ class WindowAggregator:
         if not self._last_event_wall:
             self._last_event_wall = now
 
+    def behind(self, now: float) -> None:
+        """Events wait for this partition upstream (a backlog): it is behind, not idle, whatever
+        the time since its last event. The idle countdown starts again when it catches up."""
+        self._last_event_wall = now
+
     def tick(self, now: float, idle_timeout_s: float) -> list[WindowPartial]:
         """Idle partitions advance by wall clock, so quiet features still close windows.
 

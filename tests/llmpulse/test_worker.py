@@ -265,6 +265,22 @@ def _partials(kafka: Any) -> dict[tuple[Any, ...], WindowPartial]:
     return merged
 
 
+def test_a_backlog_is_windowed_whole_even_with_partitions_waiting_their_turn(tmp_path: Path, topics: Any) -> None:
+    """Two hours of backlog, read 500 events at a time: partitions wait seconds for their turn,
+    longer than the 1 s idle timeout. Behind is not idle: no event counts late, every one is windowed."""
+    asyncio.run(produce(topics, topics.topics.calls, events(40_000, "backlog", now=time.time() - 7200)))
+    cfg = write_config(tmp_path / "w.yaml", topics.model_copy(update={"fetch_max_records": 500}),
+                       pipeline={"idle_timeout": "1s", "allowed_lateness": "5s", "batch_max_events": 500})  # fmt: skip
+    worker = Worker(cfg, tmp_path / "data", tmp_path / "w.log").start()
+    try:
+        worker.wait_ready(120)
+        wait_caught_up(topics, topics.topics.calls, workers=[worker])
+    finally:
+        assert worker.stop() == 0
+    stats = re.search(r"worker stopped: .*?accepted=(\d+), .*?late=(\d+)", worker.log.read_text())
+    assert stats is not None and (int(stats[1]), int(stats[2])) == (40_000, 0)
+
+
 def test_two_workers_share_partitions_and_add_up_to_one(tmp_path: Path, topics: Any, kafka_settings: Any) -> None:
     produced = events(30_000, "scale")
     asyncio.run(produce(topics, topics.topics.calls, produced[:15_000]))

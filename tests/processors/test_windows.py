@@ -126,6 +126,15 @@ def test_idle_partition_closes_windows_by_wall_clock() -> None:
     assert [p.calls for p in closed] == [1]
 
 
+def test_a_partition_behind_in_a_backlog_is_not_idle() -> None:
+    agg = WindowAggregator(60, 30)
+    evs, ts = events([(T0 + 5, {})])
+    agg.add(evs, ts, PRICE(evs), now=T0 + 10)
+    agg.behind(now=T0 + 200)  # its next events wait upstream: the countdown starts again
+    assert agg.tick(now=T0 + 250, idle_timeout_s=60) == [] and agg.watermark == T0 + 5 - 30
+    assert [p.calls for p in agg.tick(now=T0 + 260, idle_timeout_s=60)] == [1]  # caught up, then idle
+
+
 def test_merge_adds_every_field() -> None:
     from dataclasses import fields
 
