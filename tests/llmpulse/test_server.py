@@ -37,6 +37,7 @@ import orjson
 import pytest
 import yaml
 
+from bench.serve_ingest import bodies as load_bodies
 from bench.serve_ingest import load, wait_listening
 from schemas.config import Settings
 from schemas.server import hash_api_key
@@ -927,28 +928,6 @@ def test_a_request_that_times_out_still_lands_once_and_its_retry_gets_the_answer
 # the load generator (a separate process: `python -m tests.llmpulse.test_server load ...`)
 
 
-def load_bodies(run: str, requests: int, batch: int) -> list[bytes]:
-    """Realistic calls (several features and priced models), distinct ids, timestamps of the last minute."""
-    now = time.time()
-    models = ("gpt-4o", "gpt-4o-mini", "claude-sonnet-4-5", "gemini-2.5-flash")
-    features = ("chat", "search", "summarize", "extract", "code", "support", "triage", "translate")
-    out = []
-    n = 0
-    for _ in range(requests):
-        events = []
-        for _ in range(batch):
-            events.append({
-                "event_id": f"{run}-{n}", "ts": iso(now - 90 + (n % 60) + (n % 1000) / 1000), "service": run,
-                "feature": features[n % len(features)], "team": "load", "model": models[n % len(models)],
-                "input_tokens": 1000 + n % 500, "output_tokens": 200 + n % 100, "cached_input_tokens": 100,
-                "latency_ms": 800.0 + n % 300, "ttft_ms": 150.0, "status": "ok", "request_id": f"{run}-r{n}",
-                "prompt_version": "v3",
-            })  # fmt: skip
-            n += 1
-        out.append(orjson.dumps(events))
-    return out
-
-
 async def run_load(url: str, key: str, run: str, bodies: list[bytes], concurrency: int) -> dict[str, Any]:
     """Every batch until it is answered 200 (bench.serve_ingest's load generator), with its counts."""
     out = await load(url, key, run, bodies, concurrency)
@@ -962,7 +941,7 @@ async def run_load(url: str, key: str, run: str, bodies: list[bytes], concurrenc
 
 def _load_main(argv: list[str]) -> None:
     url, key, run, requests, batch, concurrency = argv
-    bodies = load_bodies(run, int(requests), int(batch))
+    bodies = load_bodies(run, int(requests), int(batch))  # the bench's generator
     sys.stdout.write(json.dumps(asyncio.run(run_load(url, key, run, bodies, int(concurrency)))) + "\n")
 
 

@@ -7,7 +7,6 @@ import re
 import shutil
 import signal
 import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
@@ -21,11 +20,11 @@ from ingest.kafka import create_topics
 from processors.windows import WindowPartial
 from tests.conftest import call, iso
 from tests.llmpulse.workers import (
-    ENV,
     RAW_PART_ONLY,
     Worker,
     consume_all,
-    crashing_cli,
+    crash_worker,
+    drain_with_worker,
     produce,
     query,
     wait_caught_up,
@@ -151,19 +150,8 @@ def test_crash_between_write_and_commit_is_not_written_twice(tmp_path: Path, top
     asyncio.run(produce(topics, topics.topics.calls, events(20_000, "crash")))
     cfg = write_config(tmp_path / "w.yaml", topics, pipeline={"batch_max_seconds": "100ms", "batch_max_events": 4000})
     data = tmp_path / "data"
-    with (tmp_path / "crash.log").open("wb") as out:
-        crashed = subprocess.run(
-            [sys.executable, "-c", crashing_cli(CRASH_AFTER_WRITE, "-v", "worker"), str(cfg), str(data)],
-            stdout=out, stderr=subprocess.STDOUT, env=ENV, timeout=120, check=False,
-        )  # fmt: skip
-    assert crashed.returncode == 9
-    worker = Worker(cfg, data, tmp_path / "w.log").start()
-    try:
-        worker.wait_ready(120)
-        wait_caught_up(topics, topics.topics.calls, workers=[worker])
-    finally:
-        assert worker.stop() == 0
-    log = worker.log.read_text()
+    crash_worker(cfg, data, CRASH_AFTER_WRITE, tmp_path / "crash.log")
+    log = drain_with_worker(cfg, data, tmp_path / "w.log", topics)
     assert "already in ClickHouse; skipping them" in log  # progress was read back, not re-written
     assert "rebuilt" in log  # and the crashed worker's open windows were refilled from ClickHouse
     _exactly_once(data, 20_000)
@@ -175,21 +163,10 @@ def test_rows_whose_view_parts_were_lost_in_a_crash_are_rolled_up_by_the_next_wo
     asyncio.run(produce(topics, topics.topics.calls, events(12_000, "views", response_model="served-1")))
     cfg = write_config(tmp_path / "w.yaml", topics, pipeline={"batch_max_seconds": "100ms", "batch_max_events": 4000})
     data = tmp_path / "data"
-    with (tmp_path / "crash.log").open("wb") as out:
-        crashed = subprocess.run(
-            [sys.executable, "-c", crashing_cli(RAW_PART_ONLY, "-v", "worker"), str(cfg), str(data)],
-            stdout=out, stderr=subprocess.STDOUT, env=ENV, timeout=120, check=False,
-        )  # fmt: skip
-    assert crashed.returncode == 9, (tmp_path / "crash.log").read_text(errors="replace")[-3000:]
+    crash_worker(cfg, data, RAW_PART_ONLY, tmp_path / "crash.log")
     (lost,) = query(data, "SELECT (SELECT count() FROM llm_calls) - (SELECT sum(calls) FROM llm_calls_1m) AS n")
     assert lost["n"] > 0  # the raw rows are there, the rollup lacks them
-    worker = Worker(cfg, data, tmp_path / "w.log").start()
-    try:
-        worker.wait_ready(120)
-        wait_caught_up(topics, topics.topics.calls, workers=[worker])
-    finally:
-        assert worker.stop() == 0
-    log = worker.log.read_text()
+    log = drain_with_worker(cfg, data, tmp_path / "w.log", topics)
     assert "already in ClickHouse; skipping them" in log  # not written again...
     assert "llm_calls_1m, served_models_1m lacked rows written before the last owner died" in log  # ...but counted
     _exactly_once(data, 12_000)
@@ -271,13 +248,8 @@ def test_a_backlog_is_windowed_whole_even_with_partitions_waiting_their_turn(tmp
     asyncio.run(produce(topics, topics.topics.calls, events(40_000, "backlog", now=time.time() - 7200)))
     cfg = write_config(tmp_path / "w.yaml", topics.model_copy(update={"fetch_max_records": 500}),
                        pipeline={"idle_timeout": "1s", "allowed_lateness": "5s", "batch_max_events": 500})  # fmt: skip
-    worker = Worker(cfg, tmp_path / "data", tmp_path / "w.log").start()
-    try:
-        worker.wait_ready(120)
-        wait_caught_up(topics, topics.topics.calls, workers=[worker])
-    finally:
-        assert worker.stop() == 0
-    stats = re.search(r"worker stopped: .*?accepted=(\d+), .*?late=(\d+)", worker.log.read_text())
+    log = drain_with_worker(cfg, tmp_path / "data", tmp_path / "w.log", topics)
+    stats = re.search(r"worker stopped: .*?accepted=(\d+), .*?late=(\d+)", log)
     assert stats is not None and (int(stats[1]), int(stats[2])) == (40_000, 0)
 
 

@@ -107,6 +107,27 @@ class Worker:
         return self.proc is not None and self.proc.poll() is None
 
 
+def crash_worker(config: Path, data_dir: Path, hook: str, log: Path) -> None:
+    """Run ``llmpulse worker`` with a crash ``hook`` (see ``crashing_cli``) until the hook kills it."""
+    with log.open("wb") as out:
+        crashed = subprocess.run(
+            [sys.executable, "-c", crashing_cli(hook, "-v", "worker"), str(config), str(data_dir)],
+            stdout=out, stderr=subprocess.STDOUT, env=ENV, timeout=120, check=False,
+        )  # fmt: skip
+    assert crashed.returncode == 9, log.read_text(errors="replace")[-3000:]
+
+
+def drain_with_worker(config: Path, data_dir: Path, log: Path, kafka: KafkaSettings) -> str:
+    """Start a worker, let it catch up with the calls topic, stop it cleanly; its log."""
+    worker = Worker(config, data_dir, log).start()
+    try:
+        worker.wait_ready(120)
+        wait_caught_up(kafka, kafka.topics.calls, workers=[worker])
+    finally:
+        assert worker.stop() == 0
+    return worker.log.read_text()
+
+
 def query(data_dir: Path, sql: str) -> list[dict[str, Any]]:
     proc = subprocess.run(
         [sys.executable, "-m", "llmpulse.cli", "query", sql, "--format", "json", "--data-dir", str(data_dir)],
