@@ -56,12 +56,33 @@ class KeyState:
     """(value, calls) of baseline windows (spike), or (calls, calls) per window (absent)."""
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Verdict:
     breach: bool
     clear: bool
     baseline: float | None = None
-    detail: str = ""
+    note: str = ""
+    value: float = math.nan
+    ratio: bool = False
+    """A spike rule with a ratio: the detail shows value / baseline."""
+    z: float | None = None
+    silence: tuple[float, float] | None = None
+    """Absence: (calls before, chance of a silent window)."""
+
+    @property
+    def detail(self) -> str:
+        """Why, for the alert's summary: built only for the few windows that fire or resolve (it
+        was a fifth of judging a window when every window formatted it)."""
+        if self.silence is not None:
+            had, p0 = self.silence
+            return f"{had:.0f} calls before; a silent window had p={p0:.1g}"
+        parts = [self.note] if self.note else []
+        if self.ratio and self.baseline is not None:
+            level = self.baseline
+            parts.append(f"{self.value / level:.2f}× baseline {level:.4g}" if level else f"baseline {level:.4g}")
+        if self.z is not None:
+            parts.append(f"z {self.z:.1f}")
+        return "; ".join(parts)
 
 
 def is_rate(metric: str) -> bool:
@@ -69,8 +90,8 @@ def is_rate(metric: str) -> bool:
     return metric.endswith(("_rate", "_share"))
 
 
-def _baseline(rule: Rule, history: deque[tuple[float, float]]) -> tuple[float, float, float] | None:
-    """(level, mean, stdev) of the history, or None when there is not enough of it yet.
+def _baseline(rule: Rule, history: deque[tuple[float, float]]) -> float | None:
+    """The history's level, or None when there is not enough of it yet.
 
     For a rate the level is the pooled rate (all baseline calls together), not the median of
     per-window rates, which small windows make jumpy.
@@ -80,30 +101,36 @@ def _baseline(rule: Rule, history: deque[tuple[float, float]]) -> tuple[float, f
     need = spike.min_baseline if spike.min_baseline is not None else max(3, spike.baseline // 2)
     if len(history) < need:
         return None
-    values = [v for v, _ in history]
     if is_rate(rule.metric):
-        weight = sum(c for _, c in history)
-        level = sum(v * c for v, c in history) / weight if weight else statistics.fmean(values)
-    elif spike.method == "median":
-        level = statistics.median(values)
-    else:
-        alpha = 2 / (len(values) + 1)
-        level = values[0]
-        for v in values[1:]:
-            level = alpha * v + (1 - alpha) * level
-    # plain floats: statistics.pstdev computes exactly with Fractions, ~40 µs for 24 values, and
-    # this runs for every spike rule's scope every window
-    n = len(values)
-    mean = math.fsum(values) / n
-    stdev = math.sqrt(math.fsum((v - mean) * (v - mean) for v in values) / n) if n > 1 else 0.0
-    return level, mean, stdev
+        weight = total = 0.0
+        for v, c in history:
+            weight += c
+            total += v * c
+        if weight:
+            return total / weight
+        return math.fsum(v for v, _ in history) / len(history)
+    if spike.method == "median":
+        return statistics.median([v for v, _ in history])
+    values = [v for v, _ in history]
+    alpha = 2 / (len(values) + 1)
+    level = values[0]
+    for v in values[1:]:
+        level = alpha * v + (1 - alpha) * level
+    return level
 
 
-def _zscore(rule: Rule, value: float, calls: float, level: float, mean: float, stdev: float) -> float:
-    """How unusual the window is: binomial standard error for a rate, spread of history otherwise."""
+def _zscore(rule: Rule, value: float, calls: float, level: float, history: deque[tuple[float, float]]) -> float:
+    """How unusual the window is: binomial standard error for a rate, spread of history otherwise.
+
+    Plain floats: statistics.pstdev computes exactly with Fractions, ~40 µs for 24 values, and
+    this runs for every z-score rule's scope every window.
+    """
     if is_rate(rule.metric) and calls > 0:
         p = clamped_rate(level, calls)  # a 0% or 100% baseline is not certainty
         return (value - p) / math.sqrt(p * (1 - p) / calls)
+    n = len(history)
+    mean = math.fsum(v for v, _ in history) / n
+    stdev = math.sqrt(math.fsum((v - mean) * (v - mean) for v, _ in history) / n) if n > 1 else 0.0
     if stdev > 0:
         return (value - mean) / stdev
     return 0.0 if value == mean else math.copysign(math.inf, value - mean)  # a perfectly flat baseline
@@ -133,32 +160,27 @@ def judge(rule: Rule, value: float, st: KeyState, calls: float = 0.0) -> Verdict
     """
     h = rule.hysteresis
     if rule.spike is not None:
-        stats = _baseline(rule, st.history)
-        if stats is None:
+        level = _baseline(rule, st.history)
+        if level is None:
             return Verdict(False, True, None, "learning the baseline")
-        level, mean, stdev = stats
         spike = rule.spike
         up = spike.direction in ("up", "both")
         down = spike.direction in ("down", "both")
-        tests: list[bool] = []
-        clear = True
-        details = []
+        breach = clear = True
         big_enough = abs(value - level) > spike.min_delta
         if spike.ratio is not None:
             hi, lo = spike.ratio * level, level / spike.ratio
-            tests.append(((up and value > hi) or (down and value < lo)) and big_enough)
+            breach = ((up and value > hi) or (down and value < lo)) and big_enough
             if up:
-                clear = clear and value <= hi * (1 - h)
+                clear = value <= hi * (1 - h)
             if down:
                 clear = clear and value >= lo * (1 + h)
-            details.append(f"{value / level:.2f}× baseline {level:.4g}" if level else f"baseline {level:.4g}")
+        z = None
         if spike.zscore is not None:
-            z = _zscore(rule, value, calls, level, mean, stdev)
-            tests.append(((up and z > spike.zscore) or (down and -z > spike.zscore)) and big_enough)
+            z = _zscore(rule, value, calls, level, st.history)
+            breach = breach and ((up and z > spike.zscore) or (down and -z > spike.zscore)) and big_enough
             clear = clear and abs(z) <= spike.zscore * (1 - h)
-            details.append(f"z {z:.1f}")
-        breach = all(tests)
-        return Verdict(breach, clear and not breach, level, "; ".join(details))
+        return Verdict(breach, clear and not breach, level, value=value, ratio=spike.ratio is not None, z=z)
     breach = False
     clear = True
     if rule.max is not None:
@@ -241,8 +263,7 @@ class AlertEngine:
             p0 = silence_probability(recent) if len(recent) >= need and all(recent) else 1.0
             armed = had >= rule.absent.min_baseline_calls and p0 <= rule.absent.max_silence_probability
             breach = calls == 0 and armed
-            detail = f"{had:.0f} calls before; a silent window had p={p0:.1g}"
-            verdict = Verdict(breach, not breach, had / max(len(st.history), 1), detail)
+            verdict = Verdict(breach, not breach, had / max(len(st.history), 1), silence=(had, p0))
             if not breach:
                 st.history.append((float(calls), float(calls)))
             return self._step(rule, scope, st, verdict, float(calls), window_start, window_end, metrics)
@@ -305,7 +326,8 @@ class AlertEngine:
     ) -> AlertEvent:
         scope_text = ", ".join(f"{k}={v}" for k, v in sorted(scope.items())) or "all traffic"
         shown = f"{value:.4g}"
-        why = f" ({verdict.detail})" if verdict.detail else ""
+        detail = verdict.detail
+        why = f" ({detail})" if detail else ""
         if state == "firing":
             summary = f"[{rule.severity}] {rule.name}: {rule.metric} {shown}{why} on {scope_text}"
         else:

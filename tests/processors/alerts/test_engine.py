@@ -105,6 +105,18 @@ def test_spike_zscore_and_ewma() -> None:
     assert [(i, e.state) for i, e in run(ewma, [10, 10, 10, 10, 16])] == [(4, "firing")]
 
 
+def test_the_summary_says_why_spike_and_absence_alerts_fired() -> None:
+    both = rule(metric="cost_usd", spike={"ratio": 2.0, "zscore": 3.0, "baseline": 6, "min_baseline": 4})
+    ((_, e),) = run(both, [10, 11, 9, 10, 10, 30])
+    assert e.summary == "[warning] r: cost_usd 30 (3.00× baseline 10; z 31.6) on feature=chat"  # pstdev √0.4
+    assert e.extra["baseline"] == 10
+    r = rule(metric="calls", absent={"baseline": 3, "min_baseline_calls": 30}, min_calls=0)
+    engine = AlertEngine([r])
+    for i, calls in enumerate([20, 20, 20, 0]):
+        e = engine.evaluate(r, {"feature": "chat"}, i * 60.0, (i + 1) * 60.0, {"calls": float(calls)}) or e
+    assert e.summary == "[warning] r: calls 0 (60 calls before; a silent window had p=2e-09) on feature=chat"
+
+
 def test_spike_min_delta_ignores_tiny_absolute_moves() -> None:
     r = rule(metric="refusal_rate", spike={"ratio": 2.5, "baseline": 6, "min_baseline": 3, "min_delta": 0.03})
     assert run(r, [0.001, 0.001, 0.001, 0.004]) == []  # 4× but +0.3 points: not an incident
