@@ -19,7 +19,7 @@ from processors.alerts.budgets import BudgetTracker, period_bounds, period_label
 from processors.alerts.engine import AlertEngine
 from processors.alerts.events import AlertEvent
 from processors.alerts.stage2 import RuleWindows, Stage2
-from processors.windows import SCOPE_DIMS, WindowPartial
+from processors.windows import SCOPE_DIMS, WindowPartial, read_wire
 from schemas.channels import ChannelConfig, ConsoleChannelConfig
 from schemas.config import ConfigError, Settings
 from schemas.rules import Rule, RulesFile, default_rules, load_rules
@@ -149,6 +149,25 @@ class AlertPipeline:
             self.stage2.add(SCOPE_DIMS, p, source, None)
         self.stage2.heartbeat(source, watermark)
         return self.evaluate()
+
+    def on_wire(self, messages: Iterable[tuple[int, int, bytes]]) -> int:
+        """Worker: partials-topic messages as (topic partition, offset, value); returns partials read.
+
+        Watermark heartbeats only move time. Each partial carries the topic position it came
+        from, so stage 2 can pin commits below the oldest minute it still needs.
+        """
+        stage2, sketches = self.stage2, self.windows.sketches
+        read = 0
+        for partition, offset, value in messages:
+            body, partial = read_wire(value, sketches)
+            if partial is None:
+                stage2.heartbeat(int(body["partition"]), float(body["watermark"]))
+                continue
+            read += 1
+            watermark = body["watermark"]  # None from judge scores and feedback: they never move time
+            stage2.add(tuple(body["scope_dims"]), partial, int(body["partition"]),
+                       None if watermark is None else float(watermark), (partition, offset))  # fmt: skip
+        return read
 
     def add_quality(self, partials: list[WindowPartial]) -> None:
         """Judge scores and feedback, windowed by arrival: they add to scopes, never move watermarks."""

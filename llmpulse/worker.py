@@ -27,7 +27,6 @@ from typing import Any
 
 import faust
 import mode
-import orjson
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListener, TopicPartition
 from aiokafka.structs import OffsetAndMetadata
 
@@ -552,20 +551,8 @@ class AlertsConsumer(mode.Service):
         assert self.consumer is not None and self.pipeline is not None
         records = await self.consumer.getmany(timeout_ms=100, max_records=5000)
         began = time.thread_time()
-        sketches = self.pipeline.windows.sketches
-        read = 0
+        read = self.pipeline.on_wire((tp.partition, m.offset, m.value) for tp, ms in records.items() for m in ms)
         for tp, messages in records.items():
-            for m in messages:
-                body = orjson.loads(m.value)
-                if body.get("type") == "watermark":
-                    stage2.heartbeat(int(body["partition"]), float(body["watermark"]))
-                    continue
-                dims = tuple(body["scope_dims"])
-                read += 1
-                partial = WindowPartial.from_wire(body, sketches)
-                watermark = body["watermark"]  # None from judge scores and feedback: they never move time
-                stage2.add(dims, partial, int(body["partition"]), None if watermark is None else float(watermark),
-                           (tp.partition, m.offset))  # fmt: skip
             last_offsets[tp.partition] = messages[-1].offset + 1
         self.pipeline.evaluate()
         now = time.time()

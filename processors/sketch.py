@@ -72,7 +72,8 @@ class QuantileSketch:
             # a small cell is answered exactly from its values: cheaper than building a digest
             if not self._pending:
                 return None
-            values = sorted(self._pending)
+            values = self._pending
+            values.sort()  # in place: the next quantile of this window sorts a sorted list, in one pass
             pos = q * (len(values) - 1)
             lo = int(pos)
             hi = min(lo + 1, len(values) - 1)
@@ -108,8 +109,9 @@ class QuantileSketch:
         return b"t" + self._fold().to_bytes()
 
     @classmethod
-    def from_bytes(cls, data: bytes) -> QuantileSketch:
-        tag, body = data[:1], data[1:]
+    def from_bytes(cls, data: bytes | memoryview) -> QuantileSketch:
+        """``data`` may be a memoryview into a larger message: raw values are read in place."""
+        tag, body = bytes(data[:1]), data[1:]
         if tag == b"v":
             sketch = cls()
             # stage 2 decodes three sketches per partial: a cast is a third cheaper than unpack
@@ -119,5 +121,5 @@ class QuantileSketch:
                 sketch._pending = list(struct.unpack(f"<{len(body) // 8}d", body))
             return sketch
         if tag == b"t":
-            return cls(fastdigest.TDigest.from_bytes(body))
+            return cls(fastdigest.TDigest.from_bytes(bytes(body)))
         raise ValueError(f"not a serialized QuantileSketch (tag {tag!r})")

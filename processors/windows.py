@@ -13,9 +13,11 @@ from __future__ import annotations
 
 import base64
 import math
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
+
+import orjson
 
 from processors.flows import ClosedFlow, FlowTracker
 from processors.pricing import Costs
@@ -176,8 +178,14 @@ class WindowPartial:
         """Every metric this window has, as alert rules and summaries read them; None where undefined."""
         return {name: fn(self) for name, fn in METRIC_FNS.items()}
 
-    def to_wire(self) -> dict[str, Any]:
-        """A JSON-able form for the ``llm.window.partials`` topic (sketches base64-encoded)."""
+    def to_wire(self, **header: Any) -> bytes:
+        """The ``llm.window.partials`` message: a JSON header (counts, sums, key and ``header``'s
+        fields), a newline, then the sketches' bytes back to back (their lengths in the header).
+
+        Sketches are most of a partial's bytes. As base64 strings inside the JSON they cost a
+        third more bytes, an encode here, and in stage 2 a JSON scan, a decode and a copy each:
+        stage 2's read of a partial was 22 µs that way, with the raw bytes it is 12.
+        """
         out: dict[str, Any] = {
             "window_start": self.window_start,
             "window_s": self.window_s,
@@ -186,37 +194,69 @@ class WindowPartial:
         }
         for name in _COUNTS + _SUMS:
             out[name] = getattr(self, name)
-        out["latency"] = base64.b64encode(self.latency.to_bytes()).decode()
-        out["ttft"] = base64.b64encode(self.ttft.to_bytes()).decode()
-        out["output"] = base64.b64encode(self.output.to_bytes()).decode()
         out["served"] = sorted(self.served)
+        blobs = [self.latency.to_bytes(), self.ttft.to_bytes(), self.output.to_bytes()]
         if self.flows:
-            out["flow_ms"] = base64.b64encode(self.flow_ms.to_bytes()).decode()
-        return out
+            blobs.append(self.flow_ms.to_bytes())
+        out["sketch_bytes"] = [len(b) for b in blobs]
+        out.update(header)
+        return orjson.dumps(out) + b"\n" + b"".join(blobs)
 
     @classmethod
-    def from_wire(cls, data: dict[str, Any], sketches: tuple[bool, bool, bool] = (True, True, True)) -> WindowPartial:
-        """``sketches``: decode the latency / TTFT / output sketch, or leave it empty. Stage 2 passes
-        False for those no rule reads; decoding them was a third of reading a partial."""
-        latency, ttft, output = sketches
-        partial = cls(
-            window_start=int(data["window_start"]),
-            window_s=int(data["window_s"]),
-            key=tuple(data["key"]),
-            partition=int(data.get("partition", -1)),
-            latency=_sketch(data.get("latency") if latency else None),
-            ttft=_sketch(data.get("ttft") if ttft else None),
-            # absent in partials from before drift metrics: an empty sketch, nothing served
-            output=_sketch(data.get("output") if output else None),
-            served=set(data.get("served", ())),
-            flow_ms=_sketch(data.get("flow_ms")),
-        )
-        _read_numbers(partial, data.get)
+    def from_wire(cls, value: bytes, sketches: tuple[bool, bool, bool] = (True, True, True)) -> WindowPartial:
+        partial = read_wire(value, sketches)[1]
+        if partial is None:
+            raise ValueError("not a window partial (a watermark heartbeat?)")
         return partial
 
 
-def _sketch(encoded: str | None) -> QuantileSketch:
-    return QuantileSketch.from_bytes(base64.b64decode(encoded)) if encoded else QuantileSketch()
+def read_wire(
+    value: bytes, sketches: tuple[bool, bool, bool] = (True, True, True)
+) -> tuple[dict[str, Any], WindowPartial | None]:
+    """A partials-topic message → (its header, the partial; None for a watermark heartbeat).
+
+    ``sketches``: decode the latency / TTFT / output sketch, or leave it empty. Stage 2 passes
+    False for those no rule reads; decoding them was a third of reading a partial. Messages of
+    the earlier all-JSON form (sketches base64 strings) still read, so an upgrade mid-stream
+    loses no minute.
+    """
+    cut = value.find(b"\n")
+    if cut < 0:
+        data = orjson.loads(value)
+        if data.get("type") == "watermark":
+            return data, None
+        wanted = (*sketches, True)
+        encoded = (data.get("latency"), data.get("ttft"), data.get("output"), data.get("flow_ms"))
+        blobs = [
+            QuantileSketch.from_bytes(base64.b64decode(e)) if e and w else QuantileSketch()
+            for e, w in zip(encoded, wanted, strict=True)
+        ]
+        return data, _partial_from(data, blobs)
+    view = memoryview(value)
+    data = orjson.loads(view[:cut])
+    blobs = [QuantileSketch(), QuantileSketch(), QuantileSketch(), QuantileSketch()]
+    at = cut + 1
+    for i, length in enumerate(data["sketch_bytes"]):
+        if length and (i == 3 or sketches[i]):  # flow_ms (only sent where flows finished) is always read
+            blobs[i] = QuantileSketch.from_bytes(view[at : at + length])
+        at += length
+    return data, _partial_from(data, blobs)
+
+
+def _partial_from(data: dict[str, Any], blobs: list[QuantileSketch]) -> WindowPartial:
+    partial = WindowPartial(
+        window_start=int(data["window_start"]),
+        window_s=int(data["window_s"]),
+        key=tuple(data["key"]),
+        partition=int(data.get("partition", -1)),
+        latency=blobs[0],
+        ttft=blobs[1],
+        output=blobs[2],  # absent in partials from before drift metrics: an empty sketch, nothing served
+        served=set(data.get("served", ())),
+        flow_ms=blobs[3],
+    )
+    _read_numbers(partial, data.get)
+    return partial
 
 
 def _compile_read_numbers() -> Callable[[WindowPartial, Callable[..., Any]], None]:
@@ -312,43 +352,6 @@ EVIDENCE: dict[str, str] = {
 }  # fmt: skip
 """What ``min_calls`` counts for a metric: judged calls for eval scores, feedback for feedback
 metrics, finished flows for flow metrics, calls for everything else."""
-
-
-_MISSING: Any = object()
-
-
-class MetricView(Mapping[str, float | None]):
-    """A window's metrics computed on first access and cached: several rules may ask for one."""
-
-    __slots__ = ("_cache", "_partial")
-
-    def __init__(self, partial: WindowPartial) -> None:
-        self._partial = partial
-        self._cache: dict[str, float | None] = {}
-
-    def __getitem__(self, name: str) -> float | None:
-        # no try/except KeyError: every metric misses the cache once, and a raised KeyError costs
-        # more than the metric (stage 2 asks 100k+ times a minute)
-        cache = self._cache
-        value: float | None = cache.get(name, _MISSING)
-        if value is _MISSING:
-            fn = METRIC_FNS.get(name)
-            value = cache[name] = fn(self._partial) if fn is not None else None
-        return value
-
-    def supply(self, values: Mapping[str, float | None]) -> None:
-        """Metrics that need more than this window (its scope's history): computed by whoever has it."""
-        self._cache.update(values)
-
-    def get(self, name: str, default: float | None = None) -> float | None:  # type: ignore[override]
-        value = self[name]
-        return default if value is None else value
-
-    def __iter__(self) -> Iterator[str]:
-        return iter(METRIC_FNS)
-
-    def __len__(self) -> int:
-        return len(METRIC_FNS)
 
 
 def project(partials: Iterable[WindowPartial], dims: tuple[str, ...]) -> dict[tuple[Any, ...], WindowPartial]:

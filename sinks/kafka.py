@@ -96,15 +96,10 @@ def partial_messages(
     for dims in scopes:
         for (_, *values), merged in project(partials, dims).items():
             key = scope_key(dims, values)
-            body = merged.to_wire()
-            body.update(
-                type="partial",
-                scope_dims=list(dims),
-                scope=key,
-                partition=source_partition,
-                watermark=watermark,
+            value = merged.to_wire(
+                type="partial", scope_dims=list(dims), scope=key, partition=source_partition, watermark=watermark
             )
-            out.append((key.encode(), orjson.dumps(body)))
+            out.append((key.encode(), value))
     return out
 
 

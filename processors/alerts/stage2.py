@@ -12,14 +12,14 @@ lets "traffic stopped" page. ``RuleWindows`` then groups final minutes into each
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from functools import cached_property
 
 from processors.alerts.engine import AlertEngine
 from processors.alerts.events import AlertEvent
 from processors.drift import STREAM_DRIFT_METRICS, DriftMemory
-from processors.windows import SCOPE_DIMS, SKETCH_METRICS, MetricView, WindowPartial
+from processors.windows import EVIDENCE, METRIC_FNS, SCOPE_DIMS, SKETCH_METRICS, WindowPartial
 from schemas.rules import Rule
 
 Dims = tuple[str, ...]
@@ -192,6 +192,25 @@ class _Group:
     def watches_drift(self) -> bool:
         return any(r.metric in STREAM_DRIFT_METRICS for r in self.rules)
 
+    @cached_property
+    def metric_fns(self) -> tuple[tuple[str, Callable[[WindowPartial], float | None]], ...]:
+        """The metrics the group's rules read (their own and what their ``min_calls`` counts):
+        computed once per scope into a plain dict, whose lookups are what rules do most."""
+        names = {"calls"} | {r.metric for r in self.rules} | {EVIDENCE.get(r.metric, "calls") for r in self.rules}
+        return tuple((name, METRIC_FNS.get(name, _undefined)) for name in sorted(names))
+
+    @cached_property
+    def floor(self) -> int:
+        """Scopes with fewer calls than this give no rule of the group evidence: not evaluated at all.
+        0 where a rule counts something else (judge scores, feedback, flows) or watches absence."""
+        if self.watches_absence or any(EVIDENCE.get(r.metric, "calls") != "calls" for r in self.rules):
+            return 0
+        return min(r.min_calls for r in self.rules)
+
+
+def _undefined(_: WindowPartial) -> None:
+    """Metrics no single window defines (drift, pipeline lag): supplied by whoever has them, or None."""
+
 
 class RuleWindows:
     """Groups final minutes into each rule's windows and evaluates a window once it is complete.
@@ -224,6 +243,7 @@ class RuleWindows:
         """Whether any rule reads a latency / TTFT / output sketch: the worker's stage 2 decodes
         only those from the partials topic."""
         self.evaluated_windows = 0
+        """(rule, scope) windows evaluated; scopes under every rule's ``min_calls`` are not."""
         self.late_windows = 0
 
     def saw(self, rule: Rule, values: tuple[str, ...], window_start: int) -> None:
@@ -282,21 +302,29 @@ class RuleWindows:
                         bucket[values] = WindowPartial(start, w, values)  # a scope that went silent
             fired: list[tuple[tuple[str, ...], int, AlertEvent]] = []
             evaluate, rules, end, scopes = self.engine.evaluate, group.rules, start + w, group.scopes
+            fns, floor, drift = group.metric_fns, group.floor, group.watches_drift
+            evaluated = 0
             for values, partial in bucket.items():
-                scope, key = scopes.get(values) or group.scope(values, partial.calls > 0)
-                view = MetricView(partial)
-                if group.watches_drift and partial.calls:  # quality-only partials carry no outputs
+                calls = partial.calls
+                if calls:
+                    seen[values] = start
+                if drift and calls:  # quality-only partials carry no outputs
                     memory = group.drift.get(values)
                     if memory is None:
                         memory = group.drift[values] = DriftMemory()
-                    view.supply(memory.observe(partial.output, partial.served, partial.calls))
+                    observed = memory.observe(partial.output, partial.served, calls)
+                if calls < floor:
+                    continue  # no rule would see evidence: skipping is what evaluating would conclude
+                evaluated += 1
+                scope, key = scopes.get(values) or group.scope(values, calls > 0)
+                metrics = {name: fn(partial) for name, fn in fns}
+                if drift and calls:
+                    metrics.update(observed)
                 for i, rule in enumerate(rules):
-                    event = evaluate(rule, scope, start, end, view, key)
+                    event = evaluate(rule, scope, start, end, metrics, key)
                     if event is not None:
                         fired.append((values, i, event))
-                if partial.calls:
-                    seen[values] = start
-            self.evaluated_windows += len(bucket) * len(rules)
+            self.evaluated_windows += evaluated * len(rules)
             # in scope order, then rule order: the same order every run (only the few that fired are sorted)
             events.extend(e for _, _, e in sorted(fired, key=lambda f: (f[0], f[1])))
             for values, last in list(seen.items()):

@@ -17,7 +17,7 @@ import pytest
 from pydantic import SecretStr
 
 from ingest.kafka import create_topics
-from processors.windows import WindowPartial
+from processors.windows import WindowPartial, read_wire
 from tests.conftest import call, iso
 from tests.llmpulse.workers import (
     RAW_PART_ONLY,
@@ -230,10 +230,9 @@ def test_sasl_scram_to_the_local_broker(tmp_path: Path, topics: Any) -> None:
 def _partials(kafka: Any) -> dict[tuple[Any, ...], WindowPartial]:
     merged: dict[tuple[Any, ...], WindowPartial] = {}
     for m in asyncio.run(consume_all(kafka, kafka.topics.partials)):
-        body = orjson.loads(m.value)
-        if body.get("type") == "watermark":
+        body, part = read_wire(m.value)
+        if part is None:
             continue
-        part = WindowPartial.from_wire(body)
         key = (body["scope"], part.window_start)
         if key in merged:
             merged[key].merge(part)

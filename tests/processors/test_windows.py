@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import base64
+
 import msgspec
 import orjson
 import pytest
 
 from processors.pricing import CostAttribution
-from processors.windows import _COUNTS, _SUMS, SCOPE_DIMS, WindowAggregator, WindowPartial, project
+from processors.windows import _COUNTS, _SUMS, SCOPE_DIMS, WindowAggregator, WindowPartial, project, read_wire
 from schemas.prices import builtin_price_table
 from schemas.wire import WireCall
 from tests.conftest import iso, payload
@@ -110,11 +112,46 @@ def test_every_count_and_sum_survives_the_wire_with_its_type() -> None:
         setattr(part, name, 1000 + i)
     for i, name in enumerate(_SUMS):
         setattr(part, name, 0.25 + i)
-    back = WindowPartial.from_wire(orjson.loads(orjson.dumps(part.to_wire())))
+    back = WindowPartial.from_wire(part.to_wire())
     for name in _COUNTS:
         assert getattr(back, name) == getattr(part, name) and type(getattr(back, name)) is int, name
     for name in _SUMS:
         assert getattr(back, name) == getattr(part, name) and type(getattr(back, name)) is float, name
+
+
+def test_the_wire_carries_sketches_as_bytes_and_skips_the_ones_stage_2_does_not_read() -> None:
+    agg = WindowAggregator(60, 0)
+    feed(agg, [(T0 + i % 60, {"latency_ms": 100.0 + i, "ttft_ms": 10.0 + i % 7}) for i in range(900)])
+    (part,) = agg.flush()
+    assert part.latency.to_bytes()[:1] == b"t" and part.ttft.to_bytes()[:1] == b"t"  # digests, not raw values
+    value = part.to_wire(type="partial", scope_dims=list(SCOPE_DIMS), watermark=T0 + 60)
+    header, back = read_wire(value)
+    assert header["type"] == "partial" and header["watermark"] == T0 + 60
+    assert back is not None and back.calls == 900
+    for q in (0.5, 0.95, 0.99):
+        assert back.latency.quantile(q) == part.latency.quantile(q)
+        assert back.ttft.quantile(q) == part.ttft.quantile(q)
+    _, skipped = read_wire(value, (False, True, False))
+    assert skipped is not None and skipped.latency.count == 0 and skipped.ttft.count == 900
+    assert skipped.calls == 900
+
+
+def test_partials_of_the_earlier_all_json_wire_form_still_read() -> None:
+    """Messages a previous version left on the partials topic: an upgrade mid-stream loses no minute."""
+    agg = WindowAggregator(60, 0)
+    feed(agg, [(T0 + i, {"latency_ms": 100.0 + i}) for i in range(50)])
+    (part,) = agg.flush()
+    old = {name: getattr(part, name) for name in _COUNTS + _SUMS}
+    old.update(window_start=part.window_start, window_s=60, key=list(part.key), partition=3, type="partial",
+               watermark=T0 + 60, latency=base64.b64encode(part.latency.to_bytes()).decode(),
+               ttft=base64.b64encode(part.ttft.to_bytes()).decode())  # fmt: skip
+    header, back = read_wire(orjson.dumps(old))
+    assert header["watermark"] == T0 + 60
+    assert back is not None and back.calls == 50 and back.partition == 3
+    assert back.latency.quantile(0.5) == part.latency.quantile(0.5)
+    assert back.output.count == 0  # not sent by versions before drift metrics
+    beat, none = read_wire(orjson.dumps({"type": "watermark", "partition": 1, "watermark": T0}))
+    assert none is None and beat["partition"] == 1
 
 
 def test_idle_partition_closes_windows_by_wall_clock() -> None:
