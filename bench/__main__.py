@@ -18,7 +18,7 @@ from bench.common import Figure, machine
 
 def main() -> None:
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
-    parser.add_argument("--only", default="p1,p2,p3,p3w", help="figures to run (p1,p2,p3,p3w,p4,p5,p5w)")
+    parser.add_argument("--only", default="p1,p2,p3,p3s,p3w", help="figures to run (p1,p2,p3,p3s,p3w,p4,p5,p5w)")
     parser.add_argument("--p4-sizes", default="1,10", help="P4: millions of calls to report over")
     parser.add_argument("--events", type=int, default=300_000, help="events for P2")
     parser.add_argument("--p1-events", type=int, default=200_000, help="events for P1")
@@ -28,6 +28,7 @@ def main() -> None:
     parser.add_argument("--p3-events", type=int, default=600_000, help="events for P3's overhead runs")
     parser.add_argument("--p3-repeat", type=int, default=3, help="P3: fresh processes per variant (medians)")
     parser.add_argument("--p3w-events", type=int, default=2_400_000, help="P3w: events (at 20k/s of event time)")
+    parser.add_argument("--p3s-events", type=int, default=2_400_000, help="P3s: events whose partials stage 2 replays")
     parser.add_argument("--p3w-repeat", type=int, default=2, help="P3w: worker runs per variant (medians)")
     parser.add_argument("--p5-events", type=int, default=None, help="events for P5 [3M; env LLMPULSE_P5_EVENTS]")
     parser.add_argument("--ci", action="store_true",
@@ -35,9 +36,9 @@ def main() -> None:
                              "the figures are printed, not asserted")  # fmt: skip
     args = parser.parse_args()
     if args.ci:
-        args.only, args.p1_events, args.events, args.p3_events = "p1,p2,p3,p3w,p4,p5,p5w", 50_000, 30_000, 100_000
+        args.only, args.p1_events, args.events, args.p3_events = "p1,p2,p3,p3s,p3w,p4,p5,p5w", 50_000, 30_000, 100_000
         args.p4_sizes, args.p5_events, args.p3_repeat = "0.2", 200_000, 1
-        args.p3w_events, args.p3w_repeat = 120_000, 1
+        args.p3w_events, args.p3w_repeat, args.p3s_events = 120_000, 1, 120_000
     only = {x.strip().lower() for x in args.only.split(",")}
     figures: list[Figure] = []
     with tempfile.TemporaryDirectory(prefix="llmpulse-bench-") as tmp:
@@ -56,6 +57,10 @@ def main() -> None:
             figures.append(p3_alerts.overhead(Path(tmp) / "p3-1m", n=args.p3_events, windows=("1m",),
                                               repeat=args.p3_repeat))  # fmt: skip
             figures.append(p3_alerts.latency(Path(tmp) / "p3"))
+        if "p3s" in only:
+            from bench import p3_alerts
+
+            figures += p3_alerts.stage2_replay(Path(tmp) / "p3s", n=args.p3s_events, repeat=1 if args.ci else 3)
         if "p3w" in only:
             from bench import p3_alerts
 
