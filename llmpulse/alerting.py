@@ -102,6 +102,10 @@ class AlertPipeline:
                     for values, (_, calls) in cells.items():
                         if calls > 0:
                             self.windows.saw(rule, values, ws)
+        self.windows.seed_drift(  # the drift rules' trailing windows: drift pages from the first window
+            lambda by, where, w, windows: self.store.drift_history(by, where, w, now - now % w - w * windows,
+                                                                   now - now % w)
+        )  # fmt: skip
         for budget in self.rules.budgets:
             start, _ = period_bounds(budget.period, now)
             spent = self.store.period_spend(budget, start, now)

@@ -190,14 +190,23 @@ class DriftMemory:
             if None not in quantiles and None not in current:
                 value = psi([q for q in quantiles if q is not None], [q for q in current if q is not None])
         new = float(sum(1 for m in served if m not in self._served)) if ready else None
+        self.remember(output, served)
+        return {"output_tokens_psi": value, "response_models_new": new}
+
+    @property
+    def baseline(self) -> int:
+        return self._sketches.maxlen or 0
+
+    def remember(self, output: QuantileSketch, served: set[str]) -> None:
+        """A window (with calls) joins the history. Also how a restarted worker refills it from the
+        rollups, so drift rules compare from the first window instead of learning for ``warmup``."""
         self.windows += 1
         keep = QuantileSketch()
         keep.merge(output)  # a copy: the window's own sketch belongs to the window
         keep.compact()  # 300 centroids, not up to 4k raw values, for each of the 24 windows kept
         self._sketches.append(keep)
-        horizon = self.windows - (self._sketches.maxlen or 0)
+        horizon = self.windows - self.baseline
         for m in served:
             self._served[m] = self.windows
         for m in [m for m, last in self._served.items() if last < horizon]:
             del self._served[m]
-        return {"output_tokens_psi": value, "response_models_new": new}

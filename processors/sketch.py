@@ -109,6 +109,17 @@ class QuantileSketch:
         return b"t" + self._fold().to_bytes()
 
     @classmethod
+    def from_quantiles(cls, points: list[float], count: float) -> QuantileSketch:
+        """A sketch standing for ``count`` values known only by evenly spaced quantiles (a rollup's
+        t-digest state read back): each point a centroid of equal weight, so windows merged from
+        such sketches weigh by their calls, as live ones do."""
+        if not points or count <= 0:
+            return cls()
+        weight = count / len(points)
+        centroids = [{"m": float(p), "c": weight} for p in sorted(points)]
+        return cls(fastdigest.TDigest.from_dict({"max_centroids": CENTROIDS, "centroids": centroids}))
+
+    @classmethod
     def from_bytes(cls, data: bytes | memoryview) -> QuantileSketch:
         """``data`` may be a memoryview into a larger message: raw values are read in place."""
         tag, body = bytes(data[:1]), data[1:]

@@ -9,11 +9,13 @@ has spent this period and which thresholds it already announced.
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime
 from typing import Any
 
 from processors.alerts.events import AlertEvent
+from processors.drift import MID_QUANTILES
+from processors.sketch import QuantileSketch
 from schemas.rules import Budget, Rule
 from sinks.clickhouse import Connection, RetryPolicy
 from sinks.queries.metrics import METRIC_SQL, rule_windows_sql, sql_literal, where_clause
@@ -96,6 +98,45 @@ class AlertStore:
             for values, (value, calls) in by_window[ws].items():
                 if value is not None and calls >= rule.min_calls:
                     out.setdefault(values, []).append((value, calls))
+        return out
+
+    def drift_history(
+        self, by: Sequence[str], where: Mapping[str, str], window_s: int, start: float, end: float
+    ) -> dict[tuple[str, ...], list[tuple[int, QuantileSketch, set[str]]]]:
+        """Per scope value, its windows with calls in [start, end), oldest first: (window start, output
+        lengths, response models). Output lengths come back as the rollup's 100 evenly spaced quantiles
+        weighted by the window's calls; response models from ``served_models_1m`` where the scope is
+        feature/model (what it keeps), else from the raw calls of those windows."""
+        n = len(by)
+        dims = "".join(f"r.{d} AS d{i}, " for i, d in enumerate(by))
+        group = "".join(f", d{i}" for i in range(n))
+        interval = f"toUnixTimestamp(toStartOfInterval(r.minute, INTERVAL {int(window_s)} SECOND)) AS ws"
+        span = f"r.minute >= toDateTime({int(start)}) AND r.minute < toDateTime({int(end)})"
+        points = ", ".join(f"{q:g}" for q in MID_QUANTILES)
+        sizes = self.conn.client.query(
+            f"SELECT {interval}, {dims}sum(r.calls) AS calls, quantilesTDigestMerge({points})(r.output_tokens_q) "
+            f"FROM llm_calls_1m AS r WHERE {where_clause(where)} AND {span} GROUP BY ws{group} HAVING calls > 0 "
+            "ORDER BY ws"
+        ).result_rows
+        if set(by) | set(where) <= {"feature", "model"}:
+            source = "served_models_1m AS r"
+        else:  # the raw calls: a restart reads the scope's baseline windows once
+            interval = interval.replace("r.minute", "r.ts")
+            span = f"r.ts >= toDateTime({int(start)}) AND r.ts < toDateTime({int(end)})"
+            source = "llm_calls AS r"
+        served: dict[tuple[Any, ...], set[str]] = {
+            (int(row[0]), *(str(v) for v in row[1 : 1 + n])): set(row[1 + n])
+            for row in self.conn.client.query(
+                f"SELECT {interval}, {dims}groupUniqArray(r.response_model) FROM {source} "
+                f"WHERE {where_clause(where)} AND {span} AND r.response_model != '' GROUP BY ws{group}"
+            ).result_rows
+        }
+        out: dict[tuple[str, ...], list[tuple[int, QuantileSketch, set[str]]]] = {}
+        for row in sizes:
+            ws, values = int(row[0]), tuple(str(v) for v in row[1 : 1 + n])
+            calls, quantiles = float(row[1 + n]), [float(q) for q in row[2 + n]]
+            sketch = QuantileSketch.from_quantiles(quantiles, calls)
+            out.setdefault(values, []).append((ws, sketch, served.get((ws, *values), set())))
         return out
 
     def period_spend(self, budget: Budget, start: float, end: float) -> float:

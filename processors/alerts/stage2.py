@@ -12,13 +12,14 @@ lets "traffic stopped" page. ``RuleWindows`` then groups final minutes into each
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from functools import cached_property
 
 from processors.alerts.engine import AlertEngine
 from processors.alerts.events import AlertEvent
 from processors.drift import STREAM_DRIFT_METRICS, DriftMemory
+from processors.sketch import QuantileSketch
 from processors.windows import EVIDENCE, METRIC_FNS, SCOPE_DIMS, SKETCH_METRICS, WindowPartial
 from schemas.rules import Rule
 
@@ -110,6 +111,13 @@ class Stage2:
 
 ScopeKey = tuple[tuple[str, ...], tuple[tuple[str, str], ...]]
 """(group-by dimensions, where-filters): rules sharing it share one projection of the minutes."""
+
+
+DriftHistory = Callable[
+    [tuple[str, ...], dict[str, str], int, int], Mapping[tuple[str, ...], list[tuple[int, QuantileSketch, set[str]]]]
+]
+"""(by, where, window_s, windows) → per scope value, its last windows with calls: (start, output
+lengths, response models), oldest first."""
 
 
 Projected = dict[tuple[int, tuple[str, ...]], WindowPartial]
@@ -253,6 +261,26 @@ class RuleWindows:
         group = self._groups.get(key)
         if group is not None and window_start > group.seen.get(values, -1):
             group.seen[values] = window_start
+
+    def seed_drift(self, history: DriftHistory) -> int:
+        """After a restart: every drift-watching group's memories refilled with its scopes' trailing
+        windows (``history(by, where, window_s, windows)`` reads them from the rollups, oldest first),
+        so a snapshot switch or a reshaped output length right after a restart still pages.
+        Returns the scopes seeded."""
+        seeded = 0
+        for group in self._groups.values():
+            if not group.watches_drift:
+                continue
+            for values, windows in history(group.by, group.where, group.window, DriftMemory().baseline).items():
+                memory = group.drift.get(values)
+                if memory is None:
+                    memory = group.drift[values] = DriftMemory()
+                for window_start, output, served in windows:
+                    memory.remember(output, served)
+                    if window_start > group.seen.get(values, -1):
+                        group.seen[values] = window_start  # so the memory is forgotten in time, like a live one
+                seeded += 1
+        return seeded
 
     def resume_after(self, through: float) -> None:
         """After a restart: windows ending by ``through`` were evaluated by the previous run."""

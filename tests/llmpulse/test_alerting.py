@@ -148,3 +148,40 @@ def test_progress_is_saved_once_a_minute_and_a_restart_resumes_from_it(settings:
     assert restarted.stage2.released_through == 780.5
     (group,) = restarted.windows._groups.values()
     assert group.done == 780  # the 12:00 minute was evaluated; 13:00 is next
+
+
+def test_a_restart_reads_drift_baselines_back_from_the_rollups(settings: Any, conn: Any) -> None:
+    """Drift memories start empty in a new process; refilled from the rollups, a reshaped output
+    length (feature/model scope: served_models_1m) and a snapshot switch (team scope: raw calls)
+    in the first window after a restart still page, where an empty memory learns for 3 windows."""
+    now = time.time()
+    start = now - now % 60 - 3600
+
+    def minute(m: int, tokens: list[int], snapshot: str, tag: str) -> list[bytes]:
+        return [orjson.dumps(call(event_id=f"{tag}-{m}-{i}", ts=iso(start + m * 60 + i * 0.5), output_tokens=t,
+                                  response_model=snapshot)) for i, t in enumerate(tokens)]  # fmt: skip
+
+    steady = [100 + i for i in range(100)]
+    bimodal = [50 if i % 2 else 250 for i in range(100)]  # the same mean, another shape
+    runtime = EmbeddedRuntime(settings, conn)
+    history = [p for m in range(6) for p in minute(m, steady, "gpt-4o-2024-08-06", "before")]
+    runtime.ingest(batch(history, Source("test", "drift")), now=now, mixed=False)
+    runtime.finish()
+    runtime.close()
+    rules = parse_rules({"rules": [
+        {"name": "psi", "metric": "output_tokens_psi", "scope": ["feature", "model"], "max": 0.25, "min_calls": 50},
+        {"name": "switch", "metric": "response_models_new", "scope": ["team"], "max": 0, "min_calls": 1},
+    ]}, "test")  # fmt: skip
+    fired = {}
+    for restored in (True, False):
+        alerts = AlertPipeline(settings, conn, rules=rules, channels=[])
+        if restored:
+            alerts.restore(now=start + 6 * 60 + 1)
+        after = minute(6, bimodal, "gpt-4o-2024-11-20", f"after-{restored}")
+        run(settings, conn, after, alerts, now)
+        alerts.close()
+        fired[restored] = sorted((e.rule, e.state, e.window_start.timestamp(), e.value) for e in alerts.delivered)
+    (psi_fired, switch_fired) = fired[True]
+    assert psi_fired[:3] == ("psi", "firing", start + 360) and psi_fired[3] > 1.0
+    assert switch_fired == ("switch", "firing", start + 360, 1.0)
+    assert fired[False] == []  # the same window with an empty memory: still learning

@@ -62,3 +62,17 @@ def test_small_sketches_merge_without_a_digest() -> None:
     a.merge(b)
     assert a.count == 3
     assert a.quantile(0.5) == pytest.approx(2.0)
+
+
+def test_a_sketch_read_back_from_quantiles_weighs_by_its_calls() -> None:
+    """A rollup's 100 quantiles of a window stand for its calls: merged, the busier window dominates."""
+    points = [(k + 0.5) / 100 for k in range(100)]
+    quiet = QuantileSketch.from_quantiles([100 * p for p in points], 100)  # 0..100
+    busy = QuantileSketch.from_quantiles([1000 + 100 * p for p in points], 900)  # 1000..1100
+    assert quiet.count == 100 and busy.count == 900
+    assert abs(quiet.quantile(0.5) - 50) <= 1  # type: ignore[operator]
+    quiet.merge(busy)
+    assert quiet.count == 1000
+    assert 1000 <= quiet.quantile(0.5) <= 1100  # type: ignore[operator]  # 90% of the calls are there
+    assert quiet.quantile(0.05) < 100  # type: ignore[operator]
+    assert QuantileSketch.from_quantiles([], 10).count == 0
