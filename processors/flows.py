@@ -94,8 +94,11 @@ class FlowTracker:
                 continue
             end = start + e.latency_ms / 1000.0
             f = flows.get(fk)
-            if f is not None and not trace and start > f[_END] + idle:
-                del flows[fk]  # the user went quiet: the conversation's next turn is a new flow
+            if f is not None and start > f[_END] + idle:
+                # quiet for longer than the idle gap: a conversation's next turn, or a run resumed
+                # after a long wait, is a new flow, within a batch as across batches (where close()
+                # has already ended the first one by then)
+                del flows[fk]
                 if f[_CALLS] > 1:
                     self._pending.append(self._closed(f))
                 f = None

@@ -1,7 +1,8 @@
 -- Multi-step flows per feature: calls, tokens and cost per flow, and the latency a user perceives
--- (first call start to last call end) as p50/p95. A flow is a trace; calls without a trace but
--- with a conversation form one flow until the user goes quiet (next call starts more than
--- {idle_s} seconds after the previous ended: a new turn). Single-call flows are left out.
+-- (first call start to last call end) as p50/p95. A flow is a trace, or without one a conversation,
+-- until it goes quiet: a call starting more than {idle_s} seconds after the previous ended starts a
+-- new flow (a conversation's next turn; an agent run resumed after a long wait), as the stream's
+-- flow tracker (processors/flows.py) splits it. Single-call flows are left out.
 SELECT feature, count() AS flows, round(avg(calls), 2) AS calls_per_flow, round(avg(tokens)) AS tokens_per_flow,
        round(avg(cost), 6) AS cost_per_flow_usd,
        round(quantileExact(0.5)(perceived_ms)) AS perceived_p50_ms,
@@ -16,10 +17,10 @@ FROM (
                sum(new_turn) OVER (PARTITION BY feature, flow ORDER BY ts ROWS UNBOUNDED PRECEDING) AS turn
         FROM (
             SELECT feature, flow, ts, end_ts, input_tokens, output_tokens, cost_usd, latency_ms,
-                   NOT traced AND ts > addSeconds(max(end_ts) OVER (PARTITION BY feature, flow ORDER BY ts
+                   ts > addSeconds(max(end_ts) OVER (PARTITION BY feature, flow ORDER BY ts
                        ROWS BETWEEN UNBOUNDED PRECEDING AND 1 PRECEDING), {idle_s:UInt32}) AS new_turn
             FROM (
-                SELECT feature, trace_id != '' AS traced, if(traced, trace_id, conversation_id) AS flow, ts,
+                SELECT feature, if(trace_id != '', trace_id, conversation_id) AS flow, ts,
                        ts + toIntervalMillisecond(toInt64(latency_ms)) AS end_ts,
                        input_tokens, output_tokens, cost_usd, latency_ms
                 FROM llm_calls

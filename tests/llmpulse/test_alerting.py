@@ -185,3 +185,25 @@ def test_a_restart_reads_drift_baselines_back_from_the_rollups(settings: Any, co
     assert psi_fired[:3] == ("psi", "firing", start + 360) and psi_fired[3] > 1.0
     assert switch_fired == ("switch", "firing", start + 360, 1.0)
     assert fired[False] == []  # the same window with an empty memory: still learning
+
+
+def test_a_trace_that_goes_quiet_splits_into_two_flows_in_the_stream_and_in_sql(settings: Any, conn: Any) -> None:
+    """An agent run that waits 55 s (idle gap 30 s) between its second and third step: the stream
+    closes the first flow while it waits, so the SQL counts two flows as well, not one."""
+    from sinks import queries
+
+    now = time.time()
+    start = now - now % 3600 - 7200
+    steps = (0.0, 3.0, 60.0, 63.0)  # 2 s each: 0-5 s, then 60-65 s
+    payloads = [orjson.dumps(call(feature="agent", trace_id="run-1", latency_ms=2000.0, ts=iso(start + 600 + t)))
+                for t in steps]  # fmt: skip
+    payloads.append(orjson.dumps(call(feature="agent", ts=iso(start + 3600 + 600))))  # closes the hour
+    rules = parse_rules({"rules": [{"name": "flow-count", "metric": "flows", "scope": ["feature"], "window": "1h",
+                                    "max": 0, "min_calls": 1}]}, "test")  # fmt: skip
+    alerts = AlertPipeline(settings, conn, rules=rules, channels=[])
+    run(settings, conn, payloads, alerts, now)
+    alerts.close()
+    (event,) = [e for e in alerts.delivered if e.state == "firing"]
+    assert event.value == 2.0
+    (row,) = queries.run(conn.client, "flows_by_feature", start=start, end=start + 3600)
+    assert (row["feature"], row["flows"], row["calls_per_flow"], row["perceived_p50_ms"]) == ("agent", 2, 2.0, 5000)

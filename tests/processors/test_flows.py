@@ -118,3 +118,16 @@ def test_a_late_call_does_not_start_a_stray_flow() -> None:
     # two calls arrive minutes late for the same conversation: their window is emitted, counted late
     out += feed(agg, [(T0 + 10, conv), (T0 + 12, conv)]) + agg.flush()
     assert flows_of(out) == {T0: (1, 2, pytest.approx(6000.0))} and agg.late_events == 2
+
+
+def test_a_trace_quiet_past_the_idle_gap_splits_the_same_in_one_batch_or_two() -> None:
+    """Across batches close() ends the flow while the run waits; within one batch the gap must
+    split it too, or the count would depend on how the consumer happened to batch."""
+    steps = [(T0 + t, {"trace_id": "run", "latency_ms": 2000.0}) for t in (0.0, 3.0, 60.0, 63.0)]
+    closer = [(T0 + 600, {"feature": "other"})]
+    together = WindowAggregator(60, lateness_s=0, flow_idle_s=30)
+    one = feed(together, steps) + feed(together, closer) + together.flush()
+    apart = WindowAggregator(60, lateness_s=0, flow_idle_s=30)
+    two = feed(apart, steps[:2]) + feed(apart, steps[2:]) + feed(apart, closer) + apart.flush()
+    assert flows_of(one) == flows_of(two)
+    assert sum(f[0] for f in flows_of(one).values()) == 2
