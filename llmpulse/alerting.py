@@ -123,6 +123,14 @@ class AlertPipeline:
             log.info("restored %d firing alert(s): %s", len(firing), ", ".join(e.rule for e in firing))
         return firing
 
+    def progress_due(self) -> bool:
+        """Whether ``save_progress`` would write (evaluation entered a new minute since the last save)."""
+        through = self.stage2.released_through
+        if not (self.progress_key and math.isfinite(through) and through > self._saved_through):
+            return False
+        step = self.settings.pipeline.window
+        return not (math.isfinite(self._saved_through) and through // step == self._saved_through // step)
+
     def save_progress(self) -> bool:
         """Record how far evaluation got, so a restart neither re-evaluates nor skips a window.
 
@@ -131,12 +139,9 @@ class AlertPipeline:
         nothing counts late differently). Saving every step cost an insert per watermark move —
         ten a second at ~11 ms of chDB CPU each (measured), more than evaluating the rules.
         """
+        if not self.progress_due():
+            return False
         through = self.stage2.released_through
-        if not (self.progress_key and math.isfinite(through) and through > self._saved_through):
-            return False
-        step = self.settings.pipeline.window
-        if math.isfinite(self._saved_through) and through // step == self._saved_through // step:
-            return False
         self.store.conn.client.insert(
             f"{self.store.conn.database}.llmpulse_meta",
             [[self.progress_key, repr(through)]],

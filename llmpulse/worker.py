@@ -466,6 +466,10 @@ class _Rebalance(ConsumerRebalanceListener):  # type: ignore[misc]
         await self.service.assign([tp.partition for tp in assigned if tp.partition not in self.service.partitions])
 
 
+COMMIT_INTERVAL_S = 1.0
+"""Stage 2 commits its partials offsets (after saving progress) at most this often."""
+
+
 class AlertsConsumer(mode.Service):
     """Stage 2 in the worker: merge every partition's partials per scope, evaluate, deliver.
 
@@ -483,6 +487,7 @@ class AlertsConsumer(mode.Service):
         self.pipeline: AlertPipeline | None = None
         self.consumer: AIOKafkaConsumer | None = None
         self._last_lag_check = 0.0
+        self._last_commit = 0.0
         self._pending_publish: list[Any] = []
         self.errors = 0
         self.cpu_s = 0.0
@@ -567,8 +572,11 @@ class AlertsConsumer(mode.Service):
         if self._pending_publish and self.calls.publisher is not None:
             events, self._pending_publish[:] = list(self._pending_publish), []
             await self.calls.publisher.alerts(events)
-        if last_offsets:
-            saving = await asyncio.to_thread(self._save_progress)
+        if last_offsets and time.monotonic() - self._last_commit >= COMMIT_INTERVAL_S:
+            # progress first, then offsets: a commit never passes partials of a minute whose
+            # evaluation is not on record. A commit per step was a broker round trip per getmany.
+            self._last_commit = time.monotonic()
+            saving = await asyncio.to_thread(self._save_progress) if self.pipeline.progress_due() else 0.0
             began = time.thread_time()
             pinned = stage2.pinned_offsets()
             spent = time.thread_time() - began + saving
