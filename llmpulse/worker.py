@@ -488,6 +488,7 @@ class AlertsConsumer(mode.Service):
         self.consumer: AIOKafkaConsumer | None = None
         self._last_lag_check = 0.0
         self._last_commit = 0.0
+        self._committed: dict[int, int] = {}
         self._pending_publish: list[Any] = []
         self.errors = 0
         self.cpu_s = 0.0
@@ -572,9 +573,12 @@ class AlertsConsumer(mode.Service):
         if self._pending_publish and self.calls.publisher is not None:
             events, self._pending_publish[:] = list(self._pending_publish), []
             await self.calls.publisher.alerts(events)
-        if last_offsets and time.monotonic() - self._last_commit >= COMMIT_INTERVAL_S:
+        if last_offsets != self._committed and (
+            not records or time.monotonic() - self._last_commit >= COMMIT_INTERVAL_S
+        ):
             # progress first, then offsets: a commit never passes partials of a minute whose
-            # evaluation is not on record. A commit per step was a broker round trip per getmany.
+            # evaluation is not on record. Busy, at most once a second (a commit per getmany was a
+            # broker round trip each); idle, at once, so a caught-up stage 2 shows no lag.
             self._last_commit = time.monotonic()
             saving = await asyncio.to_thread(self._save_progress) if self.pipeline.progress_due() else 0.0
             began = time.thread_time()
@@ -587,6 +591,7 @@ class AlertsConsumer(mode.Service):
                 for p, o in last_offsets.items()
             }
             await self.consumer.commit(commit)
+            self._committed = {tp.partition: meta.offset for tp, meta in commit.items()}
 
 
 def build_app(settings: Settings, *, app_id: str = "llmpulse") -> tuple[faust.App, CallsConsumer]:
