@@ -33,7 +33,7 @@ from aiokafka.structs import OffsetAndMetadata
 from ingest.kafka import client_options
 from llmpulse.alerting import QUALITY_SOURCE, AlertPipeline, rules_for
 from llmpulse.runtime import open_clickhouse, pipeline_options, price_table, tune_gc, validation_limits
-from processors.alerts.stage2 import Stage2
+from processors.alerts.stage2 import Stage2, sketches_read
 from processors.chain import CallPipeline, FeedbackPipeline, JudgeResultPipeline
 from processors.pricing import COST_CLIENT, Costs
 from processors.quality import feedback_partials, judge_partials, thumbs_down_requests
@@ -127,6 +127,10 @@ class CallsConsumer(mode.Service):
         self.rules = rules or rules_for(settings)
         self.scopes = tuple(sorted(self.rules.scope_dims)) or DEFAULT_SCOPES
         """The grains partials are published at: exactly what the rules and budgets group by."""
+        self.sketches = sketches_read(self.rules.rules)
+        """The sketches partials carry: those the rules read (a rules change takes effect on restart;
+        partials published before it lack a newly read sketch, and such a rule sees no evidence
+        in those minutes)."""
         self.stats = WorkerStats()
         self.partitions: dict[int, PartitionState] = {}
         self.prices = price_table(settings)
@@ -347,7 +351,7 @@ class CallsConsumer(mode.Service):
     async def _publish_partials(self, partition: int, partials: list[WindowPartial], watermark: float) -> None:
         assert self.publisher is not None
         if partials:
-            await self.publisher.partials(partials, self.scopes, partition, watermark)
+            await self.publisher.partials(partials, self.scopes, partition, watermark, self.sketches)
         if watermark > self.published_watermark.get(partition, -math.inf):
             self.published_watermark[partition] = watermark
 

@@ -89,15 +89,22 @@ def partial_messages(
     scopes: Sequence[tuple[str, ...]],
     source_partition: int,
     watermark: float | None,
+    sketches: tuple[bool, bool, bool] = (True, True, True),
 ) -> list[tuple[bytes, bytes]]:
-    """(key, value) messages: each partial projected onto each scope, merged within this partition."""
+    """(key, value) messages: each partial projected onto each scope, merged within this partition;
+    with the latency / TTFT / output sketches that ``sketches`` asks for (what the rules read)."""
     partials = list(partials)
     out: list[tuple[bytes, bytes]] = []
     for dims in scopes:
         for (_, *values), merged in project(partials, dims).items():
             key = scope_key(dims, values)
             value = merged.to_wire(
-                type="partial", scope_dims=list(dims), scope=key, partition=source_partition, watermark=watermark
+                sketches,
+                type="partial",
+                scope_dims=list(dims),
+                scope=key,
+                partition=source_partition,
+                watermark=watermark,
             )
             out.append((key.encode(), value))
     return out
@@ -160,10 +167,11 @@ class KafkaPublisher:
         scopes: Sequence[tuple[str, ...]],
         source_partition: int,
         watermark: float | None,
+        sketches: tuple[bool, bool, bool] = (True, True, True),
     ) -> None:
         """``watermark`` None: the partials add to their minutes without moving any watermark
         (judge scores and feedback arrive long after their calls' minutes)."""
         if not partials:
             return
-        messages = partial_messages(partials, scopes, source_partition, watermark)
+        messages = partial_messages(partials, scopes, source_partition, watermark, sketches)
         self.sent["partials"] += await self._send_all(self.topics.partials, ((k, v, None) for k, v in messages))

@@ -156,6 +156,16 @@ def _project(
     return out
 
 
+def sketches_read(rules: Iterable[Rule]) -> tuple[bool, bool, bool]:
+    """Whether any of these rules reads a latency / a TTFT / an output-length sketch: stage 1
+    publishes, and stage 2 decodes and merges, only those."""
+    rules = list(rules)
+    kinds = {SKETCH_METRICS.get(r.metric) for r in rules}
+    # drift memory keeps the output-length distribution whichever drift metric is read
+    drift = any(r.metric in STREAM_DRIFT_METRICS for r in rules)
+    return "latency" in kinds, "ttft" in kinds, "output" in kinds or drift
+
+
 class _Group:
     """Rules with the same scope and window: one set of window accumulators, evaluated together."""
 
@@ -191,10 +201,7 @@ class _Group:
     # cached: RuleWindows adds every rule before the first window, and these are asked per scope value
     @cached_property
     def sketches(self) -> tuple[bool, bool, bool]:
-        """Whether any rule of the group reads a latency / a TTFT / an output-length sketch."""
-        kinds = {SKETCH_METRICS.get(r.metric) for r in self.rules}
-        # drift memory keeps the output-length distribution whichever drift metric is read
-        return "latency" in kinds, "ttft" in kinds, "output" in kinds or self.watches_drift
+        return sketches_read(self.rules)
 
     @cached_property
     def watches_drift(self) -> bool:
@@ -243,11 +250,7 @@ class RuleWindows:
             had = self._scope_sketches.get(scope_key, (False, False, False))
             needs = group.sketches
             self._scope_sketches[scope_key] = (had[0] or needs[0], had[1] or needs[1], had[2] or needs[2])
-        self.sketches: tuple[bool, bool, bool] = (
-            any(n[0] for n in self._scope_sketches.values()),
-            any(n[1] for n in self._scope_sketches.values()),
-            any(n[2] for n in self._scope_sketches.values()),
-        )
+        self.sketches = sketches_read(engine.rules.values())
         """Whether any rule reads a latency / TTFT / output sketch: the worker's stage 2 decodes
         only those from the partials topic."""
         self.evaluated_windows = 0

@@ -134,6 +134,11 @@ def test_the_wire_carries_sketches_as_bytes_and_skips_the_ones_stage_2_does_not_
     _, skipped = read_wire(value, (False, True, False))
     assert skipped is not None and skipped.latency.count == 0 and skipped.ttft.count == 900
     assert skipped.calls == 900
+    # what no rule reads is not sent at all
+    lean = part.to_wire((True, False, False), type="partial")
+    assert len(lean) < len(value) - len(part.ttft.to_bytes()) + 10
+    _, sent = read_wire(lean)
+    assert sent is not None and sent.latency.count == 900 and sent.ttft.count == 0 and sent.calls == 900
 
 
 def test_partials_of_the_earlier_all_json_wire_form_still_read() -> None:

@@ -7,7 +7,7 @@ from typing import Any
 import msgspec
 
 from processors.alerts.engine import AlertEngine
-from processors.alerts.stage2 import RuleWindows, Stage2
+from processors.alerts.stage2 import RuleWindows, Stage2, sketches_read
 from processors.pricing import CostAttribution
 from processors.windows import SCOPE_DIMS, WindowAggregator, WindowPartial, project
 from schemas.prices import builtin_price_table
@@ -198,3 +198,14 @@ def test_a_scope_gone_quiet_is_forgotten_with_its_labels_and_alerts_come_in_scop
             stage2.add(SCOPE_DIMS, p, 0, T0 + minute * 60 + 60)
         windows.feed(*stage2.release())
     assert set(group.scopes) == {("a",)} and set(group.seen) == {("a",)}
+
+
+def test_only_the_sketches_some_rule_reads_are_published_and_decoded() -> None:
+    def read(*specs: dict[str, Any]) -> tuple[bool, bool, bool]:
+        base = {"scope": ["feature"], "max": 1}
+        return sketches_read(parse_rules({"rules": [{"name": f"r{i}", **base, **s} for i, s in enumerate(specs)]},
+                                         "t").rules)  # fmt: skip
+
+    assert read({"metric": "error_rate"}) == (False, False, False)
+    assert read({"metric": "latency_p95_ms"}, {"metric": "ttft_p99_ms"}) == (True, True, False)
+    assert read({"metric": "output_tokens_psi"}) == (False, False, True)  # drift keeps the length distribution
