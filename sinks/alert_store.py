@@ -18,7 +18,7 @@ from processors.drift import MID_QUANTILES
 from processors.sketch import QuantileSketch
 from schemas.rules import Budget, Rule
 from sinks.clickhouse import Connection, RetryPolicy
-from sinks.queries.metrics import METRIC_SQL, rule_windows_sql, sql_literal, where_clause
+from sinks.queries.metrics import METRIC_SQL, rule_windows_sql, scope_columns, sql_literal, where_clause
 
 _COLUMNS = [
     "dedup_key", "rule", "state", "severity", "action", "metric", "value", "condition", "scope", "labels",
@@ -108,8 +108,7 @@ class AlertStore:
         weighted by the window's calls; response models from ``served_models_1m`` where the scope is
         feature/model (what it keeps), else from the raw calls of those windows."""
         n = len(by)
-        dims = "".join(f"r.{d} AS d{i}, " for i, d in enumerate(by))
-        group = "".join(f", d{i}" for i in range(n))
+        dims, group = scope_columns(by)
         interval = f"toUnixTimestamp(toStartOfInterval(r.minute, INTERVAL {int(window_s)} SECOND)) AS ws"
         span = f"r.minute >= toDateTime({int(start)}) AND r.minute < toDateTime({int(end)})"
         points = ", ".join(f"{q:g}" for q in MID_QUANTILES)

@@ -6,7 +6,7 @@ Each expression aggregates ``llm_calls_1m`` rows (alias ``r``) within one rule w
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 
 _Q = "quantilesTDigestMerge(0.5, 0.9, 0.95, 0.99)"
 
@@ -62,13 +62,17 @@ def metric_over_time(metric: str, filters: Mapping[str, str], start: float, end:
     )
 
 
+def scope_columns(by: Sequence[str]) -> tuple[str, str]:
+    """A scope's columns for a per-window query over alias ``r``: (``r.team AS d0, ``…, ``, d0``…)."""
+    return "".join(f"r.{d} AS d{i}, " for i, d in enumerate(by)), "".join(f", d{i}" for i in range(len(by)))
+
+
 def rule_windows_sql(
     metric: str, by: list[str], where: Mapping[str, str], window_s: int, start: float, end: float
 ) -> str:
     """A rule's metric and call count per window and scope value, in time order (backtests, baselines)."""
     expr = METRIC_SQL[metric]
-    dims = "".join(f"r.{d} AS d{i}, " for i, d in enumerate(by))
-    group = "".join(f", d{i}" for i in range(len(by)))
+    dims, group = scope_columns(by)
     return (
         f"SELECT toUnixTimestamp(toStartOfInterval(r.minute, INTERVAL {window_s} SECOND)) AS ws, {dims}"
         f"{expr} AS value, sum(r.calls) AS calls FROM llm_calls_1m AS r WHERE {where_clause(where)} "
