@@ -277,7 +277,10 @@ cmd_start() {
     0) say "ready in $(secs_since "$t0")s (pid $pid, logs: $LOG_DIR/server.log)"
        bootstrap_line ;;
     2) show_log_tail; rm -f "$PID_FILE"; die "broker exited during startup" ;;
-    *) show_log_tail; die "broker (pid $pid) not ready after ${KAFKA_START_TIMEOUT}s; still running, stop it with: $0 stop" ;;
+    *) show_log_tail
+       # a broker recovers every log segment before it answers: a data directory grown by many
+       # benchmark runs (12 GB took over 90 s here) is slow, not broken
+       die "broker (pid $pid) not ready after ${KAFKA_START_TIMEOUT}s; still running ($(du -sh "$KAFKA_DATA_DIR" 2>/dev/null | cut -f1) of data to recover). Wait and check with: $0 status; or raise KAFKA_START_TIMEOUT; or stop it ($0 stop) and remove $KAFKA_DATA_DIR to start empty" ;;
   esac
 }
 
