@@ -156,6 +156,10 @@ STREAM_DRIFT_METRICS = ("output_tokens_psi", "response_models_new")
 """Stream metrics a window cannot compute alone: they compare it with its scope's trailing windows."""
 
 
+BASELINE_WINDOWS = 24
+"""Trailing windows (with calls) a stream drift memory compares a window with, and a restart refills."""
+
+
 class DriftMemory:
     """One alert scope's trailing windows, so rules can watch drift in the stream.
 
@@ -168,7 +172,7 @@ class DriftMemory:
 
     __slots__ = ("_served", "_sketches", "warmup", "windows")
 
-    def __init__(self, baseline: int = 24, warmup: int = 3) -> None:
+    def __init__(self, baseline: int = BASELINE_WINDOWS, warmup: int = 3) -> None:
         self._sketches: deque[QuantileSketch] = deque(maxlen=baseline)
         self._served: dict[str, int] = {}
         """response_model → the last window index it answered in (forgotten after ``baseline``)."""

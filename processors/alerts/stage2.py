@@ -18,7 +18,7 @@ from functools import cached_property
 
 from processors.alerts.engine import AlertEngine
 from processors.alerts.events import AlertEvent
-from processors.drift import STREAM_DRIFT_METRICS, DriftMemory
+from processors.drift import BASELINE_WINDOWS, STREAM_DRIFT_METRICS, DriftMemory
 from processors.sketch import QuantileSketch
 from processors.windows import EVIDENCE, METRIC_FNS, SCOPE_DIMS, SKETCH_METRICS, WindowPartial
 from schemas.rules import Rule
@@ -274,7 +274,7 @@ class RuleWindows:
         for group in self._groups.values():
             if not group.watches_drift:
                 continue
-            for values, windows in history(group.by, group.where, group.window, DriftMemory().baseline).items():
+            for values, windows in history(group.by, group.where, group.window, BASELINE_WINDOWS).items():
                 memory = group.drift.get(values)
                 if memory is None:
                     memory = group.drift[values] = DriftMemory()
