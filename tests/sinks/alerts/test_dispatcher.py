@@ -269,9 +269,9 @@ def test_inbox_is_bounded_when_the_delivery_thread_lags(
     receivers: Make, dispatchers: Callable[..., AlertDispatcher], caplog: pytest.LogCaptureFixture
 ) -> None:
     hook = receivers()
-    # the delivery thread picks up the inbox every minute: it "lags"
+    # the delivery thread picks up the inbox a minute after the first alert: it "lags"
     dispatcher = dispatchers(
-        channels({"name": "hook", "type": "webhook", "url": hook.url, **FAST}), poll_interval_s=60, inbox_size=5
+        channels({"name": "hook", "type": "webhook", "url": hook.url, **FAST}), pickup_delay_s=60, inbox_size=5
     )
     with caplog.at_level(logging.WARNING, logger="llmpulse.alerts"):
         for i in range(8):
@@ -282,6 +282,24 @@ def test_inbox_is_bounded_when_the_delivery_thread_lags(
     dispatcher.close(timeout=2)  # close still delivers what waits in the inbox
     assert sorted(r.body["dedup_key"] for r in hook.requests) == ["k3", "k4", "k5", "k6", "k7"]
     assert dispatcher.stats()["hook"].sent == 5
+
+
+def test_each_burst_wakes_the_delivery_thread_and_an_idle_one_sleeps(
+    dispatchers: Callable[..., AlertDispatcher],
+) -> None:
+    stream = io.StringIO()
+    dispatcher = dispatchers(channels({"name": "console", "type": "console"}), console_stream=stream)
+    loop = dispatcher._loop
+    # idle, the delivery thread has nothing scheduled: it wakes for an alert, not on a timer
+    # (the console channel: an HTTP one keeps aiohttp's keep-alive timers)
+    eventually(lambda: not loop._scheduled)  # type: ignore[attr-defined]
+    for i in range(50):  # a burst: one wake-up, one pick-up
+        dispatcher.dispatch(alert(dedup_key=f"a{i}"))
+    eventually(lambda: dispatcher.stats()["console"].sent == 50)
+    eventually(lambda: not loop._scheduled)  # type: ignore[attr-defined]
+    dispatcher.dispatch(alert(dedup_key="later"))  # after the pick-up: wakes it again
+    eventually(lambda: dispatcher.stats()["console"].sent == 51)
+    assert "later" in stream.getvalue()
 
 
 def test_one_incident_stays_in_order_through_retries(
