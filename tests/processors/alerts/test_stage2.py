@@ -50,6 +50,25 @@ def test_model_scoped_rule_sees_the_rate_merged_across_partitions() -> None:
     assert event.extra["calls"] == 80
 
 
+def test_commits_stay_below_the_oldest_minute_not_yet_evaluated() -> None:
+    # partials of three minutes from two input partitions, at these (partition, offset) positions
+    stage2 = Stage2(sources=[0])
+    positions = {0: [(0, 10), (1, 4)], 1: [(0, 12), (1, 3)], 2: [(1, 9)]}
+    for minute, where in positions.items():
+        for n, position in enumerate(where):
+            (p,) = partials(0, [(T0 + minute * 60 + 1, {"feature": f"f{n}"})])[0]
+            stage2.add(SCOPE_DIMS, p, 0, None, position)
+    assert stage2.pinned_offsets() == {0: 10, 1: 3}  # the lowest over every open minute
+    stage2.heartbeat(0, T0 + 60)
+    cells, _ = stage2.release()
+    assert [c.partial.window_start for c in cells] == [T0, T0]
+    assert stage2.pinned_offsets() == {0: 12, 1: 3}
+    stage2.heartbeat(0, T0 + 180)  # two minutes at once: released oldest first
+    cells, _ = stage2.release()
+    assert [c.partial.window_start for c in cells] == [T0 + 60, T0 + 60, T0 + 120]
+    assert stage2.pinned_offsets() == {}  # nothing open: nothing holds a commit back
+
+
 def test_rule_windows_group_minutes_and_wait_for_the_last_one() -> None:
     stage2 = Stage2(sources=[0])
     windows = rules({"name": "cost", "metric": "calls", "scope": ["feature"], "window": "5m", "max": 100,
