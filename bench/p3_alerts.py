@@ -401,14 +401,17 @@ def _replay(pipeline: AlertPipeline, messages: list[tuple[int, int, bytes]]) -> 
     return time.thread_time() - began
 
 
-def _warm(states: dict[Any, Any]) -> dict[Any, Any]:
+def _warm(engine: Any) -> dict[Any, Any]:
     """Every spike and absence baseline filled to its length (with its latest window): what a
     worker that ran for hours holds. A 2-minute run never fills one, so P3w's spike rules
     are all still learning and skip the baseline arithmetic."""
-    for st in states.values():
-        if st.history and st.history.maxlen and st.history.maxlen > 1:
-            st.history.extend([st.history[-1]] * (st.history.maxlen - len(st.history)))
-    return states
+    from processors.alerts.engine import history_len
+
+    for (name, _), st in engine.states.items():
+        keep = history_len(engine.rules[name])
+        if st.history and keep > 1:
+            st.history.extend([st.history[-1]] * (keep - len(st.history)))
+    return engine.states
 
 
 def stage2_replay(data_dir: Path, n: int = 2_400_000, keys: int = 10_000, rate: float = 20_000.0,
@@ -438,7 +441,7 @@ def stage2_replay(data_dir: Path, n: int = 2_400_000, keys: int = 10_000, rate: 
             cold.append(_replay(first, messages))
             evaluated = first.windows.evaluated_windows
             again = AlertPipeline(settings, conn, rules=rules, sources=range(4), channels=[])
-            again.engine.states = _warm(first.engine.states)
+            again.engine.states = _warm(first.engine)
             warm.append(_replay(again, messages))
             first.close()
             again.close()

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import math
 import statistics
-from collections import deque
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -43,8 +42,12 @@ def _utc(t: float) -> datetime:
     return datetime.fromtimestamp(t, UTC)
 
 
-@dataclass
+@dataclass(slots=True)
 class KeyState:
+    """One per (rule, scope) a rule has looked at: 250k for 25 spike rules over 10k keys, so it is
+    small. Slots and a list instead of a ``__dict__`` and a ``deque(maxlen)`` (which allocates a
+    64-slot block at once): 912 → 160 bytes each, created in half the time."""
+
     state: State = "ok"
     breaches: int = 0
     clears: int = 0
@@ -52,8 +55,20 @@ class KeyState:
     first_breach_start: float | None = None
     last_resolved: float | None = None
     last_value: float | None = None
-    history: deque[tuple[float, float]] = field(default_factory=deque)
-    """(value, calls) of baseline windows (spike), or (calls, calls) per window (absent)."""
+    history: list[tuple[float, float]] = field(default_factory=list)
+    """(value, calls) of baseline windows (spike), or (calls, calls) per window (absent): the last
+    ``history_len(rule)``, oldest first."""
+
+    def remember(self, entry: tuple[float, float], keep: int) -> None:
+        history = self.history
+        history.append(entry)
+        if len(history) > keep:
+            del history[: len(history) - keep]
+
+
+def history_len(rule: Rule) -> int:
+    """Windows of history a rule's state keeps (its spike or absence baseline)."""
+    return rule.spike.baseline if rule.spike else rule.absent.baseline if rule.absent else 1
 
 
 @dataclass(frozen=True, slots=True)
@@ -90,7 +105,7 @@ def is_rate(metric: str) -> bool:
     return metric.endswith(("_rate", "_share"))
 
 
-def _baseline(rule: Rule, history: deque[tuple[float, float]]) -> float | None:
+def _baseline(rule: Rule, history: list[tuple[float, float]]) -> float | None:
     """The history's level, or None when there is not enough of it yet.
 
     For a rate the level is the pooled rate (all baseline calls together), not the median of
@@ -119,7 +134,7 @@ def _baseline(rule: Rule, history: deque[tuple[float, float]]) -> float | None:
     return level
 
 
-def _zscore(rule: Rule, value: float, calls: float, level: float, history: deque[tuple[float, float]]) -> float:
+def _zscore(rule: Rule, value: float, calls: float, level: float, history: list[tuple[float, float]]) -> float:
     """How unusual the window is: binomial standard error for a rate, spread of history otherwise.
 
     Plain floats: statistics.pstdev computes exactly with Fractions, ~40 µs for 24 values, and
@@ -202,8 +217,7 @@ class AlertEngine:
         key_ = (rule.name, key if key is not None else tuple(sorted(scope.items())))
         st = self.states.get(key_)
         if st is None:
-            history_len = rule.spike.baseline if rule.spike else rule.absent.baseline if rule.absent else 1
-            st = self.states[key_] = KeyState(history=deque(maxlen=history_len))
+            st = self.states[key_] = KeyState()
         return st
 
     def restore_firing(self, rule_name: str, scope: Mapping[str, str], since: float) -> None:
@@ -217,8 +231,9 @@ class AlertEngine:
     def seed_history(self, rule: Rule, scope: Mapping[str, str], windows: Iterable[tuple[float, float]]) -> None:
         """Warm a spike/absence baseline from history (ClickHouse rollups) after a restart: (value, calls)."""
         st = self.state(rule, scope)
+        keep = history_len(rule)
         for value, calls in windows:
-            st.history.append((value, calls))
+            st.remember((value, calls), keep)
 
     def firing(self) -> list[tuple[str, tuple[tuple[str, str], ...], KeyState]]:
         return [(name, scope, st) for (name, scope), st in self.states.items() if st.state == "firing"]
@@ -259,20 +274,20 @@ class AlertEngine:
             # nor resolves while still silent.
             had = sum(c for c, _ in st.history)
             need = rule.absent.min_active_windows or rule.absent.baseline
-            recent = [c for c, _ in list(st.history)[-need:]]
+            recent = [c for c, _ in st.history[-need:]]
             p0 = silence_probability(recent) if len(recent) >= need and all(recent) else 1.0
             armed = had >= rule.absent.min_baseline_calls and p0 <= rule.absent.max_silence_probability
             breach = calls == 0 and armed
             verdict = Verdict(breach, not breach, had / max(len(st.history), 1), silence=(had, p0))
             if not breach:
-                st.history.append((float(calls), float(calls)))
+                st.remember((float(calls), float(calls)), rule.absent.baseline)
             return self._step(rule, scope, st, verdict, float(calls), window_start, window_end, metrics)
         value = metrics.get(rule.metric)
         if value is None or (isinstance(value, float) and math.isnan(value)):
             return None  # no evidence either way
         verdict = judge(rule, value, st, calls)
         if rule.spike is not None and not verdict.breach:
-            st.history.append((value, float(calls)))
+            st.remember((value, float(calls)), rule.spike.baseline)
         return self._step(rule, scope, st, verdict, value, window_start, window_end, metrics)
 
     def _step(
