@@ -27,6 +27,7 @@ from bench.common import Figure, pin_prefix
 from ingest.kafka import create_topics
 from llmpulse.alerting import AlertPipeline
 from llmpulse.runtime import EmbeddedRuntime, open_clickhouse, pipeline_options, tune_gc
+from processors.alerts.engine import history_len
 from processors.chain import CallPipeline
 from processors.records import PayloadBatch, Source
 from schemas.config import load_settings
@@ -405,8 +406,6 @@ def _warm(engine: Any) -> dict[Any, Any]:
     """Every spike and absence baseline filled to its length (with its latest window): what a
     worker that ran for hours holds. A 2-minute run never fills one, so P3w's spike rules
     are all still learning and skip the baseline arithmetic."""
-    from processors.alerts.engine import history_len
-
     for (name, _), st in engine.states.items():
         keep = history_len(engine.rules[name])
         if st.history and keep > 1:
