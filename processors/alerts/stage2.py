@@ -254,11 +254,11 @@ class RuleWindows:
             if group is None:
                 group = self._groups[key] = _Group(tuple(rule.scope.by), dict(rule.scope.where), int(rule.window))
             group.rules.append(rule)
-        self._scope_sketches: dict[ScopeKey, tuple[bool, bool, bool]] = {}
+        by_scope: dict[ScopeKey, list[Rule]] = {}
         for (scope_key, _), group in self._groups.items():
-            had = self._scope_sketches.get(scope_key, (False, False, False))
-            needs = group.sketches
-            self._scope_sketches[scope_key] = (had[0] or needs[0], had[1] or needs[1], had[2] or needs[2])
+            by_scope.setdefault(scope_key, []).extend(group.rules)
+        self._scope_sketches = {scope_key: sketches_read(rules) for scope_key, rules in by_scope.items()}
+        """Per scope, the sketches its projection merges: those any of its windows' rules read."""
         self.sketches = sketches_read(engine.rules.values())
         """Whether any rule reads a latency / TTFT / output sketch: the worker's stage 2 decodes
         only those from the partials topic."""
