@@ -239,8 +239,11 @@ def _fallback(payload: bytes, event_id: str, getrandbits: Any, at: str) -> bytes
     return orjson.dumps(e)
 
 
-def _malformed(rng: random.Random, good: dict[str, object]) -> bytes:
-    """One of the ways real producers get it wrong; each must land in the DLQ with a reason."""
+def _malformed(rng: random.Random, good: dict[str, object], end: float) -> bytes:
+    """One of the ways real producers get it wrong; each must land in the DLQ with a reason.
+
+    ``end``: the scenario's "now". A timestamp from the future is three hours past it, not past
+    the wall clock, so one seed gives the same bytes whenever it runs."""
     kind = rng.randrange(8)
     bad = dict(good)
     if kind == 0:
@@ -252,7 +255,7 @@ def _malformed(rng: random.Random, good: dict[str, object]) -> bytes:
     elif kind == 3:
         bad["output_tokens"] = str(bad["output_tokens"])
     elif kind == 4:
-        bad["ts"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(time.time() + 3 * 3600))
+        bad["ts"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(end + 3 * 3600))
     elif kind == 5:
         return orjson.dumps(bad).replace(b'"feature":"', b'"feature":"\xff\xfe', 1)  # invalid UTF-8
     elif kind == 6:
@@ -401,7 +404,7 @@ def generate(s: Scenario, batch_size: int = 10_000) -> Iterator[list[bytes]]:
             + b"}"
         )
         if rand() < s.malformed_rate:
-            payload = _malformed(rng, orjson.loads(payload))
+            payload = _malformed(rng, orjson.loads(payload), s.end)
         batch.append(payload)
         if status in ("rate_limited", "timeout") and profile.provider == "anthropic" and rand() < 0.5:
             # the service retried on another provider
