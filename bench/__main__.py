@@ -57,6 +57,9 @@ def main() -> None:
             figures.append(p3_alerts.overhead(Path(tmp) / "p3-1m", n=args.p3_events, windows=("1m",),
                                               repeat=args.p3_repeat))  # fmt: skip
             figures.append(p3_alerts.latency(Path(tmp) / "p3"))
+            for batch_s in (None, 0.2):  # the default batch interval, and a shorter one: latency's lever
+                figures.append(p3_alerts.worker_latency(args.bootstrap, Path(tmp) / f"p3-latency-{batch_s}",
+                                                        batch_max_seconds=batch_s))  # fmt: skip
         if "p3s" in only:
             from bench import p3_alerts
 
