@@ -34,7 +34,13 @@ def main() -> None:
     parser.add_argument("--ci", action="store_true",
                         help="CI sizes: every figure (P1-P5) on small inputs, so CI proves the harness runs; "
                              "the figures are printed, not asserted")  # fmt: skip
+    parser.add_argument("--full", action="store_true",
+                        help="every figure at the issue's sizes in one command (about an hour and a half): P1-P3w, "
+                             "P4 over 1M and 10M calls, P5 and P5w over 10M events, py-spy profiles")  # fmt: skip
+    parser.add_argument("--profile", action="store_true", help="also write py-spy profiles of P1 and P2")
     args = parser.parse_args()
+    if args.full:
+        args.only, args.p4_sizes, args.p5_events, args.profile = "p1,p2,p3,p3s,p3w,p4,p5,p5w", "1,10", 10_000_000, True
     if args.ci:
         args.only, args.p1_events, args.events, args.p3_events = "p1,p2,p3,p3s,p3w,p4,p5,p5w", 50_000, 30_000, 100_000
         args.p4_sizes, args.p5_events, args.p3_repeat = "0.2", 200_000, 1
@@ -82,6 +88,8 @@ def main() -> None:
             from bench import p5_worker
 
             figures += p5_worker.run(Path(tmp) / "p5w", args.p5_events, args.bootstrap)
+    if args.profile or args.ci:
+        profile(args, Path(tmp))
     table = Table(title="llmpulse bench", header_style="bold cyan")
     for col in ("figure", "value", "baseline", "ratio", "CPU µs/event", "notes"):
         table.add_column(col, justify="right" if col in {"value", "ratio", "CPU µs/event"} else "left")
@@ -97,6 +105,21 @@ def main() -> None:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({"machine": machine(), "figures": [f.as_dict() for f in figures]}, indent=2))
     print(f"wrote {args.out}")
+
+
+def profile(args: argparse.Namespace, tmp: Path) -> None:
+    """py-spy profiles beside the JSON (``bench.profile``); CI profiles a small P1 to prove the tool runs."""
+    from bench import profile as prof
+
+    console = Console(width=None if sys.stdout.isatty() else 160)
+    stem = args.out.with_suffix("")
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        prof.profile_p1(args.p1_events, stem.with_name(stem.name + "-profile-p1"), 200, console)
+        if not args.ci:
+            prof.profile_p2(args.bootstrap, args.events, stem.with_name(stem.name + "-profile-p2"), 200, console)
+    except (RuntimeError, OSError) as exc:  # e.g. ptrace not permitted in a locked-down container
+        console.print(f"[yellow]profile skipped:[/] {exc}")
 
 
 if __name__ == "__main__":

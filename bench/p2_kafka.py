@@ -85,14 +85,16 @@ async def _lag(kafka: KafkaSettings, group: str, topic: str | None = None) -> in
 
 
 def _run_consumer(cmd: list[str], env: dict[str, str], log: Path, marker: str, kafka: KafkaSettings, group: str,
-                  events: int, timeout: float,
-                  then: tuple[float, str, str] | None = None) -> dict[str, Any]:  # fmt: skip
+                  events: int, timeout: float, then: tuple[float, str, str] | None = None,
+                  profile: tuple[Path, int] | None = None) -> dict[str, Any]:  # fmt: skip
     """Run a consumer until ``group`` has drained the calls topic; its CPU over that time.
 
     ``then`` = (seconds, group, topic): after the calls are drained, wait that long (windows
     closing on idle) and until that group has drained that topic too, twice in a row (stage 2
-    working off the partials): the work that follows the calls is counted.
+    working off the partials): the work that follows the calls is counted. ``profile`` = (path,
+    rate): py-spy samples the consumer over the same span (``bench.profile``).
     """
+    recorder: subprocess.Popen[bytes] | None = None
     with log.open("wb") as out:
         proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env)
         try:
@@ -101,6 +103,11 @@ def _run_consumer(cmd: list[str], env: dict[str, str], log: Path, marker: str, k
                 if proc.poll() is not None or time.time() > deadline:
                     raise RuntimeError(f"{cmd} did not start:\n{log.read_text(errors='replace')[-3000:]}")
                 time.sleep(0.05)
+            if profile is not None:
+                from bench.profile import record_command
+
+                recorder = subprocess.Popen(record_command(profile[0], profile[1], pid=proc.pid),
+                                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)  # fmt: skip
             t0, c0 = time.perf_counter(), proc_cpu_seconds(proc.pid)
             deadline = time.time() + timeout
             peak_rss = 0.0
@@ -122,10 +129,43 @@ def _run_consumer(cmd: list[str], env: dict[str, str], log: Path, marker: str, k
                     time.sleep(0.5)
             wall, cpu = time.perf_counter() - t0, proc_cpu_seconds(proc.pid) - c0
         finally:
+            if recorder is not None:
+                from bench.profile import stop_recording
+
+                stop_recording(recorder)
             proc.terminate()
             proc.wait(60)
     return {"events_per_s": events / wall, "events_per_cpu_s": events / cpu, "cpu_us_per_event": cpu / events * 1e6,
             "wall_s": wall, "cpu_s": cpu, "peak_rss_mb": peak_rss}  # fmt: skip
+
+
+def _consumer(name: str, base: KafkaSettings, group: str, workdir: Path, pin_core: int | None
+              ) -> tuple[KafkaSettings, list[str], str, dict[str, str]]:  # fmt: skip
+    """The consumer's settings, command line, ready marker and environment."""
+    kafka = base.model_copy(update={"consumer_group": group})
+    cfg = workdir / f"{group}.yaml"
+    cfg.write_text(
+        yaml.safe_dump({"kafka": json.loads(kafka.model_dump_json(exclude_none=True)), "metrics": {"port": 0}})
+    )
+    data = workdir / f"{group}-data"
+    if name == "llmpulse worker":
+        cmd = [*pin_prefix(pin_core), sys.executable, "-m", "llmpulse.cli", "-v", "worker", "--config", str(cfg),
+               "--data-dir", str(data)]  # fmt: skip
+        return kafka, cmd, "llm.calls partitions assigned", ENV
+    cmd = [*pin_prefix(pin_core), sys.executable, "-m", "bench.faust_baseline", "worker", "-l", "warn"]
+    return kafka, cmd, "baseline ready", {**ENV, "BENCH_CONFIG": str(cfg), "BENCH_DATA_DIR": str(data)}
+
+
+def worker_run(bootstrap: str, events: int, workdir: Path, pin_core: int | None = 1,
+               profile: tuple[Path, int] | None = None) -> dict[str, Any]:  # fmt: skip
+    """``llmpulse worker`` alone over a fresh topic (for ``bench.profile``)."""
+    tag = f"bench-{int(time.time())}"
+    base = _settings(bootstrap, tag, f"{tag}-worker")
+    asyncio.run(create_topics(base))
+    produced = asyncio.run(_produce(base, events))
+    kafka, cmd, marker, env = _consumer("llmpulse worker", base, f"{tag}-worker", workdir, pin_core)
+    return _run_consumer(cmd, env, workdir / "worker.log", marker, kafka, kafka.consumer_group, produced,
+                         timeout=1800, profile=profile)  # fmt: skip
 
 
 def run(bootstrap: str, events: int, workdir: Path, pin_core: int | None = 1) -> list[Figure]:
@@ -134,25 +174,22 @@ def run(bootstrap: str, events: int, workdir: Path, pin_core: int | None = 1) ->
     asyncio.run(create_topics(base))
     produced = asyncio.run(_produce(base, events))
 
-    raw_rate, raw_cpu = asyncio.run(_raw_consume(base, produced))
+    # the ceiling, on the core the consumers get (the harness otherwise runs unpinned)
+    pinned = pin_core is not None and hasattr(os, "sched_setaffinity") and (os.cpu_count() or 1) > 1
+    affinity = os.sched_getaffinity(0) if pinned else None
+    if pinned:
+        os.sched_setaffinity(0, {pin_core})
+    try:
+        raw_rate, raw_cpu = asyncio.run(_raw_consume(base, produced))
+    finally:
+        if affinity is not None:
+            os.sched_setaffinity(0, affinity)
 
     results: dict[str, dict[str, Any]] = {}
     for name, group in (("llmpulse worker", f"{tag}-worker"), ("per-event faust agent", f"{tag}-faust-baseline")):
-        kafka = base.model_copy(update={"consumer_group": group})
-        cfg = workdir / f"{group}.yaml"
-        cfg.write_text(
-            yaml.safe_dump({"kafka": json.loads(kafka.model_dump_json(exclude_none=True)), "metrics": {"port": 0}})
-        )
-        data = workdir / f"{group}-data"
-        log = workdir / f"{group}.log"
-        if name == "llmpulse worker":
-            cmd = [*pin_prefix(pin_core), sys.executable, "-m", "llmpulse.cli", "-v", "worker", "--config", str(cfg),
-                   "--data-dir", str(data)]  # fmt: skip
-            marker, env = "llm.calls partitions assigned", ENV
-        else:
-            cmd = [*pin_prefix(pin_core), sys.executable, "-m", "bench.faust_baseline", "worker", "-l", "warn"]
-            marker, env = "baseline ready", {**ENV, "BENCH_CONFIG": str(cfg), "BENCH_DATA_DIR": str(data)}
-        results[name] = _run_consumer(cmd, env, log, marker, kafka, group, produced, timeout=1800)
+        kafka, cmd, marker, env = _consumer(name, base, group, workdir, pin_core)
+        results[name] = _run_consumer(cmd, env, workdir / f"{group}.log", marker, kafka, group, produced,
+                                      timeout=1800)  # fmt: skip
 
     w, f = results["llmpulse worker"], results["per-event faust agent"]
     return [
