@@ -10,7 +10,9 @@ at a real server, a variant stops reaching that server instead.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import os
+import re
 import time
 import urllib.parse
 from pathlib import Path
@@ -83,9 +85,12 @@ def run_outage(name: str, kafka: Any, worker: Worker, target: Path | list[str], 
     half = len(rss) // 2
     assert max(rss[half:]) - max(rss[:half]) < 25, rss
     assert max(rss) - rss_before < 150, (rss_before, rss)
-    # backed off: a handful of attempts (1, 2, 4, 8... s apart), not a busy loop
-    backoffs = log.count("ClickHouse write failed, not committing")
-    assert 2 <= backoffs <= outage_s, backoffs
+    # backed off: attempts 1, 2, 4, 8... s apart (capped at 30 s), not a busy loop or a fixed retry
+    delays = [int(d) for d in re.findall(r"ClickHouse write failed, not committing; retrying in (\d+)s", log)]
+    backoffs = len(delays)
+    assert delays[:4] == [1, 2, 4, 8], delays
+    assert all(b == min(a * 2, 30) for a, b in itertools.pairwise(delays)), delays
+    assert backoffs <= outage_s, backoffs
     assert_exactly_the_produced_ids(target, "outage", n)
     reconcile(target)
     record(name, events=n, outage_s=outage_s, worker_backoffs=backoffs, rss_before_mb=round(rss_before, 1),
