@@ -141,16 +141,28 @@ def test_hostile_payloads_through_the_broker_and_worker(tmp_path: Path, topics: 
         wait_caught_up(topics, topics.topics.calls, workers=[worker])
     finally:
         assert worker.stop() == 0, worker.log.read_text(errors="replace")[-3000:]
-    letters = query(worker.data_dir, "SELECT source_offset, reason, path FROM dlq ORDER BY source_offset")
-    raw = query(worker.data_dir, "SELECT kafka_offset, price_missing FROM llm_calls ORDER BY kafka_offset")
+    letters = query(worker.data_dir, "SELECT source_offset, reason, path, hex(raw) AS raw_hex, raw_bytes FROM dlq "
+                                     "ORDER BY source_offset")  # fmt: skip
+    raw = query(worker.data_dir, "SELECT kafka_offset, price_missing, mapKeys(attributes) AS keys FROM llm_calls "
+                                 "ORDER BY kafka_offset")  # fmt: skip
     rejected = [i for i, c in enumerate(found) if not c.accepted]
     in_raw = {r["kafka_offset"] for r in raw}
     odd = sorted(set(rejected) ^ {r["source_offset"] for r in letters})
     assert not odd, [(i, found[i].category, found[i].reason, i in in_raw, found[i].payload[:200]) for i in odd]
     assert [r["source_offset"] for r in letters] == rejected
     for r in letters:
-        found[r["source_offset"]].check(r["reason"], r["path"])
+        case = found[r["source_offset"]]
+        case.check(r["reason"], r["path"])
+        # the payload is kept byte for byte, invalid UTF-8 and all, so a fix can re-drive it
+        assert (r["raw_hex"].lower(), r["raw_bytes"]) == (case.payload.hex(), len(case.payload)), case.category
     assert [r["kafka_offset"] for r in raw] == [i for i, c in enumerate(found) if c.accepted]
     assert sum(r["price_missing"] for r in raw) == sum(1 for c in found if c.flag == "price_missing")
+    unknown_fields = 0
+    for r in raw:  # unknown fields are accepted and kept, not rejected
+        case = found[r["kafka_offset"]]
+        if case.flag and case.flag != "price_missing":
+            assert case.flag in r["keys"], (case.flag, r["keys"])
+            unknown_fields += 1
+    assert unknown_fields > 0
     record("hostile_inputs_through_kafka", inputs=len(found), dlq_rows=len(letters), raw_rows=len(raw),
-           expected_rejected=len(rejected))  # fmt: skip
+           expected_rejected=len(rejected), unknown_fields_kept=unknown_fields)  # fmt: skip
