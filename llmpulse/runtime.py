@@ -185,7 +185,7 @@ class EmbeddedRuntime:
         """Once calls, feedback and scores are durable: flagged calls go to the judge, and verdicts
         count toward their calls' scopes (eval score and thumbs-down rules)."""
         flagged = [r for b in block.feedback for r in thumbs_down_requests(b.events)]
-        fresh = self.sink.sample_flagged(flagged) if flagged else []
+        fresh = self.sink.sample_flagged(flagged, [self.calls.sampler]) if flagged else []
         self.stats.flagged_for_judge += len(fresh)
         if self.judge is not None:
             self._judge_queue.extend(judge_request(b, s.index, s.reason) for b in block.calls for s in b.samples)

@@ -693,7 +693,8 @@ def _quality_agent(app: faust.App, settings: Settings, calls: CallsConsumer, kin
         if isinstance(pipeline, FeedbackPipeline):
             flagged = [r for b in processed for r in thumbs_down_requests(b.events)]
             if flagged:
-                fresh = await asyncio.to_thread(sink.sample_flagged, flagged)
+                samplers = [s.pipeline.sampler for s in calls.partitions.values()]
+                fresh = await asyncio.to_thread(sink.sample_flagged, flagged, samplers)
                 await publisher.send_judge_requests(await asyncio.to_thread(sink.sampled_requests, fresh))
             quality = [p for b in processed for p in feedback_partials(b.events, b.lineage, window_s)]
         else:

@@ -5,12 +5,13 @@ id, else event id) compared with the feature's rate. So every turn of a sampled 
 is sampled (a judge needs the whole exchange), and the same call is chosen again in any
 process, on any replay. Errors and refusals are the calls most worth judging, so they are
 kept regardless of the rate, up to a cap per feature per hour so an outage cannot flood the
-judge.
+judge; so are calls a user flags later (``JudgeSampler.flagged``), under the same cap and budgets.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import threading
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import xxhash
@@ -57,6 +58,7 @@ class JudgeSampler:
     The caps bound cost: a feature's judged calls per hour and its estimated judge spend per
     day (``judge_cost`` estimates what judging one call costs). A sticky conversation that hits
     a cap simply stops being judged for the rest of that hour or day; the skips are counted.
+    Thread-safe: the worker samples a batch in one thread while flagged calls arrive in another.
     """
 
     def __init__(
@@ -83,6 +85,11 @@ class JudgeSampler:
         self._daily_usd: dict[tuple[str, int], float] = {}
         self.capped = 0
         """Calls that would have been judged but for a budget."""
+        self._lock = threading.Lock()
+
+    def has_seen(self, feature: str) -> bool:
+        """Whether this sampler has counted calls of ``feature`` (its partition carries them)."""
+        return feature in self._thresholds
 
     def _threshold(self, feature: str) -> float:
         t = self._thresholds.get(feature)
@@ -107,31 +114,66 @@ class JudgeSampler:
         self._hourly[hour] = self._hourly.get(hour, 0) + 1
         return True
 
+    def _boost(self, e: WireCall, t: float) -> bool:
+        """A call worth judging because it looked bad: within the feature's boost cap and budget.
+
+        The boost slot is taken only once the budget said yes, so calls the budget refused do
+        not use up the hour's boost cap."""
+        hour = (e.feature, int(t // 3600))
+        n = self._boosted.get(hour, 0)
+        if n >= self.boost_cap_per_hour:
+            return False
+        if not self._within_budget(e, t):
+            self.capped += 1
+            return False
+        self._boosted[hour] = n + 1
+        return True
+
     def __call__(self, events: list[WireCall], ts: list[float]) -> list[JudgeSample]:
+        with self._lock:
+            return self._sample(events, ts)
+
+    def _sample(self, events: list[WireCall], ts: list[float]) -> list[JudgeSample]:
         h = xxhash.xxh3_64_intdigest
         threshold = self._threshold
-        boosted = self._boosted
-        cap = self.boost_cap_per_hour
         out: list[JudgeSample] = []
         for i, e in enumerate(events):
             if h(sample_key(e).encode()) < threshold(e.feature):
-                reason = REASON_RATE
-            elif e.status != "ok" or e.refusal:
-                hour = (e.feature, int(ts[i] // 3600))
-                n = boosted.get(hour, 0)
-                if n >= cap:
-                    continue
-                boosted[hour] = n + 1
-                reason = REASON_REFUSAL if e.refusal else REASON_ERROR
-            else:
-                continue
-            if self._within_budget(e, ts[i]):
-                out.append(JudgeSample(i, reason))
-            else:
-                self.capped += 1
-        if len(boosted) + len(self._hourly) > 50_000:  # old hours are done with; keep memory bounded
-            newest = max(hour for _, hour in [*boosted, *self._hourly])
-            self._boosted = {k: v for k, v in boosted.items() if k[1] >= newest - 2}
+                if self._within_budget(e, ts[i]):
+                    out.append(JudgeSample(i, REASON_RATE))
+                else:
+                    self.capped += 1
+            elif (e.status != "ok" or e.refusal) and self._boost(e, ts[i]):
+                out.append(JudgeSample(i, REASON_REFUSAL if e.refusal else REASON_ERROR))
+        self._forget_old_hours()
+        return out
+
+    def flagged(self, events: list[WireCall], ts: list[float]) -> list[JudgeSample]:
+        """Calls a user flagged after the fact (thumbs-down, low rating) that the stream did not sample.
+
+        They are boosted samples like errors and refusals, so the same boost cap and budgets
+        bound them: a flood of thumbs-downs cannot buy unlimited judging. ``ts`` is each call's
+        own time, so a flagged call counts toward the hour and day it was served in, as it would
+        have had the stream sampled it.
+        """
+        with self._lock:
+            out = [JudgeSample(i, REASON_FLAGGED) for i, e in enumerate(events) if self._boost(e, ts[i])]
+            self._forget_old_hours()
+        return out
+
+    def _forget_old_hours(self) -> None:
+        if len(self._boosted) + len(self._hourly) > 50_000:  # old hours are done with; keep memory bounded
+            newest = max(hour for _, hour in [*self._boosted, *self._hourly])
+            self._boosted = {k: v for k, v in self._boosted.items() if k[1] >= newest - 2}
             self._hourly = {k: v for k, v in self._hourly.items() if k[1] >= newest - 2}
             self._daily_usd = {k: v for k, v in self._daily_usd.items() if k[1] >= newest // 24 - 1}
-        return out
+
+
+def pick_sampler(samplers: Sequence[JudgeSampler], feature: str) -> JudgeSampler:
+    """The sampler whose budgets a flagged call of ``feature`` counts against.
+
+    llm.calls is keyed by feature, so one partition's sampler holds a feature's hourly and daily
+    counts: the one that has seen it. A feature none has seen yet goes to the first, always the
+    same one, so its flagged calls still share one budget.
+    """
+    return next((s for s in samplers if s.has_seen(feature)), samplers[0])

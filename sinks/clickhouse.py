@@ -27,8 +27,9 @@ from clickhouse_connect.driver.exceptions import DatabaseError, OperationalError
 from processors.chain import ProcessedCalls, ProcessedFeedback, ProcessedJudgeResults
 from processors.quality import Lineage
 from processors.records import DeadLetter
-from processors.sampling import REASON_FLAGGED
+from processors.sampling import REASON_FLAGGED, JudgeSampler, pick_sampler
 from schemas.config import ClickHouseSettings, ConfigError
+from schemas.wire import WireCall
 from sinks import columns
 from sinks.lock import DataDirLock
 
@@ -262,54 +263,115 @@ class ClickHouseSink:
                 found[r[0]] = Lineage(*r[1:])
         return found
 
-    def sample_flagged(self, request_ids: Iterable[str], reason: str = REASON_FLAGGED) -> list[str]:
+    def sample_flagged(
+        self, request_ids: Iterable[str], samplers: Sequence[JudgeSampler], reason: str = REASON_FLAGGED
+    ) -> list[str]:
         """Users flagged these calls: sample each for the judge unless it was sampled already.
+
+        The stream's sampler decides, not this method: flagged calls take the same per-feature
+        boost cap and judge budgets (calls/hour, estimated USD/day) as the errors and refusals it
+        boosts, so a flood of thumbs-downs cannot buy unlimited judging; refusals are counted in
+        the sampler's ``capped``. ``samplers`` are the ones this process runs (one per owned
+        partition of llm.calls); a call goes to the one already counting its feature
+        (``pick_sampler``). With none, nothing is sampled: no budget, no judging.
 
         Returns the request ids newly sampled, so the caller can send exactly those to the judge.
         """
         ids = sorted(set(request_ids))
         if not ids:
             return []
+        if not samplers:
+            log.warning("%d flagged calls not sent to the judge: this process runs no judge sampler", len(ids))
+            return []
+        rows = self.retry.run(
+            "flagged call lookup",
+            lambda: (
+                self.client.query(
+                    "SELECT event_id, ts, request_id, conversation_id, feature, model, input_tokens, output_tokens, "
+                    f"latency_ms, status, refusal FROM {self.db}.llm_calls WHERE request_id IN {{ids:Array(String)}} "
+                    f"AND request_id NOT IN (SELECT request_id FROM {self.db}.judge_samples "
+                    "WHERE request_id IN {ids:Array(String)}) "
+                    "ORDER BY ts, request_id LIMIT 1 BY request_id",
+                    parameters={"ids": ids},
+                ).result_rows
+            ),
+        )
+        by_sampler: dict[int, tuple[JudgeSampler, list[WireCall], list[float]]] = {}
+        for r in rows:
+            ts = r[1] if r[1].tzinfo else r[1].replace(tzinfo=UTC)
+            e = WireCall(
+                event_id=r[0], ts=ts, request_id=r[2], conversation_id=r[3] or None, feature=r[4], model=r[5],
+                input_tokens=r[6], output_tokens=r[7], latency_ms=r[8], status=r[9], refusal=bool(r[10]),
+            )  # fmt: skip
+            sampler = pick_sampler(samplers, e.feature)
+            _, events, times = by_sampler.setdefault(id(sampler), (sampler, [], []))
+            events.append(e)
+            times.append(ts.timestamp())
         fresh = [
-            str(r[0])
-            for r in self.client.query(
-                f"SELECT DISTINCT request_id FROM {self.db}.llm_calls WHERE request_id IN {{ids:Array(String)}} "
-                f"AND request_id NOT IN (SELECT request_id FROM {self.db}.judge_samples "
-                "WHERE request_id IN {ids:Array(String)})",
-                parameters={"ids": ids},
-            ).result_rows
+            str(events[s.index].request_id)
+            for sampler, events, times in by_sampler.values()
+            for s in sampler.flagged(events, times)
         ]
         if fresh:
-            self.client.command(
-                f"INSERT INTO {self.db}.judge_samples (event_id, ts, reason, feature, team, tenant, model, provider, "
-                "prompt_version, variant, release_id, request_id, conversation_id, status, refusal, prompt_hash, "
-                "prompt, output) "
-                f"SELECT event_id, ts, '{reason}', feature, team, tenant, model, provider, prompt_version, variant, "
-                "release_id, request_id, conversation_id, status, refusal, prompt_hash, prompt, output "
-                f"FROM {self.db}.llm_calls WHERE request_id IN {{ids:Array(String)}} LIMIT 1 BY request_id",
-                parameters={"ids": fresh},
+            self.retry.run(
+                "sample flagged calls",
+                lambda: self.client.command(
+                    f"INSERT INTO {self.db}.judge_samples (event_id, ts, reason, feature, team, tenant, model, "
+                    "provider, prompt_version, variant, release_id, request_id, conversation_id, status, refusal, "
+                    "prompt_hash, prompt, output) "
+                    f"SELECT event_id, ts, {{reason:String}}, feature, team, tenant, model, provider, prompt_version, "
+                    "variant, release_id, request_id, conversation_id, status, refusal, prompt_hash, prompt, output "
+                    f"FROM {self.db}.llm_calls WHERE request_id IN {{ids:Array(String)}} LIMIT 1 BY request_id",
+                    parameters={"ids": fresh, "reason": reason},
+                ),
             )
         return fresh
 
     def sampled_requests(self, request_ids: Iterable[str]) -> list[dict[str, Any]]:
         """Judge requests for calls already in ``judge_samples``, in the shape the stream sends
-        (``sinks.kafka.judge_request``) as far as the table holds it: a call flagged after the
-        fact is judged exactly like one sampled in the stream."""
+        (``sinks.kafka.judge_request``): the release tuple and the fields ``judge_samples`` does
+        not keep are read from the raw call, so a call flagged after the fact is judged and filed
+        exactly like one sampled in the stream."""
         ids = sorted(set(request_ids))
         if not ids:
             return []
-        result = self.client.query(
-            "SELECT event_id, request_id, conversation_id, ts, reason, feature, team, tenant, release_id, "
-            "prompt_version, model, variant, provider, status, refusal, prompt_hash, prompt, output "
-            f"FROM {self.db}.judge_samples WHERE request_id IN {{ids:Array(String)}} LIMIT 1 BY request_id",
-            parameters={"ids": ids},
+        result = self.retry.run(
+            "judge request lookup",
+            lambda: self.client.query(
+                "SELECT s.event_id AS event_id, s.request_id AS request_id, s.conversation_id AS conversation_id, "
+                "s.ts AS ts, s.reason AS reason, s.feature AS feature, s.team AS team, s.tenant AS tenant, "
+                "c.service AS service, s.release_id AS release_id, s.prompt_version AS prompt_version, "
+                "s.model AS model, c.response_model AS response_model, c.adapter AS adapter, "
+                "c.feature_view AS feature_view, c.guardrail_version AS guardrail_version, c.release AS extra, "
+                "s.variant AS variant, s.provider AS provider, s.status AS status, s.refusal AS refusal, "
+                "c.finish_reason AS finish_reason, s.prompt_hash AS prompt_hash, s.prompt AS prompt, "
+                "s.output AS output, c.output_chars AS output_chars "
+                f"FROM (SELECT * FROM {self.db}.judge_samples WHERE request_id IN {{ids:Array(String)}} "
+                "LIMIT 1 BY request_id) AS s "
+                "LEFT JOIN (SELECT event_id, service, response_model, adapter, feature_view, guardrail_version, "
+                f"release, finish_reason, output_chars FROM {self.db}.llm_calls "
+                "WHERE request_id IN {ids:Array(String)} LIMIT 1 BY event_id) AS c ON c.event_id = s.event_id",
+                parameters={"ids": ids},
+            ),
         )
         out = []
         for row in result.result_rows:
             r = dict(zip(result.column_names, row, strict=True))
+            for k in ("conversation_id", "team", "tenant", "service", "variant", "provider", "finish_reason",
+                      "prompt_hash", "prompt_version", "response_model", "adapter", "feature_view",
+                      "guardrail_version"):  # fmt: skip
+                r[k] = r[k] or None  # ClickHouse keeps an absent field as '': the stream sends null
             ts = r["ts"] if r["ts"].tzinfo else r["ts"].replace(tzinfo=UTC)
             r["ts"] = ts.isoformat()
-            r["release"] = {"prompt_version": r.pop("prompt_version"), "model": r["model"]}
+            r["release"] = {
+                "prompt_version": r.pop("prompt_version"),
+                "model": r["model"],
+                "response_model": r.pop("response_model"),
+                "adapter": r.pop("adapter"),
+                "feature_view": r.pop("feature_view"),
+                "guardrail_version": r.pop("guardrail_version"),
+                **r.pop("extra"),
+            }
             r["refusal"] = bool(r["refusal"])
             out.append(r)
         return out

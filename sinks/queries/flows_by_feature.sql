@@ -2,7 +2,8 @@
 -- (first call start to last call end) as p50/p95. A flow is a trace, or without one a conversation,
 -- until it goes quiet: a call starting more than {idle_s} seconds after the previous ended starts a
 -- new flow (a conversation's next turn; an agent run resumed after a long wait), as the stream's
--- flow tracker (processors/flows.py) splits it. Single-call flows are left out.
+-- flow tracker (processors/flows.py) splits it. Single-call flows are left out. Raw rows read FINAL:
+-- a call written twice before a merge would add a step (and its tokens and cost) to its flow.
 SELECT feature, count() AS flows, round(avg(calls), 2) AS calls_per_flow, round(avg(tokens)) AS tokens_per_flow,
        round(avg(cost), 6) AS cost_per_flow_usd,
        round(quantileExact(0.5)(perceived_ms)) AS perceived_p50_ms,
@@ -23,7 +24,7 @@ FROM (
                 SELECT feature, if(trace_id != '', trace_id, conversation_id) AS flow, ts,
                        ts + toIntervalMillisecond(toInt64(latency_ms)) AS end_ts,
                        input_tokens, output_tokens, cost_usd, latency_ms
-                FROM llm_calls
+                FROM llm_calls FINAL
                 WHERE ts >= {start:DateTime64(3)} AND ts < {end:DateTime64(3)}
                   AND (trace_id != '' OR conversation_id != '')
             )

@@ -15,6 +15,7 @@ import pytest
 
 from llmpulse.runtime import EmbeddedRuntime
 from processors.release import release_id
+from schemas.config import JudgeBudgetSettings
 from sinks import queries
 from tests.conftest import NOW, batch, call, iso
 
@@ -199,11 +200,24 @@ def _cost_lever_events() -> list[dict[str, Any]]:
     return out
 
 
-def test_cost_levers_and_flows(settings: Any, conn: Any) -> None:
+@pytest.mark.parametrize("written_twice", [False, True], ids=["once", "written-twice"])
+def test_cost_levers_and_flows(settings: Any, conn: Any, written_twice: bool) -> None:
+    events = _cost_lever_events()
     runtime = EmbeddedRuntime(settings, conn)
-    runtime.ingest(batch([orjson.dumps(e) for e in _cost_lever_events()]), now=NOW)
+    runtime.ingest(batch([orjson.dumps(e) for e in events]), now=NOW)
     runtime.finish()
     runtime.close()
+    if written_twice:
+        # a client retry reaching a restarted writer (its dedup memory empty), before ClickHouse merges the
+        # copies: every call but anthropic's (whose figures come from the rollups) is in llm_calls twice
+        conn.client.command("SYSTEM STOP MERGES llm_calls")
+        again = [e for e in events if e.get("provider") != "anthropic"]
+        retry = EmbeddedRuntime(settings, conn)
+        retry.ingest(batch([orjson.dumps(e) for e in again], first=5000), now=NOW)
+        retry.finish()
+        retry.close()
+        raw = conn.client.command("SELECT count() FROM llm_calls")
+        assert raw == len(events) + len(again) == 2 * conn.client.command("SELECT count() FROM llm_calls FINAL") - 10
     per_call = 1000 * 2.5e-6 + 200 * 10e-6  # gpt-4o: $2.50 in, $10 out per million tokens
 
     cache = {r["feature"]: r for r in queries.run(conn.client, "cache_opportunity", **PERIOD)}
@@ -242,3 +256,44 @@ def test_eval_view_leaves_out_exactly_the_boosted_reasons() -> None:
     listed = re.search(r"sample_reason NOT IN \(([^)]*)\)", ddl)
     assert listed is not None
     assert {x.strip(" '") for x in listed.group(1).split(",")} == BOOSTED_REASONS
+
+
+def test_thumbs_downs_beyond_the_judge_budget_are_capped(settings: Any, conn: Any) -> None:
+    """A flood of thumbs-downs buys no more judging than the feature's budget allows."""
+    sampling = {
+        "default_rate": 0.0, "boost_cap_per_hour": 200, "max_per_hour": None, "judge_usd_per_day": None,
+        "budgets": {"email-draft": JudgeBudgetSettings(max_per_hour=3),
+                    "summarize": JudgeBudgetSettings(usd_per_day=0.0015)},
+    }  # fmt: skip
+    budgeted = settings.model_copy(update={"sampling": settings.sampling.model_copy(update=sampling)})
+    tuple_fields = {"prompt_version": "v4", "response_model": "gpt-4o-2024-08-06", "adapter": "lora-7",
+                    "feature_view": "fv-3", "guardrail_version": "g2"}  # fmt: skip
+    calls = [call(feature="email-draft", request_id=f"em-{i}", variant="canary", release={"retriever": "bm25"},
+                  ts=iso(NOW - 3000 + i), **tuple_fields) for i in range(10)]  # fmt: skip
+    calls += [call(feature="summarize", request_id=f"su-{i}", ts=iso(NOW - 3000 + i)) for i in range(6)]
+    feedback = [{"kind": "feedback", "request_id": f"em-{i}", "ts": iso(NOW - 1200), "thumbs": "down"}
+                for i in range(10)]  # fmt: skip
+    feedback += [{"kind": "feedback", "request_id": f"su-{i}", "ts": iso(NOW - 1200), "rating": 1} for i in range(6)]
+    judge = RecordingJudge({})
+    runtime = EmbeddedRuntime(budgeted, conn, judge=judge)
+    runtime.ingest(batch([orjson.dumps(e) for e in calls]), now=NOW)
+    runtime.flush()
+    runtime.ingest(batch([orjson.dumps(f) for f in feedback], first=1000), now=NOW)
+    runtime.finish()
+    runtime.close()
+
+    # email-draft: 3 judged calls per hour. summarize: gpt-4o-mini judges a call for
+    # (1000 + 200 + 600) x $0.15/1M + 150 x $0.60/1M = $0.00036, so $0.0015 a day buys 4
+    asked = sorted(r["request_id"] for r in judge.requests)
+    assert asked == ["em-0", "em-1", "em-2", "su-0", "su-1", "su-2", "su-3"]
+    assert {r["reason"] for r in judge.requests} == {"thumbs_down"}
+    assert runtime.stats.flagged_for_judge == 7
+    assert runtime.calls.sampler.capped == 7 + 2
+    assert conn.client.command("SELECT count() FROM judge_samples FINAL") == 7
+
+    # the flagged call's request carries the whole release tuple, as a stream-sampled one does
+    em0 = next(r for r in judge.requests if r["request_id"] == "em-0")
+    assert em0["release"] == {"model": "gpt-4o", "retriever": "bm25", **tuple_fields}
+    assert em0["release_id"] == release_id("v4", "gpt-4o", "gpt-4o-2024-08-06", "lora-7", "fv-3", "g2",
+                                           {"retriever": "bm25"})  # fmt: skip
+    assert (em0["variant"], em0["feature"], em0["team"], em0["finish_reason"]) == ("canary", "email-draft", "cx", None)

@@ -107,3 +107,37 @@ def test_judge_cost_estimate_uses_the_judge_models_price() -> None:
     # gpt-4o-mini reads 1,000 + 400 + 600 tokens at $0.15/1M and writes 150 at $0.60/1M
     assert pipe.sampler.judge_cost is not None
     assert pipe.sampler.judge_cost(e) == pytest.approx(2000 * 0.15e-6 + 150 * 0.6e-6)
+
+
+def test_calls_the_budget_refuses_do_not_use_up_the_boost_cap() -> None:
+    from processors.sampling import JudgeBudget
+
+    # $1 a day; an error with 2,000 input tokens costs $2 to judge, one with 100 costs $0.10
+    sampler = JudgeSampler(default_rate=0.0, boost_cap_per_hour=3, budget=JudgeBudget(usd_per_day=1.0),
+                           judge_cost=lambda e: e.input_tokens / 1000)  # fmt: skip
+    expensive = evs(3, status="error", input_tokens=2000)
+    cheap = evs(3, status="error", input_tokens=100)
+    assert sampler(expensive, [NOW] * 3) == []
+    assert sampler.capped == 3
+    assert [(s.index, s.reason) for s in sampler(cheap, [NOW] * 3)] == [(0, REASON_ERROR), (1, REASON_ERROR),
+                                                                         (2, REASON_ERROR)]  # fmt: skip
+
+
+def test_flagged_calls_share_the_boost_cap_and_budget_with_the_stream() -> None:
+    from processors.sampling import REASON_FLAGGED, JudgeBudget, pick_sampler
+
+    sampler = JudgeSampler(default_rate=0.0, rates={"support-chat": 1.0}, boost_cap_per_hour=200,
+                           budget=JudgeBudget(max_per_hour=5))  # fmt: skip
+    assert len(picked(sampler, evs(3))) == 3  # the stream judged 3 of the hour's 5
+    flagged = sampler.flagged(evs(8, feature="support-chat"), [NOW] * 8)
+    assert [(s.index, s.reason) for s in flagged] == [(0, REASON_FLAGGED), (1, REASON_FLAGGED)]
+    assert sampler.capped == 6
+    # the next hour has a fresh budget, but the boost cap bounds flagged calls too
+    capped = JudgeSampler(default_rate=0.0, boost_cap_per_hour=4)
+    assert len(capped.flagged(evs(10, status="error"), [NOW + 3600] * 10)) == 4
+    assert len(sampler.flagged(evs(8), [NOW + 3600] * 8)) == 5
+    # a flagged call counts against the sampler that already counts its feature
+    other = JudgeSampler()
+    other(evs(1, feature="email-draft"), [NOW])
+    assert pick_sampler([sampler, other], "email-draft") is other
+    assert pick_sampler([sampler, other], "never-seen") is sampler
