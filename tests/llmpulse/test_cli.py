@@ -59,6 +59,26 @@ def test_demo_json_summary(demo_dir: tuple[Path, dict[str, Any]]) -> None:
     assert s["events_per_second"] > 0
 
 
+def test_demo_canary_fails_the_gate_on_its_refusal_rate(demo_dir: tuple[Path, dict[str, Any]]) -> None:
+    """The demo's v13 support-chat canary refuses far more than control: the gate must say so."""
+    _, s = demo_dir
+    gate = s["canary"]["gate"]
+    assert gate["passed"] is False
+    checks = {c["metric"]: c for c in gate["checks"]}
+    refusal = checks["refusal rate"]
+    assert (refusal["verdict"], refusal["limit"]) == ("FAIL", "<= +2.0%")
+    control, canary = (float(refusal[side].removesuffix("%")) for side in ("baseline", "candidate"))
+    assert canary > 2 * control
+    # the gate's figures are the summary's per-release ones pooled per variant (rates shown to 0.01%)
+    releases = s["canary"]["releases"]
+    for variant, shown in (("control", control), ("canary", canary)):
+        rows = [r for r in releases if r["variant"] == variant]
+        calls = sum(r["calls"] for r in rows)
+        assert checks["calls (sample size)"]["baseline" if variant == "control" else "candidate"] == f"{calls:,}"
+        pooled = sum(r["refusal_rate"] * r["calls"] for r in rows) / calls
+        assert abs(pooled * 100 - shown) <= 0.05 + 0.005
+
+
 def test_demo_rollups_match_raw_and_show_the_incidents(demo_dir: tuple[Path, dict[str, Any]]) -> None:
     data, s = demo_dir
     (check,) = query(
