@@ -59,7 +59,7 @@ class DriftReport:
     thresholds: Thresholds
     models: list[ModelDrift]
     versions: dict[str, list[VersionFinding]] = field(default_factory=dict)
-    """Per requested model: a snapshot switch in the window, or a moving alias."""
+    """Per requested model: a snapshot switch in the window, or an alias (unpinned) called in it."""
     features: dict[str, list[str]] = field(default_factory=dict)
     """Per requested model: the features that call it."""
     thin: list[tuple[str, str, int, int]] = field(default_factory=list)
@@ -108,8 +108,17 @@ def drift(
             now = ServedBy(now.response_model, was.calls + now.calls, min(was.first_seen, now.first_seen),
                            max(was.last_seen, now.last_seen))  # fmt: skip
         seen[now.response_model] = now
-    for model, snapshots in sorted(served.items()):
-        found = version_findings(model, list(snapshots.values()), window[0], baseline[1])
+    # an alias is reported whether or not its provider named the snapshot that answered, so every
+    # model called in the window counts, not only those with a response_model
+    called: dict[str, list[str]] = {}
+    for feat, model in sorted(sides):
+        if (feature is None or feat == feature) and "window" in sides[(feat, model)]:
+            called.setdefault(model, []).append(feat)
+    for model, feats in called.items():
+        known = report.features.setdefault(model, [])
+        known.extend(f for f in feats if f not in known)
+    for model in sorted(served.keys() | called.keys()):
+        found = version_findings(model, list(served.get(model, {}).values()), window[0], baseline[1])
         if found:
             report.versions[model] = found
     for (feat, model), s in sorted(sides.items()):

@@ -144,12 +144,21 @@ def version_findings(
             was = ", ".join(sorted(before))
             out.append(VersionFinding("switched", f"{model} is now served by {s.response_model} (before: {was}); "
                                                   f"{s.calls:,} calls"))  # fmt: skip
-    resolved = {s.response_model for s in served} - {model}
-    if not is_pinned(model) and resolved:
-        out.append(VersionFinding("unpinned", f"{model} is an alias the provider resolves "
-                                              f"(to {', '.join(sorted(resolved))}): pin a snapshot to control "
-                                              "when the model changes"))  # fmt: skip
+    if not is_pinned(model):
+        out.append(unpinned_finding(model, {s.response_model for s in served} - {model}))
     return out
+
+
+def unpinned_finding(model: str, resolved: set[str]) -> VersionFinding:
+    """Calls name an alias, not a snapshot: the provider may re-point it at a newer model any day.
+
+    Reported whether or not the provider says what it resolved to: many providers (and
+    proxies) return no response_model, or echo the alias back, and the risk is the same."""
+    if resolved:
+        how = f"an alias the provider resolves (to {', '.join(sorted(resolved))})"
+    else:
+        how = "an alias with no pinned snapshot (the provider did not say which snapshot answered)"
+    return VersionFinding("unpinned", f"{model} is {how}: pin a snapshot to control when the model changes")
 
 
 STREAM_DRIFT_METRICS = ("output_tokens_psi", "response_models_new")

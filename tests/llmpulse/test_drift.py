@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 import time
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -78,7 +79,9 @@ def test_drift_finds_longer_answers_more_refusals_and_the_new_snapshot(settings:
     assert not billing.drifted and billing.psi is not None and billing.psi < 0.1
 
     kinds = {model: [f.kind for f in found] for model, found in report.versions.items()}
-    assert kinds == {"gpt-4o-mini": ["switched", "unpinned"]}  # billing's model is a pinned snapshot
+    # billing's model is a pinned snapshot; rare's gpt-4o is an alias though no response_model says so
+    assert kinds == {"gpt-4o-mini": ["switched", "unpinned"], "gpt-4o": ["unpinned"]}
+    assert "no pinned snapshot" in report.versions["gpt-4o"][0].detail and report.features["gpt-4o"] == ["rare"]
     assert NEW in report.versions["gpt-4o-mini"][0].detail and "400 calls" in report.versions["gpt-4o-mini"][0].detail
     assert report.drifted
 
@@ -104,3 +107,62 @@ def test_drift_cli_json_and_exit_code(tmp_path: Path) -> None:
         assert text in shown.stdout, shown.stdout
     bad = llmpulse("drift", "--reference", "2026-11-09", "--data-dir", data, check=False)
     assert bad.returncode == 2 and "FROM..TO" in bad.stderr
+
+
+def _reference_events(now: float) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """helpdesk on the alias gpt-4o (no response_model), 200 calls in each of three periods: a signed-off
+    reference day 10 days ago (10% tool calls, 10% of thumbs down), three days ago and the last day
+    (50% and 50% in both). Lengths never change."""
+    hour = now - now % 3600
+    calls: list[dict[str, Any]] = []
+    feedback: list[dict[str, Any]] = []
+    for name, start, tools, down in (("ref", hour - 10 * DAY, 10, 20), ("gap", hour - 3 * DAY, 2, 4),
+                                     ("win", hour - 20 * 3600, 2, 4)):  # fmt: skip
+        for i in range(200):
+            rid = f"{name}-{i}"
+            calls.append(call(feature="helpdesk", model="gpt-4o", request_id=rid, output_tokens=200,
+                              tool_calls=["search"] if i % tools == 0 else [], ts=iso(start + i * 60)))  # fmt: skip
+            if i % 2 == 0:  # every other call gets a thumb
+                feedback.append({"kind": "feedback", "request_id": rid, "ts": iso(start + i * 60 + 30),
+                                 "thumbs": "down" if i % down == 0 else "up"})  # fmt: skip
+    return calls, feedback
+
+
+def test_drift_against_a_pinned_reference_period(tmp_path: Path) -> None:
+    """Tool-call and thumbs-down rates moved since the signed-off day, not over the trailing days."""
+    now = time.time()
+    calls, feedback = _reference_events(now)
+    data = str(tmp_path / "d")
+    for name, events in (("calls", calls), ("feedback", feedback)):  # feedback once its calls are stored
+        file = tmp_path / f"{name}.jsonl"
+        file.write_text("\n".join(orjson.dumps(e).decode() for e in events) + "\n")
+        llmpulse("replay", str(file), "--data-dir", data)
+    hour = now - now % 3600
+    ref = (datetime.fromtimestamp(hour - 10 * DAY, UTC), datetime.fromtimestamp(hour - 9 * DAY, UTC))
+    reference = f"{ref[0].isoformat(timespec='seconds')[:19]}..{ref[1].isoformat(timespec='seconds')[:19]}"
+    out = llmpulse("drift", "--window", "24h", "--reference", reference, "--json", "--fail-on-drift",
+                   "--data-dir", data, check=False)  # fmt: skip
+    assert out.returncode == 1, out.stderr
+    report = orjson.loads(out.stdout)
+    assert [datetime.fromisoformat(t) for t in report["baseline"]] == list(ref)
+    (helpdesk,) = report["models"]
+    assert (helpdesk["feature"], helpdesk["model"], helpdesk["calls"], helpdesk["baseline_calls"]) == (
+        "helpdesk", "gpt-4o", 200, 200)  # fmt: skip
+    changes = {c["metric"]: c for c in helpdesk["changes"]}
+    # tools: 20 of 200 → 100 of 200; thumbs down: 10 of 100 thumbs → 50 of 100
+    assert changes["tool_call_rate"] == {"metric": "tool_call_rate", "baseline": 0.1, "window": 0.5,
+                                         "drifted": True, "detail": "+40.0 pts"}  # fmt: skip
+    assert changes["thumbs_down_rate"] == {"metric": "thumbs_down_rate", "baseline": 0.1, "window": 0.5,
+                                           "drifted": True, "detail": "+40.0 pts"}  # fmt: skip
+    assert (changes["output_tokens_avg"]["baseline"], changes["output_tokens_avg"]["window"]) == (200.0, 200.0)
+    assert not changes["output_tokens_avg"]["drifted"] and not changes["refusal_rate"]["drifted"]
+    assert helpdesk["psi"] == 0.0 and changes["output_tokens_psi"]["detail"] == "stable"
+    # no call said which snapshot answered, yet the alias is reported
+    assert [v["kind"] for v in report["versions"]["gpt-4o"]] == ["unpinned"]
+
+    # the trailing three days already had today's rates: nothing drifted against them
+    trailing = orjson.loads(llmpulse("drift", "--window", "24h", "--baseline", "3d", "--json", "--data-dir",
+                                     data).stdout)  # fmt: skip
+    (same,) = trailing["models"]
+    moved = {c["metric"]: (c["baseline"], c["window"], c["drifted"]) for c in same["changes"]}
+    assert moved["tool_call_rate"] == (0.5, 0.5, False) and moved["thumbs_down_rate"] == (0.5, 0.5, False)

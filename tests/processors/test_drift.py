@@ -123,6 +123,14 @@ def test_a_switch_after_a_pinned_reference_period_is_found_even_before_the_windo
     assert [f.kind for f in version_findings("gpt-4o-mini", gone, 900.0, baseline_end=500.0)] == ["unpinned"]
 
 
+def test_an_alias_is_reported_even_when_no_response_model_says_what_served_it() -> None:
+    (found,) = version_findings("gpt-4o", [], window_start=5.0)
+    assert found.kind == "unpinned" and "gpt-4o is an alias with no pinned snapshot" in found.detail
+    echoed = [ServedBy("gpt-4o", 10, 0.0, 10.0)]  # the provider echoes the alias back
+    assert [f.kind for f in version_findings("gpt-4o", echoed, window_start=5.0)] == ["unpinned"]
+    assert version_findings("gpt-4o-2024-08-06", [], window_start=5.0) == []
+
+
 def test_a_pinned_model_served_by_itself_reports_nothing() -> None:
     served = [ServedBy("gpt-4o-2024-08-06", 10, 0.0, 10.0)]
     assert version_findings("gpt-4o-2024-08-06", served, window_start=5.0) == []
