@@ -159,6 +159,14 @@ def judge_result_id(r: WireJudgeResult) -> str:
     return xxhash.xxh3_128_hexdigest(f"{r.request_id}\x1f{r.rubric}\x1f{r.judge_model}".encode())
 
 
+VerdictKey = tuple[str, str, str]
+"""(request_id, rubric, judge_model): what ``judge_scores`` keeps one row of (its sorting key, read FINAL)."""
+
+
+def verdict_key(r: WireJudgeResult) -> VerdictKey:
+    return (r.request_id, r.rubric, r.judge_model)
+
+
 @dataclass(slots=True)
 class ProcessedJudgeResults:
     source: Source
@@ -188,6 +196,30 @@ class JudgeResultPipeline:
         return ProcessedJudgeResults(
             batch.source, decoded.events, decoded.offsets, decoded.dead, counters, batch.block_id
         )
+
+
+def drop_stored_verdicts(batch: ProcessedJudgeResults, stored: set[VerdictKey]) -> int:
+    """Removes the verdicts ``judge_scores`` already holds, and repeats within the batch; returns how many.
+
+    The pipeline's dedup is in memory and starts empty after a restart, so a verdict redelivered
+    then (Kafka re-reading an uncommitted batch of another shape, a judge publishing again) would
+    be inserted again: ``judge_scores FINAL`` shows it once, but the ``eval_1h`` view counts every
+    inserted row. ``stored`` comes from the table itself (``ClickHouseSink.stored_verdicts``), so
+    no horizon or restart is involved; it gains this batch's keys.
+    """
+    keep: list[int] = []
+    for i, r in enumerate(batch.events):
+        key = verdict_key(r)
+        if key not in stored:
+            stored.add(key)
+            keep.append(i)
+    dropped = len(batch.events) - len(keep)
+    if dropped:
+        batch.events = [batch.events[i] for i in keep]
+        batch.offsets = [batch.offsets[i] for i in keep]
+        batch.counters.accepted -= dropped
+        batch.counters.duplicates += dropped
+    return dropped
 
 
 def feedback_id(e: WireFeedback) -> str:

@@ -24,7 +24,13 @@ import pyarrow as pa
 from clickhouse_connect.driver.client import Client
 from clickhouse_connect.driver.exceptions import DatabaseError, OperationalError
 
-from processors.chain import ProcessedCalls, ProcessedFeedback, ProcessedJudgeResults
+from processors.chain import (
+    ProcessedCalls,
+    ProcessedFeedback,
+    ProcessedJudgeResults,
+    VerdictKey,
+    drop_stored_verdicts,
+)
 from processors.quality import Lineage
 from processors.records import DeadLetter
 from processors.sampling import REASON_FLAGGED, JudgeSampler, pick_sampler
@@ -232,11 +238,30 @@ class ClickHouseSink:
         if dead:
             self.write_dead_letters(dead, f"{token}:dlq" if token else None)
         if any(b.events for b in batches):
+            stored = self.stored_verdicts({r.request_id for b in batches for r in b.events})
+            for b in batches:
+                drop_stored_verdicts(b, stored)
+        if any(b.events for b in batches):
             if known is None:
                 known = self.lineage({r.request_id for b in batches for r in b.events})
             self._insert("judge_scores", columns.judge_scores_table(batches, known), token)
             for b in batches:
                 b.lineage = {r.request_id: known[r.request_id] for r in b.events if r.request_id in known}
+
+    def stored_verdicts(self, request_ids: Iterable[str]) -> set[VerdictKey]:
+        """The (request, rubric, judge) verdicts ``judge_scores`` already holds for these requests."""
+        ids = sorted(set(request_ids))
+        rows = self.retry.run(
+            "stored verdicts lookup",
+            lambda: (
+                self.client.query(
+                    f"SELECT DISTINCT request_id, rubric, judge_model FROM {self.db}.judge_scores "
+                    "WHERE request_id IN {ids:Array(String)}",
+                    parameters={"ids": ids},
+                ).result_rows
+            ),
+        )
+        return {(str(r[0]), str(r[1]), str(r[2])) for r in rows}
 
     def lineage(self, request_ids: Iterable[str]) -> dict[str, Lineage]:
         """The calls behind these request ids: judge samples first (small), then raw calls."""

@@ -297,3 +297,47 @@ def test_thumbs_downs_beyond_the_judge_budget_are_capped(settings: Any, conn: An
     assert em0["release_id"] == release_id("v4", "gpt-4o", "gpt-4o-2024-08-06", "lora-7", "fv-3", "g2",
                                            {"retriever": "bm25"})  # fmt: skip
     assert (em0["variant"], em0["feature"], em0["team"], em0["finish_reason"]) == ("canary", "email-draft", "cx", None)
+
+
+def test_a_verdict_redelivered_after_a_restart_counts_once(settings: Any, conn: Any) -> None:
+    """judge_scores FINAL shows a verdict once; eval_1h, fed per inserted row, must count it once too."""
+    from processors.records import Source
+
+    calls = [call(request_id=f"r-{i}", ts=iso(NOW - 3000 + i)) for i in range(4)]
+    verdicts = [orjson.dumps({"kind": "judge_result", "request_id": f"r-{i}", "rubric": "helpfulness",
+                              "score": 0.5 + i / 10, "judge_model": "judge-x", "ts": iso(NOW - 60)})
+                for i in range(4)]  # fmt: skip
+    topic = Source("kafka", "llm.judge.results", 0)
+    first = EmbeddedRuntime(settings, conn)
+    first.ingest(batch([orjson.dumps(c) for c in calls]), now=NOW)
+    first.flush()
+    first.ingest(batch(verdicts, topic, first=100), now=NOW)
+    first.finish()
+    first.close()
+    # restarted (its dedup memory empty), the same four arrive again in a batch of another shape,
+    # with a fifth verdict (a new rubric) beside them
+    again = (
+        verdicts[2:]
+        + verdicts[:2]
+        + [
+            orjson.dumps(
+                {
+                    "kind": "judge_result",
+                    "request_id": "r-0",
+                    "rubric": "tone",
+                    "score": 1.0,
+                    "judge_model": "judge-x",
+                    "ts": iso(NOW - 30),
+                }
+            )
+        ]
+    )
+    second = EmbeddedRuntime(settings, conn)
+    second.ingest(batch(again, topic, first=102), now=NOW)
+    second.finish()
+    second.close()
+
+    assert conn.client.command("SELECT count() FROM judge_scores") == 5
+    rolled = conn.client.query("SELECT rubric, sum(n), round(sum(score_sum), 6) FROM eval_1h GROUP BY rubric "
+                               "ORDER BY rubric").result_rows  # fmt: skip
+    assert rolled == [("helpfulness", 4, 2.6), ("tone", 1, 1.0)]  # 0.5 + 0.6 + 0.7 + 0.8
