@@ -102,9 +102,10 @@ def rate_change(
     return Change(metric, baseline, window, drifted, f"{delta * 100:+.1f} pts")
 
 
-_PINNED = re.compile(
-    r"(-\d{4}-\d{2}-\d{2}|-\d{8}|@\d{8}|-\d{3}|-v\d+(:\d+)?|-\d{4})$"
-)  # 2024-08-06, 20250929, @20240620 (Vertex), -002 (Gemini), -v1:0 (Bedrock), -0125 (OpenAI)
+PINNED_PATTERN = r"(-\d{4}-\d{2}-\d{2}|-\d{8}|@\d{8}|-\d{3}|-v\d+(:\d+)?|-\d{4})$"
+"""2024-08-06, 20250929, @20240620 (Vertex), -002 (Gemini), -v1:0 (Bedrock), -0125 (OpenAI); the
+alert backtest's SQL (``sinks.queries.metrics``) applies the same pattern with re2."""
+_PINNED = re.compile(PINNED_PATTERN)
 
 
 def is_pinned(model: str) -> bool:

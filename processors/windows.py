@@ -12,6 +12,7 @@ state migration: the old owner flushes, the new owner continues.
 from __future__ import annotations
 
 import base64
+import functools
 import math
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -19,6 +20,7 @@ from typing import Any
 
 import orjson
 
+from processors.drift import is_pinned
 from processors.flows import ClosedFlow, FlowTracker
 from processors.pricing import Costs
 from processors.sketch import QuantileSketch
@@ -44,6 +46,7 @@ _COUNTS = (
     "schema_checked",
     "schema_valid",
     "tool_call_calls",
+    "unpinned_calls",
     "eval_count",
     "feedback_count",
     "thumbs_up",
@@ -80,6 +83,8 @@ class WindowPartial:
     schema_checked: int = 0
     schema_valid: int = 0
     tool_call_calls: int = 0
+    unpinned_calls: int = 0
+    """Calls that named a model alias, not a pinned snapshot (set as a window closes: ``_count_unpinned``)."""
     cost_usd: float = 0.0
     latency_ms_sum: float = 0.0
     ttft_ms_sum: float = 0.0
@@ -133,6 +138,7 @@ class WindowPartial:
         self.schema_checked += other.schema_checked
         self.schema_valid += other.schema_valid
         self.tool_call_calls += other.tool_call_calls
+        self.unpinned_calls += other.unpinned_calls
         self.cost_usd += other.cost_usd
         self.latency_ms_sum += other.latency_ms_sum
         self.ttft_ms_sum += other.ttft_ms_sum
@@ -314,6 +320,7 @@ METRIC_FNS: dict[str, Callable[[WindowPartial], float | None]] = {
     "output_chars_avg": lambda p: rate_f(p.output_chars, p.calls),
     "schema_valid_rate": lambda p: rate_f(p.schema_valid, p.schema_checked),
     "tool_call_rate": lambda p: rate_f(p.tool_call_calls, p.calls),
+    "unpinned_model_share": lambda p: rate_f(p.unpinned_calls, p.calls),
     "latency_avg_ms": lambda p: rate_f(p.latency_ms_sum, p.calls),
     "latency_p50_ms": _q("latency", 0.5),
     "latency_p95_ms": _q("latency", 0.95),
@@ -370,6 +377,19 @@ def project(partials: Iterable[WindowPartial], dims: tuple[str, ...]) -> dict[tu
             acc = out[key] = WindowPartial(p.window_start, p.window_s, values)
         acc.merge(p)
     return out
+
+
+_MODEL = SCOPE_DIMS.index("model")
+_pinned = functools.lru_cache(maxsize=4096)(is_pinned)
+
+
+def _count_unpinned(partials: list[WindowPartial]) -> list[WindowPartial]:
+    """Stage-1 partials are keyed by model among the rest, so whether their calls named an alias is
+    one check per partial as its window closes, not one per event."""
+    for p in partials:
+        if p.calls and not _pinned(p.key[_MODEL]):
+            p.unpinned_calls = p.calls
+    return partials
 
 
 class WindowAggregator:
@@ -499,7 +519,7 @@ class WindowAggregator:
         out: list[WindowPartial] = []
         for ws in closed_starts:
             out.extend(self._open.pop(ws).values())
-        return out
+        return _count_unpinned(out)
 
     def touch(self, now: float) -> None:
         """Count ``now`` as activity: a partition that never sees an event still goes idle (and
@@ -551,4 +571,4 @@ class WindowAggregator:
         for ws in sorted(self._open):
             out.extend(self._open[ws].values())
         self._open.clear()
-        return out
+        return _count_unpinned(out)

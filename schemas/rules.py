@@ -48,6 +48,7 @@ METRICS: dict[str, str] = {
     "output_tokens_p95": "95th percentile output tokens per call",
     "output_tokens_psi": "PSI of the window's output-length distribution against the scope's trailing 24 windows",
     "response_models_new": "snapshots (response_model) answering that the scope's trailing 24 windows did not see",
+    "unpinned_model_share": "share of calls that named a model alias (gpt-4o) rather than a pinned snapshot",
     "flows": "multi-call flows (agent runs by trace_id, conversation turns) that finished in the window",
     "flow_calls_avg": "calls per finished flow",
     "flow_tokens_avg": "tokens (input + output) per finished flow",

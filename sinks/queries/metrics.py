@@ -8,7 +8,13 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 
+from processors.drift import PINNED_PATTERN
+
 _Q = "quantilesTDigestMerge(0.5, 0.9, 0.95, 0.99)"
+
+
+def sql_literal(value: str) -> str:
+    return "'" + value.replace("\\", "\\\\").replace("'", "\\'") + "'"
 
 
 def _ratio(num: str, den: str) -> str:
@@ -31,6 +37,10 @@ METRIC_SQL: dict[str, str] = {
     "output_chars_avg": _ratio("output_chars", "calls"),
     "schema_valid_rate": _ratio("schema_valid", "schema_checked"),
     "tool_call_rate": _ratio("tool_call_calls", "calls"),
+    "unpinned_model_share": (
+        "if(sum(r.calls) > 0, sumIf(r.calls, endsWith(r.model, '-latest') OR endsWith(r.model, '-preview') "
+        f"OR NOT match(r.model, {sql_literal(PINNED_PATTERN)})) / sum(r.calls), NULL)"
+    ),  # processors.drift.is_pinned
     "latency_avg_ms": _ratio("latency_ms_sum", "calls"),
     "latency_p50_ms": f"{_Q}(r.latency_ms_q)[1]",
     "latency_p95_ms": f"{_Q}(r.latency_ms_q)[3]",
@@ -41,10 +51,6 @@ METRIC_SQL: dict[str, str] = {
     "output_tokens_p50": f"{_Q}(r.output_tokens_q)[1]",
     "output_tokens_p95": f"{_Q}(r.output_tokens_q)[3]",
 }
-
-
-def sql_literal(value: str) -> str:
-    return "'" + value.replace("\\", "\\\\").replace("'", "\\'") + "'"
 
 
 def where_clause(filters: Mapping[str, str]) -> str:

@@ -166,3 +166,22 @@ def test_drift_against_a_pinned_reference_period(tmp_path: Path) -> None:
     (same,) = trailing["models"]
     moved = {c["metric"]: (c["baseline"], c["window"], c["drifted"]) for c in same["changes"]}
     assert moved["tool_call_rate"] == (0.5, 0.5, False) and moved["thumbs_down_rate"] == (0.5, 0.5, False)
+
+
+def test_unpinned_model_share_reads_the_same_from_the_rollups(settings: Any, conn: Any) -> None:
+    """The alert backtest's SQL for ``unpinned_model_share`` agrees with the stream's value."""
+    from processors.windows import project
+    from sinks.queries.metrics import METRIC_SQL
+
+    models = ["gpt-4o", "gpt-4o", "gpt-4o-2024-08-06", "claude-sonnet-4-5", "gpt-4o-mini-latest",
+              "gemini-1.5-pro-002", "anthropic.claude-3-haiku-20240307-v1:0", "o1-preview"]  # fmt: skip
+    start = NOW - NOW % 60 - 600
+    runtime = EmbeddedRuntime(settings, conn)
+    runtime.ingest(batch([orjson.dumps(call(model=m, ts=iso(start + i))) for i, m in enumerate(models)]), now=NOW)
+    partials = runtime.calls.flush_windows()
+    runtime.finish()
+    runtime.close()
+    stream = project(partials, ("feature",))[(int(start), "support-chat")].metric("unpinned_model_share")
+    sql = f"SELECT {METRIC_SQL['unpinned_model_share']} FROM llm_calls_1m AS r"
+    # aliases: gpt-4o twice, claude-sonnet-4-5, the -latest and the -preview
+    assert stream == conn.client.query(sql).result_rows[0][0] == 5 / 8

@@ -189,3 +189,18 @@ def test_merge_adds_every_field() -> None:
     a.merge(b)
     a.merge(b)
     assert {name: getattr(a, name) for name in numeric} == {name: 2 * i for i, name in enumerate(numeric, start=1)}
+
+
+def test_calls_naming_a_model_alias_are_counted_as_their_window_closes() -> None:
+    agg = WindowAggregator(60, 0)
+    # the call at T0 + 61 closes the first minute (no lateness): four calls, three of them to an alias
+    first = feed(agg, [(T0 + 1, {"model": "gpt-4o"}), (T0 + 2, {"model": "gpt-4o"}),
+                       (T0 + 3, {"model": "gpt-4o-2024-08-06"}), (T0 + 4, {"model": "claude-sonnet-4-5"}),
+                       (T0 + 61, {"model": "gpt-4o-2024-08-06"})])  # fmt: skip
+    assert {p.key[SCOPE_DIMS.index("model")]: p.unpinned_calls for p in first} == {
+        "gpt-4o": 2, "gpt-4o-2024-08-06": 0, "claude-sonnet-4-5": 1}  # fmt: skip
+    merged = project(first, ("feature",))[(int(T0), "support-chat")]
+    assert (merged.unpinned_calls, merged.calls) == (3, 4) and merged.metric("unpinned_model_share") == 0.75
+    assert WindowPartial.from_wire(merged.to_wire()).unpinned_calls == 3
+    (last,) = agg.flush()
+    assert last.metric("unpinned_model_share") == 0.0
