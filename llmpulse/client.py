@@ -8,11 +8,15 @@ and an API key (``--api-key`` or ``LLMPULSE_API_KEY``).
 
 ``open_for_reading`` is what commands call (``query``, ``gate``, ``trace``, ``drift``, ``report``): a
 ``Connection`` to local ClickHouse when the data directory is free (or on a ClickHouse server), else a
-``RemoteConnection`` whose ``client.query`` goes to the server's ``POST /v1/query``. Code written
-against ``conn.client.query(sql, parameters=...)`` (and ``sinks.queries.run``) runs unchanged on
+``RemoteConnection`` whose ``client.query`` goes to the server's ``POST /v1/query`` and whose named
+queries (``sinks.queries.run``) go by name to ``POST /v1/queries/{name}``. Code written against
+``conn.client.query(sql, parameters=...)`` and ``sinks.queries.run`` runs unchanged on
 either: rows come back with the types ClickHouse reported restored (DateTime → ``datetime``, Date
 → ``date``), so a report computed through the server equals one computed locally. Free SQL needs
-an admin key; the local token the server writes is one. ``run_query``/``run_named_query`` are
+an admin key; the local token the server writes is one. A tenant key runs the named queries that take
+``{tenant:String}`` (the server binds its tenant): ``gate`` and ``trace`` read only through those, so
+they work with a tenant key and see only its rows; ``report`` and ``drift`` also read tables without a
+tenant column (judge and feedback rollups, alerts) and need an admin key. ``run_query``/``run_named_query`` are
 one-shot shortcuts on top.
 """
 
@@ -170,9 +174,18 @@ def remote_named_query(
     return _named(ref, name, params or {}, timeout).records()
 
 
-def _named(ref: ServerRef, name: str, params: dict[str, Any], timeout: float = DEFAULT_TIMEOUT_S) -> QueryResult:
+def _named_result(
+    ref: ServerRef, name: str, params: dict[str, Any], timeout: float = DEFAULT_TIMEOUT_S
+) -> RemoteResult:
+    """``tenant=''`` (every tenant, the local default) is not sent: the server binds a tenant key's
+    own tenant, and gives an admin key every tenant anyway."""
     safe = urllib.parse.quote(name, safe="")
-    r = _result(_call(ref, "POST", f"/v1/queries/{safe}", {"params": _jsonable(params)}, timeout))
+    given = {k: v for k, v in params.items() if not (k == "tenant" and v == "")}
+    return _result(_call(ref, "POST", f"/v1/queries/{safe}", {"params": _jsonable(given)}, timeout))
+
+
+def _named(ref: ServerRef, name: str, params: dict[str, Any], timeout: float = DEFAULT_TIMEOUT_S) -> QueryResult:
+    r = _named_result(ref, name, params, timeout)
     return QueryResult(list(r.column_names), [t.name for t in r.column_types], r.result_rows, ref.url)
 
 
@@ -251,7 +264,8 @@ def _result(out: dict[str, Any]) -> RemoteResult:
 
 @dataclass
 class RemoteClient:
-    """``client.query(sql, parameters=...)`` over ``POST /v1/query`` (read-only on the server's side)."""
+    """``client.query(sql, parameters=...)`` over ``POST /v1/query`` (read-only, admin keys), and
+    ``query_named`` over ``POST /v1/queries/{name}`` (any key; what ``sinks.queries.run`` uses)."""
 
     ref: ServerRef
     database: str = "llmpulse"
@@ -263,6 +277,11 @@ class RemoteClient:
             body["params"] = _jsonable(parameters)
         self.queries += 1
         return _result(_call(self.ref, "POST", "/v1/query", body))
+
+    def query_named(self, name: str, params: dict[str, Any]) -> RemoteResult:
+        """``sinks.queries.run`` routes here: the query runs by name, so a tenant key may run it too."""
+        self.queries += 1
+        return _named_result(self.ref, name, params)
 
     def command(self, cmd: str, parameters: dict[str, Any] | None = None, **_: Any) -> Any:
         """Reads only: the first value of the first row (what ``command`` returns for a SELECT)."""

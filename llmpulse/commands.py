@@ -63,8 +63,9 @@ def _server_options(fn: F) -> F:
         "server_url",
         default=None,
         metavar="URL",
-        envvar="LLMPULSE_SERVER",
-        help="Read through this `llmpulse serve` [default: the one holding --data-dir, found automatically].",
+        envvar="LLMPULSE_SERVER_URL",  # not LLMPULSE_SERVER: pydantic-settings reads that as the `server` section
+        help="Read through this `llmpulse serve` [env LLMPULSE_SERVER_URL; default: the one holding --data-dir, "
+        "found automatically].",
     )(fn)
     return fn
 
@@ -812,7 +813,15 @@ def _human(seconds: float | None) -> str:
 @click.option("--candidate", required=True, help="Release id, or key=value[,key=value] (e.g. variant=canary).")
 @click.option("--baseline", required=True, help="Release id, or key=value[,key=value] (e.g. variant=control).")
 @click.option("--feature", default=None, help="Compare within this feature.")
-@click.option("--since", default="24h", show_default=True, help="Period both are measured over.")
+@click.option(
+    "--since",
+    default="24h",
+    show_default=True,
+    help="Start of the period both are measured over: a duration back from now, or an ISO 8601 time.",
+)
+@click.option(
+    "--until", default=None, help="End of the period: a duration back from now, or an ISO 8601 time [default: now]."
+)
 @click.option("--max-token-increase", type=float, default=None, help="e.g. 0.15: at most +15% tokens per call.")
 @click.option("--max-cost-increase", type=float, default=None, help="e.g. 0.10: at most +10% cost per call.")
 @click.option("--max-p95-ms", type=float, default=None, help="Candidate p95 latency at most this (ms).")
@@ -828,7 +837,8 @@ def _human(seconds: float | None) -> str:
 @_data_options
 @_friendly_errors
 def gate(
-    candidate: str, baseline: str, feature: str | None, since: str, max_token_increase: float | None,
+    candidate: str, baseline: str, feature: str | None, since: str, until: str | None,
+    max_token_increase: float | None,
     max_cost_increase: float | None, max_p95_ms: float | None, max_p95_increase: float | None,
     min_quality_delta: float | None, max_refusal_increase: float | None, max_error_increase: float | None,
     min_calls: int, min_judged: int, allow_inconclusive: bool, as_json: bool, server_url: str | None,
@@ -842,21 +852,23 @@ def gate(
     import time as _time
 
     from llmpulse.client import open_for_reading
-    from llmpulse.gate import GateUsageError, Policy, evaluate, measure, parse_selector
-    from schemas.durations import parse_duration
+    from llmpulse.gate import GateUsageError, Policy, describe_period, evaluate, measure, parse_selector, parse_time
 
+    now = _time.time()
     try:
         cand, base = parse_selector(candidate), parse_selector(baseline)
+        start, end = parse_time(since, now), (now if until is None else parse_time(until, now))
     except GateUsageError as exc:
         console.error(str(exc))
         raise SystemExit(2) from None
+    if start >= end:
+        console.error(f"--since {since} is not before --until {until}: the period is empty")
+        raise SystemExit(2)
     if feature:
         cand["feature"] = base["feature"] = feature
     policy = Policy(max_token_increase, max_cost_increase, max_p95_ms, max_p95_increase, min_quality_delta,
                     max_refusal_increase, max_error_increase, min_calls, min_judged)  # fmt: skip
     settings = _settings(config_path, data_dir, clickhouse_url)
-    end = _time.time()
-    start = end - parse_duration(since)
     conn = open_for_reading(settings, "llmpulse gate", server=server_url, api_key=api_key)
     try:
         result = evaluate(measure(conn, base, start, end, baseline), measure(conn, cand, start, end, candidate), policy)
@@ -876,7 +888,7 @@ def gate(
          "limit": c.limit, "verdict": c.verdict}
         for c in result.checks
     ]  # fmt: skip
-    console.out.print(console.table(f"Gate: {candidate} vs {baseline} over the last {since}", rows))
+    console.out.print(console.table(f"Gate: {candidate} vs {baseline} {describe_period(since, until)}", rows))
     if code == 0:
         console.out.print("[bold green]PROMOTE[/]: every policy holds.")
     elif code == 1:

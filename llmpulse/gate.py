@@ -4,6 +4,12 @@ Compares two releases over the same period on per-call averages (a canary's tota
 smaller), with the sample sizes and a confidence interval for quality, and fails — exit code 1,
 usable in CI before a deploy — when a policy does not hold. The seed's example: quality
 0.84 → 0.87, tokens 620 → 790 (+27.4%), p95 970 ms, limits 15% and 1000 ms: refused on tokens.
+
+Each side is read through named queries (``sinks/queries/gate_calls.sql``, ``gate_quality.sql``)
+that take ``{tenant:String}``: through ``llmpulse serve`` a tenant key gates its own traffic only.
+Judge scores come from ``judge_scores``, which carries the call's team and provider, so every
+selector narrows quality as it narrows calls. A metric without a limit is shown for information
+and never decides the gate, nor makes it inconclusive.
 """
 
 from __future__ import annotations
@@ -11,17 +17,51 @@ from __future__ import annotations
 import math
 import re
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from typing import Any
 
+from schemas.durations import parse_duration
+from sinks import queries
 from sinks.clickhouse import Connection
-from sinks.queries.metrics import sql_literal
 
 SELECTABLE = ("release_id", "prompt_version", "variant", "model", "feature", "team", "provider")
 _HEX12 = re.compile(r"^[0-9a-f]{12}$")
 
 
+NO_LIMIT = "—"
+"""The verdict of a check no policy limits."""
+
+
 class GateUsageError(ValueError):
     pass
+
+
+def parse_time(text: str, now: float) -> float:
+    """``--since``/``--until``: a duration back from now (``24h``, ``0s``) or an ISO 8601 time (UTC unless it says)."""
+    try:
+        return now - parse_duration(text)
+    except (ValueError, TypeError):
+        pass
+    try:
+        at = datetime.fromisoformat(text.strip().replace("Z", "+00:00"))
+    except ValueError:
+        raise GateUsageError(f"{text!r}: expected a duration back from now (24h, 30m) or an ISO 8601 time") from None
+    return (at if at.tzinfo else at.replace(tzinfo=UTC)).timestamp()
+
+
+def describe_period(since: str, until: str | None) -> str:
+    """The table's title as the user put it: ``over the last 24h``, ``from 24h ago to 1h ago``."""
+
+    def point(text: str) -> str:
+        try:
+            parse_duration(text)
+        except ValueError:
+            return text
+        return f"{text} ago"
+
+    if until is None and point(since) != since:
+        return f"over the last {since}"
+    return f"from {point(since)} to {'now' if until is None else point(until)}"
 
 
 def parse_selector(text: str) -> dict[str, str]:
@@ -36,6 +76,8 @@ def parse_selector(text: str) -> dict[str, str]:
         key, value = (x.strip() for x in part.split("=", 1))
         if key not in SELECTABLE:
             raise GateUsageError(f"{text!r}: cannot select on {key!r}; use {', '.join(SELECTABLE)}")
+        if not value:  # '' means "any value" in the gate's queries
+            raise GateUsageError(f"{text!r}: {key} needs a value; leave the key out to take any")
         out[key] = value
     return out
 
@@ -56,40 +98,39 @@ class Side:
     """Half-width of the 95% confidence interval of the mean judge score."""
 
 
-def _where(selector: dict[str, str], alias: str) -> str:
-    return " AND ".join(f"{alias}.{k} = {sql_literal(v)}" for k, v in sorted(selector.items())) or "1"
+def _bound(selector: dict[str, str], start: float, end: float, tenant: str) -> dict[str, Any]:
+    """The parameters of ``gate_calls``/``gate_quality``: every selectable key ('' = any), the period
+    in whole seconds (both ends included), and the tenant ('' = every tenant; a tenant key's own
+    tenant replaces it on the server)."""
+    return {
+        **dict.fromkeys(SELECTABLE, ""),
+        **selector,
+        "start": datetime.fromtimestamp(int(start), UTC),
+        "end": datetime.fromtimestamp(int(end), UTC),
+        "tenant": tenant,
+    }
 
 
-def measure(conn: Connection, selector: dict[str, str], start: float, end: float, label: str) -> Side:
-    client = conn.client
-    span = f"BETWEEN toDateTime({int(start)}) AND toDateTime({int(end)})"
-    calls_row = client.query(
-        "SELECT sum(r.calls), sum(r.input_tokens + r.output_tokens) / sum(r.calls), "
-        "sum(r.output_tokens) / sum(r.calls), sum(r.cost_usd) / sum(r.calls), "
-        "quantilesTDigestMerge(0.5, 0.9, 0.95, 0.99)(r.latency_ms_q)[3], sum(r.refusals) / sum(r.calls), "
-        f"sum(r.errors) / sum(r.calls) FROM llm_calls_1m AS r WHERE {_where(selector, 'r')} AND r.minute {span}"
-    ).result_rows[0]
-    eval_selector = {k: v for k, v in selector.items() if k in ("release_id", "prompt_version", "variant", "model",
-                                                                 "feature")}  # fmt: skip
-    q_row = client.query(
-        "SELECT sum(e.n), sum(e.score_sum), sum(e.score_sumsq) FROM eval_1h AS e "
-        # verdicts roll up per hour: the hour the period starts in counts whole
-        f"WHERE {_where(eval_selector, 'e')} AND e.hour BETWEEN toStartOfHour(toDateTime({int(start)})) "
-        f"AND toDateTime({int(end)})"
-    ).result_rows[0]
-    n = int(q_row[0] or 0)
+def measure(conn: Connection, selector: dict[str, str], start: float, end: float, label: str,
+            tenant: str = "") -> Side:  # fmt: skip
+    """One side over ``[start, end]``, through named queries so a tenant key can gate through the server."""
+    params = _bound(selector, start, end, tenant)
+    (calls_row,) = queries.run(conn.client, "gate_calls", **params)
+    (q_row,) = queries.run(conn.client, "gate_quality", **params)
+    n = int(q_row["n"] or 0)
     quality = ci = None
     if n:
-        mean = q_row[1] / n
-        var = max(q_row[2] / n - mean * mean, 0.0) * n / max(n - 1, 1)
+        mean = q_row["score_sum"] / n
+        var = max(q_row["score_sumsq"] / n - mean * mean, 0.0) * n / max(n - 1, 1)
         quality, ci = mean, 1.96 * math.sqrt(var / n)
-    calls = int(calls_row[0] or 0)
+    calls = int(calls_row["calls"] or 0)
 
-    def num(v: Any) -> float | None:
+    def num(key: str) -> float | None:
+        v = calls_row[key]
         return None if v is None or (isinstance(v, float) and math.isnan(v)) or not calls else float(v)
 
-    return Side(label, calls, num(calls_row[1]), num(calls_row[2]), num(calls_row[3]), num(calls_row[4]),
-                num(calls_row[5]), num(calls_row[6]), quality, n, ci)  # fmt: skip
+    return Side(label, calls, num("tokens_per_call"), num("output_tokens_per_call"), num("cost_per_call"),
+                num("latency_p95_ms"), num("refusal_rate"), num("error_rate"), quality, n, ci)  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -113,7 +154,7 @@ class Check:
     change: str
     limit: str
     verdict: str
-    """pass | FAIL | no data"""
+    """pass | FAIL | no data | — (no limit set: shown for information, never decides the gate)"""
 
 
 @dataclass
@@ -153,9 +194,8 @@ def evaluate(baseline: Side, candidate: Side, p: Policy) -> GateResult:
 
     def relative(name: str, b: float | None, c: float | None, limit: float | None, unit: str = "") -> None:
         change = _rel(b, c)
-        if limit is None:
-            verdict = "pass" if change is not None else "no data"
-            shown = "—"
+        if limit is None:  # nothing asked of it: a baseline of 0 (an unpriced model's cost) cannot stall the gate
+            verdict = shown = NO_LIMIT
         else:
             verdict = "no data" if change is None or not enough else ("pass" if change <= limit else "FAIL")
             shown = f"<= {limit:+.0%}"
@@ -174,7 +214,7 @@ def evaluate(baseline: Side, candidate: Side, p: Policy) -> GateResult:
         ("error rate", baseline.error_rate, candidate.error_rate, p.max_error_increase),
     ):
         change = None if b is None or c is None else c - b
-        verdict = "pass"
+        verdict = NO_LIMIT
         if limit is not None:
             verdict = "no data" if change is None or not enough else ("pass" if change <= limit else "FAIL")
         r.checks.append(Check(name, _fmt(b, "%"), _fmt(c, "%"), f"{change:+.1%}" if change is not None else "—",
@@ -183,7 +223,7 @@ def evaluate(baseline: Side, candidate: Side, p: Policy) -> GateResult:
     delta = None if bq is None or cq is None else cq - bq
     judged = baseline.quality_n >= p.min_judged and candidate.quality_n >= p.min_judged
     if p.min_quality_delta is None:
-        verdict = "pass"
+        verdict = NO_LIMIT
     else:
         verdict = "no data" if delta is None or not judged else ("pass" if delta >= p.min_quality_delta else "FAIL")
 

@@ -1453,7 +1453,7 @@ class QueryService:
                     "take {tenant:String} (GET /v1/queries marks them)",
                 )  # fmt: skip
             asked = params.get("tenant")
-            if asked not in (None, principal.tenant):
+            if asked not in (None, "", principal.tenant):  # '' (every tenant) narrows to the key's own
                 raise Problem(403, "forbidden", f"this key belongs to tenant {principal.tenant!r}, not {asked!r}")
             params["tenant"] = principal.tenant
         elif query.tenant_scoped:
@@ -1813,17 +1813,21 @@ class IngestServer:
         parse: Callable[[bytes, Principal], tuple[ParsedEvents, Any]],
         respond: Callable[[Outcome, Any], tuple[int, bytes, str]],
     ) -> web.Response:
-        """Auth → limits → parse → idempotency → group commit → the answer (also remembered for retries)."""
+        """Auth → limits → parse → idempotency → group commit → the answer (also remembered for retries).
+
+        Overload (503) is checked before the rate limit takes its tokens: a request the server had no
+        room for has not used the key's budget, so its retry is not refused with 429 for it.
+        """
         principal = self.authenticate(request)
-        wait = self.limiter.check_request(principal)
-        if wait:
-            raise self._rate_limited(principal, wait, "requests")
         assert self.committer is not None and self.idempotency is not None
         key = self._idempotency_key(request)
         if key is None or self.idempotency.get(principal.tenant, key) is None:  # a replay is answered even so
             problem = self.committer.overloaded()
             if problem is not None:
                 raise problem
+        wait = self.limiter.check_request(principal)
+        if wait:
+            raise self._rate_limited(principal, wait, "requests")
         body = await self.read_body(request)
         tenant = principal.tenant
         digest = ""
@@ -1846,15 +1850,15 @@ class IngestServer:
                     )
         parsed, context = parse(body, principal)
         self.metrics.events.labels(route, self.metrics.tenant(tenant)).inc(parsed.count)
-        wait = self.limiter.check_events(principal, parsed.count)
-        if wait:
-            raise self._rate_limited(principal, wait, f"{parsed.count} events")
         if parsed.count == 0:
             status, data, ctype = respond(Outcome(), context)
             return response(status=status, body=data, content_type=ctype)
         problem = self.committer.overloaded(parsed.count, parsed.nbytes)
         if problem is not None:
             raise problem
+        wait = self.limiter.check_events(principal, parsed.count)
+        if wait:
+            raise self._rate_limited(principal, wait, f"{parsed.count} events")
         loop = asyncio.get_running_loop()
         sub = Submission(route, parsed, loop.create_future(), time.monotonic())
         if self.validator is not None:

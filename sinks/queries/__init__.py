@@ -8,7 +8,7 @@ Tables are unqualified: the client's database (``llmpulse`` by default) applies.
 from __future__ import annotations
 
 from importlib import resources
-from typing import Any
+from typing import Any, Protocol, runtime_checkable
 
 from clickhouse_connect.driver.client import Client
 
@@ -40,7 +40,31 @@ def describe(name: str) -> str:
     return " ".join(lines)
 
 
-def run(client: Client, name: str, **params: Any) -> list[dict[str, Any]]:
-    result = client.query(sql(name), parameters={**DEFAULTS, **params})
+class _Result(Protocol):
+    @property
+    def column_names(self) -> Any: ...
+
+    @property
+    def result_rows(self) -> Any: ...
+
+
+@runtime_checkable
+class ByName(Protocol):
+    """A client that runs named queries by name: ``llmpulse serve``'s ``POST /v1/queries/{name}``.
+
+    The server holds the same files and binds a tenant key's tenant itself, which it cannot do
+    for SQL text; so a tenant key can run ``report``/``gate``/``trace`` queries, only ever on its
+    own rows, and an admin key gets the same answer as a local run.
+    """
+
+    def query_named(self, name: str, params: dict[str, Any]) -> _Result: ...
+
+
+def run(client: Client | ByName, name: str, **params: Any) -> list[dict[str, Any]]:
+    """Rows of a named query as dicts; through a server (``ByName``) it goes by name, not as SQL."""
+    if isinstance(client, ByName):
+        result = client.query_named(name, params)  # the server applies DEFAULTS (and a tenant key's tenant)
+    else:
+        result = client.query(sql(name), parameters={**DEFAULTS, **params})
     cols = result.column_names
     return [dict(zip(cols, row, strict=True)) for row in result.result_rows]

@@ -7,12 +7,24 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import orjson
 import pytest
 
-from llmpulse.gate import Policy, evaluate, measure, parse_selector
-from tests.conftest import call, iso
+from llmpulse.gate import (
+    NO_LIMIT,
+    GateUsageError,
+    Policy,
+    Side,
+    describe_period,
+    evaluate,
+    measure,
+    parse_selector,
+    parse_time,
+)
+from llmpulse.runtime import EmbeddedRuntime
+from tests.conftest import NOW, batch, call, iso
 from tests.llmpulse.test_cli import ENV
 
 
@@ -77,3 +89,108 @@ def test_gate_cli_exits_non_zero_with_a_readable_table(tmp_path: Path) -> None:
     assert json.loads(ok.stdout)["passed"] is True
     thin = subprocess.run([*args, "--min-calls", "5000"], capture_output=True, text=True, env=ENV, check=False)
     assert thin.returncode == 3 and "INCONCLUSIVE" in thin.stdout
+
+
+def _side(label: str, cost: float | None, tokens: float) -> Side:
+    return Side(label, 100, tokens, tokens / 4, cost, 900.0, 0.0, 0.0, None, 0, None)
+
+
+def test_a_check_without_a_limit_never_makes_the_gate_inconclusive() -> None:
+    """An unpriced model costs 0 per call on both sides: no relative change, but no cost limit was asked for."""
+    result = evaluate(_side("b", 0.0, 600.0), _side("c", 0.0, 630.0), Policy(max_token_increase=0.15))
+    verdicts = {c.metric: (c.change, c.verdict) for c in result.checks}
+    assert verdicts["tokens per call"] == ("+5.0%", "pass")
+    assert verdicts["cost per call"] == ("—", NO_LIMIT)
+    assert verdicts["quality (judge score)"] == ("—", NO_LIMIT)
+    assert result.passed and result.conclusive
+    limited = evaluate(_side("b", 0.0, 600.0), _side("c", 0.0, 630.0), Policy(max_cost_increase=0.1))
+    assert {c.metric: c.verdict for c in limited.checks}["cost per call"] == "no data"  # asked for, cannot tell
+    assert not limited.conclusive
+
+
+def _teams_and_tenants(settings: Any, conn: Any) -> None:
+    """20 canary calls of one feature, call i judged i/20: teams a (i < 10) and b, providers openai
+    (even i) and azure, tenants t1 (i < 5 or i >= 15) and t2."""
+    events = [
+        call(request_id=f"q{i}", feature="triage", variant="canary", team="a" if i < 10 else "b",
+             provider="openai" if i % 2 == 0 else "azure", tenant="t1" if i < 5 or i >= 15 else "t2",
+             input_tokens=100 * (i + 1), output_tokens=0, ts=iso(NOW - 1800 + i))
+        for i in range(20)
+    ]  # fmt: skip
+    verdicts = [
+        {"kind": "judge_result", "request_id": f"q{i}", "rubric": "helpfulness", "score": i / 20, "judge_model": "j",
+         "ts": iso(NOW - 900)}
+        for i in range(20)
+    ]  # fmt: skip
+    runtime = EmbeddedRuntime(settings, conn)
+    runtime.ingest(batch([orjson.dumps(e) for e in events]), now=NOW)
+    runtime.flush()
+    runtime.ingest(batch([orjson.dumps(v) for v in verdicts], first=100), now=NOW)
+    runtime.finish()
+    runtime.close()
+
+
+def test_team_provider_and_tenant_narrow_the_judge_score_too(settings: Any, conn: Any) -> None:
+    _teams_and_tenants(settings, conn)
+
+    def side(text: str, tenant: str = "") -> tuple[int, float | None, int, float | None]:
+        s = measure(conn, parse_selector(text), NOW - 7200, NOW, text, tenant)
+        return s.calls, s.tokens_per_call, s.quality_n, s.quality
+
+    assert side("variant=canary") == (20, 1050.0, 20, pytest.approx(9.5 / 20))
+    assert side("variant=canary,team=a") == (10, 550.0, 10, pytest.approx(4.5 / 20))  # i = 0..9
+    assert side("variant=canary,team=b") == (10, 1550.0, 10, pytest.approx(14.5 / 20))
+    assert side("variant=canary,provider=openai") == (10, 1000.0, 10, pytest.approx(9.0 / 20))  # even i
+    assert side("variant=canary,team=b,provider=azure") == (5, 1600.0, 5, pytest.approx(15.0 / 20))  # 11..19 odd
+    assert side("variant=canary", tenant="t1") == (10, 1050.0, 10, pytest.approx(9.5 / 20))  # 0..4 and 15..19
+    assert side("variant=canary", tenant="t2") == (10, 1050.0, 10, pytest.approx(9.5 / 20))
+    assert side("variant=canary,team=a", tenant="t1") == (5, 300.0, 5, pytest.approx(2.0 / 20))  # 0..4
+    assert side("variant=canary", tenant="nobody") == (0, None, 0, None)
+
+
+def test_selectors_need_values_and_periods_read_both_ways() -> None:
+    with pytest.raises(GateUsageError, match="team needs a value"):
+        parse_selector("variant=canary,team=")
+    assert parse_time("2h", 1_000_000.0) == 1_000_000.0 - 7200
+    assert parse_time("2026-11-18T11:06:40Z", 0) == parse_time("2026-11-18T11:06:40", 0) == NOW
+    with pytest.raises(GateUsageError, match="expected a duration"):
+        parse_time("yesterday", 0)
+    assert describe_period("24h", None) == "over the last 24h"
+    assert describe_period("24h", "1h") == "from 24h ago to 1h ago"
+    assert describe_period("2026-11-18T00:00:00Z", None) == "from 2026-11-18T00:00:00Z to now"
+
+
+def test_gate_cli_until_ends_the_period_and_an_unpriced_model_is_conclusive(tmp_path: Path) -> None:
+    """Two hours of an unpriced model: tokens per call rise only in the second hour. ``--until`` at the
+    end of the first hour passes the gate (0 when only the token limit is set, not 3 for "no cost data")."""
+    first = (int(time.time()) // 3600 - 3) * 3600  # the start of an hour, 3 to 4 hours ago
+    lines = []
+    for hour, cand_out in ((0, 100), (1, 400)):
+        for i in range(60):
+            t = first + hour * 3600 + 60 * i
+            lines.append(call(event_id=f"b{hour}-{i}", model="in-house-llm", variant="control", input_tokens=500,
+                              output_tokens=100, ts=iso(t)))  # fmt: skip
+            lines.append(call(event_id=f"c{hour}-{i}", model="in-house-llm", variant="canary", input_tokens=500,
+                              output_tokens=cand_out, ts=iso(t)))  # fmt: skip
+    events = tmp_path / "two-hours.jsonl"
+    events.write_text("\n".join(orjson.dumps(x).decode() for x in lines) + "\n")
+    data = tmp_path / "d"
+    subprocess.run([sys.executable, "-m", "llmpulse.cli", "replay", str(events), "--data-dir", str(data)],
+                   check=True, capture_output=True, env=ENV)  # fmt: skip
+    args = [sys.executable, "-m", "llmpulse.cli", "gate", "--candidate", "variant=canary", "--baseline",
+            "variant=control", "--since", iso(first), "--max-token-increase", "0.15", "--json",
+            "--data-dir", str(data)]  # fmt: skip
+    # minutes are inclusive at both ends: the first hour is [first, first + 59 min]
+    hour_one = subprocess.run([*args, "--until", iso(first + 3540)], capture_output=True, text=True, env=ENV,
+                              check=False)  # fmt: skip
+    out = json.loads(hour_one.stdout)
+    assert hour_one.returncode == 0, hour_one.stdout
+    assert (out["baseline"]["calls"], out["candidate"]["calls"]) == (60, 60)
+    assert (out["baseline"]["tokens_per_call"], out["candidate"]["tokens_per_call"]) == (600.0, 600.0)
+    assert out["conclusive"] is True and out["baseline"]["cost_per_call"] == 0.0
+    both = subprocess.run(args, capture_output=True, text=True, env=ENV, check=False)
+    out = json.loads(both.stdout)
+    assert both.returncode == 1  # 750 tokens per call against 600: +25%
+    assert (out["candidate"]["calls"], out["candidate"]["tokens_per_call"]) == (120, 750.0)
+    empty = subprocess.run([*args, "--until", "5h"], capture_output=True, text=True, env=ENV, check=False)
+    assert empty.returncode == 2 and "the period is empty" in empty.stderr

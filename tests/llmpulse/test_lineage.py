@@ -9,8 +9,9 @@ from pathlib import Path
 from typing import Any
 
 import orjson
+import pytest
 
-from llmpulse.lineage import trace
+from llmpulse.lineage import NotFound, trace
 from llmpulse.runtime import EmbeddedRuntime
 from processors.release import release_id
 from tests.conftest import NOW, batch, call, iso
@@ -89,3 +90,32 @@ def test_trace_cli(tmp_path: Path) -> None:
         assert text in shown.stdout, shown.stdout
     missing = subprocess.run([*args, "nope"], capture_output=True, text=True, env=ENV, check=False)
     assert missing.returncode == 1 and "no call with request_id 'nope'" in missing.stderr
+
+
+def test_the_comparison_is_with_the_last_release_of_the_feature_whatever_changed(settings: Any, conn: Any) -> None:
+    """v1 on gpt-4o two days ago, then a switch to gpt-4o-mini a day ago, then v2 back on gpt-4o: v2 is
+    compared with the gpt-4o-mini release it followed, not with the older release on its own model."""
+    events = [
+        *(call(request_id=f"v1-{i}", feature="faq", prompt_version="v1", ts=iso(NOW - 2 * 86400 + i))
+          for i in range(4)),
+        *(call(request_id=f"mini-{i}", feature="faq", prompt_version="v1", model="gpt-4o-mini", output_tokens=100,
+               ts=iso(NOW - 86400 + i)) for i in range(6)),
+        *(call(request_id=f"v2-{i}", feature="faq", prompt_version="v2", output_tokens=300, ts=iso(NOW - 3600 + i))
+          for i in range(3)),
+        call(request_id="elsewhere", feature="other", prompt_version="v9", ts=iso(NOW - 1800)),  # another feature
+    ]  # fmt: skip
+    runtime = EmbeddedRuntime(settings, conn)
+    runtime.ingest(batch([orjson.dumps(e) for e in events]), now=NOW)
+    runtime.finish()
+    runtime.close()
+    t = trace(conn, "v2-1")
+    assert t.previous_release is not None
+    assert t.previous_release.release_id == release_id("v1", "gpt-4o-mini", None, None, None, None)
+    assert (t.previous_release.model, t.previous_release.calls) == ("gpt-4o-mini", 6)
+    assert t.comparison is not None
+    tokens = {c.metric: c for c in t.comparison.checks}["tokens per call"]
+    assert (tokens.baseline, tokens.candidate, tokens.change) == ("1,100", "1,300", "+18.2%")
+    before_mini = trace(conn, "mini-0").previous_release
+    assert before_mini is not None and before_mini.release_id == release_id("v1", "gpt-4o", None, None, None, None)
+    with pytest.raises(NotFound):  # bound to a tenant, another tenant's call is not there
+        trace(conn, "v2-1", tenant="someone-else")

@@ -122,15 +122,19 @@ class Server:
     args: list[str] = field(default_factory=list)
     proc: subprocess.Popen[bytes] | None = None
     url: str = ""
+    hook: str | None = None
+    """Code run in the server process before it starts (``workers.crashing_cli``), e.g. to stall writes."""
+    env: dict[str, str] = field(default_factory=dict)
 
     def start(self, timeout: float = 90) -> Server:
         self.log.write_text("")
         out = self.log.open("ab")
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "llmpulse.cli", "serve", "--config", str(self.config),
-             "--data-dir", str(self.data_dir), *self.args],
-            stdout=out, stderr=subprocess.STDOUT, env=ENV, cwd=ROOT,
-        )  # fmt: skip
+        command = [sys.executable, "-m", "llmpulse.cli", "serve", "--config", str(self.config),
+                   "--data-dir", str(self.data_dir), *self.args]  # fmt: skip
+        if self.hook is not None:
+            command = [sys.executable, "-c", crashing_cli(self.hook, "serve", *self.args), str(self.config),
+                       str(self.data_dir)]  # fmt: skip
+        self.proc = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env={**ENV, **self.env}, cwd=ROOT)
         self.url = wait_listening(self.proc, self.log, timeout)
         return self
 
@@ -439,6 +443,55 @@ def test_python_otel_sdk_spans_become_priced_calls(server: Server, keys: Keys) -
     assert re.search(r'llmpulse_otlp_spans_total\{outcome="ignored_non_genai"\} [1-9]', metrics)
 
 
+def otlp_json(service: str, spans: int, non_genai: int = 0) -> bytes:
+    """An OTLP/JSON export of ``spans`` GenAI chat spans (and ``non_genai`` others), built by hand, gzipped."""
+    t0 = time.time_ns() - 120 * 10**9
+    trace_id = secrets.token_hex(16)
+
+    def span(i: int, genai: bool) -> dict[str, Any]:
+        attrs = [
+            ("gen_ai.operation.name", {"stringValue": "chat"}),
+            ("gen_ai.provider.name", {"stringValue": "openai"}),
+            ("gen_ai.request.model", {"stringValue": "gpt-4o-mini"}),
+            ("gen_ai.usage.input_tokens", {"intValue": "100"}),
+            ("gen_ai.usage.output_tokens", {"intValue": "10"}),
+        ]
+        return {"traceId": trace_id, "spanId": f"{i + 1:016x}", "name": "chat gpt-4o-mini" if genai else "SELECT",
+                "kind": 3, "startTimeUnixNano": str(t0 + i * 10**6), "endTimeUnixNano": str(t0 + i * 10**6 + 5 * 10**8),
+                "attributes": [{"key": k, "value": v} for k, v in attrs] if genai else []}  # fmt: skip
+
+    every = [span(i, True) for i in range(spans)] + [span(spans + i, False) for i in range(non_genai)]
+    return gzip.compress(orjson.dumps({"resourceSpans": [{
+        "resource": {"attributes": [{"key": "service.name", "value": {"stringValue": service}}]},
+        "scopeSpans": [{"scope": {"name": "test"}, "spans": every}],
+    }]}))  # fmt: skip
+
+
+def test_otlp_limits_answer_413_and_429_in_the_otlp_encoding(server: Server, keys: Keys) -> None:
+    run = uuid.uuid4().hex[:10]
+    json_type = {"Content-Type": "application/json", "Content-Encoding": "gzip"}
+    # 2,001 GenAI spans against max_events_per_request 2,000; the 500 other spans do not count
+    many = request(f"{server.url}/v1/traces", otlp_json(f"{run}-many", 2001), key=keys.acme, headers=json_type)
+    assert many.status == 413 and many.json()["code"] == 8  # google.rpc.Code RESOURCE_EXHAUSTED
+    assert "2001 GenAI call spans in one request" in many.json()["message"]
+    fits = request(f"{server.url}/v1/traces", otlp_json(f"{run}-fits", 2000, 500), key=keys.acme, headers=json_type)
+    assert fits.status == 200, fits.body
+    # the rate-limited key (20 events/s, burst 100): 100 spans drain the bucket, the next 100 wait for it
+    body = otlp_json(f"{run}-limited", 100)
+    first = request(f"{server.url}/v1/traces", body, key=keys.limited, headers=json_type)
+    while first.status == 429:  # an earlier test may have left the bucket part-empty
+        time.sleep(int(first.headers["Retry-After"]))
+        first = request(f"{server.url}/v1/traces", body, key=keys.limited, headers=json_type)
+    assert first.status == 200, first.body
+    second = request(f"{server.url}/v1/traces", otlp_json(f"{run}-limited-2", 100), key=keys.limited,
+                     headers=json_type)  # fmt: skip
+    assert second.status == 429 and second.json()["code"] == 8
+    assert 1 <= int(second.headers["Retry-After"]) <= 6 and "rate limit" in second.json()["message"]
+    counts = server.sql(keys.admin, "SELECT service, count() AS n FROM llm_calls FINAL WHERE startsWith(service, "
+                        "{r:String}) GROUP BY service ORDER BY service", r=run)  # fmt: skip
+    assert counts == [{"service": f"{run}-fits", "n": 2000}, {"service": f"{run}-limited", "n": 100}]
+
+
 def test_js_otel_sdk_json_spans_become_priced_calls(server: Server, keys: Keys) -> None:
     node = shutil.which("node")
     if node is None:
@@ -498,16 +551,29 @@ def cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedPr
 
 
 def test_trace_and_gate_read_through_the_running_server(server: Server, keys: Keys) -> None:
-    """`trace` and `gate` run their SQL through /v1/query (the local admin token), types restored."""
+    """`trace` and `gate` run named queries through the server, types restored: with the local admin
+    token over every tenant, with a tenant key over that tenant's calls only."""
     run = uuid.uuid4().hex[:10]
     feature = f"gate-{run}"
     t0 = time.time() - 1800
-    base = [call(event_id=f"{run}-a{i}", feature=feature, prompt_version="v1", ts=iso(t0 + i), input_tokens=1000,
-                 output_tokens=200, request_id=f"{run}-ra{i}", trace_id=f"{run}-t") for i in range(6)]  # fmt: skip
-    cand = [call(event_id=f"{run}-b{i}", feature=feature, prompt_version="v2", ts=iso(t0 + 600 + i),
-                 input_tokens=1300, output_tokens=200, request_id=f"{run}-rb{i}") for i in range(4)]  # fmt: skip
+
+    def calls(tag: str, n: int, prompt: str, inp: int, at: float, **extra: Any) -> list[dict[str, Any]]:
+        return [call(event_id=f"{run}-{tag}{i}", feature=feature, prompt_version=prompt, ts=iso(at + i),
+                     input_tokens=inp, output_tokens=200, request_id=f"{run}-r{tag}{i}", **extra)
+                for i in range(n)]  # fmt: skip
+
+    # acme: 6 baseline calls of 1,200 tokens (one agent trace), 4 candidate calls of 1,500
+    acme = [*calls("a", 6, "v1", 1000, t0, trace_id=f"{run}-t"), *calls("b", 4, "v2", 1300, t0 + 600)]
     feedback = {"kind": "feedback", "request_id": f"{run}-ra2", "ts": iso(t0 + 30), "thumbs": "down"}
-    assert post_events(server.url, [*base, *cand, feedback], keys.acme).json()["accepted"] == 11
+    assert post_events(server.url, [*acme, feedback], keys.acme).json()["accepted"] == 11
+    # beta, same feature and prompts: 2 baseline calls of 2,000 tokens, 4 candidate calls of 2,500
+    beta = [*calls("x", 2, "v1", 1800, t0 + 10), *calls("y", 4, "v2", 2300, t0 + 610)]
+    assert post_events(server.url, beta, keys.beta).json()["accepted"] == 6
+    # the judge (admin key): acme's candidate calls score 0.8, beta's 0.2
+    verdicts = [{"kind": "judge_result", "request_id": f"{run}-r{tag}{i}", "rubric": "helpfulness", "score": score,
+                 "judge_model": "j", "ts": iso(t0 + 900)}
+                for tag, score in (("b", 0.8), ("y", 0.2)) for i in range(4)]  # fmt: skip
+    assert post_events(server.url, verdicts, keys.admin).json()["accepted"] == 8
 
     traced = cli("trace", f"{run}-ra2", "--json", "--data-dir", str(server.data_dir))
     assert traced.returncode == 0, traced.stderr
@@ -517,22 +583,55 @@ def test_trace_and_gate_read_through_the_running_server(server: Server, keys: Ke
     assert t["call"]["ts"].startswith(iso(t0 + 2)[:19])  # a datetime again (rendered by the CLI), not a string
     assert [f["thumbs"] for f in t["feedback"]] == ["down"]
     assert t["flow"]["calls"] == 6 and t["flow"]["position"] == 3  # the DateTime64 parameter went through
-    assert t["this_release"]["calls"] == 6
+    assert t["this_release"]["calls"] == 8  # the local token is an admin's: every tenant's calls of the release
 
-    gated = cli("gate", "--candidate", "prompt_version=v2", "--baseline", "prompt_version=v1", "--feature", feature,
-                "--since", "2h", "--min-calls", "1", "--max-token-increase", "0.1", "--json",
-                "--data-dir", str(server.data_dir))  # fmt: skip
+    gate = ("gate", "--candidate", "prompt_version=v2", "--baseline", "prompt_version=v1", "--feature", feature,
+            "--since", "2h", "--min-calls", "1", "--max-token-increase", "0.1", "--json")  # fmt: skip
+    gated = cli(*gate, "--data-dir", str(server.data_dir))
+    assert gated.returncode == 1, gated.stderr
+    g = json.loads(gated.stdout)
+    assert (g["baseline"]["calls"], g["candidate"]["calls"]) == (8, 8)
+    assert (g["baseline"]["tokens_per_call"], g["candidate"]["tokens_per_call"]) == (1400, 2000)
+    assert (g["candidate"]["quality_n"], g["candidate"]["quality"]) == (8, pytest.approx(0.5))
+
+    # a tenant key: the same commands, bound to acme on the server
+    as_acme = ("--server", server.url, "--api-key", keys.acme, "--data-dir", str(server.data_dir / "elsewhere"))
+    gated = cli(*gate, *as_acme)
     assert gated.returncode == 1, gated.stderr  # +25% tokens per call against a 10% policy
     g = json.loads(gated.stdout)
     assert (g["baseline"]["calls"], g["candidate"]["calls"]) == (6, 4)
     assert (g["baseline"]["tokens_per_call"], g["candidate"]["tokens_per_call"]) == (1200, 1500)
+    assert (g["candidate"]["quality_n"], g["candidate"]["quality"]) == (4, pytest.approx(0.8))
     assert [c["verdict"] for c in g["checks"] if c["metric"] == "tokens per call"] == ["FAIL"]
-
-    with_tenant_key = cli("trace", f"{run}-ra2", "--server", server.url, "--api-key", keys.beta,
-                          "--data-dir", str(server.data_dir / "elsewhere"))  # fmt: skip
-    assert with_tenant_key.returncode == 2 and "admin key" in with_tenant_key.stderr
+    traced = cli("trace", f"{run}-rb1", "--json", *as_acme)
+    assert traced.returncode == 0, traced.stderr
+    t = json.loads(traced.stdout)
+    assert (t["call"]["tenant"], t["this_release"]["calls"], t["previous_release"]["calls"]) == ("acme", 4, 6)
+    assert [(v["rubric"], v["score"]) for v in t["verdicts"]] == [("helpfulness", 0.8)]
+    tokens = next(c for c in t["comparison"]["checks"] if c["metric"] == "tokens per call")
+    assert (tokens["baseline"], tokens["candidate"], tokens["change"]) == ("1,200", "1,500", "+25.0%")
+    others = cli("trace", f"{run}-ra2", "--server", server.url, "--api-key", keys.beta,
+                 "--data-dir", str(server.data_dir / "elsewhere"))  # fmt: skip
+    assert others.returncode == 1 and f"no call with request_id '{run}-ra2'" in others.stderr
+    # what reads tables without a tenant column says it needs an admin key
+    drift = cli("drift", "--feature", feature, *as_acme)
+    assert drift.returncode == 2 and "not filtered by tenant" in drift.stderr and "admin key" in drift.stderr
     nowhere = cli("trace", "x", "--server", "http://127.0.0.1:9", "--api-key", "k")
     assert nowhere.returncode == 2 and "cannot reach llmpulse serve at http://127.0.0.1:9" in nowhere.stderr
+
+
+def test_the_server_url_comes_from_llmpulse_server_url(server: Server, keys: Keys) -> None:
+    """LLMPULSE_SERVER_URL, not LLMPULSE_SERVER: pydantic-settings reads LLMPULSE_SERVER as the config's
+    `server` section, so that name broke every command; on this machine neither is needed."""
+    elsewhere = ("--data-dir", str(server.data_dir / "elsewhere"))
+    env = {**ENV, "LLMPULSE_SERVER_URL": server.url, "LLMPULSE_API_KEY": keys.admin}
+    proc = cli("query", "SELECT 41 + 1 AS answer", "--format", "json", *elsewhere, env=env)
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout) == [{"answer": 42}]
+    assert f"through llmpulse serve at {server.url} (found via --server)" in proc.stderr
+    found = cli("query", "SELECT 42 AS answer", "--format", "json", "--data-dir", str(server.data_dir))
+    assert found.returncode == 0 and json.loads(found.stdout) == [{"answer": 42}], found.stderr
+    assert f"through llmpulse serve at {server.url} (found via the lock file of" in found.stderr
 
 
 def test_client_helpers_read_through_the_server(server: Server, keys: Keys) -> None:
@@ -691,6 +790,76 @@ def test_embedded_backpressure_answers_503_and_loses_nothing(tmp_path: Path, key
         metrics = request(f"{srv.url}/metrics").body.decode()
         assert re.search(r'llmpulse_http_refused_total\{reason="overloaded"\} [1-9]', metrics)
     finally:
+        assert srv.stop() == 0, srv.log.read_text()[-3000:]
+
+
+STALL_WRITES = """
+import os
+import time
+import llmpulse.server as srv
+original = srv.EmbeddedCommitter._process_and_write
+
+def stalled(self, grp, seq):
+    while os.path.exists(os.environ["STALL_WHILE"]):  # a slow ClickHouse, for as long as the test says
+        time.sleep(0.05)
+    original(self, grp, seq)
+
+srv.EmbeddedCommitter._process_and_write = stalled
+"""
+
+
+def test_a_503_takes_no_rate_limit_tokens_and_health_shows_a_stalled_write(tmp_path: Path, keys: Keys) -> None:
+    """A write held up: /healthz answers 503 degraded once it outlasts stall_timeout; meanwhile a
+    rate-limited key's batch finds no room (503) and, once the write lands, its retry is accepted:
+    the 503 spent none of its 100 tokens (it refills at 1 event/s, so a spent bucket would answer 429)."""
+    slow = f"lpk_test_slow_{secrets.token_urlsafe(16)}"
+    entries = [*yaml.safe_load(keys.file.read_text()),
+               {"key_hash": hash_api_key(slow), "tenant": "slow", "rate_limit": {"events_per_second": 1,
+                                                                                  "burst_events": 100}}]  # fmt: skip
+    own_keys = tmp_path / "keys.yaml"
+    own_keys.write_text(yaml.safe_dump(entries))
+    limits = {"keys_file": str(own_keys), "max_pending_events": 150, "max_events_per_request": 150, "stall_timeout": 2}
+    config = write_config(tmp_path / "llmpulse.yaml", keys, limits)
+    gate = tmp_path / "stall"
+    srv = Server(config, tmp_path / "data", tmp_path / "serve.log", hook=STALL_WRITES, env={"STALL_WHILE": str(gate)})
+    srv.start()
+    try:
+        run = uuid.uuid4().hex[:10]
+        gate.touch()
+        held: list[Reply] = []
+        first = [call(event_id=f"{run}-a{i}", service=run, ts=recent()) for i in range(100)]
+        writer = threading.Thread(target=lambda: held.append(post_events(srv.url, first, keys.acme)))
+        writer.start()
+
+        def health() -> tuple[int, dict[str, Any]]:
+            reply = request(f"{srv.url}/healthz")
+            return reply.status, reply.json()
+
+        deadline = time.time() + 30
+        while health()[1]["pending_events"] != 100 and time.time() < deadline:
+            time.sleep(0.05)
+        status, body = health()
+        assert (status, body["status"], body["pending_events"]) == (200, "ok", 100)  # held, not yet stalled
+        batch = [call(event_id=f"{run}-b{i}", service=run, ts=recent()) for i in range(100)]
+        full = post_events(srv.url, batch, slow)
+        assert full.status == 503 and "100 events are waiting to be written (limit 150)" in full.json()["error"]
+        while health()[0] != 503 and time.time() < deadline:
+            time.sleep(0.1)
+        status, body = health()
+        assert (status, body["status"]) == (503, "degraded") and body["oldest_write_in_progress_s"] > 2, body
+        assert post_events(srv.url, batch, slow).json()["code"] == "overloaded"  # stalled: refused up front
+        gate.unlink()
+        writer.join(60)
+        assert [r.status for r in held] == [200]
+        retry = post_events(srv.url, batch, slow)
+        assert retry.status == 200 and retry.json()["accepted"] == 100, retry.body
+        again = post_events(srv.url, [call(service=run, ts=recent())], slow)  # now the bucket is spent
+        assert again.status == 429 and again.json()["code"] == "rate_limited"
+        status, body = health()
+        assert (status, body["status"], body["pending_events"]) == (200, "ok", 0)
+        assert srv.scalar(keys.admin, "SELECT count() FROM llm_calls FINAL WHERE service = {s:String}", s=run) == 200
+    finally:
+        gate.unlink(missing_ok=True)
         assert srv.stop() == 0, srv.log.read_text()[-3000:]
 
 
