@@ -13,8 +13,12 @@ Figures:
 3. backpressure: a small ``max_pending_events`` and a flood of concurrent requests: how many 503s
    with which Retry-After, and whether every event answered 200 is in ClickHouse exactly once.
 
-Run: ``python -m bench.serve_ingest [--kafka 127.0.0.1:19092] [--events 200000]``. Everything is
-exact-checked afterwards through the server's own read API.
+Run: ``python -m bench.serve_ingest [--kafka 127.0.0.1:19092] [--events 200000] [--no-alerting]``.
+The server runs with the default configuration, alerting included (the stream's window aggregates
+and rules cost CPU on every batch); ``--no-alerting`` measures without them, and every result says
+which. Every run is exact-checked afterwards, and the benchmark fails (exit 1) on any difference:
+embedded, ``count()`` of ``llm_calls FINAL`` and of its raw rows through the server's read API;
+Kafka mode, the messages the run added to the calls topic (the sum of its end offsets).
 """
 
 from __future__ import annotations
@@ -135,15 +139,53 @@ def _load_main(argv: list[str]) -> None:
 # ------------------------------------------------------------------------------------------------
 
 
+class Mismatch(AssertionError):
+    """What was stored or published differs from what the server answered 200 for."""
+
+
+def expect(what: str, got: Any, want: Any) -> None:
+    if got != want:
+        raise Mismatch(f"{what}: {got} stored, {want} sent and answered 200")
+
+
+async def _end_offsets(bootstrap: str, topic: str) -> int:
+    """Messages in ``topic`` so far (sum of its partitions' end offsets)."""
+    from aiokafka import AIOKafkaConsumer, TopicPartition
+
+    from ingest.kafka import client_options
+    from schemas.config import KafkaSettings
+
+    consumer = AIOKafkaConsumer(**client_options(KafkaSettings(bootstrap_servers=bootstrap)))
+    await consumer.start()
+    try:
+        parts = consumer.partitions_for_topic(topic)
+        if not parts:
+            await consumer._client.force_metadata_update()
+            parts = consumer.partitions_for_topic(topic) or set()
+        ends = await consumer.end_offsets([TopicPartition(topic, p) for p in sorted(parts)]) if parts else {}
+        return int(sum(ends.values()))
+    finally:
+        await consumer.stop()
+
+
+def published(bootstrap: str) -> int:
+    from schemas.config import TopicNames
+
+    return asyncio.run(_end_offsets(bootstrap, TopicNames().calls))
+
+
 class Serve:
-    def __init__(self, folder: Path, server: dict[str, Any], **extra: Any) -> None:
+    def __init__(self, folder: Path, server: dict[str, Any], alerting: bool = True, **extra: Any) -> None:
         self.key = "lpk_bench_" + secrets.token_urlsafe(16)
         keys = folder / "keys.yaml"
         from schemas.server import hash_api_key
 
         keys.write_text(yaml.safe_dump([{"key_hash": hash_api_key(self.key), "tenant": "bench", "role": "admin"}]))
         self.config = folder / "llmpulse.yaml"
-        config = {"alerting": {"enabled": False}, "server": {"port": 0, "keys_file": str(keys), **server}, **extra}
+        self.alerting = alerting
+        config: dict[str, Any] = {"server": {"port": 0, "keys_file": str(keys), **server}, **extra}
+        if not alerting:  # else the default configuration's (on)
+            config["alerting"] = {"enabled": False}
         self.config.write_text(yaml.safe_dump(config))
         self.folder = folder
         self.log = folder / "serve.log"
@@ -188,32 +230,41 @@ def drive(srv: Serve, run: str, events: int, batch: int, concurrency: int) -> di
     return out
 
 
-def ingest(folder: Path, events: int, kafka: str | None) -> list[dict[str, Any]]:
+def ingest(folder: Path, events: int, kafka: str | None, alerting: bool) -> list[dict[str, Any]]:
     results = []
     for mode in ("embedded", "kafka") if kafka else ("embedded",):
         extra: dict[str, Any] = {"kafka": {"bootstrap_servers": kafka}} if mode == "kafka" else {}
         sub = folder / mode
         sub.mkdir()
-        if mode == "kafka":
+        if kafka is not None and mode == "kafka":
             from ingest.kafka import create_topics
             from schemas.config import KafkaSettings
 
-            asyncio.run(create_topics(KafkaSettings(bootstrap_servers=kafka)))  # type: ignore[arg-type]
-        with Serve(sub, {"mode": mode}, **extra) as srv:
-            drive(srv, f"warm-{mode}", 5000, 100, 8)  # imports, JIT-free warm-up, first parts
-            for batch, concurrency in ((100, 64), (1000, 16)):
-                run = f"b{batch}-{uuid.uuid4().hex[:6]}"
-                r = drive(srv, run, events, batch, concurrency)
-                r.update(mode=mode, batch=batch, concurrency=concurrency)
-                if mode == "embedded":
-                    (stored,) = srv.sql(f"SELECT count() FROM llm_calls FINAL WHERE service = '{run}'")
-                    r["stored"] = stored[0]
-                results.append(r)
+            asyncio.run(create_topics(KafkaSettings(bootstrap_servers=kafka)))
+        with Serve(sub, {"mode": mode}, alerting, **extra) as srv:
+            # the first run warms up (imports, first parts): checked like the others, not reported
+            for i, (batch, concurrency, n) in enumerate(((100, 8, 5000), (100, 64, events), (1000, 16, events))):
+                warm_up = i == 0
+                run = f"{'warm' if warm_up else 'b'}{batch}-{uuid.uuid4().hex[:6]}"
+                before = published(kafka) if kafka is not None and mode == "kafka" else 0
+                r = drive(srv, run, n, batch, concurrency)
+                r.update(mode=mode, batch=batch, concurrency=concurrency, alerting=alerting)
+                if kafka is not None and mode == "kafka":
+                    r["published"] = published(kafka) - before
+                    expect(f"{run}: messages added to the calls topic", r["published"], r["events"])
+                else:
+                    (stored,) = srv.sql(f"SELECT (SELECT count() FROM llm_calls FINAL WHERE service = '{run}'), "
+                                        f"(SELECT count() FROM llm_calls WHERE service = '{run}')")  # fmt: skip
+                    r["stored"], r["stored_rows"] = stored
+                    expect(f"{run}: calls in llm_calls FINAL", r["stored"], r["events"])
+                    expect(f"{run}: raw rows (nothing written twice)", r["stored_rows"], r["events"])
+                if not warm_up:
+                    results.append(r)
                 print(json.dumps(r), flush=True)
     return results
 
 
-def otlp_latency(folder: Path, spans: int = 1000, repeats: int = 20) -> dict[str, Any]:
+def otlp_latency(folder: Path, alerting: bool, spans: int = 1000, repeats: int = 20) -> dict[str, Any]:
     from opentelemetry.exporter.otlp.proto.common.trace_encoder import encode_spans
     from opentelemetry.sdk.resources import Resource
     from opentelemetry.sdk.trace import TracerProvider
@@ -221,7 +272,7 @@ def otlp_latency(folder: Path, spans: int = 1000, repeats: int = 20) -> dict[str
     from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
     (folder / "otlp").mkdir()
-    with Serve(folder / "otlp", {"mode": "embedded"}) as srv:
+    with Serve(folder / "otlp", {"mode": "embedded"}, alerting) as srv:
         times = []
         for r in range(repeats + 2):
             memory = InMemorySpanExporter()
@@ -248,20 +299,24 @@ def otlp_latency(folder: Path, spans: int = 1000, repeats: int = 20) -> dict[str
     times.sort()
     out = {"spans": spans, "bytes": len(body), "requests": repeats, "p50_ms": round(times[len(times) // 2], 1),
            "p95_ms": round(times[int(len(times) * 0.95)], 1), "stored": stored[0],
-           "expected": (repeats + 2) * spans}  # fmt: skip
+           "expected": (repeats + 2) * spans, "alerting": alerting}  # fmt: skip
     print(json.dumps(out), flush=True)
+    expect("OTLP spans as calls in llm_calls FINAL", out["stored"], out["expected"])
     return out
 
 
-def backpressure(folder: Path) -> dict[str, Any]:
+def backpressure(folder: Path, alerting: bool) -> dict[str, Any]:
     (folder / "bp").mkdir()
     with Serve(folder / "bp", {"mode": "embedded", "max_pending_events": 2000, "max_events_per_request": 1000,
-                               "group_commit_max_events": 1000}) as srv:  # fmt: skip
+                               "group_commit_max_events": 1000}, alerting) as srv:  # fmt: skip
         run = f"bp-{uuid.uuid4().hex[:6]}"
         r = drive(srv, run, 40_000, 500, 32)
         (stored,) = srv.sql(f"SELECT count(), uniqExact(event_id) FROM llm_calls WHERE service = '{run}'")
         r["stored_rows"], r["stored_ids"] = stored
+        r["alerting"] = alerting
     print(json.dumps(r), flush=True)
+    expect(f"{run}: raw rows under backpressure", r["stored_rows"], r["events"])
+    expect(f"{run}: distinct calls under backpressure", r["stored_ids"], r["events"])
     return r
 
 
@@ -270,16 +325,23 @@ def main() -> None:
     parser.add_argument("--events", type=int, default=200_000)
     parser.add_argument("--kafka", default=None, metavar="HOST:PORT", help="also Kafka mode against this broker")
     parser.add_argument("--only", default="ingest,otlp,backpressure")
+    parser.add_argument("--no-alerting", dest="alerting", action="store_false",
+                        help="run the server with alerting off (default: on, as configured)")  # fmt: skip
     args = parser.parse_args()
     only = set(args.only.split(","))
-    out: dict[str, Any] = {}
-    with tempfile.TemporaryDirectory(prefix="llmpulse-p5-") as tmp:
-        if "ingest" in only:
-            out["ingest"] = ingest(Path(tmp), args.events, args.kafka)
-        if "otlp" in only:
-            out["otlp"] = otlp_latency(Path(tmp))
-        if "backpressure" in only:
-            out["backpressure"] = backpressure(Path(tmp))
+    print(f"llmpulse serve with alerting {'on (the default)' if args.alerting else 'off (--no-alerting)'}",
+          file=sys.stderr, flush=True)  # fmt: skip
+    out: dict[str, Any] = {"alerting": args.alerting}
+    try:
+        with tempfile.TemporaryDirectory(prefix="llmpulse-p5-") as tmp:
+            if "ingest" in only:
+                out["ingest"] = ingest(Path(tmp), args.events, args.kafka, args.alerting)
+            if "otlp" in only:
+                out["otlp"] = otlp_latency(Path(tmp), args.alerting)
+            if "backpressure" in only:
+                out["backpressure"] = backpressure(Path(tmp), args.alerting)
+    except Mismatch as exc:
+        sys.exit(f"FAILED, counts differ: {exc}")
     print(json.dumps(out, indent=1))
 
 
