@@ -9,11 +9,12 @@ what was expected, because "validation error" helps nobody at 3 a.m.
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError
-from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict, SettingsError
 
 from schemas import limits
 from schemas.channels import ChannelList
@@ -307,6 +308,14 @@ def load_settings(config: str | Path | None = None, overrides: dict[str, Any] | 
         return Settings(**_deep_merge(file_data, flags))
     except ValidationError as exc:
         raise ConfigError(_describe(exc, path, file_data, flags)) from exc
+    except SettingsError as exc:  # a section given a plain value (LLMPULSE_SERVER=http://...)
+        field = re.search(r'field "([^"]+)"', str(exc))
+        name = _env_name((field[1],)) if field else "LLMPULSE_*"
+        raise ConfigError(
+            f"environment variable {name}: `{field[1] if field else '?'}` is a section of settings, so its value "
+            f"must be a JSON object (got {os.environ.get(name, '')!r}); set one key as {name}__<KEY>. "
+            "(The CLI's server URL is LLMPULSE_SERVER_URL.)"
+        ) from exc
 
 
 def _drop_none(d: dict[str, Any]) -> dict[str, Any]:

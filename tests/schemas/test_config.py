@@ -75,6 +75,14 @@ def test_env_error_names_the_variable(monkeypatch: pytest.MonkeyPatch) -> None:
         load_settings(None)
 
 
+def test_a_section_given_a_plain_value_names_the_variable(monkeypatch: pytest.MonkeyPatch) -> None:
+    """LLMPULSE_SERVER is the server section, not a URL: a readable error, not pydantic's traceback."""
+    monkeypatch.setenv("LLMPULSE_SERVER", "http://127.0.0.1:4318")
+    with pytest.raises(ConfigError, match=r"^environment variable LLMPULSE_SERVER: `server` is a section .*"
+                                          r"LLMPULSE_SERVER__<KEY>.*LLMPULSE_SERVER_URL"):  # fmt: skip
+        load_settings(None)
+
+
 def test_bad_duration_and_bad_yaml(tmp_path: Path) -> None:
     path = write(tmp_path, "pipeline:\n  window: soon\n")
     with pytest.raises(ConfigError, match=r"expected a duration like '30s', '5m', '1h' or '7d', got 'soon'"):
