@@ -294,6 +294,7 @@ class CallsConsumer(mode.Service):
                 high = self.consumer.highwater(tp)
                 if high is not None:
                     self.metrics.lag.labels(str(state.partition)).set(max(0, high - state.next_offset))
+        self.metrics.unwritten.set(self.writer.unwritten_rows)
         if self.writer.due() or self.writer.failed is not None:
             await self._flush(wait=False)  # while a block fails this backs off, and intake waits in Kafka
         try:
@@ -315,6 +316,7 @@ class CallsConsumer(mode.Service):
             except SinkError as exc:
                 self.stats.sink_failures += 1
                 self.metrics.insert_errors.inc()
+                self.metrics.unwritten.set(writer.unwritten_rows)  # intake waits here: this must stay flat
                 log.error("ClickHouse write failed, not committing; retrying in %.0fs: %s", delay, exc)
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 30.0)

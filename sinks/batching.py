@@ -83,6 +83,17 @@ class BufferedWriter:
     def pending_rows(self) -> int:
         return self._buffer.rows
 
+    @property
+    def unwritten_rows(self) -> int:
+        """Rows held in memory until ClickHouse has them: the buffer, the insert in flight and a
+        failed block. What an outage can grow, so the worker exports it."""
+        held = self._buffer.rows
+        if self._inflight_block is not None:
+            held += self._inflight_block.rows
+        if self.failed is not None:
+            held += self.failed.rows
+        return held
+
     def add_calls(self, batch: ProcessedCalls) -> None:
         self._buffer.calls.append(batch)
         self._added(len(batch.events) + len(batch.dead))

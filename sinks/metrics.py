@@ -120,6 +120,11 @@ class PipelineMetrics:
         self.insert_errors = Counter("llmpulse_clickhouse_insert_errors", "Inserts that failed after retries",
                                      registry=r)  # fmt: skip
         self.lag = Gauge("llmpulse_kafka_consumer_lag", "Messages not yet committed", ["partition"], registry=r)
+        self.unwritten = Gauge(
+            "llmpulse_unwritten_rows",
+            "Rows held in memory until ClickHouse has them (buffer, insert in flight, failed block)",
+            registry=r,
+        )
         self.watermark_delay = Gauge(
             "llmpulse_watermark_delay_seconds", "Wall clock minus the partition's watermark", ["partition"], registry=r
         )

@@ -60,11 +60,13 @@ def run_outage(name: str, kafka: Any, worker: Worker, target: Path | list[str], 
         time.sleep(3)  # an insert already past the client when the server went away may still land
         frozen = sum(committed(kafka, topic).values())
         samples: list[tuple[float, int, int, float]] = []
+        unwritten: list[int] = []
         while time.monotonic() - went_down < outage_s:
             time.sleep(1)
             assert worker.alive(), worker.log.read_text(errors="replace")[-4000:]
             samples.append((round(time.monotonic() - went_down, 1), sum(committed(kafka, topic).values()),
                             sum(end_offsets(kafka, topic).values()), rss_mb(pid)))  # fmt: skip
+            unwritten.append(unwritten_rows(worker))
         up()
         came_back = time.monotonic()
         producer.join()
@@ -80,7 +82,12 @@ def run_outage(name: str, kafka: Any, worker: Worker, target: Path | list[str], 
     # nothing committed while down, though the topic kept growing
     assert all(c == frozen for _, c, _, _ in samples), samples
     assert samples[-1][2] > samples[0][2], "events kept arriving during the outage"
-    # memory: flat through the outage (intake stops behind one buffer; the backlog waits in Kafka)
+    # memory: intake stops behind one buffer and one fetch (the rows held never exceed a failed
+    # block plus a buffer, each at most batch_max_events + fetch_max_records, and do not grow in
+    # the outage's second half), while the backlog waits in Kafka
+    half = len(unwritten) // 2
+    assert max(unwritten[half:]) <= max(unwritten[:half]), unwritten
+    assert 0 < max(unwritten) <= 2 * (BATCH_MAX_EVENTS + FETCH_MAX_RECORDS) < samples[-1][2] - frozen, unwritten
     rss = [r for *_, r in samples]
     half = len(rss) // 2
     assert max(rss[half:]) - max(rss[:half]) < 25, rss
@@ -96,17 +103,34 @@ def run_outage(name: str, kafka: Any, worker: Worker, target: Path | list[str], 
     record(name, events=n, outage_s=outage_s, worker_backoffs=backoffs, rss_before_mb=round(rss_before, 1),
            rss_max_during_mb=round(max(rss), 1), rss_first_half_max_mb=round(max(rss[:half]), 1),
            rss_second_half_max_mb=round(max(rss[half:]), 1), committed_during_outage=frozen,
+           unwritten_rows_max=max(unwritten),
            lag_at_end_of_outage=samples[-1][2] - samples[-1][1], back_to_caught_up_s=round(back_to_caught_up, 1),
            final_catch_up_wait_s=round(catch_up, 1))  # fmt: skip
 
 
-CONFIG = {"pipeline": {"batch_max_seconds": "200ms", "batch_max_events": 1000, "insert_retries": 2}}
+BATCH_MAX_EVENTS, FETCH_MAX_RECORDS = 1000, 2000
+CONFIG = {"pipeline": {"batch_max_seconds": "200ms", "batch_max_events": BATCH_MAX_EVENTS, "insert_retries": 2}}
 """Two sink retries (0.5 s + 1 s), so a long outage exercises the worker's own backoff, not only the sink's."""
+
+
+def outage_kafka(kafka: Any) -> Any:
+    """Small fetches, so the bound on rows held in memory is far below what arrives during the outage."""
+    return kafka.model_copy(update={"fetch_max_records": FETCH_MAX_RECORDS})
+
+
+def unwritten_rows(worker: Worker) -> int:
+    """The worker's own gauge of rows held until ClickHouse has them (``llmpulse_unwritten_rows``)."""
+    import urllib.request
+
+    text = urllib.request.urlopen(worker.metrics_url(), timeout=10).read().decode()
+    found = re.search(r"^llmpulse_unwritten_rows ([0-9.e+]+)$", text, re.MULTILINE)
+    assert found, "the worker does not export llmpulse_unwritten_rows"
+    return int(float(found[1]))
 
 
 def test_clickhouse_refusing_connections(tmp_path: Path, topics: Any) -> None:
     flag = tmp_path / "clickhouse-down"
-    cfg = write_config(tmp_path / "w.yaml", topics, **CONFIG)
+    cfg = write_config(tmp_path / "w.yaml", outage_kafka(topics), **CONFIG)
     worker = FaultyWorker(cfg, tmp_path / "data", tmp_path / "w.log", flag)
     run_outage("clickhouse_refusing_connections", topics, worker, tmp_path / "data",
                down=flag.touch, up=lambda: flag.unlink(missing_ok=True))  # fmt: skip
@@ -125,7 +149,7 @@ def test_real_clickhouse_server_unreachable(tmp_path: Path, topics: Any) -> None
     proxy = TcpProxy((url.hostname or "127.0.0.1", url.port or 8123)).start()
     database = f"reliability_{int(time.time())}"
     auth = f"{url.username}:{url.password}@" if url.username else ""
-    proxied = write_config(tmp_path / "w.yaml", topics, clickhouse={"url": f"{url.scheme}://{auth}127.0.0.1:{proxy.port}",
+    proxied = write_config(tmp_path / "w.yaml", outage_kafka(topics), clickhouse={"url": f"{url.scheme}://{auth}127.0.0.1:{proxy.port}",
                                                                     "database": database}, **CONFIG)  # fmt: skip
     direct = write_config(tmp_path / "direct.yaml", topics, clickhouse={"url": os.environ["LLMPULSE_CLICKHOUSE_URL"],
                                                                        "database": database})  # fmt: skip
