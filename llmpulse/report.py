@@ -42,6 +42,15 @@ PERCENTILE_RANK_TOLERANCE = 0.01
 MIN_RELEASE_CALLS = 20
 """Releases with fewer calls this week (stray unpriced models, a release retired on Monday) clutter
 the page's release table; report.json keeps them all."""
+MIN_RATE_CALLS = 20
+"""A model with fewer calls this week is not named for "most refusals": one refusal in two calls is
+noise, not the model to look at. The same floor as a rule's default ``min_calls``."""
+LATENCY_METRICS = (
+    "latency_avg_ms", "latency_p50_ms", "latency_p90_ms", "latency_p95_ms", "latency_p99_ms",
+    "ttft_avg_ms", "ttft_p50_ms", "ttft_p90_ms", "ttft_p95_ms", "ttft_p99_ms",
+)  # fmt: skip
+"""The latency statistics report_latency computes per week, day and hour: a latency/TTFT rule on one
+of these is checked against it; a rule on any other metric is listed as not in the report."""
 
 
 class ReportError(ValueError):
@@ -241,10 +250,11 @@ def _budgets(q: Query, rules: RulesFile, as_of: datetime) -> dict[str, Any]:
         })  # fmt: skip
     month_end = period_bounds("month", now)[1]
     hours_left = max(0.0, month_end - as_of.timestamp()) / 3600
+    burn_hours = BURN_WINDOW.total_seconds() / 3600
     teams = [
         {"team": r["team"], "mtd_cost_usd": float(r["mtd_cost_usd"]),
-         "burn_usd_per_hour": float(r["last_7d_cost_usd"]) / (BURN_WINDOW.total_seconds() / 3600),
-         "projected_month_usd": float(r["mtd_cost_usd"]) + float(r["last_7d_cost_usd"]) / 168 * hours_left}
+         "burn_usd_per_hour": float(r["last_7d_cost_usd"]) / burn_hours,
+         "projected_month_usd": float(r["mtd_cost_usd"]) + float(r["last_7d_cost_usd"]) / burn_hours * hours_left}
         for r in q("report_month_to_date", end=as_of)
     ]  # fmt: skip
     return {"budgets": budgets, "teams": teams, "month": period_label("month", now)}
@@ -255,8 +265,18 @@ def _latency_rules(rules: RulesFile) -> list[dict[str, Any]]:
     for r in rules.rules:
         if r.metric.startswith(("latency_", "ttft_")):
             out.append({"rule": r.name, "metric": r.metric, "feature": r.scope.where.get("feature"),
-                        "max": r.max, "condition": r.describe(), "action": r.effective_action})  # fmt: skip
+                        "max": r.max, "condition": r.describe(), "action": r.effective_action,
+                        "in_report": r.metric in LATENCY_METRICS})  # fmt: skip
     return out
+
+
+def _over(row: dict[str, Any], limits: list[dict[str, Any]]) -> list[str]:
+    """The rules whose limit this feature's bucket exceeds (no value, e.g. no streaming calls: not over)."""
+    return [
+        b["rule"]
+        for b in limits
+        if b["feature"] in (None, row["feature"]) and row[b["metric"]] is not None and row[b["metric"]] > b["max"]
+    ]
 
 
 def _q(value: Any) -> float | None:
@@ -265,22 +285,31 @@ def _q(value: Any) -> float | None:
 
 
 def _latency(q: Query, period: dict[str, datetime], rules: RulesFile) -> dict[str, Any]:
+    """Percentiles per week, day and hour, each bucket checked against every latency/TTFT rule with a
+    ``max`` (the week's rows also count the hours over each limit). A rule on a statistic the rollups
+    cannot give is named in ``not_in_report`` instead of passing silently as 0."""
     grains: dict[str, list[dict[str, Any]]] = {"week": [], "day": [], "hour": []}
     for r in q("report_latency", **period):
         grains[r["grain"]].append({
             "bucket": _dt(r["bucket"]).timestamp(), "feature": r["feature"], "calls": int(r["calls"]),
-            "ttft_calls": int(r["ttft_calls"]),
-            **{k: _q(r[k]) for k in ("latency_p50_ms", "latency_p95_ms", "latency_p99_ms", "ttft_p50_ms",
-                                     "ttft_p95_ms", "ttft_p99_ms")},
+            "ttft_calls": int(r["ttft_calls"]), **{k: _q(r[k]) for k in LATENCY_METRICS},
         })  # fmt: skip
     budget_rules = _latency_rules(rules)
-    week = grains["week"]
-    for r in week:
-        mine = [b for b in budget_rules if b["feature"] in (None, r["feature"])]
-        r["rules"] = [b["rule"] for b in mine]
-        over = [b for b in mine if b["max"] is not None and (r.get(b["metric"]) or 0) > b["max"]]
-        r["over_budget"] = [b["rule"] for b in over]
-    return {"week": week, "daily": grains["day"], "hourly": grains["hour"], "rules": budget_rules}
+    limits = [b for b in budget_rules if b["max"] is not None and b["in_report"]]
+    for rows in grains.values():
+        for r in rows:
+            r["over_budget"] = _over(r, limits)
+    for r in grains["week"]:
+        r["rules"] = [b["rule"] for b in budget_rules if b["feature"] in (None, r["feature"])]
+        r["hours_over_budget"] = {
+            b["rule"]: n
+            for b in limits
+            if (n := sum(1 for h in grains["hour"] if h["feature"] == r["feature"] and b["rule"] in h["over_budget"]))
+        }
+    return {
+        "week": grains["week"], "daily": grains["day"], "hourly": grains["hour"], "rules": budget_rules,
+        "not_in_report": [b["rule"] for b in budget_rules if not b["in_report"]],
+    }  # fmt: skip
 
 
 RATE_KEYS = ("calls", "errors", "timeouts", "rate_limited", "refusals")
@@ -313,6 +342,7 @@ def _rates(q: Query, period: dict[str, datetime], rules: RulesFile) -> dict[str,
         "total": rated("", total),
         "feature": sorted((rated(k, v) for k, v in by["feature"].items()), key=lambda r: -r["error_rate"]),
         "model": sorted((rated(k, v) for k, v in by["model"].items()), key=lambda r: -r["refusal_rate"]),
+        "min_calls": MIN_RATE_CALLS,
         "daily": [rated(k, v) for k, v in sorted(by["feature_day"].items())],
         "rules": rule_rows,
     }
@@ -352,7 +382,7 @@ def _alerts(q: Query, week: Week, as_of: datetime) -> dict[str, Any]:
         incidents.append({
             "rule": r["rule"], "severity": r["severity"], "metric": r["metric"], "action": r["action"],
             "scope": dict(r["scope"]), "value": r["value"], "summary": r["summary"],
-            "started_at": _dt(r["started_at"]).timestamp(),
+            "started_at": _dt(r["started_at"]).timestamp(), "started_before": bool(r["started_before"]),
             "resolved_at": _dt(r["resolved_at"]).timestamp() if r["resolved_at"] is not None else None,
             "duration_s": int(r["duration_s"]), "notice": r["metric"] == "budget_spend_usd",
         })  # fmt: skip
@@ -476,6 +506,69 @@ SECTIONS = (
 """Section ids and titles, in page order (the tests check each is present)."""
 
 
+STAT_LABELS = {"avg": "mean", "p50": "p50", "p90": "p90", "p95": "p95", "p99": "p99"}
+
+
+def _latency_section(lat: dict[str, Any], t0: float, t1: float) -> str:
+    """Hourly charts of p95 and of every other statistic a rule limits, each with its rules' limit
+    lines; daily p50/p95/p99 tables with the cells over a limit marked."""
+    limited = [b for b in lat["rules"] if b["max"] is not None and b["in_report"]]
+    charts_html = []
+    for kind, noun in (("latency", "latency"), ("ttft", "time to first token (streaming features)")):
+        for stat, label in STAT_LABELS.items():
+            metric = f"{kind}_{stat}_ms"
+            mine = [b for b in limited if b["metric"] == metric]
+            if stat != "p95" and not mine:
+                continue
+            series: dict[str, list[tuple[float, float | None]]] = {}
+            for r in lat["hourly"]:
+                if r[metric] is not None:
+                    series.setdefault(r["feature"], []).append((r["bucket"], r[metric]))
+            limits = [(f"{b['rule']} ({b['feature'] or 'all'})", b["max"]) for b in mine]
+            over = sorted({(h["feature"], rule) for h in lat["hourly"] for rule in h["over_budget"]
+                           if any(b["rule"] == rule for b in mine)})  # fmt: skip
+            note = (" — <span class=warn>over the limit: " + escape(", ".join(f"{f} ({r})" for f, r in over))
+                    + "</span>" if over else "")  # fmt: skip
+            charts_html.append(f"<h3>Hourly {label} {noun} per feature{note}</h3>")
+            charts_html.append(charts.line_chart(series, t0, t1, y_fmt=ms, thresholds=limits,
+                                                 title=f"hourly {label} {kind}"))  # fmt: skip
+    day_labels = sorted({r["bucket"] for r in lat["daily"]})
+    day_cols = [(str(t), datetime.fromtimestamp(t, UTC).strftime("%a %d"), _s) for t in day_labels]
+    tables = []
+    for kind, noun in (("latency", "latency"), ("ttft", "TTFT (streaming features)")):
+        keys = [f"{kind}_{p}_ms" for p in ("p50", "p95", "p99")]
+        pivot: dict[str, dict[str, Any]] = {}
+        for r in lat["daily"]:
+            if r[keys[0]] is None:
+                continue
+            flag = [rule for rule in r["over_budget"] if any(b["rule"] == rule and b["metric"].startswith(kind + "_")
+                                                             for b in limited)]  # fmt: skip
+            cell = " / ".join(ms(r[k]) for k in keys) + (" ⚠ " + ", ".join(flag) if flag else "")
+            pivot.setdefault(r["feature"], {"feature": r["feature"]})[str(r["bucket"])] = cell
+        tables.append(f"<h3>Daily p50 / p95 / p99 {noun} (⚠: over a rule's limit that day)</h3>")
+        tables.append(_table(list(pivot.values()), [("feature", "feature", _s), *day_cols], cls="small"))
+    rule_text = "; ".join(f"{b['rule']}: {b['condition']} → {b['action']}" for b in lat["rules"]) or "none"
+    missing = [b for b in lat["rules"] if not b["in_report"]]
+    missing_text = (
+        " <span class=warn>Not in report (the rollups do not give this statistic): "
+        + escape(", ".join(f"{b['rule']} ({b['metric']})" for b in missing))
+        + ".</span>"
+        if missing
+        else ""
+    )
+    lat_cols = [("feature", "feature", _s), ("calls", "calls", _s), ("latency_p50_ms", "p50", ms),
+                ("latency_p95_ms", "p95", ms), ("latency_p99_ms", "p99", ms), ("ttft_p50_ms", "TTFT p50", ms),
+                ("ttft_p95_ms", "TTFT p95", ms), ("ttft_p99_ms", "TTFT p99", ms),
+                ("over_budget", "over a limit (week)", _s),
+                ("hours_over_budget", "hours over a limit", _s)]  # fmt: skip
+    return _section(
+        "latency", "Latency and TTFT",
+        f"Percentiles merged from the minute rollups' t-digests (within {PERCENTILE_TOLERANCE:.0%} of exact). "
+        f"Latency alert rules: {escape(rule_text)}.{missing_text}",
+        _table(lat["week"], lat_cols), *charts_html, *tables,
+    )  # fmt: skip
+
+
 def render_html(report: WeeklyReport) -> str:
     d, w = report.data, report.week
     t0, t1 = w.start.timestamp(), w.end.timestamp()
@@ -561,38 +654,7 @@ def render_html(report: WeeklyReport) -> str:
     )
 
     # latency
-    lat = d["latency"]
-    hourly: dict[str, list[tuple[float, float | None]]] = {}
-    ttft: dict[str, list[tuple[float, float | None]]] = {}
-    for r in lat["hourly"]:
-        hourly.setdefault(r["feature"], []).append((r["bucket"], r["latency_p95_ms"]))
-        if r["ttft_p95_ms"] is not None:
-            ttft.setdefault(r["feature"], []).append((r["bucket"], r["ttft_p95_ms"]))
-    limits = [(f"{b['rule']} ({b['feature'] or 'all'})", b["max"]) for b in lat["rules"]
-              if b["max"] is not None and b["metric"] == "latency_p95_ms"]  # fmt: skip
-    rule_text = "; ".join(f"{b['rule']}: {b['condition']} → {b['action']}" for b in lat["rules"]) or "none"
-    lat_cols = [("feature", "feature", _s), ("calls", "calls", _s), ("latency_p50_ms", "p50", ms),
-                ("latency_p95_ms", "p95", ms), ("latency_p99_ms", "p99", ms), ("ttft_p50_ms", "TTFT p50", ms),
-                ("ttft_p95_ms", "TTFT p95", ms), ("ttft_p99_ms", "TTFT p99", ms),
-                ("over_budget", "over a latency rule's limit", _s)]  # fmt: skip
-    day_labels = sorted({r["bucket"] for r in lat["daily"]})
-    pivot: dict[str, dict[str, Any]] = {}
-    for r in lat["daily"]:
-        cell = " / ".join(ms(r[k]) for k in ("latency_p50_ms", "latency_p95_ms", "latency_p99_ms"))
-        pivot.setdefault(r["feature"], {"feature": r["feature"]})[str(r["bucket"])] = cell
-    day_cols = [(str(t), datetime.fromtimestamp(t, UTC).strftime("%a %d"), _s) for t in day_labels]
-    body.append(_section(
-        "latency", "Latency and TTFT",
-        f"Percentiles merged from the minute rollups' t-digests (within {PERCENTILE_TOLERANCE:.0%} of exact). "
-        f"Latency alert rules: {escape(rule_text)}.",
-        _table(lat["week"], lat_cols),
-        "<h3>Hourly p95 latency per feature</h3>",
-        charts.line_chart(hourly, t0, t1, y_fmt=ms, thresholds=limits, title="hourly p95 latency"),
-        "<h3>Hourly p95 time to first token (streaming features)</h3>",
-        charts.line_chart(ttft, t0, t1, y_fmt=ms, title="hourly p95 TTFT"),
-        "<h3>Daily p50 / p95 / p99 latency</h3>",
-        _table(list(pivot.values()), [("feature", "feature", _s), *day_cols], cls="small"),
-    ))  # fmt: skip
+    body.append(_latency_section(d["latency"], t0, t1))
 
     # rates
     rt = d["rates"]
@@ -603,7 +665,8 @@ def render_html(report: WeeklyReport) -> str:
         t = datetime.fromisoformat(day).replace(tzinfo=UTC).timestamp() + 43200
         err_series.setdefault(feat, []).append((t, r["error_rate"] * 100))
         ref_series.setdefault(feat, []).append((t, r["refusal_rate"] * 100))
-    rate_cols = [("key", "", _s), ("calls", "calls", _s), ("errors", "errors", _s), ("timeouts", "timeouts", _s),
+    rate_cols: list[tuple[str, str, Callable[[Any], str]]] = [
+                 ("key", "", _s), ("calls", "calls", _s), ("errors", "errors", _s), ("timeouts", "timeouts", _s),
                  ("rate_limited", "rate limited", _s), ("error_rate", "error rate", pct),
                  ("refusals", "refusals", _s), ("refusal_rate", "refusal rate", pct)]  # fmt: skip
     body.append(_section(
@@ -660,19 +723,23 @@ def render_html(report: WeeklyReport) -> str:
               f"{i['rule']} {_s(i['scope'])}: {when(i['started_at'])}, {duration(i['duration_s'])}")
              for i in al["incidents"]]  # fmt: skip
     longest = sorted((i for i in al["incidents"] if not i["notice"]), key=lambda i: -i["duration_s"])[:10]
+    longest = [{**i, "fired": when(i["started_at"]) + (" (before the week)" if i["started_before"] else "")}
+               for i in longest]  # fmt: skip
+    before = sum(1 for i in al["incidents"] if i["started_before"])
     body.append(_section(
         "alerts", "Alerts",
-        f"{len(al['incidents'])} incidents fired this week (a firing and its resolution count once); "
-        "durations run to the resolution, or to the end of the report for alerts still firing.",
+        f"{len(al['incidents'])} incidents fired during this week (a firing and its resolution count once), "
+        f"{before} of them still firing from before it; durations count the time within the week, up to the "
+        "resolution, or to the end of the report for alerts still firing.",
         charts.timeline(lanes, items, t0, t1),
         _table(al["rules"], [("rule", "rule", _s), ("severity", "severity", _s), ("incidents", "incidents", _s),
                              ("scopes", "scopes", _s), ("still_firing", "still firing", _s),
                              ("median_s", "median duration", duration), ("longest_s", "longest", duration),
                              ("total_s", "total firing", duration)]),
         "<h3>Longest incidents</h3>",
-        _table(longest, [("rule", "rule", _s), ("scope", "scope", _s), ("started_at", "fired", when),
+        _table(longest, [("rule", "rule", _s), ("scope", "scope", _s), ("fired", "fired", _s),
                          ("resolved_at", "resolved", lambda v: when(v) if v else "still firing"),
-                         ("duration_s", "duration", duration), ("summary", "summary", _s)]),
+                         ("duration_s", "duration in the week", duration), ("summary", "summary", _s)]),
     ))  # fmt: skip
 
     # errors
@@ -752,7 +819,7 @@ def render_markdown(report: WeeklyReport, html_path: Path | None = None) -> str:
     if worst:
         lines.append("- Slowest p95: " + ", ".join(f"{r['feature']} {ms(r['latency_p95_ms'])}" for r in worst))
     rt = d["rates"]
-    top_ref = rt["model"][0] if rt["model"] else None
+    top_ref = next((m for m in rt["model"] if m["calls"] >= rt["min_calls"] and m["refusals"]), None)
     lines.append(f"- Errors {pct(rt['total']['error_rate'])}, refusals {pct(rt['total']['refusal_rate'])}"
                  + (f" (most refusals: {top_ref['key']} {pct(top_ref['refusal_rate'])})"
                     if top_ref else ""))  # fmt: skip

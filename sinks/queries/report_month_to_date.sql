@@ -1,8 +1,10 @@
 -- Weekly report: month-to-date spend per team up to {end}, and the last 7 days' spend (the burn rate the
--- end-of-month projection extrapolates). Minute rollups only.
-SELECT r.team AS team, sum(r.cost_usd) AS mtd_cost_usd,
-       sumIf(r.cost_usd, r.minute >= {end:DateTime} - INTERVAL 7 DAY) AS last_7d_cost_usd
+-- end-of-month projection extrapolates). Rows are read from the earlier of the month's start and 7 days
+-- before {end}: early in a month the burn window reaches back into the previous one. Minute rollups only.
+WITH toStartOfMonth({end:DateTime} - INTERVAL 1 SECOND) AS month_start, {end:DateTime} - INTERVAL 7 DAY AS burn_start
+SELECT r.team AS team, sumIf(r.cost_usd, r.minute >= month_start) AS mtd_cost_usd,
+       sumIf(r.cost_usd, r.minute >= burn_start) AS last_7d_cost_usd
 FROM llm_calls_1m AS r
-WHERE r.minute >= toStartOfMonth({end:DateTime} - INTERVAL 1 SECOND) AND r.minute < {end:DateTime}
+WHERE r.minute >= least(toDateTime(month_start, 'UTC'), burn_start) AND r.minute < {end:DateTime}
 GROUP BY team
-ORDER BY mtd_cost_usd DESC
+ORDER BY mtd_cost_usd DESC, team
