@@ -324,11 +324,14 @@ def main() -> None:
     parser = argparse.ArgumentParser(prog="python -m bench.serve_ingest", description=__doc__)
     parser.add_argument("--events", type=int, default=200_000)
     parser.add_argument("--kafka", default=None, metavar="HOST:PORT", help="also Kafka mode against this broker")
-    parser.add_argument("--only", default="ingest,otlp,backpressure")
+    parser.add_argument("--only", default="ingest,otlp,backpressure", help="comma-separated: ingest, otlp, backpressure")
     parser.add_argument("--no-alerting", dest="alerting", action="store_false",
                         help="run the server with alerting off (default: on, as configured)")  # fmt: skip
     args = parser.parse_args()
-    only = set(args.only.split(","))
+    only = {x.strip() for x in args.only.split(",")}
+    if only - {"ingest", "otlp", "backpressure"}:
+        parser.error(f"--only: unknown {', '.join(sorted(only - {'ingest', 'otlp', 'backpressure'}))}; "
+                     "choose from ingest, otlp, backpressure")  # fmt: skip
     print(f"llmpulse serve with alerting {'on (the default)' if args.alerting else 'off (--no-alerting)'}",
           file=sys.stderr, flush=True)  # fmt: skip
     out: dict[str, Any] = {"alerting": args.alerting}
