@@ -324,7 +324,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(prog="python -m bench.serve_ingest", description=__doc__)
     parser.add_argument("--events", type=int, default=200_000)
     parser.add_argument("--kafka", default=None, metavar="HOST:PORT", help="also Kafka mode against this broker")
-    parser.add_argument("--only", default="ingest,otlp,backpressure", help="comma-separated: ingest, otlp, backpressure")
+    parser.add_argument("--only", default="ingest,otlp,backpressure", help="ingest, otlp, backpressure")
     parser.add_argument("--no-alerting", dest="alerting", action="store_false",
                         help="run the server with alerting off (default: on, as configured)")  # fmt: skip
     args = parser.parse_args()
