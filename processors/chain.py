@@ -8,7 +8,9 @@ caps); offsets, batching and commits belong to the runtime.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import xxhash
 
@@ -198,25 +200,29 @@ class JudgeResultPipeline:
         )
 
 
-def drop_stored_verdicts(batch: ProcessedJudgeResults, stored: set[VerdictKey]) -> int:
-    """Removes the verdicts ``judge_scores`` already holds, and repeats within the batch; returns how many.
+def drop_stored(batch: ProcessedJudgeResults | ProcessedFeedback, stored: set[Any],
+                key: Callable[[Any], Any]) -> int:  # fmt: skip
+    """Removes the events the table already holds, and repeats within the batch; returns how many.
 
-    The pipeline's dedup is in memory and starts empty after a restart, so a verdict redelivered
-    then (Kafka re-reading an uncommitted batch of another shape, a judge publishing again) would
-    be inserted again: ``judge_scores FINAL`` shows it once, but the ``eval_1h`` view counts every
-    inserted row. ``stored`` comes from the table itself (``ClickHouseSink.stored_verdicts``), so
-    no horizon or restart is involved; it gains this batch's keys.
+    The pipelines' dedup is in memory and starts empty after a restart, so a verdict or a thumb
+    redelivered then (Kafka re-reading an uncommitted batch of another shape, a judge or a client
+    sending again) would be inserted again: the table read ``FINAL`` shows it once, but the
+    ``eval_1h``/``feedback_1h`` views count every inserted row. ``stored`` comes from the table
+    itself (``ClickHouseSink.stored_keys``), so no horizon or restart is involved; it gains this
+    batch's keys.
     """
     keep: list[int] = []
-    for i, r in enumerate(batch.events):
-        key = verdict_key(r)
-        if key not in stored:
-            stored.add(key)
+    for i, e in enumerate(batch.events):
+        k = key(e)
+        if k not in stored:
+            stored.add(k)
             keep.append(i)
     dropped = len(batch.events) - len(keep)
     if dropped:
-        batch.events = [batch.events[i] for i in keep]
+        batch.events = [batch.events[i] for i in keep]  # type: ignore[assignment]  # same element type
         batch.offsets = [batch.offsets[i] for i in keep]
+        if isinstance(batch, ProcessedFeedback):
+            batch.ts = [batch.ts[i] for i in keep]
         batch.counters.accepted -= dropped
         batch.counters.duplicates += dropped
     return dropped
@@ -224,6 +230,11 @@ def drop_stored_verdicts(batch: ProcessedJudgeResults, stored: set[VerdictKey]) 
 
 def feedback_id(e: WireFeedback) -> str:
     return xxhash.xxh3_128_hexdigest(f"{e.request_id}\x1f{e.ts.isoformat()}\x1f{e.user_id or ''}".encode())
+
+
+def feedback_key(e: WireFeedback) -> tuple[str, str]:
+    """(request_id, feedback_id): what the ``feedback`` table keeps one row of (its sorting key)."""
+    return (e.request_id, e.event_id or feedback_id(e))
 
 
 class FeedbackPipeline:

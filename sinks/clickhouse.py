@@ -28,8 +28,9 @@ from processors.chain import (
     ProcessedCalls,
     ProcessedFeedback,
     ProcessedJudgeResults,
-    VerdictKey,
-    drop_stored_verdicts,
+    drop_stored,
+    feedback_key,
+    verdict_key,
 )
 from processors.quality import Lineage
 from processors.records import DeadLetter
@@ -226,6 +227,11 @@ class ClickHouseSink:
         if dead:
             self.write_dead_letters(dead, f"{token}:dlq" if token else None)
         if any(b.events for b in batches):
+            stored = self.stored_keys("feedback", ("request_id", "feedback_id"),
+                                      {e.request_id for b in batches for e in b.events})  # fmt: skip
+            for b in batches:
+                drop_stored(b, stored, feedback_key)
+        if any(b.events for b in batches):
             known = self.lineage({e.request_id for b in batches for e in b.events})
             self._insert("feedback", columns.feedback_table(batches, known), token)
             for b in batches:
@@ -238,9 +244,10 @@ class ClickHouseSink:
         if dead:
             self.write_dead_letters(dead, f"{token}:dlq" if token else None)
         if any(b.events for b in batches):
-            stored = self.stored_verdicts({r.request_id for b in batches for r in b.events})
+            stored = self.stored_keys("judge_scores", ("request_id", "rubric", "judge_model"),
+                                      {r.request_id for b in batches for r in b.events})  # fmt: skip
             for b in batches:
-                drop_stored_verdicts(b, stored)
+                drop_stored(b, stored, verdict_key)
         if any(b.events for b in batches):
             if known is None:
                 known = self.lineage({r.request_id for b in batches for r in b.events})
@@ -248,20 +255,20 @@ class ClickHouseSink:
             for b in batches:
                 b.lineage = {r.request_id: known[r.request_id] for r in b.events if r.request_id in known}
 
-    def stored_verdicts(self, request_ids: Iterable[str]) -> set[VerdictKey]:
-        """The (request, rubric, judge) verdicts ``judge_scores`` already holds for these requests."""
+    def stored_keys(self, table: str, key: tuple[str, ...], request_ids: Iterable[str]) -> set[tuple[str, ...]]:
+        """The sorting keys ``table`` already holds for these requests (``drop_stored`` skips them)."""
         ids = sorted(set(request_ids))
         rows = self.retry.run(
-            "stored verdicts lookup",
+            f"stored {table} lookup",
             lambda: (
                 self.client.query(
-                    f"SELECT DISTINCT request_id, rubric, judge_model FROM {self.db}.judge_scores "
+                    f"SELECT DISTINCT {', '.join(key)} FROM {self.db}.{table} "
                     "WHERE request_id IN {ids:Array(String)}",
                     parameters={"ids": ids},
                 ).result_rows
             ),
         )
-        return {(str(r[0]), str(r[1]), str(r[2])) for r in rows}
+        return {tuple(str(v) for v in r) for r in rows}
 
     def lineage(self, request_ids: Iterable[str]) -> dict[str, Lineage]:
         """The calls behind these request ids: judge samples first (small), then raw calls."""

@@ -341,3 +341,32 @@ def test_a_verdict_redelivered_after_a_restart_counts_once(settings: Any, conn: 
     rolled = conn.client.query("SELECT rubric, sum(n), round(sum(score_sum), 6) FROM eval_1h GROUP BY rubric "
                                "ORDER BY rubric").result_rows  # fmt: skip
     assert rolled == [("helpfulness", 4, 2.6), ("tone", 1, 1.0)]  # 0.5 + 0.6 + 0.7 + 0.8
+
+
+def test_feedback_redelivered_after_a_restart_counts_once(settings: Any, conn: Any) -> None:
+    """feedback FINAL shows a thumb once; feedback_1h, fed per inserted row, must count it once too."""
+    from processors.records import Source
+
+    calls = [call(request_id=f"f-{i}", ts=iso(NOW - 3000 + i)) for i in range(4)]
+    thumbs = [orjson.dumps({"kind": "feedback", "request_id": f"f-{i}", "ts": iso(NOW - 60), "user_id": f"u{i}",
+                            "thumbs": "down" if i % 2 else "up"})
+              for i in range(4)]  # fmt: skip
+    topic = Source("kafka", "llm.feedback", 0)
+    first = EmbeddedRuntime(settings, conn)
+    first.ingest(batch([orjson.dumps(c) for c in calls]), now=NOW)
+    first.flush()
+    first.ingest(batch(thumbs, topic, first=100), now=NOW)
+    first.finish()
+    first.close()
+    # restarted (its dedup memory empty), the same four arrive again in a batch of another shape,
+    # with a fifth (another user's thumb on the same call) beside them
+    fifth = orjson.dumps({"kind": "feedback", "request_id": "f-0", "ts": iso(NOW - 30), "user_id": "u9",
+                          "thumbs": "down"})  # fmt: skip
+    second = EmbeddedRuntime(settings, conn)
+    second.ingest(batch([*thumbs[2:], *thumbs[:2], fifth], topic, first=102), now=NOW)
+    second.finish()
+    second.close()
+
+    assert conn.client.command("SELECT count() FROM feedback") == 5
+    rolled = conn.client.query("SELECT sum(n), sum(thumbs_up), sum(thumbs_down) FROM feedback_1h").result_rows
+    assert rolled == [(5, 2, 3)]  # f-1 and f-3 down, f-0 and f-2 up, and u9's down on f-0
