@@ -66,6 +66,9 @@ class ProcessedFeedback:
     block_id: str = ""
     lineage: dict[str, Lineage] = field(default_factory=dict)
     """Filled by the sink when it looked the calls up (so the runtime need not ask twice)."""
+    checked_stored: bool = False
+    """``drop_stored`` ran: a retried write sends the same rows (its insert token dedupes what
+    landed) instead of finding its own rows stored and dropping them."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -179,6 +182,9 @@ class ProcessedJudgeResults:
     block_id: str = ""
     lineage: dict[str, Lineage] = field(default_factory=dict)
     """Filled by the sink when it looked the calls up (so the runtime need not ask twice)."""
+    checked_stored: bool = False
+    """``drop_stored`` ran: a retried write sends the same rows (its insert token dedupes what
+    landed) instead of finding its own rows stored and dropping them."""
 
 
 class JudgeResultPipeline:
@@ -209,8 +215,12 @@ def drop_stored(batch: ProcessedJudgeResults | ProcessedFeedback, stored: set[An
     sending again) would be inserted again: the table read ``FINAL`` shows it once, but the
     ``eval_1h``/``feedback_1h`` views count every inserted row. ``stored`` comes from the table
     itself (``ClickHouseSink.stored_keys``), so no horizon or restart is involved; it gains this
-    batch's keys.
+    batch's keys. Once per batch: a retry of a write that partly landed must not take its own
+    rows for old ones.
     """
+    if batch.checked_stored:
+        return 0
+    batch.checked_stored = True
     keep: list[int] = []
     for i, e in enumerate(batch.events):
         k = key(e)

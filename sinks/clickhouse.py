@@ -226,10 +226,11 @@ class ClickHouseSink:
         dead = [d for b in batches for d in b.dead]
         if dead:
             self.write_dead_letters(dead, f"{token}:dlq" if token else None)
-        if any(b.events for b in batches):
+        fresh = [b for b in batches if b.events and not b.checked_stored]
+        if fresh:
             stored = self.stored_keys("feedback", ("request_id", "feedback_id"),
-                                      {e.request_id for b in batches for e in b.events})  # fmt: skip
-            for b in batches:
+                                      {e.request_id for b in fresh for e in b.events})  # fmt: skip
+            for b in fresh:
                 drop_stored(b, stored, feedback_key)
         if any(b.events for b in batches):
             known = self.lineage({e.request_id for b in batches for e in b.events})
@@ -243,10 +244,11 @@ class ClickHouseSink:
         dead = [d for b in batches for d in b.dead]
         if dead:
             self.write_dead_letters(dead, f"{token}:dlq" if token else None)
-        if any(b.events for b in batches):
+        fresh = [b for b in batches if b.events and not b.checked_stored]
+        if fresh:
             stored = self.stored_keys("judge_scores", ("request_id", "rubric", "judge_model"),
-                                      {r.request_id for b in batches for r in b.events})  # fmt: skip
-            for b in batches:
+                                      {r.request_id for b in fresh for r in b.events})  # fmt: skip
+            for b in fresh:
                 drop_stored(b, stored, verdict_key)
         if any(b.events for b in batches):
             if known is None:

@@ -370,3 +370,24 @@ def test_feedback_redelivered_after_a_restart_counts_once(settings: Any, conn: A
     assert conn.client.command("SELECT count() FROM feedback") == 5
     rolled = conn.client.query("SELECT sum(n), sum(thumbs_up), sum(thumbs_down) FROM feedback_1h").result_rows
     assert rolled == [(5, 2, 3)]  # f-1 and f-3 down, f-0 and f-2 up, and u9's down on f-0
+
+
+def test_a_retried_write_keeps_its_own_rows(settings: Any, conn: Any) -> None:
+    """A write retried after part of it landed sends the same rows again (the insert token dedupes
+    them); it must not take its own first attempt's rows for stored ones and drop them."""
+    from processors.records import Source
+
+    runtime = EmbeddedRuntime(settings, conn)
+    runtime.ingest(batch([orjson.dumps(call(request_id=f"w-{i}", ts=iso(NOW - 3000 + i))) for i in range(3)]),
+                   now=NOW)  # fmt: skip
+    runtime.flush()
+    thumbs = [orjson.dumps({"kind": "feedback", "request_id": f"w-{i}", "ts": iso(NOW - 60), "user_id": "u",
+                            "thumbs": "down"}) for i in range(3)]  # fmt: skip
+    processed = runtime.feedback.process(batch(thumbs, Source("kafka", "llm.feedback", 0), first=7), NOW)
+    runtime.sink.write_feedback([processed], "retry-token")
+    runtime.sink.write_feedback([processed], "retry-token")  # the retry after an error later in the block
+    runtime.close()
+    assert [e.request_id for e in processed.events] == ["w-0", "w-1", "w-2"]  # still there for the judge
+    assert processed.counters.duplicates == 0
+    assert conn.client.command("SELECT count() FROM feedback") == 3
+    assert conn.client.query("SELECT sum(n), sum(thumbs_down) FROM feedback_1h").result_rows == [(3, 3)]
