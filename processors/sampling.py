@@ -152,9 +152,10 @@ class JudgeSampler:
         """Calls a user flagged after the fact (thumbs-down, low rating) that the stream did not sample.
 
         They are boosted samples like errors and refusals, so the same boost cap and budgets
-        bound them: a flood of thumbs-downs cannot buy unlimited judging. ``ts`` is each call's
-        own time, so a flagged call counts toward the hour and day it was served in, as it would
-        have had the stream sampled it.
+        bound them: a flood of thumbs-downs cannot buy unlimited judging. ``ts`` is when each was
+        flagged (now), not when the call was served: the judging happens now, so it is this hour's
+        and this day's budget it spends. Charged to the calls' own hours, thumbs-downs on calls
+        spread over many past hours would each find a fresh cap.
         """
         with self._lock:
             out = [JudgeSample(i, REASON_FLAGGED) for i, e in enumerate(events) if self._boost(e, ts[i])]

@@ -331,6 +331,7 @@ class ClickHouseSink:
             ),
         )
         by_sampler: dict[int, tuple[JudgeSampler, list[WireCall], list[float]]] = {}
+        flagged_at = time.time()  # the judging is spent now: this hour's and day's budgets pay for it
         for r in rows:
             ts = r[1] if r[1].tzinfo else r[1].replace(tzinfo=UTC)
             e = WireCall(
@@ -340,7 +341,7 @@ class ClickHouseSink:
             sampler = pick_sampler(samplers, e.feature)
             _, events, times = by_sampler.setdefault(id(sampler), (sampler, [], []))
             events.append(e)
-            times.append(ts.timestamp())
+            times.append(flagged_at)
         fresh = [
             str(events[s.index].request_id)
             for sampler, events, times in by_sampler.values()

@@ -268,8 +268,10 @@ def test_thumbs_downs_beyond_the_judge_budget_are_capped(settings: Any, conn: An
     budgeted = settings.model_copy(update={"sampling": settings.sampling.model_copy(update=sampling)})
     tuple_fields = {"prompt_version": "v4", "response_model": "gpt-4o-2024-08-06", "adapter": "lora-7",
                     "feature_view": "fv-3", "guardrail_version": "g2"}  # fmt: skip
+    # the email-draft calls were served in ten different hours: flagged now, they spend this hour's
+    # budget, not a fresh one in each of theirs
     calls = [call(feature="email-draft", request_id=f"em-{i}", variant="canary", release={"retriever": "bm25"},
-                  ts=iso(NOW - 3000 + i), **tuple_fields) for i in range(10)]  # fmt: skip
+                  ts=iso(NOW - 3000 - i * 3600), **tuple_fields) for i in range(10)]  # fmt: skip
     calls += [call(feature="summarize", request_id=f"su-{i}", ts=iso(NOW - 3000 + i)) for i in range(6)]
     feedback = [{"kind": "feedback", "request_id": f"em-{i}", "ts": iso(NOW - 1200), "thumbs": "down"}
                 for i in range(10)]  # fmt: skip
@@ -282,17 +284,17 @@ def test_thumbs_downs_beyond_the_judge_budget_are_capped(settings: Any, conn: An
     runtime.finish()
     runtime.close()
 
-    # email-draft: 3 judged calls per hour. summarize: gpt-4o-mini judges a call for
-    # (1000 + 200 + 600) x $0.15/1M + 150 x $0.60/1M = $0.00036, so $0.0015 a day buys 4
+    # email-draft: 3 judged calls per hour, the oldest first. summarize: gpt-4o-mini judges a call
+    # for (1000 + 200 + 600) x $0.15/1M + 150 x $0.60/1M = $0.00036, so $0.0015 a day buys 4
     asked = sorted(r["request_id"] for r in judge.requests)
-    assert asked == ["em-0", "em-1", "em-2", "su-0", "su-1", "su-2", "su-3"]
+    assert asked == ["em-7", "em-8", "em-9", "su-0", "su-1", "su-2", "su-3"]
     assert {r["reason"] for r in judge.requests} == {"thumbs_down"}
     assert runtime.stats.flagged_for_judge == 7
     assert runtime.calls.sampler.capped == 7 + 2
     assert conn.client.command("SELECT count() FROM judge_samples FINAL") == 7
 
     # the flagged call's request carries the whole release tuple, as a stream-sampled one does
-    em0 = next(r for r in judge.requests if r["request_id"] == "em-0")
+    em0 = next(r for r in judge.requests if r["request_id"] == "em-9")
     assert em0["release"] == {"model": "gpt-4o", "retriever": "bm25", **tuple_fields}
     assert em0["release_id"] == release_id("v4", "gpt-4o", "gpt-4o-2024-08-06", "lora-7", "fv-3", "g2",
                                            {"retriever": "bm25"})  # fmt: skip
