@@ -273,7 +273,11 @@ class ClickHouseSink:
         return {tuple(str(v) for v in r) for r in rows}
 
     def lineage(self, request_ids: Iterable[str]) -> dict[str, Lineage]:
-        """The calls behind these request ids: judge samples first (small), then raw calls."""
+        """The calls behind these request ids: judge samples first (small), then raw calls.
+
+        A request id that two tenants' calls share has no lineage: a verdict or a thumb on it
+        cannot be told apart, and attributing it to either call would show one tenant's verdict
+        (rationale included) to the other through the tenant-bound queries."""
         wanted = sorted(set(request_ids))
         found: dict[str, Lineage] = {}
         cols = (
@@ -288,7 +292,8 @@ class ClickHouseSink:
                 "lineage lookup",
                 lambda t=table, m=missing, why=reason: (
                     self.client.query(
-                        f"SELECT {cols}{why} FROM {t} WHERE request_id IN {{ids:Array(String)}} GROUP BY request_id",
+                        f"SELECT {cols}{why} FROM {t} WHERE request_id IN {{ids:Array(String)}} GROUP BY request_id "
+                        "HAVING uniqExact(tenant) = 1",
                         parameters={"ids": m},
                     ).result_rows
                 ),

@@ -205,3 +205,17 @@ def test_lock_is_shared_within_a_process(tmp_path: Path) -> None:
     a.release()
     b.release()
     time.sleep(0)
+
+
+def test_a_request_id_two_tenants_share_has_no_lineage(settings: Any, conn: Any) -> None:
+    """A verdict or thumb on a request id two tenants used cannot be attributed to either call:
+    attributing it would show one tenant's verdict to the other through the tenant-bound queries."""
+    pipeline = CallPipeline(builtin_price_table())
+    calls = [payload(request_id="shared", tenant="acme"), payload(request_id="shared", tenant="beta"),
+             payload(request_id="own", tenant="acme")]  # fmt: skip
+    processed = pipeline.process(batch(calls), NOW)
+    sink = ClickHouseSink(conn)
+    sink.write([processed], processed.block_id)
+    found = sink.lineage(["shared", "own"])
+    assert set(found) == {"own"}
+    assert found["own"].event_id == processed.events[2].event_id
