@@ -38,6 +38,7 @@ from processors.chain import CallPipeline, FeedbackPipeline, JudgeResultPipeline
 from processors.pricing import COST_CLIENT, Costs
 from processors.quality import feedback_partials, judge_partials, thumbs_down_requests
 from processors.records import PayloadBatch, Source, StepCounters
+from processors.sampling import JudgeSampler
 from processors.windows import WindowPartial
 from schemas.config import Settings
 from schemas.rules import RulesFile
@@ -135,6 +136,7 @@ class CallsConsumer(mode.Service):
         self.partitions: dict[int, PartitionState] = {}
         self.prices = price_table(settings)
         self.options = pipeline_options(settings, self.rules)
+        self._fallback_sampler: JudgeSampler | None = None
         self.conn: Connection | None = None
         self.sink: ClickHouseSink | None = None
         self.writer: BufferedWriter | None = None
@@ -262,6 +264,20 @@ class CallsConsumer(mode.Service):
             self.writer.add_calls(out)
         self.stats.batches += 1
         self.stats.process_s += time.perf_counter() - started
+
+    def judge_samplers(self) -> list[JudgeSampler]:
+        """The samplers whose budgets a call flagged after the fact is charged to (``sample_flagged``).
+
+        Each owned partition's; with none (more workers than partitions, or mid-rebalance) a
+        sampler of this process's own, built with the same settings, so a thumbs-down that is
+        already durable is still judged within a budget rather than dropped.
+        """
+        owned = [s.pipeline.sampler for s in self.partitions.values()]
+        if owned:
+            return owned
+        if self._fallback_sampler is None:
+            self._fallback_sampler = CallPipeline(self.prices, self.options).sampler
+        return [self._fallback_sampler]
 
     def _on_written(self, block: Block) -> None:
         """Runs in whichever thread collected the insert; the event loop picks the block up."""
@@ -695,8 +711,7 @@ def _quality_agent(app: faust.App, settings: Settings, calls: CallsConsumer, kin
         if isinstance(pipeline, FeedbackPipeline):
             flagged = [r for b in processed for r in thumbs_down_requests(b.events)]
             if flagged:
-                samplers = [s.pipeline.sampler for s in calls.partitions.values()]
-                fresh = await asyncio.to_thread(sink.sample_flagged, flagged, samplers)
+                fresh = await asyncio.to_thread(sink.sample_flagged, flagged, calls.judge_samplers())
                 await publisher.send_judge_requests(await asyncio.to_thread(sink.sampled_requests, fresh))
             quality = [p for b in processed for p in feedback_partials(b.events, b.lineage, window_s)]
         else:

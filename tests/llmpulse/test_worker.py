@@ -525,3 +525,17 @@ def test_judge_verdicts_and_feedback_close_the_loop(tmp_path: Path, topics: Any)
     assert len(firing) == 1, receiver.received
     assert firing[0]["rule"] == "eval-low" and firing[0]["scope"] == {"feature": "chat"}
     assert firing[0]["value"] == pytest.approx(0.2)
+
+
+def test_a_worker_owning_no_calls_partition_still_budgets_flagged_calls() -> None:
+    """More workers than llm.calls partitions (or a rebalance): a thumbs-down that is already durable
+    is charged to a sampler of the worker's own, with the configured budgets, not dropped."""
+    from llmpulse.worker import CallsConsumer
+    from schemas.config import load_settings
+
+    settings = load_settings(None, {"sampling": {"boost_cap_per_hour": 7}})
+    consumer = CallsConsumer(settings)
+    assert not consumer.partitions
+    (sampler,) = consumer.judge_samplers()
+    assert sampler.boost_cap_per_hour == 7
+    assert consumer.judge_samplers() == [sampler]  # one budget for the process, not one per call
