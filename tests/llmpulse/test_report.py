@@ -580,6 +580,7 @@ def test_month_crossing_burn_alerts_from_before_the_week_and_latency_limits(chdb
         *_alert("k4", "errs", a - timedelta(hours=7), a - timedelta(hours=5, minutes=30)),
         *_alert("k5", "alpha-monthly", w0 - timedelta(days=1), None, "budget_spend_usd"),  # a notice last week
         *_alert("k6", "alpha-monthly", a - timedelta(hours=1), None, "budget_spend_usd"),
+        *_alert("k7", "removed-rule", w0 - timedelta(days=40), None),  # never resolved: not every week's news
     ])  # fmt: skip
     try:
         report = build_weekly(conn, TINY_WEEK, _tiny_rules(tmp_path), now=AS_OF.timestamp())
