@@ -107,7 +107,7 @@ def _run_consumer(cmd: list[str], env: dict[str, str], log: Path, marker: str, k
                 from bench.profile import record_command
 
                 recorder = subprocess.Popen(record_command(profile[0], profile[1], pid=proc.pid),
-                                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)  # fmt: skip
+                                            stdout=subprocess.DEVNULL, stderr=out)  # fmt: skip
             t0, c0 = time.perf_counter(), proc_cpu_seconds(proc.pid)
             deadline = time.time() + timeout
             peak_rss = 0.0
@@ -129,12 +129,14 @@ def _run_consumer(cmd: list[str], env: dict[str, str], log: Path, marker: str, k
                     time.sleep(0.5)
             wall, cpu = time.perf_counter() - t0, proc_cpu_seconds(proc.pid) - c0
         finally:
-            if recorder is not None:
-                from bench.profile import stop_recording
+            try:
+                if recorder is not None:
+                    from bench.profile import stop_recording
 
-                stop_recording(recorder)
-            proc.terminate()
-            proc.wait(60)
+                    stop_recording(recorder)
+            finally:
+                proc.terminate()
+                proc.wait(60)
     return {"events_per_s": events / wall, "events_per_cpu_s": events / cpu, "cpu_us_per_event": cpu / events * 1e6,
             "wall_s": wall, "cpu_s": cpu, "peak_rss_mb": peak_rss}  # fmt: skip
 
