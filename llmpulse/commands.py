@@ -862,7 +862,7 @@ def gate(
         console.error(str(exc))
         raise SystemExit(2) from None
     if start >= end:
-        console.error(f"--since {since} is not before --until {until}: the period is empty")
+        console.error(f"--since {since} is not before --until {until or 'now'}: the period is empty")
         raise SystemExit(2)
     if feature:
         cand["feature"] = base["feature"] = feature

@@ -361,7 +361,8 @@ class ClickHouseSink:
                     "prompt_hash, prompt, output) "
                     f"SELECT event_id, ts, {{reason:String}}, feature, team, tenant, model, provider, prompt_version, "
                     "variant, release_id, request_id, conversation_id, status, refusal, prompt_hash, prompt, output "
-                    f"FROM {self.db}.llm_calls WHERE request_id IN {{ids:Array(String)}} LIMIT 1 BY request_id",
+                    f"FROM {self.db}.llm_calls WHERE request_id IN {{ids:Array(String)}} "
+                    "ORDER BY ts, request_id LIMIT 1 BY request_id",
                     parameters={"ids": fresh, "reason": reason},
                 ),
             )
