@@ -252,10 +252,11 @@ def test_eval_view_leaves_out_exactly_the_boosted_reasons() -> None:
 
     from processors.sampling import BOOSTED_REASONS
 
-    ddl = resources.files("schemas").joinpath("migrations", "0004_quality.sql").read_text()
-    listed = re.search(r"sample_reason NOT IN \(([^)]*)\)", ddl)
-    assert listed is not None
-    assert {x.strip(" '") for x in listed.group(1).split(",")} == BOOSTED_REASONS
+    for sql in (resources.files("schemas").joinpath("migrations", "0004_quality.sql").read_text(),
+                resources.files("sinks").joinpath("queries", "gate_quality.sql").read_text()):  # fmt: skip
+        listed = re.search(r"sample_reason NOT IN \(([^)]*)\)", sql)
+        assert listed is not None
+        assert {x.strip(" '") for x in listed.group(1).split(",")} == BOOSTED_REASONS
 
 
 def test_thumbs_downs_beyond_the_judge_budget_are_capped(settings: Any, conn: Any) -> None:
