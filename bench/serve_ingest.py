@@ -148,30 +148,12 @@ def expect(what: str, got: Any, want: Any) -> None:
         raise Mismatch(f"{what}: {got} stored, {want} sent and answered 200")
 
 
-async def _end_offsets(bootstrap: str, topic: str) -> int:
-    """Messages in ``topic`` so far (sum of its partitions' end offsets)."""
-    from aiokafka import AIOKafkaConsumer, TopicPartition
-
-    from ingest.kafka import client_options
-    from schemas.config import KafkaSettings
-
-    consumer = AIOKafkaConsumer(**client_options(KafkaSettings(bootstrap_servers=bootstrap)))
-    await consumer.start()
-    try:
-        parts = consumer.partitions_for_topic(topic)
-        if not parts:
-            await consumer._client.force_metadata_update()
-            parts = consumer.partitions_for_topic(topic) or set()
-        ends = await consumer.end_offsets([TopicPartition(topic, p) for p in sorted(parts)]) if parts else {}
-        return int(sum(ends.values()))
-    finally:
-        await consumer.stop()
-
-
 def published(bootstrap: str) -> int:
-    from schemas.config import TopicNames
+    """Messages in the calls topic so far (sum of its partitions' end offsets)."""
+    from ingest.kafka import end_offsets
+    from schemas.config import KafkaSettings, TopicNames
 
-    return asyncio.run(_end_offsets(bootstrap, TopicNames().calls))
+    return sum(asyncio.run(end_offsets(KafkaSettings(bootstrap_servers=bootstrap), TopicNames().calls)).values())
 
 
 class Serve:

@@ -94,9 +94,34 @@ async def create_topics(k: KafkaSettings) -> dict[str, str]:
         await admin.close()
 
 
+async def _topic_ends(consumer: Any, topic: str) -> dict[Any, int]:
+    """End offset of each partition of ``topic``, through a started consumer (metadata refreshed
+    once if the topic is not known yet)."""
+    from aiokafka import TopicPartition
+
+    parts = consumer.partitions_for_topic(topic)
+    if not parts:
+        await consumer._client.force_metadata_update()
+        parts = consumer.partitions_for_topic(topic) or set()
+    tps = [TopicPartition(topic, p) for p in sorted(parts)]
+    return dict(await consumer.end_offsets(tps)) if tps else {}
+
+
+async def end_offsets(k: KafkaSettings, topic: str) -> dict[int, int]:
+    """Messages written to each partition of ``topic`` so far (its end offsets)."""
+    from aiokafka import AIOKafkaConsumer
+
+    consumer = AIOKafkaConsumer(**client_options(k))
+    await consumer.start()
+    try:
+        return {tp.partition: offset for tp, offset in (await _topic_ends(consumer, topic)).items()}
+    finally:
+        await consumer.stop()
+
+
 async def consumer_lag(k: KafkaSettings, group: str, topic: str) -> dict[int, int]:
     """Messages not yet committed by ``group``, per partition (what `pipeline lag` alerts watch)."""
-    from aiokafka import AIOKafkaConsumer, TopicPartition
+    from aiokafka import AIOKafkaConsumer
 
     admin = AIOKafkaAdminClient(**client_options(k))
     consumer = AIOKafkaConsumer(**client_options(k))
@@ -104,16 +129,10 @@ async def consumer_lag(k: KafkaSettings, group: str, topic: str) -> dict[int, in
     await consumer.start()
     try:
         committed = await admin.list_consumer_group_offsets(group)
-        parts = consumer.partitions_for_topic(topic)
-        if not parts:
-            await consumer._client.force_metadata_update()
-            parts = consumer.partitions_for_topic(topic) or set()
-        tps = [TopicPartition(topic, p) for p in sorted(parts)]
-        ends = await consumer.end_offsets(tps) if tps else {}
         lag: dict[int, int] = {}
-        for tp in tps:
+        for tp, end in (await _topic_ends(consumer, topic)).items():
             done = committed.get(tp)
-            lag[tp.partition] = ends[tp] - (done.offset if done is not None and done.offset >= 0 else 0)
+            lag[tp.partition] = end - (done.offset if done is not None and done.offset >= 0 else 0)
         return lag
     finally:
         await consumer.stop()

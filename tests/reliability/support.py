@@ -17,10 +17,11 @@ from pathlib import Path
 from typing import Any
 
 import orjson
-from aiokafka import AIOKafkaProducer, TopicPartition
+from aiokafka import AIOKafkaProducer
 from aiokafka.admin import AIOKafkaAdminClient
 
 from ingest.kafka import client_options
+from ingest.kafka import end_offsets as kafka_end_offsets
 from schemas.config import KafkaSettings
 from tests.conftest import ROOT, iso
 from tests.llmpulse.workers import ENV, Worker, query
@@ -125,22 +126,7 @@ def committed(kafka: KafkaSettings, topic: str) -> dict[int, int]:
 
 
 def end_offsets(kafka: KafkaSettings, topic: str) -> dict[int, int]:
-    from aiokafka import AIOKafkaConsumer
-
-    async def read() -> dict[int, int]:
-        consumer = AIOKafkaConsumer(**client_options(kafka))
-        await consumer.start()
-        try:
-            parts = consumer.partitions_for_topic(topic)
-            if not parts:
-                await consumer._client.force_metadata_update()
-                parts = consumer.partitions_for_topic(topic) or set()
-            ends = await consumer.end_offsets([TopicPartition(topic, p) for p in parts])
-        finally:
-            await consumer.stop()
-        return {tp.partition: o for tp, o in ends.items()}
-
-    return asyncio.run(read())
+    return asyncio.run(kafka_end_offsets(kafka, topic))
 
 
 def rss_mb(pid: int) -> float:
