@@ -302,43 +302,38 @@ def test_thumbs_downs_beyond_the_judge_budget_are_capped(settings: Any, conn: An
     assert (em0["variant"], em0["feature"], em0["team"], em0["finish_reason"]) == ("canary", "email-draft", "cx", None)
 
 
-def test_a_verdict_redelivered_after_a_restart_counts_once(settings: Any, conn: Any) -> None:
-    """judge_scores FINAL shows a verdict once; eval_1h, fed per inserted row, must count it once too."""
+def _delivered_again_after_a_restart(settings: Any, conn: Any, prefix: str, topic: str, items: list[bytes],
+                                     extra: bytes) -> None:  # fmt: skip
+    """Four calls (``{prefix}-0`` to ``-3``), then ``items`` about them from ``topic``; then a restarted
+    runtime (its dedup memory empty) gets the same items again in a batch of another shape, with
+    ``extra`` beside them."""
     from processors.records import Source
 
-    calls = [call(request_id=f"r-{i}", ts=iso(NOW - 3000 + i)) for i in range(4)]
-    verdicts = [orjson.dumps({"kind": "judge_result", "request_id": f"r-{i}", "rubric": "helpfulness",
-                              "score": 0.5 + i / 10, "judge_model": "judge-x", "ts": iso(NOW - 60)})
-                for i in range(4)]  # fmt: skip
-    topic = Source("kafka", "llm.judge.results", 0)
+    source = Source("kafka", topic, 0)
     first = EmbeddedRuntime(settings, conn)
-    first.ingest(batch([orjson.dumps(c) for c in calls]), now=NOW)
+    first.ingest(batch([orjson.dumps(call(request_id=f"{prefix}-{i}", ts=iso(NOW - 3000 + i))) for i in range(4)]),
+                 now=NOW)  # fmt: skip
     first.flush()
-    first.ingest(batch(verdicts, topic, first=100), now=NOW)
+    first.ingest(batch(items, source, first=100), now=NOW)
     first.finish()
     first.close()
-    # restarted (its dedup memory empty), the same four arrive again in a batch of another shape,
-    # with a fifth verdict (a new rubric) beside them
-    again = (
-        verdicts[2:]
-        + verdicts[:2]
-        + [
-            orjson.dumps(
-                {
-                    "kind": "judge_result",
-                    "request_id": "r-0",
-                    "rubric": "tone",
-                    "score": 1.0,
-                    "judge_model": "judge-x",
-                    "ts": iso(NOW - 30),
-                }
-            )
-        ]
-    )
     second = EmbeddedRuntime(settings, conn)
-    second.ingest(batch(again, topic, first=102), now=NOW)
+    second.ingest(batch([*items[2:], *items[:2], extra], source, first=102), now=NOW)
     second.finish()
     second.close()
+
+
+def test_a_verdict_redelivered_after_a_restart_counts_once(settings: Any, conn: Any) -> None:
+    """judge_scores FINAL shows a verdict once; eval_1h, fed per inserted row, must count it once too."""
+
+    def verdict(request_id: str, rubric: str, score: float, ts: float) -> bytes:
+        return orjson.dumps({"kind": "judge_result", "request_id": request_id, "rubric": rubric, "score": score,
+                             "judge_model": "judge-x", "ts": iso(ts)})  # fmt: skip
+
+    verdicts = [verdict(f"r-{i}", "helpfulness", 0.5 + i / 10, NOW - 60) for i in range(4)]
+    # the extra one: a new rubric on a call already judged
+    _delivered_again_after_a_restart(settings, conn, "r", "llm.judge.results", verdicts,
+                                     extra=verdict("r-0", "tone", 1.0, NOW - 30))  # fmt: skip
 
     assert conn.client.command("SELECT count() FROM judge_scores") == 5
     rolled = conn.client.query("SELECT rubric, sum(n), round(sum(score_sum), 6) FROM eval_1h GROUP BY rubric "
@@ -348,27 +343,15 @@ def test_a_verdict_redelivered_after_a_restart_counts_once(settings: Any, conn: 
 
 def test_feedback_redelivered_after_a_restart_counts_once(settings: Any, conn: Any) -> None:
     """feedback FINAL shows a thumb once; feedback_1h, fed per inserted row, must count it once too."""
-    from processors.records import Source
 
-    calls = [call(request_id=f"f-{i}", ts=iso(NOW - 3000 + i)) for i in range(4)]
-    thumbs = [orjson.dumps({"kind": "feedback", "request_id": f"f-{i}", "ts": iso(NOW - 60), "user_id": f"u{i}",
-                            "thumbs": "down" if i % 2 else "up"})
-              for i in range(4)]  # fmt: skip
-    topic = Source("kafka", "llm.feedback", 0)
-    first = EmbeddedRuntime(settings, conn)
-    first.ingest(batch([orjson.dumps(c) for c in calls]), now=NOW)
-    first.flush()
-    first.ingest(batch(thumbs, topic, first=100), now=NOW)
-    first.finish()
-    first.close()
-    # restarted (its dedup memory empty), the same four arrive again in a batch of another shape,
-    # with a fifth (another user's thumb on the same call) beside them
-    fifth = orjson.dumps({"kind": "feedback", "request_id": "f-0", "ts": iso(NOW - 30), "user_id": "u9",
-                          "thumbs": "down"})  # fmt: skip
-    second = EmbeddedRuntime(settings, conn)
-    second.ingest(batch([*thumbs[2:], *thumbs[:2], fifth], topic, first=102), now=NOW)
-    second.finish()
-    second.close()
+    def thumb(request_id: str, user: str, thumbs: str, ts: float) -> bytes:
+        return orjson.dumps({"kind": "feedback", "request_id": request_id, "ts": iso(ts), "user_id": user,
+                             "thumbs": thumbs})  # fmt: skip
+
+    thumbs = [thumb(f"f-{i}", f"u{i}", "down" if i % 2 else "up", NOW - 60) for i in range(4)]
+    # the extra one: another user's thumb on a call already rated
+    _delivered_again_after_a_restart(settings, conn, "f", "llm.feedback", thumbs,
+                                     extra=thumb("f-0", "u9", "down", NOW - 30))  # fmt: skip
 
     assert conn.client.command("SELECT count() FROM feedback") == 5
     rolled = conn.client.query("SELECT sum(n), sum(thumbs_up), sum(thumbs_down) FROM feedback_1h").result_rows
