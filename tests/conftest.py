@@ -47,6 +47,21 @@ def batch(payloads: list[bytes], source: Source | None = None, first: int = 0, d
     return PayloadBatch(source or Source("test", "unit"), payloads, list(range(first, first + len(payloads))), digest)
 
 
+def run_embedded(settings: Any, conn: Any, calls: list[dict[str, Any]], later: list[dict[str, Any]],
+                 first: int = 1000, **runtime: Any) -> Any:  # fmt: skip
+    """The calls, durable first, then what refers to them (feedback, verdicts) through one embedded
+    runtime, finished and closed; returned for its stats."""
+    from llmpulse.runtime import EmbeddedRuntime
+
+    rt = EmbeddedRuntime(settings, conn, **runtime)
+    rt.ingest(batch([orjson.dumps(e) for e in calls]), now=NOW)
+    rt.flush()
+    rt.ingest(batch([orjson.dumps(e) for e in later], first=first), now=NOW)
+    rt.finish()
+    rt.close()
+    return rt
+
+
 @pytest.fixture(scope="session")
 def chdb_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """chDB hosts one engine per process: every in-process test shares this data directory."""

@@ -24,7 +24,7 @@ from llmpulse.gate import (
     parse_time,
 )
 from llmpulse.runtime import EmbeddedRuntime
-from tests.conftest import NOW, batch, call, iso
+from tests.conftest import NOW, call, iso, run_embedded
 from tests.llmpulse.test_cli import ENV
 
 
@@ -49,7 +49,6 @@ def seed_example(path: Path) -> Path:
 
 def test_seed_example_is_refused_on_tokens(settings, conn, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     from ingest.files import read_chunks
-    from llmpulse.runtime import EmbeddedRuntime
 
     runtime = EmbeddedRuntime(settings, conn)
     for chunk in read_chunks(seed_example(tmp_path / "seed.jsonl")):
@@ -122,12 +121,7 @@ def _teams_and_tenants(settings: Any, conn: Any) -> None:
          "ts": iso(NOW - 900)}
         for i in range(20)
     ]  # fmt: skip
-    runtime = EmbeddedRuntime(settings, conn)
-    runtime.ingest(batch([orjson.dumps(e) for e in events]), now=NOW)
-    runtime.flush()
-    runtime.ingest(batch([orjson.dumps(v) for v in verdicts], first=100), now=NOW)
-    runtime.finish()
-    runtime.close()
+    run_embedded(settings, conn, events, verdicts, first=100)
 
 
 def test_team_provider_and_tenant_narrow_the_judge_score_too(settings: Any, conn: Any) -> None:

@@ -14,7 +14,7 @@ import pytest
 from llmpulse.lineage import NotFound, trace
 from llmpulse.runtime import EmbeddedRuntime
 from processors.release import release_id
-from tests.conftest import NOW, batch, call, iso
+from tests.conftest import NOW, batch, call, iso, run_embedded
 from tests.llmpulse.test_cli import ENV
 
 
@@ -42,12 +42,7 @@ QUALITY = [
 
 
 def _seed(settings: Any, conn: Any) -> None:
-    runtime = EmbeddedRuntime(settings, conn)
-    runtime.ingest(batch([orjson.dumps(e) for e in _events()]), now=NOW)
-    runtime.flush()
-    runtime.ingest(batch([orjson.dumps(q) for q in QUALITY], first=100), now=NOW)
-    runtime.finish()
-    runtime.close()
+    run_embedded(settings, conn, _events(), QUALITY, first=100)
 
 
 def test_trace_shows_release_verdicts_feedback_and_the_release_before(settings: Any, conn: Any) -> None:

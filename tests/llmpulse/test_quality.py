@@ -17,7 +17,7 @@ from llmpulse.runtime import EmbeddedRuntime
 from processors.release import release_id
 from schemas.config import JudgeBudgetSettings
 from sinks import queries
-from tests.conftest import NOW, batch, call, iso
+from tests.conftest import NOW, batch, call, iso, run_embedded
 
 PERIOD = {"start": datetime.fromtimestamp(NOW - 86400, UTC), "end": datetime.fromtimestamp(NOW + 3600, UTC)}
 CONTROL_SCORES = [0.9, 0.8, 0.7, 0.85, 0.95, 0.6, 0.75, 0.8]
@@ -90,12 +90,7 @@ def _feedback() -> list[dict[str, Any]]:
 
 def _run(settings: Any, conn: Any, judge: RecordingJudge) -> EmbeddedRuntime:
     events, _ = _events()
-    runtime = EmbeddedRuntime(settings, conn, judge=judge)
-    runtime.ingest(batch([orjson.dumps(e) for e in events]), now=NOW)
-    runtime.flush()
-    runtime.ingest(batch([orjson.dumps(f) for f in _feedback()], first=1000), now=NOW)
-    runtime.finish()
-    runtime.close()
+    runtime: EmbeddedRuntime = run_embedded(settings, conn, events, _feedback(), judge=judge)
     return runtime
 
 
@@ -278,12 +273,7 @@ def test_thumbs_downs_beyond_the_judge_budget_are_capped(settings: Any, conn: An
                 for i in range(10)]  # fmt: skip
     feedback += [{"kind": "feedback", "request_id": f"su-{i}", "ts": iso(NOW - 1200), "rating": 1} for i in range(6)]
     judge = RecordingJudge({})
-    runtime = EmbeddedRuntime(budgeted, conn, judge=judge)
-    runtime.ingest(batch([orjson.dumps(e) for e in calls]), now=NOW)
-    runtime.flush()
-    runtime.ingest(batch([orjson.dumps(f) for f in feedback], first=1000), now=NOW)
-    runtime.finish()
-    runtime.close()
+    runtime = run_embedded(budgeted, conn, calls, feedback, judge=judge)
 
     # email-draft: 3 judged calls per hour, the oldest first. summarize: gpt-4o-mini judges a call
     # for (1000 + 200 + 600) x $0.15/1M + 150 x $0.60/1M = $0.00036, so $0.0015 a day buys 4

@@ -10,13 +10,12 @@ import orjson
 
 from llmpulse.runtime import EmbeddedRuntime
 from sinks.rollups import ROLLUPS, WriteHorizon, compare, rebuild, repair
-from tests.conftest import NOW, batch, call, iso
+from tests.conftest import NOW, batch, call, iso, run_embedded
 
 START, END = NOW - 7200, NOW + 60
 
 
 def seed(settings: Any, conn: Any) -> None:
-    runtime = EmbeddedRuntime(settings, conn)
     calls = [call(request_id=f"r{i}", feature=f"f{i % 3}", latency_ms=100.0 + i, ts=iso(NOW - 3600 + i * 7),
                   response_model="served-a" if i % 4 else "served-b") for i in range(300)]  # fmt: skip
     quality = [
@@ -25,11 +24,7 @@ def seed(settings: Any, conn: Any) -> None:
         *({"kind": "feedback", "request_id": f"r{i}", "ts": iso(NOW - 1200), "thumbs": "down" if i % 2 else "up"}
           for i in range(0, 300, 25)),
     ]  # fmt: skip
-    runtime.ingest(batch([orjson.dumps(e) for e in calls]), now=NOW)
-    runtime.flush()
-    runtime.ingest(batch([orjson.dumps(q) for q in quality], first=1000), now=NOW)
-    runtime.finish()
-    runtime.close()
+    run_embedded(settings, conn, calls, quality)
 
 
 def test_stored_rollups_equal_their_recomputation(settings: Any, conn: Any) -> None:
