@@ -215,24 +215,25 @@ def drive(srv: Serve, run: str, events: int, batch: int, concurrency: int) -> di
 def ingest(folder: Path, events: int, kafka: str | None, alerting: bool) -> list[dict[str, Any]]:
     results = []
     for mode in ("embedded", "kafka") if kafka else ("embedded",):
-        extra: dict[str, Any] = {"kafka": {"bootstrap_servers": kafka}} if mode == "kafka" else {}
+        bootstrap = kafka if mode == "kafka" else None  # the broker this mode publishes to
+        extra: dict[str, Any] = {"kafka": {"bootstrap_servers": bootstrap}} if bootstrap else {}
         sub = folder / mode
         sub.mkdir()
-        if kafka is not None and mode == "kafka":
+        if bootstrap is not None:
             from ingest.kafka import create_topics
             from schemas.config import KafkaSettings
 
-            asyncio.run(create_topics(KafkaSettings(bootstrap_servers=kafka)))
+            asyncio.run(create_topics(KafkaSettings(bootstrap_servers=bootstrap)))
         with Serve(sub, {"mode": mode}, alerting, **extra) as srv:
             # the first run warms up (imports, first parts): checked like the others, not reported
             for i, (batch, concurrency, n) in enumerate(((100, 8, 5000), (100, 64, events), (1000, 16, events))):
                 warm_up = i == 0
                 run = f"{'warm' if warm_up else 'b'}{batch}-{uuid.uuid4().hex[:6]}"
-                before = published(kafka) if kafka is not None and mode == "kafka" else 0
+                before = published(bootstrap) if bootstrap is not None else 0
                 r = drive(srv, run, n, batch, concurrency)
                 r.update(mode=mode, batch=batch, concurrency=concurrency, alerting=alerting)
-                if kafka is not None and mode == "kafka":
-                    r["published"] = published(kafka) - before
+                if bootstrap is not None:
+                    r["published"] = published(bootstrap) - before
                     expect(f"{run}: messages added to the calls topic", r["published"], r["events"])
                 else:
                     (stored,) = srv.sql(f"SELECT (SELECT count() FROM llm_calls FINAL WHERE service = '{run}'), "
@@ -311,9 +312,9 @@ def main() -> None:
                         help="run the server with alerting off (default: on, as configured)")  # fmt: skip
     args = parser.parse_args()
     only = {x.strip() for x in args.only.split(",")}
-    if only - {"ingest", "otlp", "backpressure"}:
-        parser.error(f"--only: unknown {', '.join(sorted(only - {'ingest', 'otlp', 'backpressure'}))}; "
-                     "choose from ingest, otlp, backpressure")  # fmt: skip
+    unknown = only - {"ingest", "otlp", "backpressure"}
+    if unknown:
+        parser.error(f"--only: unknown {', '.join(sorted(unknown))}; choose from ingest, otlp, backpressure")
     print(f"llmpulse serve with alerting {'on (the default)' if args.alerting else 'off (--no-alerting)'}",
           file=sys.stderr, flush=True)  # fmt: skip
     out: dict[str, Any] = {"alerting": args.alerting}
