@@ -50,6 +50,8 @@ class ProcessedCalls:
     """The partition's watermark after this batch: every window ending before it is in ``partials``
     of this batch or an earlier one (stage 2 may trust it once those are published)."""
     late: int = 0
+    columns: object = None
+    """Opaque to the processors: the sink's encoding of these rows (``ClickHouseSink.encode_calls``)."""
 
     def __len__(self) -> int:
         return len(self.events)

@@ -95,6 +95,8 @@ class BufferedWriter:
         return held
 
     def add_calls(self, batch: ProcessedCalls) -> None:
+        if batch.events:
+            self.sink.encode_calls(batch)  # now, while the batch is hot in cache, not at flush
         self._buffer.calls.append(batch)
         self._added(len(batch.events) + len(batch.dead))
 

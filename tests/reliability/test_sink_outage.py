@@ -177,6 +177,9 @@ def test_writer_keeps_blocks_in_order_and_adding_never_raises_while_the_sink_fai
     down.set()
 
     class Sink:
+        def encode_calls(self, batch: Any) -> None:
+            pass
+
         def write(self, batches: list[Any], token: str | None) -> None:
             time.sleep(0.05)
             if down.is_set():
