@@ -234,15 +234,14 @@ class CallsConsumer(mode.Service):
                 state = self.partitions.get(tp.partition)
             if state is None:  # revoked while the fetch was in flight; the next owner reads them
                 continue
-            payloads: list[bytes] = []
-            offsets: list[int] = []
             skip = state.skip
-            for m in messages:
-                if skip and m.offset in skip:
-                    self.stats.skipped_written += 1
-                    continue
-                payloads.append(m.value if m.value is not None else b"")
-                offsets.append(m.offset)
+            if skip:  # re-reading what ClickHouse already holds (after a crash): drop those
+                kept = [m for m in messages if m.offset not in skip]
+                self.stats.skipped_written += len(messages) - len(kept)
+            else:
+                kept = messages
+            payloads = [b"" if m.value is None else m.value for m in kept]
+            offsets = [m.offset for m in kept]
             state.next_offset = messages[-1].offset + 1
             if skip and messages[-1].offset >= state.skip_below:
                 state.skip = set()  # past everything ClickHouse held: stop checking

@@ -51,7 +51,7 @@ class ProcessedCalls:
     of this batch or an earlier one (stage 2 may trust it once those are published)."""
     late: int = 0
     columns: object = None
-    """Opaque to the processors: the sink's encoding of these rows (``ClickHouseSink.encode_calls``)."""
+    """Opaque to the processors: the sink's encoding of these rows (``sinks.columns.batch_columns``)."""
 
     def __len__(self) -> int:
         return len(self.events)

@@ -219,22 +219,14 @@ class ClickHouseSink:
         if dead:
             self.write_dead_letters(dead, f"{token}:dlq" if token else None)
         if any(b.events for b in batches):
-            self._insert("llm_calls", columns.concat([self.encode_calls(b) for b in batches if b.events]), token)
+            self._insert("llm_calls", columns.concat([columns.batch_columns(b) for b in batches if b.events]), token)
         if any(b.samples for b in batches):
             self._insert("judge_samples", columns.samples_table(batches), f"{token}:samples" if token else None)
 
     @staticmethod
     def encode_calls(batch: ProcessedCalls) -> pa.Table:
-        """The batch's raw-table columns, built once and kept on the batch.
-
-        The writer calls this as each batch is added, while its events are still in the CPU's
-        cache: the same columns built at flush time, from five batches gone cold, cost 8.3
-        instead of 5.3 µs per row (measured on 200k calls). A retried write reuses them.
-        """
-        if batch.columns is None:
-            batch.columns = columns.calls_table([batch])
-        table: pa.Table = batch.columns
-        return table
+        """The writer hands each batch here as it is added, so its columns are built hot."""
+        return columns.batch_columns(batch)
 
     def write_dead_letters(self, letters: list[DeadLetter], token: str | None) -> None:
         self._insert("dlq", columns.dlq_table(letters), token)

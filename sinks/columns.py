@@ -153,6 +153,20 @@ def calls_table(batches: Iterable[ProcessedCalls]) -> pa.Table:
     return pa.Table.from_arrays(arrays, names=names)
 
 
+def batch_columns(batch: ProcessedCalls) -> pa.Table:
+    """The batch's raw-table columns, built once and kept on the batch.
+
+    The writer asks for them as each batch is added, while its events are still in the CPU's
+    cache: the same columns built at flush time, from five batches gone cold, cost 8.3 instead
+    of 5.3 µs per row (measured on 200k calls). The metrics read them too, and a retried write
+    reuses them.
+    """
+    if batch.columns is None:
+        batch.columns = calls_table([batch])
+    table: pa.Table = batch.columns
+    return table
+
+
 def _low_cardinality_columns(events: list[WireCall]) -> list[tuple[str, pa.Array]]:
     """The sixteen LowCardinality columns, from the few distinct combinations a batch holds.
 
@@ -187,7 +201,7 @@ def epoch_ms(seconds: list[float]) -> pa.Array:
 
 
 def concat(tables: list[pa.Table]) -> pa.Table:
-    """One insert block from per-batch tables (``ClickHouseSink.encode_calls``).
+    """One insert block from per-batch tables (``batch_columns``).
 
     A column a batch left out (all NULL there) comes back as NULLs, which the insert turns
     into the column default exactly as an omitted column; the batches' dictionaries are

@@ -12,23 +12,26 @@ Two families:
 
 Labels are bounded: at most ``MAX_LABEL_VALUES`` models and features each are tracked, the rest
 fold into ``_other``, so one service sending garbage model names cannot blow up Prometheus.
-Histograms are filled per batch (values sorted once, buckets counted with bisect in C), not
-per event through the client library.
+Histograms are filled per batch from the batch's Arrow columns (bucket indices and grouping in
+C++), not per event through the client library.
 """
 
 from __future__ import annotations
 
 import threading
-from bisect import bisect_right
 from collections.abc import Iterable, Iterator, Sequence
+from itertools import accumulate
 from typing import Any
 
+import pyarrow as pa
+import pyarrow.compute as pc
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 from prometheus_client.core import HistogramMetricFamily
 from prometheus_client.registry import Collector
 
 from processors.chain import ProcessedCalls
 from processors.records import StepCounters
+from sinks.columns import batch_columns
 
 MAX_LABEL_VALUES = 50
 OTHER = "_other"
@@ -67,19 +70,15 @@ class _BatchHistogram:
         """label values → [count per bucket..., +Inf count, sum]"""
         self._lock = threading.Lock()
 
-    def observe_many(self, labels: tuple[str, ...], values: list[float]) -> None:
-        if not values:
-            return
-        values.sort()
-        counts = [bisect_right(values, b) for b in self.buckets]
-        total = sum(values)
+    def add(self, labels: tuple[str, ...], counts: Sequence[int], n: int, total: float) -> None:
+        """``counts[i]``: observations ≤ ``buckets[i]`` (cumulative, as Prometheus exposes them)."""
         with self._lock:
             state = self._state.get(labels)
             if state is None:
                 state = self._state[labels] = [0.0] * (len(self.buckets) + 2)
             for i, c in enumerate(counts):
                 state[i] += c
-            state[-2] += len(values)
+            state[-2] += n
             state[-1] += total
 
     def collect(self) -> HistogramMetricFamily:
@@ -89,6 +88,41 @@ class _BatchHistogram:
                 buckets = [(str(b), state[i]) for i, b in enumerate(self.buckets)] + [("+Inf", state[-2])]
                 family.add_metric(list(labels), buckets, state[-1])
         return family
+
+
+_GROUP = ["provider", "model", "feature"]
+
+
+def _bucketed(
+    table: pa.Table, column: str, scale: float, buckets: Sequence[float]
+) -> Iterator[tuple[tuple[str | None, ...], list[int], int, float]]:
+    """Per (provider, model, feature): cumulative bucket counts, count and sum of ``column / scale``.
+
+    Computed on the batch's Arrow columns (the ones written to ClickHouse) rather than the
+    event objects: touching every event again for four values cost ~1.5 µs per event, most of
+    it cache misses; a bucket index is one vector comparison per boundary and the grouping runs
+    in C++. NULLs (calls without TTFT) are not observed.
+    """
+    values = table.column(column)
+    if scale != 1.0:
+        values = pc.divide(values.cast(pa.float64()), scale)
+    bucket = pc.cast(pc.greater(values, buckets[0]), pa.int8())
+    for bound in buckets[1:]:
+        bucket = pc.add(bucket, pc.cast(pc.greater(values, bound), pa.int8()))
+    n = table.num_rows
+    parts = {k: table.column(k) if k in table.column_names else pa.nulls(n, pa.string()) for k in _GROUP}
+    grouped = pa.table({**parts, "bucket": bucket, "value": values})
+    if values.null_count:
+        grouped = grouped.filter(pc.is_valid(values))
+    rows = grouped.group_by([*_GROUP, "bucket"], use_threads=False).aggregate([("value", "count"), ("value", "sum")])
+    out: dict[tuple[str | None, ...], tuple[list[int], list[float]]] = {}
+    for provider, model, feature, b, count, total in zip(*(rows.column(i).to_pylist() for i in range(6)), strict=True):
+        per_bucket, sums = out.setdefault((provider, model, feature), ([0] * (len(buckets) + 1), []))
+        per_bucket[b] += count
+        sums.append(total)
+    for key, (per_bucket, sums) in out.items():
+        cumulative = list(accumulate(per_bucket))
+        yield key, cumulative[:-1], cumulative[-1], sum(sums)
 
 
 class _GenAICollector(Collector):
@@ -162,23 +196,20 @@ class PipelineMetrics:
         for d in batch.dead:
             self.rejected.labels(self._path(d.path)).inc()
         self.batch_seconds.observe(seconds)
-        groups: dict[tuple[str, ...], tuple[list[float], list[float], list[float], list[float]]] = {}
-        model, feature = self.model, self.feature
-        for e in batch.events:
-            key = ("chat", e.provider or "", model(e.model), feature(e.feature))
-            g = groups.get(key)
-            if g is None:
-                g = groups[key] = ([], [], [], [])
-            g[0].append(e.input_tokens)
-            g[1].append(e.output_tokens)
-            g[2].append(e.latency_ms / 1000)
-            if e.ttft_ms is not None:
-                g[3].append(e.ttft_ms / 1000)
-        for key, (inp, out, lat, ttft) in groups.items():
-            self.tokens.observe_many((*key, "input"), inp)
-            self.tokens.observe_many((*key, "output"), out)
-            self.duration.observe_many(key, lat)
-            self.ttft.observe_many(key, ttft)
+        if not batch.events:
+            return
+        table = batch_columns(batch)
+        for column, histogram, scale, token_type in (
+            ("input_tokens", self.tokens, 1.0, "input"),
+            ("output_tokens", self.tokens, 1.0, "output"),
+            ("latency_ms", self.duration, 1000.0, None),
+            ("ttft_ms", self.ttft, 1000.0, None),
+        ):
+            if column not in table.column_names:
+                continue  # no call in the batch has it (TTFT): nothing to observe
+            for (provider, model, feature), counts, n, total in _bucketed(table, column, scale, histogram.buckets):
+                key = ("chat", provider or "", self.model(model), self.feature(feature))
+                histogram.add(key if token_type is None else (*key, token_type), counts, n, total)
 
     def count(self, c: StepCounters, source: str) -> None:
         self.received.labels(source).inc(c.received)

@@ -79,8 +79,10 @@ def _touch(owner: Any) -> None:
                 child.set(7)
             else:
                 child.inc(3)
-        elif hasattr(metric, "observe_many") and hasattr(metric, "labels"):  # the GenAI batch histograms
-            metric.observe_many(tuple(LABEL_VALUES.get(n, "x") for n in metric.labels), [0.05, 2.0, 300.0])
+        elif hasattr(metric, "buckets") and hasattr(metric, "labels"):  # the GenAI batch histograms
+            values = [0.05, 2.0, 300.0]
+            counts = [sum(1 for v in values if v <= b) for b in metric.buckets]
+            metric.add(tuple(LABEL_VALUES.get(n, "x") for n in metric.labels), counts, len(values), sum(values))
 
 
 def scraped(job: str) -> list[Series]:
