@@ -109,7 +109,7 @@ class CallEvent(BaseModel):
     prompt_hash: Id | None = None
     prompt: str | None = None
     output: str | None = None
-    output_chars: Annotated[int, Field(ge=0)] | None = None
+    output_chars: Annotated[int, Field(ge=0, le=limits.MAX_OUTPUT_CHARS)] | None = None
 
     attributes: Annotated[dict[str, AttributeValue], Field(max_length=limits.MAX_ATTRIBUTES)] = Field(
         default_factory=dict

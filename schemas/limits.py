@@ -16,6 +16,8 @@ MAX_NAME_CHARS = 128
 MAX_ERROR_MESSAGE_CHARS = 4096
 MAX_TOKENS = 100_000_000
 """Per call. Larger counts are corrupt data, not traffic."""
+MAX_OUTPUT_CHARS = 4_294_967_295
+"""``output_chars`` is stored as UInt32: a larger value is rejected at validation, not at the insert."""
 MAX_LATENCY_MS = 86_400_000.0
 """One day: a call that took longer is a clock bug."""
 MAX_COST_USD = 100_000.0

@@ -83,7 +83,7 @@ class WireCall(msgspec.Struct, forbid_unknown_fields=True, gc=False, omit_defaul
     prompt_hash: Id | None = None
     prompt: str | None = None
     output: str | None = None
-    output_chars: Annotated[int, msgspec.Meta(ge=0)] | None = None
+    output_chars: Annotated[int, msgspec.Meta(ge=0, le=limits.MAX_OUTPUT_CHARS)] | None = None
 
     attributes: Annotated[dict[str, AttributeValue], msgspec.Meta(max_length=limits.MAX_ATTRIBUTES)] = {}
 

@@ -204,8 +204,9 @@ def concat(tables: list[pa.Table]) -> pa.Table:
     """One insert block from per-batch tables (``batch_columns``).
 
     A column a batch left out (all NULL there) comes back as NULLs, which the insert turns
-    into the column default exactly as an omitted column; the batches' dictionaries are
-    unified because the Arrow file format allows one dictionary per column.
+    into the column default exactly as an omitted column. Each column becomes one chunk: the
+    Arrow file format allows one dictionary per column, and the same block left chunked (with
+    unified dictionaries) inserted 2-3x slower.
     """
     if len(tables) == 1:
         return tables[0]

@@ -147,6 +147,10 @@ def test_verdicts_and_feedback_roll_up_per_release(quality_settings: Any, conn: 
 
     flagged = queries.run(conn.client, "top_flagged_outputs", **PERIOD)
     assert sum(r["flags"] for r in flagged) == 4
+    # a call written twice and not merged yet (inserts no longer collapse a block) still counts once
+    conn.client.command("INSERT INTO llm_calls SELECT * FROM llm_calls WHERE request_id IN "
+                        "(SELECT request_id FROM feedback WHERE thumbs = 'down')")  # fmt: skip
+    assert sum(r["flags"] for r in queries.run(conn.client, "top_flagged_outputs", **PERIOD)) == 4
     outputs = {r["example_output"] for r in flagged}
     assert {"answer 3", "canary answer 0", "canary answer 1", "Dear team, ..."} == outputs
     comments = {c for r in flagged for c in r["comments"]}

@@ -42,6 +42,7 @@ def test_valid_event_is_accepted_with_utc_timestamp() -> None:
         (call(input_tokens=10, cached_input_tokens=20), "$.cached_input_tokens", "must include cached"),
         (call(tool_calls="search"), "$.tool_calls", "Expected `array`"),
         (call(params={"temperature": 99}), "$.params.temperature", "<= 10"),
+        (call(output_chars=5_000_000_000), "$.output_chars", "<= 4294967295"),  # the column is UInt32
     ],
 )
 def test_invalid_fields_are_rejected_with_path_and_reason(event: dict, path: str, fragment: str) -> None:

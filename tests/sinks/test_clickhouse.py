@@ -219,3 +219,18 @@ def test_a_request_id_two_tenants_share_has_no_lineage(settings: Any, conn: Any)
     found = sink.lineage(["shared", "own"])
     assert set(found) == {"own"}
     assert found["own"].event_id == processed.events[2].event_id
+
+
+def test_the_writer_encodes_a_batch_as_it_is_added_and_drops_the_copy_once_durable(settings: Any, conn: Any) -> None:
+    """Columns are built while the batch is hot (sinks.columns.batch_columns); after the insert
+    the encoded copy is released, so a buffer of durable blocks costs no Arrow memory."""
+    from sinks.batching import BufferedWriter
+
+    processed = CallPipeline(builtin_price_table()).process(batch([payload(), payload(), payload()]), NOW)
+    writer = BufferedWriter(ClickHouseSink(conn), max_rows=1000, max_seconds=60, background=False)
+    writer.add_calls(processed)
+    assert processed.columns is not None and processed.columns.num_rows == 3
+    writer.flush(wait=True)
+    assert processed.columns is None
+    assert scalar(conn, "SELECT count() FROM llm_calls FINAL") == 3
+    writer.close()
