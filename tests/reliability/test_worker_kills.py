@@ -50,6 +50,13 @@ def test_sigkill_while_events_flow_loses_and_duplicates_nothing(tmp_path: Path, 
     producer = PacedProducer(topics, topic, "kill", n, rate=n / (kills * ROUND_S), chunk=5000).start()
     lives: list[dict[str, float]] = []
     started = time.monotonic()
+    seen = {"lag": 0}
+
+    def burst() -> bool:
+        """Events past the committed offsets, as of this poll (kept in ``seen``)."""
+        seen["lag"] = sum(end_offsets(topics, topic).values()) - total()
+        return seen["lag"] > 0
+
     for k in range(kills):
         worker = Worker(cfg, data, tmp_path / f"w{k}.log").start()
         launched = time.monotonic()
@@ -59,12 +66,15 @@ def test_sigkill_while_events_flow_loses_and_duplicates_nothing(tmp_path: Path, 
         c0, t0 = total(), time.monotonic()
         time.sleep(rng.uniform(1.0, 3.0))
         c1, t1 = total(), time.monotonic()
-        # then kill it while it holds uncommitted events (reading, writing, or written but not committed)
-        lag = 0
+        # then kill it while it holds uncommitted events (reading, writing, or written but not committed):
+        # a random moment, then the first poll that sees events past the committed offsets, and the
+        # kill right after that poll (a worker that commits every 200 ms may have caught up again
+        # by the end of a sleep taken after the poll, and the kill would find nothing in flight)
+        seen["lag"] = 0
+        time.sleep(rng.uniform(0.0, 0.6))  # somewhere in read → process → insert → commit
         with contextlib.suppress(AssertionError):
-            wait_for(lambda: sum(end_offsets(topics, topic).values()) > total(), 5, "a burst", interval=0.05)
-            lag = sum(end_offsets(topics, topic).values()) - total()
-            time.sleep(rng.uniform(0.0, 0.6))  # somewhere in read → process → insert → commit
+            wait_for(burst, 5, "a burst", interval=0.05)
+        lag = seen["lag"]
         worker.kill()
         lives.append({"recovery_s": round(recovery, 1), "events_per_s": round((c1 - c0) / (t1 - t0)),
                       "uncommitted_at_kill": lag,
