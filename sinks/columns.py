@@ -85,36 +85,14 @@ def _attribute_map(attrs: dict[str, Any]) -> dict[str, str]:
     return {k: v if isinstance(v, str) else orjson.dumps(v).decode() for k, v in attrs.items()}
 
 
-def calls_table(batches: Iterable[ProcessedCalls]) -> pa.Table:
-    """One Arrow table for several processed batches (one insert block)."""
-    batches = [b for b in batches if b.events]
-    events: list[WireCall] = []
-    ts: list[float] = []
-    cost: list[float | None] = []
-    cost_source: list[str] = []
-    price_missing: list[bool] = []
-    release_ids: list[str] = []
-    price_version: list[str] = []
-    source: list[str] = []
-    partition: list[int] = []
-    offsets: list[int] = []
-    for b in batches:
-        n = len(b.events)
-        events.extend(b.events)
-        ts.extend(b.ts)
-        cost.extend(b.costs.cost_usd)
-        cost_source.extend(b.costs.cost_source)
-        price_missing.extend(b.costs.price_missing)
-        release_ids.extend(b.release_ids)
-        price_version.extend([b.price_version] * n)
-        source.extend([b.source.kind] * n)
-        is_kafka = b.source.kind == "kafka"
-        partition.extend([b.source.partition if is_kafka else -1] * n)
-        offsets.extend(b.offsets if is_kafka else [-1] * n)
-
-    arrays: list[pa.Array] = [epoch_ms(ts)]
-    names: list[str] = ["ts"]
+def calls_table(b: ProcessedCalls) -> pa.Table:
+    """One batch's rows of ``llm_calls`` (``concat`` joins batches into an insert block)."""
+    events: list[WireCall] = b.events
     n = len(events)
+    is_kafka = b.source.kind == "kafka"
+
+    arrays: list[pa.Array] = [epoch_ms(b.ts)]
+    names: list[str] = ["ts"]
     for name, array in _low_cardinality_columns(events):
         names.append(name)
         arrays.append(array)
@@ -139,14 +117,14 @@ def calls_table(batches: Iterable[ProcessedCalls]) -> pa.Table:
         names.append("attributes")
         arrays.append(pa.array([_attribute_map(a) if a else {} for a in attributes], type=_STR_MAP))
     for name, values, typ in (
-        ("release_id", release_ids, _DICT),
-        ("cost_usd", cost, pa.float64()),
-        ("cost_source", cost_source, _DICT),
-        ("price_version", price_version, _DICT),
-        ("price_missing", price_missing, pa.bool_()),
-        ("source", source, _DICT),
-        ("kafka_partition", partition, pa.int32()),
-        ("kafka_offset", offsets, pa.int64()),
+        ("release_id", b.release_ids, _DICT),
+        ("cost_usd", b.costs.cost_usd, pa.float64()),
+        ("cost_source", b.costs.cost_source, _DICT),
+        ("price_version", [b.price_version] * n, _DICT),
+        ("price_missing", b.costs.price_missing, pa.bool_()),
+        ("source", [b.source.kind] * n, _DICT),
+        ("kafka_partition", [b.source.partition if is_kafka else -1] * n, pa.int32()),
+        ("kafka_offset", b.offsets if is_kafka else [-1] * n, pa.int64()),
     ):
         names.append(name)
         arrays.append(pa.array(values, type=typ))
@@ -162,7 +140,7 @@ def batch_columns(batch: ProcessedCalls) -> pa.Table:
     reuses them.
     """
     if batch.columns is None:
-        batch.columns = calls_table([batch])
+        batch.columns = calls_table(batch)
     table: pa.Table = batch.columns
     return table
 
