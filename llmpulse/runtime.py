@@ -27,7 +27,7 @@ from processors.windows import FLOW_METRICS, WindowPartial
 from schemas.config import Settings
 from schemas.prices import PriceTable, builtin_price_table, load_price_table
 from sinks.batching import Block, BufferedWriter
-from sinks.clickhouse import ClickHouseSink, Connection, RetryPolicy, connect
+from sinks.clickhouse import ClickHouseSink, Connection, RetryPolicy, connect, recent_span
 from sinks.kafka import judge_request
 from sinks.migrations import migrate
 
@@ -185,11 +185,12 @@ class EmbeddedRuntime:
         """Once calls, feedback and scores are durable: flagged calls go to the judge, and verdicts
         count toward their calls' scopes (eval score and thumbs-down rules)."""
         flagged = [r for b in block.feedback for r in thumbs_down_requests(b.events)]
-        fresh = self.sink.sample_flagged(flagged, [self.calls.sampler]) if flagged else []
+        span = recent_span(t for b in block.feedback for t in b.ts)
+        fresh = self.sink.sample_flagged(flagged, [self.calls.sampler], span=span) if flagged else []
         self.stats.flagged_for_judge += len(fresh)
         if self.judge is not None:
             self._judge_queue.extend(judge_request(b, s.index, s.reason) for b in block.calls for s in b.samples)
-            self._judge_queue.extend(self.sink.sampled_requests(fresh))
+            self._judge_queue.extend(self.sink.sampled_requests(fresh, span))
         if self.alerts is None:
             return
         w = self.calls.windows.window_s

@@ -44,7 +44,7 @@ from schemas.config import Settings
 from schemas.rules import RulesFile
 from schemas.wire import WireCall
 from sinks.batching import Block, BufferedWriter
-from sinks.clickhouse import ClickHouseSink, Connection, RetryPolicy, SinkError
+from sinks.clickhouse import ClickHouseSink, Connection, RetryPolicy, SinkError, recent_span
 from sinks.kafka import DEFAULT_SCOPES, KafkaPublisher
 from sinks.metrics import PipelineMetrics
 from sinks.rollups import repair, written_scope
@@ -710,8 +710,9 @@ def _quality_agent(app: faust.App, settings: Settings, calls: CallsConsumer, kin
         if isinstance(pipeline, FeedbackPipeline):
             flagged = [r for b in processed for r in thumbs_down_requests(b.events)]
             if flagged:
-                fresh = await asyncio.to_thread(sink.sample_flagged, flagged, calls.judge_samplers())
-                await publisher.send_judge_requests(await asyncio.to_thread(sink.sampled_requests, fresh))
+                span = recent_span(t for b in processed for t in b.ts)
+                fresh = await asyncio.to_thread(sink.sample_flagged, flagged, calls.judge_samplers(), span=span)
+                await publisher.send_judge_requests(await asyncio.to_thread(sink.sampled_requests, fresh, span))
             quality = [p for b in processed for p in feedback_partials(b.events, b.lineage, window_s)]
         else:
             quality = [p for b in processed for p in judge_partials(b.events, b.lineage, window_s)]

@@ -16,10 +16,10 @@ from llmpulse.runtime import EmbeddedRuntime
 from processors.chain import CallPipeline
 from processors.records import Source
 from schemas.prices import builtin_price_table
-from sinks.clickhouse import ClickHouseSink, RetryPolicy, SinkError
+from sinks.clickhouse import ClickHouseSink, RetryPolicy, SinkError, _within
 from sinks.lock import DataDirBusy, DataDirLock
 from sinks.migrations import migrate
-from tests.conftest import NOW, batch, payload, scalar
+from tests.conftest import NOW, batch, iso, payload, scalar
 
 SCENARIO = Scenario(events=30_000, days=1, seed=11, end=NOW - 3600)
 
@@ -219,6 +219,62 @@ def test_a_request_id_two_tenants_share_has_no_lineage(settings: Any, conn: Any)
     found = sink.lineage(["shared", "own"])
     assert set(found) == {"own"}
     assert found["own"].event_id == processed.events[2].event_id
+
+
+def test_lookups_read_the_recent_day_first_and_find_older_calls_in_a_second_pass(settings: Any, conn: Any) -> None:
+    """Feedback names calls of minutes or hours before: the first pass reads only the day before
+    it, and a call older than that is still found, by the second pass over the whole table."""
+    pipeline = CallPipeline(builtin_price_table())
+    calls = [
+        payload(request_id="recent", ts=iso(NOW - 600)),
+        payload(request_id="old", ts=iso(NOW - 5 * 86_400)),
+        payload(request_id="sampled", ts=iso(NOW - 300), status="error"),  # errors are always sampled
+    ]
+    processed = pipeline.process(batch(calls), NOW)
+    assert [processed.events[s.index].request_id for s in processed.samples] == ["sampled"]
+    sink = ClickHouseSink(conn)
+    sink.write([processed], processed.block_id)
+    span = (NOW - 60, NOW)  # the feedback's times
+
+    assert sink.lineage(["recent", "old", "sampled", "unknown"], span) == sink.lineage(["recent", "old", "sampled"])
+    found = sink.lineage(["recent", "old"], span)
+    assert {r: x.event_id for r, x in found.items()} == {"recent": processed.events[0].event_id,
+                                                         "old": processed.events[1].event_id}  # fmt: skip
+
+    # flagged after the fact: the recent and the old call are sampled, the sampled one is not again
+    fresh = sink.sample_flagged(["recent", "old", "sampled", "unknown"], [pipeline.sampler], span=span)
+    assert sorted(fresh) == ["old", "recent"]
+    assert scalar(conn, "SELECT count() FROM judge_samples") == 3
+    requests = sink.sampled_requests(fresh, span)
+    assert {r["request_id"]: r["event_id"] for r in requests} == {"recent": processed.events[0].event_id,
+                                                                   "old": processed.events[1].event_id}  # fmt: skip
+    assert all(r["release"]["model"] == "gpt-4o" and r["reason"] == "thumbs_down" for r in requests)
+
+
+def test_the_recent_pass_skips_other_days_granules(settings: Any, conn: Any) -> None:
+    """The bound is on the sorting key's day, so ClickHouse prunes by the primary index: 800k
+    calls over ten days, and the recent pass selects a fraction of the granules."""
+    conn.client.command(
+        "INSERT INTO llm_calls (event_id, ts, source, feature, model, request_id, input_tokens, output_tokens, "
+        "latency_ms, status) SELECT toString(number), "
+        f"fromUnixTimestamp64Milli({int(NOW * 1000)}) - toIntervalSecond(number * 864000 / 800000), 'x', "
+        "concat('f', toString(number % 7)), 'gpt-4o', concat('r-', toString(number)), 1, 1, 1, 'ok' "
+        "FROM numbers(800000)"
+    )
+
+    def granules(span: Any) -> tuple[int, int]:
+        where, bounds = _within(span)
+        plan = conn.client.query(
+            f"EXPLAIN indexes = 1 SELECT count() FROM llm_calls WHERE {where}request_id IN {{ids:Array(String)}}",
+            parameters={"ids": ["r-1", "r-2"], **bounds},
+        ).result_rows
+        selected, total = (int(x) for x in [r[0] for r in plan if "Granules:" in r[0]][-1].split(":")[1].split("/"))
+        return selected, total
+
+    everything, total = granules(None)
+    recent, _ = granules((NOW - 60, NOW))
+    assert everything == total >= 98
+    assert recent <= total / 4, (recent, total)
 
 
 def test_the_writer_encodes_a_batch_as_it_is_added_and_drops_the_copy_once_durable(settings: Any, conn: Any) -> None:
