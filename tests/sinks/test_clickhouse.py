@@ -8,9 +8,11 @@ import time
 from pathlib import Path
 from typing import Any
 
+import orjson
 import pytest
 from clickhouse_connect.driver.exceptions import OperationalError, ProgrammingError
 
+import sinks.clickhouse as ch
 from ingest.synthetic import Scenario, generate
 from llmpulse.runtime import EmbeddedRuntime
 from processors.chain import CallPipeline
@@ -249,6 +251,40 @@ def test_lookups_read_the_recent_day_first_and_find_older_calls_in_a_second_pass
     assert {r["request_id"]: r["event_id"] for r in requests} == {"recent": processed.events[0].event_id,
                                                                    "old": processed.events[1].event_id}  # fmt: skip
     assert all(r["release"]["model"] == "gpt-4o" and r["reason"] == "thumbs_down" for r in requests)
+
+
+HOSTILE_IDS = ["a'b", "c\\d", "e\nf", "g\th", "`x`", "{ids:String}", "ü€", "%s", 'a"b', "'); DROP TABLE llm_calls; --",
+               "$ids$", "x$ids$y", "$", "z\u0000", "\u2028", "r" * 256]  # fmt: skip
+
+
+def test_id_lists_are_json_that_no_id_can_close_and_stay_under_the_query_limit(monkeypatch: Any) -> None:
+    (whole,) = ch.id_lists(HOSTILE_IDS)
+    assert b"$" not in whole and orjson.loads(whole) == HOSTILE_IDS
+    monkeypatch.setattr(ch, "IDS_MAX_BYTES", 100)
+    parts = list(ch.id_lists(HOSTILE_IDS))
+    assert len(parts) > 3 and all(len(p) <= 100 for p in parts if len(orjson.loads(p)) > 1)
+    assert [i for p in parts for i in orjson.loads(p)] == HOSTILE_IDS
+
+
+def test_request_ids_of_any_text_are_looked_up_exactly_in_lists_split_or_not(
+    settings: Any, conn: Any, monkeypatch: Any
+) -> None:
+    """Ids reach ClickHouse as one JSON heredoc, not as escaped bound strings: quotes, backslashes,
+    the heredoc's own tag and control characters must all find their own call and nothing else."""
+    pipeline = CallPipeline(builtin_price_table())
+    processed = pipeline.process(batch([payload(request_id=r) for r in HOSTILE_IDS]), NOW)
+    assert len(processed.events) == len(HOSTILE_IDS)
+    sink = ClickHouseSink(conn)
+    sink.write([processed], processed.block_id)
+    expected = {e.request_id: e.event_id for e in processed.events}
+    for limit in (ch.IDS_MAX_BYTES, 64):  # one list, then one query per id or two
+        monkeypatch.setattr(ch, "IDS_MAX_BYTES", limit)
+        found = sink.lineage([*HOSTILE_IDS, "unknown"], (NOW, NOW))
+        assert {r: x.event_id for r, x in found.items()} == expected
+        assert sink.stored_keys("llm_calls", ("request_id", "event_id"), HOSTILE_IDS) == set(expected.items())
+    fresh = sink.sample_flagged(HOSTILE_IDS, [pipeline.sampler], span=(NOW, NOW))
+    assert set(fresh) == set(HOSTILE_IDS) - {processed.events[s.index].request_id for s in processed.samples}
+    assert {r["request_id"] for r in sink.sampled_requests(HOSTILE_IDS, (NOW, NOW))} == set(HOSTILE_IDS)
 
 
 def test_the_recent_pass_skips_other_days_granules(settings: Any, conn: Any) -> None:
