@@ -403,9 +403,9 @@ def generate(s: Scenario, batch_size: int = 10_000) -> Iterator[list[bytes]]:
             + tail.encode()
             + b"}"
         )
-        if rand() < s.malformed_rate:
-            payload = _malformed(rng, orjson.loads(payload), s.end)
-        batch.append(payload)
+        # a malformed payload is what the producer sent; the retry below is of the call itself
+        sent = _malformed(rng, orjson.loads(payload), s.end) if rand() < s.malformed_rate else payload
+        batch.append(sent)
         if status in ("rate_limited", "timeout") and profile.provider == "anthropic" and rand() < 0.5:
             # the service retried on another provider
             batch.append(_fallback(payload, event_id, getrandbits, _iso(conv.last_end, iso_cache)))
@@ -426,7 +426,7 @@ def generate(s: Scenario, batch_size: int = 10_000) -> Iterator[list[bytes]]:
         if rand() < s.duplicate_rate and recent:
             batch.append(recent[rng.randrange(len(recent))])  # a client retry re-sends an event
         if i % 97 == 0:
-            recent = [*recent[-15:], payload]
+            recent = [*recent[-15:], sent]
         if len(batch) >= batch_size:
             yield batch
             batch = []

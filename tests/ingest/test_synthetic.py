@@ -15,6 +15,18 @@ def test_same_seed_same_traffic() -> None:
     assert flat(s) != flat(Scenario(events=3000, days=1, seed=6, end=NOW))
 
 
+def test_a_malformed_call_that_the_service_retried_elsewhere_still_generates() -> None:
+    """The retry on another provider is built from the call, not from the mangled bytes sent for
+    it: P1's traffic (seed 11, ten minutes) once crashed here on a payload made invalid UTF-8."""
+    s = Scenario(events=20_000, days=10 / 1440, seed=11, end=NOW)
+    raws = flat(s)
+    kinds = split_by_kind(batch(raws))
+    out = decode_calls(ValidationLimits())(kinds["call"], NOW)
+    fallbacks = [e for e in out.events if e.fallback_from == "anthropic"]
+    assert len(raws) >= 20_000 and fallbacks
+    assert all(e.status == "ok" and e.model == "gpt-4o" for e in fallbacks)
+
+
 def test_traffic_shape() -> None:
     s = Scenario(events=20_000, days=2, seed=3, end=NOW)
     raws = flat(s)
