@@ -94,7 +94,6 @@ def chain_only(batches: list[list[bytes]], now: float) -> dict[str, float]:
     from llmpulse.runtime import pipeline_options, validation_limits
     from processors.chain import CallPipeline, FeedbackPipeline
     from processors.records import PayloadBatch, Source
-    from processors.validate import split_by_kind
     from schemas.config import load_settings
     from schemas.prices import builtin_price_table
 
@@ -107,9 +106,8 @@ def chain_only(batches: list[list[bytes]], now: float) -> dict[str, float]:
     for payloads in batches:
         batch = PayloadBatch(source, payloads, list(range(offset, offset + len(payloads))))
         offset += len(payloads)
-        kinds = split_by_kind(batch)
-        if "call" in kinds:
-            accepted += len(calls.process(kinds["call"], now).events)
+        kinds: dict[str, PayloadBatch] = {}  # as EmbeddedRuntime.ingest: other kinds move aside while calls decode
+        accepted += len(calls.process(batch, now, kinds).events)
         if "feedback" in kinds:
             feedback.process(kinds["feedback"], now)
     calls.flush_windows()

@@ -22,7 +22,7 @@ from processors.chain import CallPipeline, FeedbackPipeline, JudgeResultPipeline
 from processors.quality import feedback_partials, judge_partials, thumbs_down_requests
 from processors.records import PayloadBatch, Source, StepCounters
 from processors.sampling import JudgeBudget
-from processors.validate import ValidationLimits, split_by_kind
+from processors.validate import ValidationLimits
 from processors.windows import FLOW_METRICS, WindowPartial
 from schemas.config import Settings
 from schemas.prices import PriceTable, builtin_price_table, load_price_table
@@ -155,10 +155,9 @@ class EmbeddedRuntime:
         now = time.time() if now is None else now
         self._now = now
         started = time.perf_counter()
-        kinds = split_by_kind(batch) if mixed else {"call": batch}
-        calls = kinds.get("call")
-        if calls is not None:
-            processed = self.calls.process(calls, now)
+        kinds: dict[str, PayloadBatch] = {}
+        processed = self.calls.process(batch, now, kinds if mixed else None)
+        if processed.counters.received:
             self.stats.counters.add(processed.counters)
             self.writer.add_calls(processed)
             self._emit(processed.partials, self.calls.windows.watermark)

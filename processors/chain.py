@@ -18,7 +18,7 @@ from processors.content import ContentPolicy
 from processors.dedup import DropDuplicateEvents
 from processors.pricing import CostAttribution, Costs
 from processors.quality import Lineage
-from processors.records import DeadLetter, PayloadBatch, Source, StepCounters
+from processors.records import DeadLetter, PayloadBatch, Source, StepCounters, block_id
 from processors.release import ReleaseFingerprint
 from processors.sampling import JudgeBudget, JudgeSample, JudgeSampler
 from processors.validate import ValidationLimits, decode_calls, decode_feedback, decode_judge_results
@@ -93,6 +93,14 @@ class PipelineOptions:
     dedup_capacity: int = 1_000_000
 
 
+def _own_part(batch: PayloadBatch, others: dict[str, PayloadBatch]) -> tuple[int, str]:
+    """How many of a mixed batch's payloads were calls, and the block id of those alone: what
+    ``split_by_kind`` gave the call pipeline before, so a block's insert token is unchanged."""
+    moved = {o for b in others.values() for o in b.offsets}
+    own = [o for o in batch.offsets if o not in moved]
+    return len(own), block_id(batch.source, own, batch.digest)
+
+
 class CallPipeline:
     """One instance per source partition (its windows and dedup horizon are that partition's)."""
 
@@ -117,8 +125,11 @@ class CallPipeline:
             o.sample_rate, o.sample_rates, o.sample_boost_cap_per_hour, o.judge_budget, o.judge_budgets, judge_cost
         )
 
-    def process(self, batch: PayloadBatch, now: float) -> ProcessedCalls:
-        decoded = self.decode(batch, now)
+    def process(self, batch: PayloadBatch, now: float, others: dict[str, PayloadBatch] | None = None) -> ProcessedCalls:
+        """``others``: ``batch`` may mix kinds; the payloads of other kinds are moved there
+        (``DecodeEvents``), and these calls keep the block identity of the calls alone."""
+        decoded = self.decode(batch, now, others)
+        received, block = _own_part(batch, others) if others else (len(batch), batch.block_id)
         duplicates = self.dedup(decoded)
         events, ts = decoded.events, decoded.ts
         costs = self.price(events)
@@ -128,7 +139,7 @@ class CallPipeline:
         partials = self.windows.add(events, ts, costs, now)
         samples = self.sampler(events, ts)
         counters = StepCounters(
-            received=len(batch),
+            received=received,
             accepted=len(events),
             rejected=len(decoded.dead),
             duplicates=duplicates,
@@ -151,7 +162,7 @@ class CallPipeline:
             partials=partials,
             samples=samples,
             counters=counters,
-            block_id=batch.block_id,
+            block_id=block,
             end_offset=batch.end_offset,
             watermark=self.windows.watermark,
             late=counters.late,

@@ -18,7 +18,7 @@ from typing import Any, Generic, TypeVar
 import msgspec
 import orjson
 
-from processors.records import DeadLetter, PayloadBatch
+from processors.records import DeadLetter, PayloadBatch, Source
 from schemas import limits
 from schemas.wire import (
     CALL_FIELDS,
@@ -47,6 +47,10 @@ class Rejected(Exception):
         super().__init__(reason)
         self.reason = reason
         self.path = path
+
+
+_REJECTIONS = (Rejected, msgspec.ValidationError, msgspec.DecodeError, RecursionError, UnicodeDecodeError)
+"""Every way a payload fails ``DecodeEvents`` (``_dead_letter`` words each)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -116,7 +120,11 @@ class DecodeEvents(Generic[T]):
         self._bounds = bounds
         self._check: Callable[[T], Rejected | None] | None = check
 
-    def __call__(self, batch: PayloadBatch, now: float) -> Decoded[T]:
+    def __call__(self, batch: PayloadBatch, now: float, others: dict[str, PayloadBatch] | None = None) -> Decoded[T]:
+        """``others``: the batch may mix kinds (an HTTP body, a file). Rather than testing every
+        payload for its ``kind`` up front (``split_by_kind``: 0.5 µs per 660-byte payload, a
+        substring scan), only a payload that fails this kind's decode is tested, and one of
+        another kind goes to that kind's batch in ``others`` instead of the dead letters."""
         decode = self._decoder.decode
         max_bytes = self._bounds.max_event_bytes
         events: list[T] = []
@@ -140,25 +148,11 @@ class DecodeEvents(Generic[T]):
                     problem = check(event)
                     if problem is not None:
                         raise problem
-            except Rejected as exc:
-                dead.append(DeadLetter(raw, exc.reason, exc.path, batch.source, offset, self._kind))
-                continue
-            except msgspec.ValidationError as exc:
-                reason, path = _split_validation_error(exc)
-                dead.append(DeadLetter(raw, reason, path, batch.source, offset, self._kind))
-                continue
-            except msgspec.DecodeError as exc:
-                dead.append(DeadLetter(raw, f"not valid JSON: {exc}", "$", batch.source, offset, self._kind))
-                continue
-            except RecursionError:
-                reason = f"nested deeper than {self._bounds.max_depth} levels"
-                dead.append(DeadLetter(raw, reason, "$", batch.source, offset, self._kind))
-                continue
-            except UnicodeDecodeError as exc:
-                base = raw.find(exc.object) if isinstance(exc.object, bytes) else -1
-                pos = base + exc.start if base >= 0 else exc.start
-                reason = f"not valid UTF-8: byte 0x{raw[pos]:02x} at position {pos}"
-                dead.append(DeadLetter(raw, reason, "$", batch.source, offset, self._kind))
+            except _REJECTIONS as exc:
+                if others is not None and (kind := kind_of(raw)) != self._kind:
+                    _route(others, kind, batch, raw, offset)
+                else:
+                    dead.append(self._dead_letter(raw, exc, batch.source, offset))
                 continue
             events.append(event)
             offsets.append(offset)
@@ -168,6 +162,23 @@ class DecodeEvents(Generic[T]):
         if ts:
             self._reject_out_of_range(result, raws, batch, now)
         return result
+
+    def _dead_letter(self, raw: bytes, exc: BaseException, source: Source, offset: int) -> DeadLetter:
+        """The readable reason and field path for each way a payload is rejected."""
+        if isinstance(exc, Rejected):
+            return DeadLetter(raw, exc.reason, exc.path, source, offset, self._kind)
+        if isinstance(exc, msgspec.ValidationError):
+            reason, path = _split_validation_error(exc)
+            return DeadLetter(raw, reason, path, source, offset, self._kind)
+        if isinstance(exc, RecursionError):
+            reason = f"nested deeper than {self._bounds.max_depth} levels"
+            return DeadLetter(raw, reason, "$", source, offset, self._kind)
+        if isinstance(exc, UnicodeDecodeError):
+            base = raw.find(exc.object) if isinstance(exc.object, bytes) else -1
+            pos = base + exc.start if base >= 0 else exc.start
+            reason = f"not valid UTF-8: byte 0x{raw[pos]:02x} at position {pos}"
+            return DeadLetter(raw, reason, "$", source, offset, self._kind)
+        return DeadLetter(raw, f"not valid JSON: {exc}", "$", source, offset, self._kind)
 
     def _reject_out_of_range(self, result: Decoded[T], raws: list[bytes], batch: PayloadBatch, now: float) -> None:
         newest = now + self._bounds.future_tolerance_s
@@ -287,10 +298,14 @@ def split_by_kind(batch: PayloadBatch) -> dict[str, PayloadBatch]:
     """One batch per kind present, each keeping the original offsets and block identity."""
     out: dict[str, PayloadBatch] = {}
     for raw, offset in zip(batch.payloads, batch.offsets, strict=True):
-        kind = kind_of(raw)
-        target = out.get(kind)
-        if target is None:
-            target = out[kind] = PayloadBatch(batch.source, [], [], batch.digest, batch.end_offset)
-        target.payloads.append(raw)
-        target.offsets.append(offset)
+        _route(out, kind_of(raw), batch, raw, offset)
     return out
+
+
+def _route(out: dict[str, PayloadBatch], kind: str, like: PayloadBatch, raw: bytes, offset: int) -> None:
+    """Adds a payload to ``out``'s batch of ``kind``, which keeps ``like``'s source and block identity."""
+    target = out.get(kind)
+    if target is None:
+        target = out[kind] = PayloadBatch(like.source, [], [], like.digest, like.end_offset)
+    target.payloads.append(raw)
+    target.offsets.append(offset)

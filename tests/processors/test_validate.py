@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from datetime import UTC, datetime
+from typing import Any
 
 import orjson
 import pytest
@@ -149,3 +150,35 @@ def test_mixed_stream_is_split_by_kind() -> None:
                            "judge_model": "gpt-4o", "ts": iso(NOW)})  # fmt: skip
     kinds = split_by_kind(batch([payload(), fb, payload(), judged]))
     assert kinds["call"].offsets == [0, 2] and kinds["feedback"].offsets == [1] and kinds["judge_result"].offsets == [3]
+
+
+def test_a_mixed_batch_moves_other_kinds_aside_as_it_decodes_the_calls() -> None:
+    """The call decoder reads every payload; only the ones it fails are tested for their kind,
+    so each lands where ``split_by_kind`` would put it, rejects keep their own kind's reason,
+    and the calls keep the block identity and count of the calls alone."""
+    from processors.chain import CallPipeline
+    from schemas.prices import builtin_price_table
+
+    fb = orjson.dumps({"thumbs": "down", "kind": "feedback", "request_id": "r1", "ts": iso(NOW)})  # field unknown first
+    judged = orjson.dumps({"kind": "judge_result", "request_id": "r1", "rubric": "helpful", "score": 0.8,
+                           "judge_model": "gpt-4o", "ts": iso(NOW)})  # fmt: skip
+    broken_fb = b'{"kind":"feedback","request_id":"r2",'  # cut off: the feedback DLQ's, not the calls'
+    nested = payload(extra={"kind": "feedback"})  # a call whose unknown field mentions a kind
+    payloads = [fb, payload(), payload(latency_ms=-1), judged, broken_fb, nested, payload()]
+    mixed = batch(payloads, digest="run-1")
+
+    kinds = split_by_kind(mixed)
+    others: dict[str, Any] = {}
+    processed = CallPipeline(builtin_price_table()).process(mixed, NOW, others)
+    assert others["feedback"].offsets == [0, 4] and others["judge_result"].offsets == [3]
+    assert others["feedback"].digest == "run-1" and others["feedback"].source == mixed.source
+    assert processed.offsets == [1, 5, 6] and [d.offset for d in processed.dead] == [2]
+    assert processed.events[1].attributes == {"extra": '{"kind":"feedback"}'}
+    # split_by_kind sent the nested one to feedback, where it failed; the rest is the same split
+    assert kinds["feedback"].offsets == [0, 4, 5]
+    assert processed.counters.received == 4
+    calls_alone = batch([payloads[i] for i in (1, 2, 5, 6)], digest="run-1")
+    calls_alone.offsets = [1, 2, 5, 6]
+    assert processed.block_id == calls_alone.block_id != mixed.block_id
+    dead_fb = decode_feedback(ValidationLimits())(others["feedback"], NOW).dead
+    assert [(d.offset, d.kind) for d in dead_fb] == [(4, "feedback")] and "not valid JSON" in dead_fb[0].reason
