@@ -18,7 +18,6 @@ import xxhash
 
 from llmpulse.runtime import EmbeddedRuntime
 from processors.records import PayloadBatch, Source
-from processors.validate import split_by_kind
 from sinks.clickhouse import Connection
 
 REPLAY_SOURCE = Source("dlq-replay", "dlq")
@@ -56,17 +55,18 @@ def replay_into_clickhouse(runtime: EmbeddedRuntime, letters: list[dict[str, Any
     ids = [str(r["dlq_id"]) for r in letters]
     digest = xxhash.xxh3_128_hexdigest("\n".join(ids).encode())
     batch = PayloadBatch(REPLAY_SOURCE, [bytes(r["raw"]) for r in letters], list(range(len(letters))), digest=digest)
-    kinds = split_by_kind(batch)
-    calls, feedback = kinds.get("call"), kinds.get("feedback")
     now = time.time()
+    kinds: dict[str, PayloadBatch] = {}  # routed as the runtime routes a mixed batch (DecodeEvents' others)
+    processed = runtime.calls.process(batch, now, kinds)
+    feedback = kinds.get("feedback")
     results: list[tuple[str, str, str]] = []
-    if calls is not None:
-        processed = runtime.calls.process(calls, now)
+    if processed.counters.received:
         rejected = {d.offset: d.reason for d in processed.dead}
         processed.dead = []  # still-bad letters stay in the DLQ once; their new reason goes to dlq_replays
         if not dry_run:
             runtime.writer.add_calls(processed)
-        for offset in calls.offsets:
+        moved = {o for b in kinds.values() for o in b.offsets}
+        for offset in [o for o in batch.offsets if o not in moved]:
             results.append((ids[offset], "rejected" if offset in rejected else "accepted", rejected.get(offset, "")))
     if feedback is not None:
         processed_fb = runtime.feedback.process(feedback, now)

@@ -121,10 +121,11 @@ class DecodeEvents(Generic[T]):
         self._check: Callable[[T], Rejected | None] | None = check
 
     def __call__(self, batch: PayloadBatch, now: float, others: dict[str, PayloadBatch] | None = None) -> Decoded[T]:
-        """``others``: the batch may mix kinds (an HTTP body, a file). Rather than testing every
-        payload for its ``kind`` up front (``split_by_kind``: 0.5 µs per 660-byte payload, a
-        substring scan), only a payload that fails this kind's decode is tested, and one of
-        another kind goes to that kind's batch in ``others`` instead of the dead letters."""
+        """``others``: the batch may mix kinds (a file, the demo, the in-process judge, DLQ
+        replay). Rather than testing every payload for its ``kind`` up front (``split_by_kind``:
+        0.5 µs per 660-byte payload, a substring scan), only a payload that fails this kind's
+        decode is tested, and one of another kind goes to that kind's batch in ``others``
+        instead of the dead letters."""
         decode = self._decoder.decode
         max_bytes = self._bounds.max_event_bytes
         events: list[T] = []

@@ -11,6 +11,7 @@ and the insert order that makes recovery safe (dead letters before raw rows, see
 from __future__ import annotations
 
 import logging
+import math
 import time
 import urllib.parse
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
@@ -93,8 +94,8 @@ def _within(
     sorting key's day, so ClickHouse skips every other day's granules."""
     if span is None:
         return "", {}
-    lo = round((span[0] - before) * 1000)
-    hi = round((span[1] + after) * 1000)
+    lo = math.floor(round((span[0] - before) * 1000, 3))  # whole milliseconds, never narrower than asked
+    hi = math.ceil(round((span[1] + after) * 1000, 3))
     cond = "ts >= fromUnixTimestamp64Milli({lo:Int64}) AND ts <= fromUnixTimestamp64Milli({hi:Int64}) AND "
     return cond, {"lo": lo, "hi": hi}
 
@@ -357,10 +358,12 @@ class ClickHouseSink:
     def lineage(self, request_ids: Iterable[str], span: Span | None = None) -> dict[str, Lineage]:
         """The calls behind these request ids: judge samples first (small), then raw calls.
 
-        With ``span`` (the feedback's or verdicts' times) both tables are read first for the day
-        before it (``LOOKUP_RECENT_S``), where nearly every call is, and only the ids not found
-        there are looked for in the whole tables: the common lookup then costs a day of rows,
-        however long the history.
+        ``judge_samples`` (a few percent of the calls) is read whole, as before, so a verdict on a
+        call flagged days after it was made still finds its sample. With ``span`` (the feedback's
+        or verdicts' times) ``llm_calls`` is read first for the day before it
+        (``LOOKUP_RECENT_S``), where nearly every call is, and only the ids not found there are
+        looked for in the whole table: the common lookup costs a day of calls, however long the
+        history.
 
         A request id that two tenants' calls share has no lineage: a verdict or a thumb on it
         cannot be told apart, and attributing it to either call would show one tenant's verdict
@@ -373,23 +376,23 @@ class ClickHouseSink:
             "request_id, any(event_id), any(ts), any(feature), any(team), any(model), any(provider), "
             "any(prompt_version), any(variant), any(release_id), "
         )
-        tables = (("judge_samples", "any(reason)"), ("llm_calls", "''"))
-        windows = (span, None) if span is not None else (None,)
-        for window in windows:
+        passes = [("judge_samples", "any(reason)", None), ("llm_calls", "''", span)]
+        if span is not None:
+            passes.append(("llm_calls", "''", None))
+        for table, reason, window in passes:
+            missing = [r for r in wanted if r not in found]
+            if not missing:
+                break
             where, bounds = _within(window)
-            for table, reason in tables:
-                missing = [r for r in wanted if r not in found]
-                if not missing:
-                    return found
-                _, rows = self._lookup(
-                    "lineage lookup",
-                    f"SELECT {cols}{reason} FROM {self.db}.{table} WHERE {where}request_id IN {IDS} "
-                    "GROUP BY request_id HAVING uniqExact(tenant) = 1",
-                    missing,
-                    bounds,
-                )
-                for r in rows:
-                    found[r[0]] = Lineage(*r[1:])
+            _, rows = self._lookup(
+                "lineage lookup",
+                f"SELECT {cols}{reason} FROM {self.db}.{table} WHERE {where}request_id IN {IDS} "
+                "GROUP BY request_id HAVING uniqExact(tenant) = 1",
+                missing,
+                bounds,
+            )
+            for r in rows:
+                found[r[0]] = Lineage(*r[1:])
         return found
 
     def sample_flagged(
@@ -408,9 +411,11 @@ class ClickHouseSink:
         partition of llm.calls); a call goes to the one already counting its feature
         (``pick_sampler``). With none, nothing is sampled: no budget, no judging.
 
-        ``span`` (the flagging feedback's times) reads the recent day first, as ``lineage`` does;
-        each request's earliest call there is the one sampled, and only ids not found there are
-        looked for in the whole table.
+        ``span`` (the flagging feedback's times) reads ``llm_calls`` for the recent day first, as
+        ``lineage`` does; each request's earliest call there is the one sampled, and only ids not
+        found there are looked for in the whole table. Whether a request was sampled already is
+        read from all of ``judge_samples``. The calls chosen are copied by event id, so the sample
+        is the call the budget was charged for.
 
         Returns the request ids newly sampled, so the caller can send exactly those to the judge.
         """
@@ -428,7 +433,7 @@ class ClickHouseSink:
                 "flagged call lookup",
                 f"WITH {IDS} AS wanted SELECT event_id, ts, request_id, conversation_id, feature, model, "
                 "input_tokens, output_tokens, latency_ms, status, refusal, request_id IN (SELECT request_id "
-                f"FROM {self.db}.judge_samples WHERE {where}request_id IN wanted) AS sampled "
+                f"FROM {self.db}.judge_samples WHERE request_id IN wanted) AS sampled "
                 f"FROM {self.db}.llm_calls WHERE {where}request_id IN wanted "
                 "ORDER BY ts, request_id LIMIT 1 BY request_id",
                 missing,
@@ -439,7 +444,7 @@ class ClickHouseSink:
             missing = [i for i in missing if i not in seen]
             if not missing:
                 break
-        rows = [r for r in rows if not r[-1]]
+        rows = sorted((r for r in rows if not r[-1]), key=lambda r: (r[1], r[2]))  # budgets go oldest first
         by_sampler: dict[int, tuple[JudgeSampler, list[WireCall], list[float]]] = {}
         flagged_at = time.time()  # the judging is spent now: this hour's and day's budgets pay for it
         for r in rows:
@@ -459,8 +464,9 @@ class ClickHouseSink:
         ]
         if fresh:
             picked = set(fresh)
-            chosen = [r[1] if r[1].tzinfo else r[1].replace(tzinfo=UTC) for r in rows if r[2] in picked]
-            where, bounds = _within(recent_span(t.timestamp() for t in chosen), before=0.0, after=0.0)
+            chosen = [r for r in rows if r[2] in picked]
+            times = (t.timestamp() for t in (r[1] if r[1].tzinfo else r[1].replace(tzinfo=UTC) for r in chosen))
+            where, bounds = _within(recent_span(times), before=0.0, after=0.0)
             self.retry.run(
                 "sample flagged calls",
                 lambda: self.client.command(
@@ -469,9 +475,9 @@ class ClickHouseSink:
                     "prompt_hash, prompt, output) "
                     f"SELECT event_id, ts, {{reason:String}}, feature, team, tenant, model, provider, prompt_version, "
                     "variant, release_id, request_id, conversation_id, status, refusal, prompt_hash, prompt, output "
-                    f"FROM {self.db}.llm_calls WHERE {where}request_id IN {{ids:Array(String)}} "
-                    "ORDER BY ts, request_id LIMIT 1 BY request_id",
-                    parameters={"ids": fresh, "reason": reason, **bounds},
+                    f"FROM {self.db}.llm_calls WHERE {where}event_id IN {{events:Array(String)}} "
+                    "LIMIT 1 BY event_id",
+                    parameters={"events": [r[0] for r in chosen], "reason": reason, **bounds},
                 ),
             )
         return fresh

@@ -224,32 +224,38 @@ def test_a_request_id_two_tenants_share_has_no_lineage(settings: Any, conn: Any)
 
 
 def test_lookups_read_the_recent_day_first_and_find_older_calls_in_a_second_pass(settings: Any, conn: Any) -> None:
-    """Feedback names calls of minutes or hours before: the first pass reads only the day before
-    it, and a call older than that is still found, by the second pass over the whole table."""
+    """Feedback names calls of minutes or hours before: the first pass over ``llm_calls`` reads
+    only the day before it, and a call older than that is still found, by the second pass over
+    the whole table. Request ids reused by older calls must not pull those calls in."""
     pipeline = CallPipeline(builtin_price_table())
     calls = [
         payload(request_id="recent", ts=iso(NOW - 600)),
         payload(request_id="old", ts=iso(NOW - 5 * 86_400)),
         payload(request_id="sampled", ts=iso(NOW - 300), status="error"),  # errors are always sampled
+        payload(request_id="recent", ts=iso(NOW - 3 * 86_400)),  # an older call reusing the id
+        payload(request_id="resampled", ts=iso(NOW - 4 * 86_400), status="error"),  # sampled days ago...
+        payload(request_id="resampled", ts=iso(NOW - 200)),  # ...and its id used again now
     ]
     processed = pipeline.process(batch(calls), NOW)
-    assert [processed.events[s.index].request_id for s in processed.samples] == ["sampled"]
+    assert [processed.events[s.index].request_id for s in processed.samples] == ["sampled", "resampled"]
+    event = [e.event_id for e in processed.events]
     sink = ClickHouseSink(conn)
     sink.write([processed], processed.block_id)
     span = (NOW - 60, NOW)  # the feedback's times
 
-    assert sink.lineage(["recent", "old", "sampled", "unknown"], span) == sink.lineage(["recent", "old", "sampled"])
+    assert sink.lineage(["old", "sampled", "unknown"], span) == sink.lineage(["old", "sampled"])
     found = sink.lineage(["recent", "old"], span)
-    assert {r: x.event_id for r, x in found.items()} == {"recent": processed.events[0].event_id,
-                                                         "old": processed.events[1].event_id}  # fmt: skip
+    assert {r: x.event_id for r, x in found.items()} == {"recent": event[0], "old": event[1]}
 
-    # flagged after the fact: the recent and the old call are sampled, the sampled one is not again
-    fresh = sink.sample_flagged(["recent", "old", "sampled", "unknown"], [pipeline.sampler], span=span)
+    # flagged after the fact: the recent and the old call are sampled; the sampled ones are not
+    # again, though "resampled" was sampled outside the recent day
+    flagged = ["recent", "old", "sampled", "resampled", "unknown"]
+    fresh = sink.sample_flagged(flagged, [pipeline.sampler], span=span)
     assert sorted(fresh) == ["old", "recent"]
-    assert scalar(conn, "SELECT count() FROM judge_samples") == 3
+    copied = conn.client.query("SELECT event_id FROM judge_samples WHERE reason = 'thumbs_down'").result_rows
+    assert sorted(r[0] for r in copied) == sorted([event[0], event[1]])  # the calls chosen, not event[3]
     requests = sink.sampled_requests(fresh, span)
-    assert {r["request_id"]: r["event_id"] for r in requests} == {"recent": processed.events[0].event_id,
-                                                                   "old": processed.events[1].event_id}  # fmt: skip
+    assert {r["request_id"]: r["event_id"] for r in requests} == {"recent": event[0], "old": event[1]}
     assert all(r["release"]["model"] == "gpt-4o" and r["reason"] == "thumbs_down" for r in requests)
 
 
