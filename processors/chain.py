@@ -95,7 +95,7 @@ class PipelineOptions:
 
 def _own_part(batch: PayloadBatch, others: dict[str, PayloadBatch]) -> tuple[int, str]:
     """How many of a mixed batch's payloads were calls, and the block id of those alone: what
-    ``split_by_kind`` gave the call pipeline before, so a block's insert token is unchanged.
+    splitting by kind first gave the call pipeline, so a block's insert token is unchanged.
     ``others`` holds only what this batch's decode moved there (offsets are unique in a batch)."""
     moved = {o for b in others.values() for o in b.offsets}
     own = [o for o in batch.offsets if o not in moved]

@@ -122,8 +122,8 @@ class DecodeEvents(Generic[T]):
 
     def __call__(self, batch: PayloadBatch, now: float, others: dict[str, PayloadBatch] | None = None) -> Decoded[T]:
         """``others``: the batch may mix kinds (a file, the demo, the in-process judge, DLQ
-        replay). Rather than testing every payload for its ``kind`` up front (``split_by_kind``:
-        0.5 µs per 660-byte payload, a substring scan), only a payload that fails this kind's
+        replay). Rather than testing every payload for its ``kind`` up front (``kind_of``, a
+        substring scan: 0.5 µs per 660-byte payload), only a payload that fails this kind's
         decode is tested, and one of another kind goes to that kind's batch in ``others``
         instead of the dead letters."""
         decode = self._decoder.decode
@@ -151,7 +151,11 @@ class DecodeEvents(Generic[T]):
                         raise problem
             except _REJECTIONS as exc:
                 if others is not None and (kind := kind_of(raw)) != self._kind:
-                    _route(others, kind, batch, raw, offset)
+                    target = others.get(kind)
+                    if target is None:  # the same source and block identity as the batch
+                        target = others[kind] = PayloadBatch(batch.source, [], [], batch.digest, batch.end_offset)
+                    target.payloads.append(raw)
+                    target.offsets.append(offset)
                 else:
                     dead.append(self._dead_letter(raw, exc, batch.source, offset))
                 continue
@@ -282,10 +286,11 @@ KINDS = ("call", "feedback", "judge_result")
 
 
 def kind_of(raw: bytes) -> str:
-    """Route a payload of a mixed stream (HTTP, file replay) by its ``kind`` field; calls by default.
+    """The ``kind`` a payload of a mixed stream names (a file, the demo, DLQ replay); calls by default.
 
-    A substring test instead of a parse: every kind is decoded fully right after, and a payload
-    that lies about its kind fails that decode with a proper reason.
+    A substring test instead of a parse: ``DecodeEvents`` asks only for payloads the call decode
+    rejected, and each is decoded fully by its own kind's pipeline right after, where a payload
+    that lies about its kind fails with a proper reason.
     """
     if b'"kind"' not in raw:
         return "call"
@@ -293,20 +298,3 @@ def kind_of(raw: bytes) -> str:
         if f'"kind":"{kind}"'.encode() in raw or f'"kind": "{kind}"'.encode() in raw:
             return kind
     return "call"
-
-
-def split_by_kind(batch: PayloadBatch) -> dict[str, PayloadBatch]:
-    """One batch per kind present, each keeping the original offsets and block identity."""
-    out: dict[str, PayloadBatch] = {}
-    for raw, offset in zip(batch.payloads, batch.offsets, strict=True):
-        _route(out, kind_of(raw), batch, raw, offset)
-    return out
-
-
-def _route(out: dict[str, PayloadBatch], kind: str, like: PayloadBatch, raw: bytes, offset: int) -> None:
-    """Adds a payload to ``out``'s batch of ``kind``, which keeps ``like``'s source and block identity."""
-    target = out.get(kind)
-    if target is None:
-        target = out[kind] = PayloadBatch(like.source, [], [], like.digest, like.end_offset)
-    target.payloads.append(raw)
-    target.offsets.append(offset)

@@ -68,12 +68,12 @@ INSERT_SETTINGS: dict[str, Any] = {
 
 
 LOOKUP_RECENT_S = 86_400.0
-"""Feedback and verdicts come minutes to hours after their call, so request-id lookups read the
-day before the earliest of them first (``recent_span``). ``llm_calls`` and ``judge_samples`` are
-sorted by (feature, day, event_id): ``request_id IN (...)`` alone reads the whole column, which
-grows with the table: 200 ids cost 0.2 s of CPU at 5M calls over ten days and 0.8-1.0 s at 20M over
-forty, against 0.05-0.1 s for either reading the recent day. Ids not found there get a second pass
-over the whole table."""
+"""Feedback and verdicts come minutes to hours after their call, so request-id lookups read
+``llm_calls`` for the day before the earliest of them first (``recent_span``). It is sorted by
+(feature, day, event_id): ``request_id IN (...)`` alone reads the whole column, which grows with
+the table: 200 ids cost 0.2 s of CPU at 5M calls over ten days and 0.8-1.0 s at 20M over forty,
+against 0.05-0.1 s for either reading the recent day. Ids not found there get a second pass over
+the whole table. ``judge_samples`` (a few percent of the calls) is read whole."""
 LOOKUP_SKEW_S = 3_600.0
 """How far after the newest feedback or verdict its call may be stamped (clock skew between services)."""
 
@@ -94,7 +94,7 @@ def _within(
     sorting key's day, so ClickHouse skips every other day's granules."""
     if span is None:
         return "", {}
-    lo = math.floor(round((span[0] - before) * 1000, 3))  # whole milliseconds, never narrower than asked
+    lo = math.floor(round((span[0] - before) * 1000, 3))  # whole milliseconds around the span
     hi = math.ceil(round((span[1] + after) * 1000, 3))
     cond = "ts >= fromUnixTimestamp64Milli({lo:Int64}) AND ts <= fromUnixTimestamp64Milli({hi:Int64}) AND "
     return cond, {"lo": lo, "hi": hi}
@@ -465,8 +465,8 @@ class ClickHouseSink:
         if fresh:
             picked = set(fresh)
             chosen = [r for r in rows if r[2] in picked]
-            times = (t.timestamp() for t in (r[1] if r[1].tzinfo else r[1].replace(tzinfo=UTC) for r in chosen))
-            where, bounds = _within(recent_span(times), before=0.0, after=0.0)
+            made = (t.timestamp() for t in (r[1] if r[1].tzinfo else r[1].replace(tzinfo=UTC) for r in chosen))
+            where, bounds = _within(recent_span(made), before=0.0, after=0.0)
             self.retry.run(
                 "sample flagged calls",
                 lambda: self.client.command(
@@ -476,8 +476,8 @@ class ClickHouseSink:
                     f"SELECT event_id, ts, {{reason:String}}, feature, team, tenant, model, provider, prompt_version, "
                     "variant, release_id, request_id, conversation_id, status, refusal, prompt_hash, prompt, output "
                     f"FROM {self.db}.llm_calls WHERE {where}event_id IN {{events:Array(String)}} "
-                    "LIMIT 1 BY event_id",
-                    parameters={"events": [r[0] for r in chosen], "reason": reason, **bounds},
+                    "AND request_id IN {ids:Array(String)} LIMIT 1 BY event_id",
+                    parameters={"events": [r[0] for r in chosen], "ids": fresh, "reason": reason, **bounds},
                 ),
             )
         return fresh

@@ -1,12 +1,20 @@
 from __future__ import annotations
 
 from ingest.synthetic import FEATURES, UNKNOWN_MODEL, Scenario, generate
-from processors.validate import ValidationLimits, decode_calls, decode_feedback, split_by_kind
+from processors.records import PayloadBatch
+from processors.validate import Decoded, ValidationLimits, decode_calls, decode_feedback
+from schemas.wire import WireCall
 from tests.conftest import NOW, batch
 
 
 def flat(s: Scenario) -> list[bytes]:
     return [p for b in generate(s, 1000) for p in b]
+
+
+def calls_and_others(raws: list[bytes]) -> tuple[Decoded[WireCall], dict[str, PayloadBatch]]:
+    """The calls decoded, other kinds moved aside, as the embedded runtime reads a mixed stream."""
+    others: dict[str, PayloadBatch] = {}
+    return decode_calls(ValidationLimits())(batch(raws), NOW, others), others
 
 
 def test_same_seed_same_traffic() -> None:
@@ -20,8 +28,7 @@ def test_a_malformed_call_that_the_service_retried_elsewhere_still_generates() -
     it: P1's traffic (seed 11, ten minutes) once crashed here on a payload made invalid UTF-8."""
     s = Scenario(events=20_000, days=10 / 1440, seed=11, end=NOW)
     raws = flat(s)
-    kinds = split_by_kind(batch(raws))
-    out = decode_calls(ValidationLimits())(kinds["call"], NOW)
+    out, _ = calls_and_others(raws)
     fallbacks = [e for e in out.events if e.fallback_from == "anthropic"]
     assert len(raws) >= 20_000 and fallbacks
     assert all(e.status == "ok" and e.model == "gpt-4o" for e in fallbacks)
@@ -30,8 +37,7 @@ def test_a_malformed_call_that_the_service_retried_elsewhere_still_generates() -
 def test_traffic_shape() -> None:
     s = Scenario(events=20_000, days=2, seed=3, end=NOW)
     raws = flat(s)
-    kinds = split_by_kind(batch(raws))
-    out = decode_calls(ValidationLimits())(kinds["call"], NOW)
+    out, kinds = calls_and_others(raws)
     feedback = decode_feedback(ValidationLimits())(kinds["feedback"], NOW)
     assert len(raws) >= 20_000
     assert 0 < len(out.dead) < 40  # a sprinkling of malformed payloads
@@ -50,7 +56,7 @@ def test_traffic_shape() -> None:
 
 def test_incidents_are_in_the_data() -> None:
     s = Scenario(events=60_000, days=7, seed=9, end=NOW)
-    events = decode_calls(ValidationLimits())(split_by_kind(batch(flat(s)))["call"], NOW).events
+    events = calls_and_others(flat(s))[0].events
     ok = [e for e in events if e.status == "ok"]
 
     def mean(xs: list[float]) -> float:
@@ -69,7 +75,7 @@ def test_incidents_are_in_the_data() -> None:
 
 def test_agent_runs_are_back_to_back_traces() -> None:
     s = Scenario(events=20_000, days=1, seed=4, end=NOW)
-    events = decode_calls(ValidationLimits())(split_by_kind(batch(flat(s)))["call"], NOW).events
+    events = calls_and_others(flat(s))[0].events
     runs: dict[str, list[float]] = {}
     for e in events:
         if e.feature == "agent-planner":

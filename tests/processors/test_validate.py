@@ -8,7 +8,7 @@ from typing import Any
 import orjson
 import pytest
 
-from processors.validate import ValidationLimits, decode_calls, decode_feedback, split_by_kind
+from processors.validate import ValidationLimits, decode_calls, decode_feedback, kind_of
 from tests.conftest import NOW, batch, call, iso, payload
 
 DECODE = decode_calls(ValidationLimits(max_age_s=90 * 86400))
@@ -144,18 +144,20 @@ def test_feedback_needs_a_verdict() -> None:
     assert out.dead[0].kind == "feedback"
 
 
-def test_mixed_stream_is_split_by_kind() -> None:
+def test_a_mixed_stream_is_routed_by_kind() -> None:
     fb = orjson.dumps({"kind": "feedback", "request_id": "r1", "ts": iso(NOW), "rating": 4})
     judged = orjson.dumps({"kind": "judge_result", "request_id": "r1", "rubric": "helpful", "score": 0.8,
                            "judge_model": "gpt-4o", "ts": iso(NOW)})  # fmt: skip
-    kinds = split_by_kind(batch([payload(), fb, payload(), judged]))
-    assert kinds["call"].offsets == [0, 2] and kinds["feedback"].offsets == [1] and kinds["judge_result"].offsets == [3]
+    others: dict[str, Any] = {}
+    calls = DECODE(batch([payload(), fb, payload(), judged]), NOW, others)
+    assert calls.offsets == [0, 2] and others["feedback"].offsets == [1] and others["judge_result"].offsets == [3]
+    assert not calls.dead
 
 
 def test_a_mixed_batch_moves_other_kinds_aside_as_it_decodes_the_calls() -> None:
     """The call decoder reads every payload; only the ones it fails are tested for their kind,
-    so each lands where ``split_by_kind`` would put it, rejects keep their own kind's reason,
-    and the calls keep the block identity and count of the calls alone."""
+    so each lands with its own kind's pipeline, rejects keep their own kind's reason, and the
+    calls keep the block identity and count of the calls alone (as splitting first gave them)."""
     from processors.chain import CallPipeline
     from schemas.prices import builtin_price_table
 
@@ -167,15 +169,13 @@ def test_a_mixed_batch_moves_other_kinds_aside_as_it_decodes_the_calls() -> None
     payloads = [fb, payload(), payload(latency_ms=-1), judged, broken_fb, nested, payload()]
     mixed = batch(payloads, digest="run-1")
 
-    kinds = split_by_kind(mixed)
     others: dict[str, Any] = {}
     processed = CallPipeline(builtin_price_table()).process(mixed, NOW, others)
     assert others["feedback"].offsets == [0, 4] and others["judge_result"].offsets == [3]
     assert others["feedback"].digest == "run-1" and others["feedback"].source == mixed.source
     assert processed.offsets == [1, 5, 6] and [d.offset for d in processed.dead] == [2]
     assert processed.events[1].attributes == {"extra": '{"kind":"feedback"}'}
-    # split_by_kind sent the nested one to feedback, where it failed; the rest is the same split
-    assert kinds["feedback"].offsets == [0, 4, 5]
+    assert kind_of(nested) == "feedback"  # a byte test alone sent it to feedback, whose decode rejected it
     assert processed.counters.received == 4
     calls_alone = batch([payloads[i] for i in (1, 2, 5, 6)], digest="run-1")
     calls_alone.offsets = [1, 2, 5, 6]
