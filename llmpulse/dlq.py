@@ -17,6 +17,7 @@ from typing import Any
 import xxhash
 
 from llmpulse.runtime import EmbeddedRuntime
+from processors.chain import own_offsets
 from processors.records import PayloadBatch, Source
 from sinks.clickhouse import Connection
 
@@ -65,8 +66,7 @@ def replay_into_clickhouse(runtime: EmbeddedRuntime, letters: list[dict[str, Any
         processed.dead = []  # still-bad letters stay in the DLQ once; their new reason goes to dlq_replays
         if not dry_run:
             runtime.writer.add_calls(processed)
-        moved = {o for b in kinds.values() for o in b.offsets}
-        for offset in [o for o in batch.offsets if o not in moved]:
+        for offset in own_offsets(batch, kinds):
             results.append((ids[offset], "rejected" if offset in rejected else "accepted", rejected.get(offset, "")))
     if feedback is not None:
         processed_fb = runtime.feedback.process(feedback, now)

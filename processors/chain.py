@@ -93,12 +93,17 @@ class PipelineOptions:
     dedup_capacity: int = 1_000_000
 
 
+def own_offsets(batch: PayloadBatch, others: dict[str, PayloadBatch]) -> list[int]:
+    """The offsets of a mixed batch's payloads that stayed with the calls. ``others`` holds only
+    what this batch's decode moved there (offsets are unique in a batch)."""
+    moved = {o for b in others.values() for o in b.offsets}
+    return [o for o in batch.offsets if o not in moved]
+
+
 def _own_part(batch: PayloadBatch, others: dict[str, PayloadBatch]) -> tuple[int, str]:
     """How many of a mixed batch's payloads were calls, and the block id of those alone: what
-    splitting by kind first gave the call pipeline, so a block's insert token is unchanged.
-    ``others`` holds only what this batch's decode moved there (offsets are unique in a batch)."""
-    moved = {o for b in others.values() for o in b.offsets}
-    own = [o for o in batch.offsets if o not in moved]
+    splitting by kind first gave the call pipeline, so a block's insert token is unchanged."""
+    own = own_offsets(batch, others)
     return len(own), block_id(batch.source, own, batch.digest)
 
 

@@ -284,6 +284,24 @@ class ClickHouseSink:
             rows += result.result_rows
         return names, rows
 
+    def _recent_first(
+        self, what: str, sql: Callable[[str], str], ids: Sequence[str], span: Span | None
+    ) -> tuple[list[str], list[Sequence[Any]]]:
+        """``sql(where)`` over the calls around ``span`` (``_within``), then over the whole table
+        for the ids that pass did not find; each row names its ``request_id``."""
+        names: list[str] = []
+        rows: list[Sequence[Any]] = []
+        missing = list(ids)
+        for window in (span, None) if span is not None else (None,):
+            if not missing:
+                break
+            where, bounds = _within(window)
+            names, found = self._lookup(what, sql(where), missing, bounds)
+            rows += found
+            seen = {r[names.index("request_id")] for r in found}
+            missing = [i for i in missing if i not in seen]
+        return names, rows
+
     def write(self, batches: Sequence[ProcessedCalls], token: str | None) -> None:
         """Dead letters, then raw calls (rollups follow by view), then judge samples.
 
@@ -371,28 +389,28 @@ class ClickHouseSink:
         rows a pass reads, so a request id reused by another tenant more than a day before the
         call found in the recent pass goes unnoticed."""
         wanted = sorted(set(request_ids))
-        found: dict[str, Lineage] = {}
-        cols = (
-            "request_id, any(event_id), any(ts), any(feature), any(team), any(model), any(provider), "
+        if not wanted:
+            return {}
+        select = (
+            "SELECT request_id, any(event_id), any(ts), any(feature), any(team), any(model), any(provider), "
             "any(prompt_version), any(variant), any(release_id), "
         )
-        passes = [("judge_samples", "any(reason)", None), ("llm_calls", "''", span)]
-        if span is not None:
-            passes.append(("llm_calls", "''", None))
-        for table, reason, window in passes:
-            missing = [r for r in wanted if r not in found]
-            if not missing:
-                break
-            where, bounds = _within(window)
-            _, rows = self._lookup(
+        group = "GROUP BY request_id HAVING uniqExact(tenant) = 1"
+        _, rows = self._lookup(
+            "lineage lookup",
+            f"{select}any(reason) FROM {self.db}.judge_samples WHERE request_id IN {IDS} {group}",
+            wanted,
+        )
+        found = {r[0]: Lineage(*r[1:]) for r in rows}
+        missing = [r for r in wanted if r not in found]
+        if missing:
+            _, rows = self._recent_first(
                 "lineage lookup",
-                f"SELECT {cols}{reason} FROM {self.db}.{table} WHERE {where}request_id IN {IDS} "
-                "GROUP BY request_id HAVING uniqExact(tenant) = 1",
+                lambda where: f"{select}'' FROM {self.db}.llm_calls WHERE {where}request_id IN {IDS} {group}",
                 missing,
-                bounds,
+                span,
             )
-            for r in rows:
-                found[r[0]] = Lineage(*r[1:])
+            found.update((r[0], Lineage(*r[1:])) for r in rows)
         return found
 
     def sample_flagged(
@@ -425,25 +443,18 @@ class ClickHouseSink:
         if not samplers:
             log.warning("%d flagged calls not sent to the judge: this process runs no judge sampler", len(ids))
             return []
-        rows: list[Sequence[Any]] = []
-        missing = ids
-        for window in (span, None) if span is not None else (None,):
-            where, bounds = _within(window)
-            _, found = self._lookup(
-                "flagged call lookup",
+        _, rows = self._recent_first(
+            "flagged call lookup",
+            lambda where: (
                 f"WITH {IDS} AS wanted SELECT event_id, ts, request_id, conversation_id, feature, model, "
                 "input_tokens, output_tokens, latency_ms, status, refusal, request_id IN (SELECT request_id "
                 f"FROM {self.db}.judge_samples WHERE request_id IN wanted) AS sampled "
                 f"FROM {self.db}.llm_calls WHERE {where}request_id IN wanted "
-                "ORDER BY ts, request_id LIMIT 1 BY request_id",
-                missing,
-                bounds,
-            )
-            rows += found
-            seen = {r[2] for r in found}
-            missing = [i for i in missing if i not in seen]
-            if not missing:
-                break
+                "ORDER BY ts, request_id LIMIT 1 BY request_id"
+            ),
+            ids,
+            span,
+        )
         rows = sorted((r for r in rows if not r[-1]), key=lambda r: (r[1], r[2]))  # budgets go oldest first
         by_sampler: dict[int, tuple[JudgeSampler, list[WireCall], list[float]]] = {}
         flagged_at = time.time()  # the judging is spent now: this hour's and day's budgets pay for it
@@ -487,14 +498,9 @@ class ClickHouseSink:
         (``sinks.kafka.judge_request``): the release tuple and the fields ``judge_samples`` does
         not keep are read from the raw call, so a call flagged after the fact is judged and filed
         exactly like one sampled in the stream. ``span`` as in ``sample_flagged``."""
-        missing = sorted(set(request_ids))
-        found: list[dict[str, Any]] = []
-        for window in (span, None) if span is not None else (None,):
-            if not missing:
-                break
-            where, bounds = _within(window)
-            names, result = self._lookup(
-                "judge request lookup",
+        names, rows = self._recent_first(
+            "judge request lookup",
+            lambda where: (
                 f"WITH {IDS} AS wanted SELECT s.event_id AS event_id, s.request_id AS request_id, "
                 "s.conversation_id AS conversation_id, "
                 "s.ts AS ts, s.reason AS reason, s.feature AS feature, s.team AS team, s.tenant AS tenant, "
@@ -509,14 +515,12 @@ class ClickHouseSink:
                 "LEFT JOIN (SELECT event_id, service, response_model, adapter, feature_view, guardrail_version, "
                 f"release, finish_reason, output_chars FROM {self.db}.llm_calls "
                 f"WHERE {where}request_id IN wanted LIMIT 1 BY event_id) AS c "
-                "ON c.event_id = s.event_id",
-                missing,
-                bounds,
-            )
-            rows = [dict(zip(names, row, strict=True)) for row in result]
-            found += rows
-            seen = {r["request_id"] for r in rows}
-            missing = [i for i in missing if i not in seen]
+                "ON c.event_id = s.event_id"
+            ),
+            sorted(set(request_ids)),
+            span,
+        )
+        found = [dict(zip(names, row, strict=True)) for row in rows]
         out = []
         for r in found:
             for k in ("conversation_id", "team", "tenant", "service", "variant", "provider", "finish_reason",
