@@ -129,6 +129,24 @@ def test_migrations_are_idempotent_and_retention_is_applied(settings: Any, conn:
     assert versions == [(m.version,) for m in packaged_migrations()]
 
 
+def test_inserted_blocks_become_compact_parts_even_over_ten_megabytes(settings: Any, conn: Any) -> None:
+    """ClickHouse writes a part wide (files per column) from 10 MB on; llm_calls keeps inserted
+    blocks compact (migration 0006): creating ~150 files per block was half of an insert's cost."""
+    pipeline = CallPipeline(builtin_price_table())
+    message = "x" * 4000
+    processed = pipeline.process(batch([payload(event_id=f"w{i}", error_message=message) for i in range(4000)]), NOW)
+    ClickHouseSink(conn).write([processed], "big-block")
+    parts = conn.client.query(
+        f"SELECT part_type, rows, data_uncompressed_bytes FROM system.parts "
+        f"WHERE database = '{conn.database}' AND table = 'llm_calls' AND active"
+    ).result_rows
+    assert len(parts) == 1
+    part_type, rows, size = parts[0]
+    assert (part_type, rows) == ("Compact", 4000)
+    assert size > 10 * 1024 * 1024  # over the size at which a part would otherwise be wide
+    assert scalar(conn, "SELECT count() FROM llm_calls WHERE length(error_message) = 4000") == 4000
+
+
 class FlakyClient:
     """Raises what clickhouse-connect raises on a refused connection, then recovers."""
 
