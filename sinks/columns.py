@@ -106,11 +106,11 @@ def calls_table(b: ProcessedCalls) -> pa.Table:
         names.append(name)
         arrays.append(array)
     for name, getter, typ in _GETTERS:
-        values = list(map(getter, events))
-        if name not in _REQUIRED and values.count(None) == n:
+        array = pa.array(list(map(getter, events)), type=typ)
+        if array.null_count == n and name not in _REQUIRED:
             continue  # all NULL: the column default fills it, at no cost per row
         names.append(name)
-        arrays.append(pa.array(values, type=typ))
+        arrays.append(array)
     params = [e.params for e in events]
     if any(p is not None for p in params):
         for pname in _PARAMS:
