@@ -2,8 +2,9 @@
 
 The DDL lives in ``schemas/migrations/NNNN_name.sql`` (one obvious place, readable without
 Python). Each file is rendered with the database, the cluster clause and retention, then its
-statements run in order; ``schema_migrations`` records what ran. Every statement is
-``IF NOT EXISTS``, so a start-up that died half-way through a migration just runs it again.
+statements run in order; ``schema_migrations`` records what ran. Every statement is idempotent
+(``IF NOT EXISTS``, or a setting that ends the same however often it is set), so a start-up
+that died half-way through a migration just runs it again.
 Retention is configuration, not schema: when it changes, the TTLs are altered in place
 (without rewriting existing parts).
 

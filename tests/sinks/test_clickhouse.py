@@ -131,7 +131,7 @@ def test_migrations_are_idempotent_and_retention_is_applied(settings: Any, conn:
 
 def test_inserted_blocks_become_compact_parts_even_over_ten_megabytes(settings: Any, conn: Any) -> None:
     """ClickHouse writes a part wide (files per column) from 10 MB on; llm_calls keeps inserted
-    blocks compact (migration 0006): creating ~150 files per block was half of an insert's cost."""
+    blocks compact (migration 0006): creating ~230 files per block was half of an insert's cost."""
     pipeline = CallPipeline(builtin_price_table())
     message = "x" * 4000
     processed = pipeline.process(batch([payload(event_id=f"w{i}", error_message=message) for i in range(4000)]), NOW)
