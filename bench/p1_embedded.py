@@ -7,7 +7,8 @@ caching, tool calls, feedback events mixed in, unknown fields and models, a few 
    each payload into a minimal struct, dict sums per (minute, feature, model) and one t-digest
    per key fed per batch. No validation beyond types, no pricing, no output columns, no I/O;
 2. **chain only**: ``CallPipeline``/``FeedbackPipeline`` exactly as the runtimes run them
-   (validate → dedup → price → content → release → windows → sampling), no ClickHouse;
+   (validate → dedup → price → content → release → windows → sampling, in parts of
+   ``PROCESS_PART`` payloads), no ClickHouse;
 3. **embedded runtime**: ``EmbeddedRuntime.ingest`` including the Arrow conversion and the
    chDB inserts (the headline P1 figure).
 
@@ -91,7 +92,7 @@ def raw_loop(batches: list[list[bytes]]) -> dict[str, float]:
 
 def chain_only(batches: list[list[bytes]], now: float) -> dict[str, float]:
     """The processor chain as the runtime drives it, minus the writes."""
-    from llmpulse.runtime import pipeline_options, validation_limits
+    from llmpulse.runtime import PROCESS_PART, pipeline_options, validation_limits
     from processors.chain import CallPipeline, FeedbackPipeline
     from processors.records import PayloadBatch, Source
     from schemas.config import load_settings
@@ -107,7 +108,8 @@ def chain_only(batches: list[list[bytes]], now: float) -> dict[str, float]:
         batch = PayloadBatch(source, payloads, list(range(offset, offset + len(payloads))))
         offset += len(payloads)
         kinds: dict[str, PayloadBatch] = {}  # as EmbeddedRuntime.ingest: other kinds move aside while calls decode
-        accepted += len(calls.process(batch, now, kinds).events)
+        for part in batch.split(PROCESS_PART):
+            accepted += len(calls.process(part, now, kinds).events)
         if "feedback" in kinds:
             feedback.process(kinds["feedback"], now)
     calls.flush_windows()

@@ -42,6 +42,14 @@ GC_THRESHOLD = (50_000, 50, 100)
 (700) the collector rescans them constantly, which cost 25-30% of pipeline CPU here."""
 
 
+PROCESS_PART = 2_048
+"""Payloads the chain processes at a time, whatever size of batch a source delivers. Each step
+and the Arrow columns pass over the batch's events again; 2k events (~3 MB of decoded structs)
+stay in the CPU's cache between passes where 10k do not: chain + columns 9.0 against 10.3 µs an
+event (medians of seven alternating repeats in one process; 1k: 9.4, 5k: 9.5), the embedded
+runtime 15.5 against 16.5 µs (four alternating P1-sized runs)."""
+
+
 def tune_gc() -> None:
     gc.set_threshold(*GC_THRESHOLD)
 
@@ -156,11 +164,12 @@ class EmbeddedRuntime:
         self._now = now
         started = time.perf_counter()
         kinds: dict[str, PayloadBatch] = {}
-        processed = self.calls.process(batch, now, kinds if mixed else None)
-        if processed.counters.received:
-            self.stats.counters.add(processed.counters)
-            self.writer.add_calls(processed)
-            self._emit(processed.partials, self.calls.windows.watermark)
+        for part in batch.split(PROCESS_PART):
+            processed = self.calls.process(part, now, kinds if mixed else None)
+            if processed.counters.received:
+                self.stats.counters.add(processed.counters)
+                self.writer.add_calls(processed)
+                self._emit(processed.partials, self.calls.windows.watermark)
         feedback = kinds.get("feedback")
         if feedback is not None:
             done = self.feedback.process(feedback, now)

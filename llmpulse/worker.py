@@ -32,7 +32,14 @@ from aiokafka.structs import OffsetAndMetadata
 
 from ingest.kafka import client_options
 from llmpulse.alerting import QUALITY_SOURCE, AlertPipeline, rules_for
-from llmpulse.runtime import open_clickhouse, pipeline_options, price_table, tune_gc, validation_limits
+from llmpulse.runtime import (
+    PROCESS_PART,
+    open_clickhouse,
+    pipeline_options,
+    price_table,
+    tune_gc,
+    validation_limits,
+)
 from processors.alerts.stage2 import Stage2, sketches_read
 from processors.chain import CallPipeline, FeedbackPipeline, JudgeResultPipeline
 from processors.pricing import COST_CLIENT, Costs
@@ -256,11 +263,13 @@ class CallsConsumer(mode.Service):
         started = time.perf_counter()
         now = time.time()
         for partition, batch in batches:
-            began = time.perf_counter()
-            out = self.partitions[partition].pipeline.process(batch, now)
-            self.stats.counters.add(out.counters)
-            self.metrics.observe(out, time.perf_counter() - began)
-            self.writer.add_calls(out)
+            pipeline = self.partitions[partition].pipeline
+            for part in batch.split(PROCESS_PART):
+                began = time.perf_counter()
+                out = pipeline.process(part, now)
+                self.stats.counters.add(out.counters)
+                self.metrics.observe(out, time.perf_counter() - began)
+                self.writer.add_calls(out)
         self.stats.batches += 1
         self.stats.process_s += time.perf_counter() - started
 

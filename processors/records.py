@@ -41,6 +41,27 @@ class PayloadBatch:
     def block_id(self) -> str:
         return block_id(self.source, self.offsets, self.digest)
 
+    def split(self, size: int) -> list[PayloadBatch]:
+        """Consecutive parts of at most ``size`` payloads, cut at the same places every time (so
+        their block ids, hence insert tokens, are the same on a replay).
+
+        Each part may be committed once durable: it covers up to the next part's first offset,
+        the last part up to the batch's own ``end_offset`` (-1 stays -1: not a committable source).
+        """
+        if size < 1:
+            raise ValueError("size must be positive")
+        n = len(self.payloads)
+        if n <= size:
+            return [self]
+        parts = []
+        for start in range(0, n, size):
+            stop = min(start + size, n)
+            end = self.end_offset if stop == n or self.end_offset < 0 else self.offsets[stop]
+            parts.append(
+                PayloadBatch(self.source, self.payloads[start:stop], self.offsets[start:stop], self.digest, end)
+            )
+        return parts
+
 
 def block_id(source: Source, offsets: list[int], digest: str = "") -> str:
     """Deterministic identity of a block of input: same input, same id, in any process."""

@@ -95,6 +95,32 @@ def test_replaying_a_block_does_not_count_twice(settings: Any, conn: Any) -> Non
     assert scalar(conn, "SELECT sum(calls) FROM llm_calls_1m") == 510
 
 
+def test_a_batch_bigger_than_a_part_is_written_whole_and_replays_without_counting_twice(
+    settings: Any, conn: Any
+) -> None:
+    """The runtime processes a big batch in parts of PROCESS_PART payloads; the parts are cut at
+    the same places on a replay, so the same insert tokens dedupe the whole block."""
+    from llmpulse.runtime import PROCESS_PART
+
+    n = 2 * PROCESS_PART + 500
+    payloads = [payload(event_id=f"part-{i}", request_id=f"rq-{i}") for i in range(n)]
+    payloads[100] = b'{"kind":"feedback","request_id":"rq-7","ts":"' + iso(NOW - 60).encode() + b'","thumbs":"up"}'
+    payloads[3000] = b'{"event_id": "broken'
+    for _ in range(2):  # the second run is a replay by a fresh runtime (empty in-memory dedup)
+        runtime = EmbeddedRuntime(settings, conn)
+        runtime.ingest(batch(payloads, Source("file", "big.jsonl"), digest="big"), now=NOW)
+        runtime.finish()
+        runtime.close()
+        c = runtime.stats.counters
+        assert (c.received, c.accepted, c.rejected) == (n - 1, n - 2, 1)
+        assert scalar(conn, "SELECT count() FROM llm_calls") == n - 2  # no FINAL: the replay's insert deduped
+        assert scalar(conn, "SELECT sum(calls) FROM llm_calls_1m") == n - 2
+        assert scalar(conn, "SELECT count() FROM dlq") == 1
+        assert scalar(conn, "SELECT count() FROM feedback") == 1
+    offsets = conn.client.query("SELECT min(kafka_offset), max(kafka_offset) FROM llm_calls").result_rows
+    assert offsets == [(-1, -1)]  # a file: positions are not Kafka offsets
+
+
 def test_dead_letters_keep_raw_bytes_reason_and_position(settings: Any, conn: Any) -> None:
     pipeline = CallPipeline(builtin_price_table())
     bad = b'{"event_id": "x", "ts'
