@@ -357,10 +357,21 @@ class CallsConsumer(mode.Service):
         commit: dict[int, int] = {}
         while self._durable:
             block = self._durable.popleft()
+            # a block's outputs go in one round of sends per topic, awaited together: every wait
+            # lasts at least the producer's linger (20 ms), and a block holds dozens of batches
+            sent = await asyncio.gather(
+                self.publisher.dead_letters([d for b in block.calls for d in b.dead]),
+                self.publisher.judge_requests(block.calls),
+                self.publisher.partial_groups(
+                    [(b.partials, b.source.partition, b.watermark) for b in block.calls], self.scopes, self.sketches
+                ),
+                return_exceptions=True,  # all three finish before a failure is raised: none left running
+            )
+            for outcome in sent:
+                if isinstance(outcome, BaseException):
+                    raise outcome
             for b in block.calls:
-                await self.publisher.dead_letters(b.dead)
-                await self.publisher.judge_requests([b])
-                await self._publish_partials(b.source.partition, b.partials, b.watermark)
+                self._published(b.source.partition, b.watermark)
                 if b.end_offset >= 0:
                     commit[b.source.partition] = max(commit.get(b.source.partition, 0), b.end_offset)
         unblocked, self._unblocked = self._unblocked, []
@@ -378,6 +389,10 @@ class CallsConsumer(mode.Service):
         assert self.publisher is not None
         if partials:
             await self.publisher.partials(partials, self.scopes, partition, watermark, self.sketches)
+        self._published(partition, watermark)
+
+    def _published(self, partition: int, watermark: float) -> None:
+        """Stage 2 has every partial of ``partition`` up to ``watermark`` (heartbeats may say so)."""
         if watermark > self.published_watermark.get(partition, -math.inf):
             self.published_watermark[partition] = watermark
 

@@ -171,7 +171,22 @@ class KafkaPublisher:
     ) -> None:
         """``watermark`` None: the partials add to their minutes without moving any watermark
         (judge scores and feedback arrive long after their calls' minutes)."""
-        if not partials:
-            return
-        messages = partial_messages(partials, scopes, source_partition, watermark, sketches)
-        self.sent["partials"] += await self._send_all(self.topics.partials, ((k, v, None) for k, v in messages))
+        await self.partial_groups([(partials, source_partition, watermark)], scopes, sketches)
+
+    async def partial_groups(
+        self,
+        groups: Iterable[tuple[list[WindowPartial], int, float | None]],
+        scopes: Sequence[tuple[str, ...]],
+        sketches: tuple[bool, bool, bool] = (True, True, True),
+    ) -> None:
+        """Several batches' (partials, source partition, watermark) in one round of sends, awaited
+        once: each wait lasts at least the producer's linger. Every batch keeps its own watermark,
+        and the sends go in batch order, as they would one batch at a time."""
+        messages = [
+            m
+            for partials, partition, watermark in groups
+            if partials
+            for m in partial_messages(partials, scopes, partition, watermark, sketches)
+        ]
+        if messages:
+            self.sent["partials"] += await self._send_all(self.topics.partials, ((k, v, None) for k, v in messages))
