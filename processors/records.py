@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass, field
 
 
@@ -42,8 +43,9 @@ class PayloadBatch:
         return block_id(self.source, self.offsets, self.digest)
 
     def split(self, size: int) -> list[PayloadBatch]:
-        """Consecutive parts of at most ``size`` payloads, cut at the same places every time (so
-        their block ids, hence insert tokens, are the same on a replay).
+        """Consecutive parts of at most ``size`` payloads, as equal as can be (no small remainder
+        paying a part's fixed costs), cut at the same places every time (so their block ids,
+        hence insert tokens, are the same on a replay).
 
         Each part may be committed once durable: it covers up to the next part's first offset,
         the last part up to the batch's own ``end_offset`` (-1 stays -1: not a committable source).
@@ -53,9 +55,10 @@ class PayloadBatch:
         n = len(self.payloads)
         if n <= size:
             return [self]
+        count = -(-n // size)
+        bounds = [k * n // count for k in range(count + 1)]
         parts = []
-        for start in range(0, n, size):
-            stop = min(start + size, n)
+        for start, stop in itertools.pairwise(bounds):
             end = self.end_offset if stop == n or self.end_offset < 0 else self.offsets[stop]
             parts.append(
                 PayloadBatch(self.source, self.payloads[start:stop], self.offsets[start:stop], self.digest, end)

@@ -15,10 +15,11 @@ def kafka_batch(offsets: list[int], end: int) -> PayloadBatch:
 
 def test_parts_keep_order_and_cover_up_to_the_next_parts_first_offset() -> None:
     offsets = [10, 11, 13, 14, 15, 20, 21]  # gaps: messages skipped as already written
-    parts = kafka_batch(offsets, end=25).split(3)
-    assert [p.offsets for p in parts] == [[10, 11, 13], [14, 15, 20], [21]]
-    assert [p.payloads for p in parts] == [[b"p10", b"p11", b"p13"], [b"p14", b"p15", b"p20"], [b"p21"]]
-    assert [p.end_offset for p in parts] == [14, 21, 25]  # the last part commits what the batch would
+    parts = kafka_batch(offsets, end=25).split(3)  # 7 payloads, at most 3 a part: 2, 2, 3
+    assert [p.offsets for p in parts] == [[10, 11], [13, 14], [15, 20, 21]]
+    assert [p.payloads for p in parts] == [[b"p10", b"p11"], [b"p13", b"p14"], [b"p15", b"p20", b"p21"]]
+    assert [p.end_offset for p in parts] == [13, 15, 25]  # the last part commits what the batch would
+    assert [len(p) for p in kafka_batch(list(range(5000)), end=5000).split(2048)] == [1666, 1667, 1667]
     assert {(p.source, p.digest) for p in parts} == {(SRC, "d")}
 
 
