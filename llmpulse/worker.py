@@ -264,6 +264,8 @@ class CallsConsumer(mode.Service):
         now = time.time()
         for partition, batch in batches:
             pipeline = self.partitions[partition].pipeline
+            # each part keeps its own block id: Kafka progress is read back from ClickHouse, not
+            # found by insert token, and a revoke may flush between two parts of a batch
             for part in batch.split(PROCESS_PART):
                 began = time.perf_counter()
                 out = pipeline.process(part, now)

@@ -107,6 +107,12 @@ def _own_part(batch: PayloadBatch, others: dict[str, PayloadBatch]) -> tuple[int
     return len(own), block_id(batch.source, own, batch.digest)
 
 
+def calls_block_id(batch: PayloadBatch, others: dict[str, PayloadBatch] | None) -> str:
+    """The block id ``CallPipeline.process`` gives the calls of ``batch`` processed in one piece
+    (``others``: what its decode moved to other kinds)."""
+    return _own_part(batch, others)[1] if others else batch.block_id
+
+
 class CallPipeline:
     """One instance per source partition (its windows and dedup horizon are that partition's)."""
 

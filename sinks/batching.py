@@ -16,8 +16,9 @@ commits only those.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 
@@ -28,9 +29,12 @@ from sinks.clickhouse import ClickHouseSink, SinkError
 
 
 def insert_token(block_ids: list[str]) -> str:
-    if len(block_ids) == 1:
-        return block_ids[0]
-    return "blocks:" + xxhash.xxh3_128_hexdigest("\n".join(block_ids).encode())
+    """The parts of one input batch carry the batch's id (``EmbeddedRuntime.ingest``), and count
+    once: a batch processed in parts gets the token it got in one piece."""
+    ids = [k for k, _ in itertools.groupby(block_ids)]
+    if len(ids) == 1:
+        return ids[0]
+    return "blocks:" + xxhash.xxh3_128_hexdigest("\n".join(ids).encode())
 
 
 @dataclass
@@ -78,6 +82,7 @@ class BufferedWriter:
         self.failed: Block | None = None
         """The block whose insert raised, kept so the caller can ``retry`` it."""
         self._on_written = on_written
+        self._together = 0
 
     @property
     def pending_rows(self) -> int:
@@ -120,9 +125,25 @@ class BufferedWriter:
         self._buffer.rows += rows
         if self._since is None:
             self._since = self._clock()
-        if self._buffer.rows >= self.max_rows and self.failed is None:
+        self._flush_if_full()
+
+    def _flush_if_full(self) -> None:
+        if self._buffer.rows >= self.max_rows and self.failed is None and not self._together:
             with contextlib.suppress(SinkError):
                 self.flush(wait=False)
+
+    @contextlib.contextmanager
+    def together(self) -> Iterator[None]:
+        """Batches added inside go into one insert: a full buffer waits for the end of the group.
+
+        The parts of one input batch (``EmbeddedRuntime.ingest``) share its block id, so a flush
+        between them would give two inserts one token, and ClickHouse would drop the second."""
+        self._together += 1
+        try:
+            yield
+        finally:
+            self._together -= 1
+            self._flush_if_full()
 
     def due(self) -> bool:
         return self._since is not None and self._clock() - self._since >= self.max_seconds

@@ -180,8 +180,9 @@ class KafkaPublisher:
         sketches: tuple[bool, bool, bool] = (True, True, True),
     ) -> None:
         """Several batches' (partials, source partition, watermark) in one round of sends, awaited
-        once: each wait lasts at least the producer's linger. Every batch keeps its own watermark,
-        and the sends go in batch order, as they would one batch at a time."""
+        once: each wait lasts at least the producer's linger. Every batch keeps its own watermark
+        and the sends go in batch order, so each partials partition sees them in the order it did
+        one batch at a time (across partitions stage 2 could never rely on order)."""
         messages = [
             m
             for partials, partition, watermark in groups

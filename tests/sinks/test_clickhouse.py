@@ -95,25 +95,36 @@ def test_replaying_a_block_does_not_count_twice(settings: Any, conn: Any) -> Non
     assert scalar(conn, "SELECT sum(calls) FROM llm_calls_1m") == 510
 
 
+@pytest.mark.parametrize("first_run_in_one_piece", [False, True])
 def test_a_batch_bigger_than_a_part_is_written_whole_and_replays_without_counting_twice(
-    settings: Any, conn: Any
+    settings: Any, conn: Any, monkeypatch: Any, first_run_in_one_piece: bool
 ) -> None:
-    """The runtime processes a big batch in parts of PROCESS_PART payloads; the parts are cut at
-    the same places on a replay, so the same insert tokens dedupe the whole block."""
-    from llmpulse.runtime import PROCESS_PART
+    """The runtime processes a big batch in parts of PROCESS_PART payloads, which carry the
+    batch's block id and go into one insert: a replay dedupes whether it is cut into parts or
+    not (a file ingested before parts existed), and whatever the buffer size."""
+    import llmpulse.runtime as rt
 
-    n = 2 * PROCESS_PART + 500
+    n = 2 * rt.PROCESS_PART + 500
     payloads = [payload(event_id=f"part-{i}", request_id=f"rq-{i}") for i in range(n)]
     payloads[100] = b'{"kind":"feedback","request_id":"rq-7","ts":"' + iso(NOW - 60).encode() + b'","thumbs":"up"}'
     payloads[3000] = b'{"event_id": "broken'
-    for _ in range(2):  # the second run is a replay by a fresh runtime (empty in-memory dedup)
-        runtime = EmbeddedRuntime(settings, conn)
+    small_buffer = settings.model_copy(
+        update={"pipeline": settings.pipeline.model_copy(update={"batch_max_events": 1000})}
+    )
+    runs = [
+        ("one piece" if first_run_in_one_piece else "parts", settings),
+        ("parts", settings),
+        ("parts", small_buffer),
+    ]
+    for how, run_settings in runs:  # every run after the first is a replay by a fresh runtime (empty in-memory dedup)
+        monkeypatch.setattr(rt, "PROCESS_PART", n if how == "one piece" else 2_048)
+        runtime = EmbeddedRuntime(run_settings, conn)
         runtime.ingest(batch(payloads, Source("file", "big.jsonl"), digest="big"), now=NOW)
         runtime.finish()
         runtime.close()
         c = runtime.stats.counters
         assert (c.received, c.accepted, c.rejected) == (n - 1, n - 2, 1)
-        assert scalar(conn, "SELECT count() FROM llm_calls") == n - 2  # no FINAL: the replay's insert deduped
+        assert scalar(conn, "SELECT count() FROM llm_calls") == n - 2, how  # no FINAL: the replay's insert deduped
         assert scalar(conn, "SELECT sum(calls) FROM llm_calls_1m") == n - 2
         assert scalar(conn, "SELECT count() FROM dlq") == 1
         assert scalar(conn, "SELECT count() FROM feedback") == 1
@@ -376,3 +387,23 @@ def test_the_writer_encodes_a_batch_as_it_is_added_and_drops_the_copy_once_durab
     assert processed.columns is None
     assert scalar(conn, "SELECT count() FROM llm_calls FINAL") == 3
     writer.close()
+
+
+def test_batches_added_together_go_into_one_insert_even_past_the_buffer_size(settings: Any, conn: Any) -> None:
+    """The parts of one input batch share its block id: a flush between them would give two
+    inserts one token, and ClickHouse would drop the second."""
+    from sinks.batching import BufferedWriter
+
+    pipeline = CallPipeline(builtin_price_table())
+    parts = [pipeline.process(batch([payload() for _ in range(8)], first=8 * i), NOW) for i in range(3)]
+    writer = BufferedWriter(ClickHouseSink(conn), max_rows=10, max_seconds=60, background=False)
+    with writer.together():
+        for p in parts:
+            writer.add_calls(p)
+        assert writer.pending_rows == 24  # full since the second part, and still held
+    assert writer.pending_rows == 0  # flushed once the group ended
+    writer.close()
+    blocks = conn.client.query(
+        f"SELECT count(), sum(rows) FROM system.parts WHERE database = '{conn.database}' AND table = 'llm_calls'"
+    ).result_rows
+    assert blocks == [(1, 24)]
