@@ -170,7 +170,7 @@ class AlertPipeline:
         for partition, offset, value in messages:
             body, partial = read_wire(value, sketches)
             if partial is None:
-                stage2.heartbeat(int(body["partition"]), float(body["watermark"]))
+                stage2.heartbeat(int(body["partition"]), float(body["watermark"]), partition)
                 continue
             read += 1
             watermark = body["watermark"]  # None from judge scores and feedback: they never move time

@@ -573,8 +573,9 @@ class AlertsConsumer(mode.Service):
                 await self.consumer.stop()
         if self.pipeline is not None:
             log.info(
-                "stage 2 (alert evaluation): %.3f s CPU for %d partials, %d rule windows",
+                "stage 2 (alert evaluation): %.3f s CPU for %d partials, %d rule windows, %d late partials",
                 self.cpu_s, self.partials_read, self.pipeline.windows.evaluated_windows,
+                self.pipeline.stage2.late_partials,
             )  # fmt: skip
             self.pipeline.close()
 
@@ -604,6 +605,8 @@ class AlertsConsumer(mode.Service):
         assert self.consumer is not None and self.pipeline is not None
         records = await self.consumer.getmany(timeout_ms=100, max_records=5000)
         began = time.thread_time()
+        stage2.listen_on(tp.partition for tp in self.consumer.assignment())
+        late = stage2.late_partials
         read = self.pipeline.on_wire((tp.partition, m.offset, m.value) for tp, ms in records.items() for m in ms)
         for tp, messages in records.items():
             last_offsets[tp.partition] = messages[-1].offset + 1
@@ -617,6 +620,8 @@ class AlertsConsumer(mode.Service):
         self.partials_read += read
         self.calls.metrics.alert_cpu.inc(spent)
         self.calls.metrics.alert_partials.inc(read)
+        if stage2.late_partials > late:
+            self.calls.metrics.alert_late_partials.inc(stage2.late_partials - late)
         if self._pending_publish and self.calls.publisher is not None:
             events, self._pending_publish[:] = list(self._pending_publish), []
             await self.calls.publisher.alerts(events)

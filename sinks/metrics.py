@@ -169,6 +169,11 @@ class PipelineMetrics:
             registry=r,
         )
         self.alert_partials = Counter("llmpulse_alert_partials", "Window partials merged by stage 2", registry=r)
+        self.alert_late_partials = Counter(
+            "llmpulse_alert_late_partials",
+            "Partials that reached stage 2 after their minute was evaluated (left out of the alert windows)",
+            registry=r,
+        )
         self.dropped = Counter("llmpulse_dropped", "Things dropped on purpose (counted, never silent)", ["what"],
                                registry=r)  # fmt: skip
         self._path = BoundedLabel(100)

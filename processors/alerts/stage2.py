@@ -43,6 +43,12 @@ class Stage2:
         self.expected: set[int] | None = set(sources) if sources else None
         """Source partitions that must report before a minute is final; None: whoever reported."""
         self.watermarks: dict[int, float] = {}
+        """Per source partition, how far every input this stage 2 reads has carried it."""
+        self._marks: dict[int, dict[int | None, float]] = {}
+        """Per source partition, its watermark as last seen on each input (partials-topic partition;
+        None where partials are handed over in process)."""
+        self.inputs: frozenset[int] | None = None
+        """The input partitions this stage 2 reads (``listen_on``); None: those heard from so far."""
         self._cells: dict[Minute, dict[CellKey, WindowPartial]] = {}
         """Open cells by minute: a release pops whole minutes, without looking at each cell (it runs
         whenever the slowest watermark moves, and a minute of 10k scope keys holds ~12k cells)."""
@@ -80,7 +86,7 @@ class Stage2:
             if offset < lowest.get(part, offset + 1):
                 lowest[part] = offset
         if watermark is not None:
-            self.heartbeat(source, watermark)
+            self.heartbeat(source, watermark, None if position is None else position[0])
 
     def pinned_offsets(self) -> dict[int, int]:
         """Per input partition, the lowest offset still needed by an unevaluated minute."""
@@ -91,9 +97,36 @@ class Stage2:
                     out[part] = offset
         return out
 
-    def heartbeat(self, source: int, watermark: float) -> None:
-        if watermark > self.watermarks.get(source, -math.inf):
-            self.watermarks[source] = watermark
+    def heartbeat(self, source: int, watermark: float, via: int | None = None) -> None:
+        """``source`` has sent everything up to ``watermark`` *through input partition* ``via``.
+
+        A worker sends one source partition's partials to many partials partitions at once, and
+        each arrives in its own order: a later batch's watermark read on one partition says
+        nothing of an earlier batch's partial still on its way to another. Only order within a
+        partition holds, so a source's watermark is the lowest it carries on the inputs read.
+        """
+        marks = self._marks.get(source)
+        if marks is None:
+            marks = self._marks[source] = {}
+        if watermark > marks.get(via, -math.inf):
+            marks[via] = watermark
+            self._settle(source, marks)
+
+    def listen_on(self, inputs: Iterable[int]) -> None:
+        """The input partitions assigned to this stage 2 (after a rebalance: the new set)."""
+        assigned = frozenset(inputs)
+        if assigned != self.inputs:
+            self.inputs = assigned
+            for source, marks in self._marks.items():
+                self._settle(source, marks)
+
+    def _settle(self, source: int, marks: dict[int | None, float]) -> None:
+        if self.inputs is None:
+            self.watermarks[source] = min(marks.values())
+        elif self.inputs and all(p in marks for p in self.inputs):
+            self.watermarks[source] = min(marks[p] for p in self.inputs)
+        else:  # not heard on every input yet: nothing is known of it
+            self.watermarks.pop(source, None)
 
     def final_through(self) -> float:
         """Minutes ending at or before this are complete across all sources."""

@@ -83,6 +83,13 @@ def test_rules_use_exported_metrics_and_say_what_to_do() -> None:
         assert {"summary", "description", "runbook_url"} <= set(rule["annotations"])
 
 
+def test_every_runbook_link_has_its_runbook() -> None:
+    readme = (ROOT / "README.md").read_text()
+    for rule in rules():
+        anchor = rule["annotations"]["runbook_url"].removeprefix("README.md#")
+        assert f'<a id="{anchor}"></a>' in readme, f"{rule['alert']}: no runbook {anchor} in README.md"
+
+
 def test_scrape_targets_are_the_compose_services_on_their_metrics_ports() -> None:
     config = yaml.safe_load(PROMETHEUS_YML.read_text())
     targets = {job["job_name"]: job["static_configs"][0]["targets"] for job in config["scrape_configs"]}

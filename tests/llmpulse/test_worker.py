@@ -453,6 +453,10 @@ def test_worker_alerts_reach_the_webhook_once_and_metrics_are_served(tmp_path: P
     assert re.search(r"^llmpulse_alert_evaluation_cpu_seconds_total [0-9.e-]+$", metrics, re.MULTILINE)
     assert float(re.search(r"^llmpulse_alert_partials_total ([0-9.]+)$", metrics, re.MULTILINE)[1]) > 0  # type: ignore[index]
     assert re.search(r"stage 2 \(alert evaluation\): [0-9.]+ s CPU for [1-9]\d* partials", worker.log.read_text())
+    # every partial was merged before its minute was evaluated, though four source partitions' partials
+    # travel over several partials partitions at once (each partition is read in its own order)
+    assert "rule windows, 0 late partials" in worker.log.read_text()
+    assert re.search(r"^llmpulse_alert_late_partials_total 0\.0$", metrics, re.MULTILINE)
     # a restart does not page again for the incident that is still firing
     worker = Worker(cfg, tmp_path / "data", tmp_path / "w2.log").start()
     try:

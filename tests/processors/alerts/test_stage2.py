@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import msgspec
@@ -100,6 +101,39 @@ def test_a_silent_feature_pages_through_idle_watermarks() -> None:
     stage2.heartbeat(0, T0 + 5 * 60)
     events += windows.feed(*stage2.release())
     assert [(e.state, e.scope, e.window_start.timestamp()) for e in events] == [("firing", {"feature": "a"}, T0 + 180)]
+
+
+def test_a_watermark_read_on_one_partials_partition_waits_for_the_others() -> None:
+    """One worker sends a block's partials to several partials partitions at once. Batch 1
+    closes minute 0 for scope b (partials partition 1); batch 2 closes minute 1 for scope a
+    (partition 0) with a watermark past both. Stage 2 reads partition 0 first: batch 1's partial
+    is still on its way, so minute 0 must wait for it rather than count it late."""
+    (minute0,) = partials(0, [(T0 + 1, {"feature": "b"})])[0]
+    (minute1,) = partials(0, [(T0 + 61, {"feature": "a"})])[0]
+    stage2 = Stage2(sources=[0])
+    stage2.listen_on([0, 1])
+    stage2.add(SCOPE_DIMS, minute1, 0, T0 + 120, position=(0, 7))
+    assert stage2.release() == ([], -math.inf) and 0 not in stage2.watermarks  # partition 1 not heard yet
+    stage2.add(SCOPE_DIMS, minute0, 0, T0 + 60, position=(1, 3))
+    cells, through = stage2.release()
+    assert through == T0 + 60 and [(c.values[0], c.partial.window_start) for c in cells] == [("b", T0)]
+    stage2.heartbeat(0, T0 + 120, via=1)  # the worker's heartbeat reaches every partials partition
+    cells, through = stage2.release()
+    assert through == T0 + 120 and [(c.values[0], c.partial.window_start) for c in cells] == [("a", T0 + 60)]
+    assert stage2.late_partials == 0
+
+
+def test_a_partition_gained_in_a_rebalance_holds_time_until_heard_from() -> None:
+    stage2 = Stage2(sources=[0])
+    stage2.listen_on([0])
+    stage2.heartbeat(0, T0 + 60, via=0)
+    assert stage2.final_through() == T0 + 60
+    stage2.listen_on([0, 1])  # partition 1 may still hold partials behind that watermark
+    assert stage2.final_through() == -math.inf
+    stage2.heartbeat(0, T0 + 120, via=1)
+    assert stage2.final_through() == T0 + 60  # the slower of the two
+    stage2.listen_on([1])  # partition 0 moved to another worker
+    assert stage2.final_through() == T0 + 120
 
 
 def test_partials_for_an_evaluated_minute_are_counted_late_not_added() -> None:
