@@ -12,17 +12,17 @@ Two families:
 
 Labels are bounded: at most ``MAX_LABEL_VALUES`` models and features each are tracked, the rest
 fold into ``_other``, so one service sending garbage model names cannot blow up Prometheus.
-Histograms are filled per batch from the batch's Arrow columns (bucket indices and grouping in
-C++), not per event through the client library.
+Histograms are filled per batch from the batch's Arrow columns (bucket indices and grouping as
+numpy vector calls), not per event through the client library.
 """
 
 from __future__ import annotations
 
 import threading
 from collections.abc import Iterable, Iterator, Sequence
-from itertools import accumulate
 from typing import Any
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
@@ -90,7 +90,25 @@ class _BatchHistogram:
         return family
 
 
-_GROUP = ["provider", "model", "feature"]
+_GROUP = ("provider", "model", "feature")
+
+
+def _codes(table: pa.Table, name: str) -> tuple[np.ndarray, list[str | None]]:
+    """A label column as small integer codes, and the label each code stands for (None: NULL).
+
+    The batch's low-cardinality columns are Arrow dictionaries already: their indices are the codes.
+    """
+    if name not in table.column_names:
+        return np.zeros(table.num_rows, np.int64), [None]
+    column = table.column(name).combine_chunks()
+    if not pa.types.is_dictionary(column.type):
+        column = column.dictionary_encode()
+    labels: list[str | None] = column.dictionary.to_pylist()
+    indices = column.indices
+    if indices.null_count:
+        indices = pc.fill_null(indices, len(labels))
+        labels.append(None)
+    return indices.to_numpy().astype(np.int64), labels
 
 
 def _bucketed(
@@ -100,29 +118,38 @@ def _bucketed(
 
     Computed on the batch's Arrow columns (the ones written to ClickHouse) rather than the
     event objects: touching every event again for four values cost ~1.5 µs per event, most of
-    it cache misses; a bucket index is one vector comparison per boundary and the grouping runs
-    in C++. NULLs (calls without TTFT) are not observed.
+    it cache misses. A batch is a part of at most 2,048 calls, so what counts is the number of
+    vector calls, not their width: one ``searchsorted`` gives every bucket index, and the label
+    set and bucket of each call are one integer for ``bincount`` (Arrow's compute and group-by
+    took one kernel call per bucket boundary: the four histograms cost 1.83 against 0.65 µs per
+    event, medians of seven alternating repeats over the demo's calls in 2,048-call parts). NULLs
+    (calls without TTFT) are not observed.
     """
-    values = table.column(column)
+    values = table.column(column).to_numpy().astype(np.float64, copy=False)  # NULL → NaN
     if scale != 1.0:
-        values = pc.divide(values.cast(pa.float64()), scale)
-    bucket = pc.cast(pc.greater(values, buckets[0]), pa.int8())
-    for bound in buckets[1:]:
-        bucket = pc.add(bucket, pc.cast(pc.greater(values, bound), pa.int8()))
-    n = table.num_rows
-    parts = {k: table.column(k) if k in table.column_names else pa.nulls(n, pa.string()) for k in _GROUP}
-    grouped = pa.table({**parts, "bucket": bucket, "value": values})
-    if values.null_count:
-        grouped = grouped.filter(pc.is_valid(values))
-    rows = grouped.group_by([*_GROUP, "bucket"], use_threads=False).aggregate([("value", "count"), ("value", "sum")])
-    out: dict[tuple[str | None, ...], tuple[list[int], list[float]]] = {}
-    for provider, model, feature, b, count, total in zip(*(rows.column(i).to_pylist() for i in range(6)), strict=True):
-        per_bucket, sums = out.setdefault((provider, model, feature), ([0] * (len(buckets) + 1), []))
-        per_bucket[b] += count
-        sums.append(total)
-    for key, (per_bucket, sums) in out.items():
-        cumulative = list(accumulate(per_bucket))
-        yield key, cumulative[:-1], cumulative[-1], sum(sums)
+        values = values / scale
+    codes = [_codes(table, name) for name in _GROUP]
+    key = np.zeros(table.num_rows, np.int64)
+    for index, labels in codes:
+        key = key * len(labels) + index
+    valid = ~np.isnan(values)
+    if not valid.all():
+        values, key = values[valid], key[valid]
+    if not len(values):
+        return
+    groups, group_of = np.unique(key, return_inverse=True)
+    width = len(buckets) + 1
+    bucket = np.searchsorted(np.asarray(buckets, np.float64), values, side="left")  # count of bounds < value
+    counts = np.bincount(group_of * width + bucket, minlength=len(groups) * width).reshape(len(groups), width)
+    cumulative = counts.cumsum(axis=1).tolist()
+    sums = np.bincount(group_of, weights=values, minlength=len(groups)).tolist()
+    for g, combined in enumerate(groups.tolist()):
+        rest, labels_of = combined, []
+        for _, labels in reversed(codes):
+            rest, i = divmod(rest, len(labels))
+            labels_of.append(labels[i])
+        provider, model, feature = reversed(labels_of)
+        yield (provider, model, feature), cumulative[g][:-1], cumulative[g][-1], sums[g]
 
 
 class _GenAICollector(Collector):

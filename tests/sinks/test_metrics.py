@@ -9,6 +9,7 @@ from llmpulse.runtime import pipeline_options
 from processors.chain import CallPipeline
 from schemas.config import load_settings
 from schemas.prices import builtin_price_table
+from sinks.columns import batch_columns
 from sinks.metrics import DURATION_BUCKETS, OTHER, TOKEN_BUCKETS, TTFT_BUCKETS, PipelineMetrics
 from tests.conftest import NOW, batch, payload
 
@@ -68,3 +69,20 @@ def test_batch_histograms_equal_per_event_observation_with_bounded_labels() -> N
     assert len(models) == 51 and OTHER in models
     assert duration[key(OTHER)]["count"] == 12.0
     assert sum(s["count"] for s in duration.values()) == len(calls)
+
+
+def test_a_batch_without_providers_or_ttft_is_observed_under_empty_labels() -> None:
+    """All-NULL columns are left out of the batch's table (the column default fills them): the
+    histograms must still group those calls, under an empty provider, and skip the absent TTFT."""
+    calls = [{"model": "in-house-7b", "feature": "tagging", "latency_ms": ms, "input_tokens": 40} for ms in (5.0, 7.5)]
+    pipe = CallPipeline(builtin_price_table(), pipeline_options(load_settings(None, {})))
+    out = pipe.process(batch([payload(output_tokens=1, **c) for c in calls]), NOW)
+    assert "provider" not in batch_columns(out).column_names and "ttft_ms" not in batch_columns(out).column_names
+    metrics = PipelineMetrics()
+    metrics.observe(out, 0.01)
+    labels = (("gen_ai_operation_name", "chat"), ("gen_ai_provider_name", ""),
+              ("gen_ai_request_model", "in-house-7b"), ("llmpulse_feature", "tagging"))  # fmt: skip
+    assert _series(metrics, "gen_ai_client_operation_duration_seconds") == {
+        labels: _expected([0.005, 0.0075], DURATION_BUCKETS)
+    }
+    assert _series(metrics, "gen_ai_server_time_to_first_token_seconds") == {}
