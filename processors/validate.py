@@ -282,9 +282,6 @@ def decode_judge_results(bounds: ValidationLimits) -> DecodeEvents[WireJudgeResu
     return DecodeEvents(WireJudgeResult, LenientJudgeResult, JUDGE_RESULT_FIELDS, "judge_result", bounds)
 
 
-KINDS = ("call", "feedback", "judge_result")
-
-
 def kind_of(raw: bytes) -> str:
     """The ``kind`` a payload of a mixed stream names (a file, the demo, DLQ replay); calls by default.
 
