@@ -11,6 +11,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 from itertools import accumulate, chain
 from operator import attrgetter
+from types import ModuleType
 from typing import Any
 
 import orjson
@@ -22,6 +23,12 @@ from processors.chain import ProcessedCalls, ProcessedFeedback, ProcessedJudgeRe
 from processors.quality import Lineage
 from processors.records import DeadLetter
 from schemas.wire import WireCall
+
+_gather: ModuleType | None
+try:  # built from sinks/_gather.c with the package; optional: _plain_columns has the Python path
+    from sinks import _gather
+except ImportError:  # pragma: no cover - an install without a C compiler
+    _gather = None
 
 _TS = pa.timestamp("ms", tz="UTC")
 _STR = pa.string()
@@ -105,8 +112,8 @@ def calls_table(b: ProcessedCalls) -> pa.Table:
     for name, array in _low_cardinality_columns(events):
         names.append(name)
         arrays.append(array)
-    for name, getter, typ in _GETTERS:
-        array = pa.array(list(map(getter, events)), type=typ)
+    plain, has_release, has_attributes = _plain_columns(events)
+    for (name, _, _), array in zip(_GETTERS, plain, strict=True):
         if array.null_count == n and name not in _REQUIRED:
             continue  # all NULL: the column default fills it, at no cost per row
         names.append(name)
@@ -117,14 +124,12 @@ def calls_table(b: ProcessedCalls) -> pa.Table:
             get = attrgetter(pname)
             names.append(pname)
             arrays.append(pa.array([None if p is None else get(p) for p in params], type=_PARAM_TYPES[pname]))
-    releases = [e.release for e in events]
-    if any(releases):
+    if has_release:
         names.append("release")
-        arrays.append(_map_array(releases))
-    attributes = [e.attributes for e in events]
-    if any(attributes):
+        arrays.append(_map_array([e.release for e in events]))
+    if has_attributes:
         names.append("attributes")
-        arrays.append(_map_array(attributes, as_text=True))
+        arrays.append(_map_array([e.attributes for e in events], as_text=True))
     for name, values, typ in (
         ("release_id", b.release_ids, _DICT),
         ("cost_usd", b.costs.cost_usd, pa.float64()),
@@ -138,6 +143,45 @@ def calls_table(b: ProcessedCalls) -> pa.Table:
         names.append(name)
         arrays.append(pa.array(values, type=typ))
     return pa.Table.from_arrays(arrays, names=names)
+
+
+_KINDS = {_STR: 0, pa.int64(): 1, pa.uint32(): 2, pa.uint16(): 3, pa.int32(): 4, pa.float64(): 5, pa.bool_(): 6,
+          _STR_LIST: 7}  # fmt: skip
+"""Arrow type → the column kind ``sinks._gather`` writes (its ``enum kind``)."""
+_ANY_LEN = 8
+_GATHER_SPECS = (*((name, _KINDS[typ]) for name, _, typ in _GETTERS), ("release", _ANY_LEN), ("attributes", _ANY_LEN))
+
+
+def _plain_columns(events: list[WireCall]) -> tuple[list[pa.Array], bool, bool]:
+    """The ``_GETTERS`` columns, and whether any event has a ``release`` / ``attributes`` entry.
+
+    ``sinks._gather`` (C, built with the package) reads each field at its slot and writes the
+    Arrow buffers directly: 0.46 against 1.71 µs per event for these ~20 columns, and 2.11
+    against 3.31 µs for the whole ``calls_table`` (medians of seven alternating repeats over 50k
+    demo calls in 2,048-call parts). Without it, or on anything it does not expect, the same
+    columns come from Python, value for value (``tests/sinks/test_columns.py``).
+    """
+    if _gather is not None:
+        try:
+            return _from_buffers(len(events), _gather.gather(events, WireCall, _GATHER_SPECS))
+        except (TypeError, OverflowError, ValueError, UnicodeError):
+            pass  # the Python path below raises (or not) exactly as it always did
+    plain = [pa.array(list(map(getter, events)), type=typ) for _, getter, typ in _GETTERS]
+    return plain, any(e.release for e in events), any(e.attributes for e in events)
+
+
+def _from_buffers(n: int, gathered: list[Any]) -> tuple[list[pa.Array], bool, bool]:
+    *columns, has_release, has_attributes = gathered
+    arrays: list[pa.Array] = []
+    for (_, _, typ), (nulls, validity, *buffers) in zip(_GETTERS, columns, strict=True):
+        valid = None if validity is None else pa.py_buffer(validity)
+        if typ == _STR_LIST:
+            offsets, child_offsets, data = map(pa.py_buffer, buffers)
+            values = pa.Array.from_buffers(_STR, len(child_offsets) // 4 - 1, [None, child_offsets, data])
+            arrays.append(pa.Array.from_buffers(typ, n, [valid, offsets], null_count=nulls, children=[values]))
+        else:
+            arrays.append(pa.Array.from_buffers(typ, n, [valid, *map(pa.py_buffer, buffers)], null_count=nulls))
+    return arrays, has_release, has_attributes
 
 
 def batch_columns(batch: ProcessedCalls) -> pa.Table:

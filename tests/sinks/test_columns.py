@@ -3,13 +3,19 @@ and read back from the real engine exactly."""
 
 from __future__ import annotations
 
+from datetime import UTC, datetime
 from typing import Any
 
+import msgspec
 import orjson
 import pyarrow as pa
+import pytest
 
 from processors.chain import CallPipeline
+from schemas.limits import MAX_TOKENS
 from schemas.prices import builtin_price_table
+from schemas.wire import LenientCall, WireCall
+from sinks import columns
 from sinks.clickhouse import ClickHouseSink
 from sinks.columns import _map_array
 from tests.conftest import NOW, batch, payload
@@ -36,3 +42,60 @@ def test_attributes_and_release_maps_read_back_exactly(settings: Any, conn: Any)
     for i, e in enumerate(processed.events):
         text = {k: v if isinstance(v, str) else orjson.dumps(v).decode() for k, v in MAPS[i].items()}
         assert stored[e.event_id] == (text, {"dataset": f"d{i}"} if i % 2 else {})
+
+
+def _python_columns(events: list[Any]) -> tuple[list[pa.Array], bool, bool]:
+    saved, columns._gather = columns._gather, None
+    try:
+        return columns._plain_columns(events)
+    finally:
+        columns._gather = saved
+
+
+def test_the_c_extension_is_built_with_the_package() -> None:
+    """The suite runs where a C compiler is (pip builds sinks/_gather.c): the C path is the one tested."""
+    assert columns._gather is not None, "sinks/_gather.c was not built: pip install -e '.[test]' again"
+
+
+def test_c_gathered_columns_equal_the_python_ones_value_for_value() -> None:
+    """Every kind of value the structs hold: NULLs, empty and non-ASCII text, tool-call tuples,
+    the bounds of each integer type, ints where floats go, and the lenient struct that events with
+    unknown fields decode into (its slots are its own)."""
+    events: list[WireCall] = []
+    for i in range(300):
+        kind = LenientCall if i % 7 == 0 else WireCall
+        events.append(kind(
+            event_id=f"e-{i}-é✓" if i % 3 else f"e-{i}", ts=datetime.fromtimestamp(NOW + i, UTC),
+            feature="f", model="m", input_tokens=[0, 1, MAX_TOKENS][i % 3], output_tokens=i,
+            latency_ms=float(i) if i % 2 else i, status="ok", schema_version=[1, 1000][i % 2],
+            user_id=None if i % 4 else "", request_id="r" * (i % 5) or None, conversation_id="会話" if i % 6 else None,
+            ttft_ms=None if i % 5 == 0 else i / 7, refusal=bool(i % 2), schema_valid=[None, True, False][i % 3],
+            tool_calls=() if i % 3 else ("search", "計算", ""), output_chars=None if i % 2 else 4_000_000_000,
+            error_message=None if i % 8 else "🔥 timed out", prompt_hash=f"p{i}",
+            release={"dataset": "d"} if i == 150 else {}, attributes={"n": 1} if i == 299 else {},
+        ))  # fmt: skip
+    for part in (events, events[:1], events[1:2], []):
+        native, python = columns._plain_columns(part), _python_columns(part)
+        assert native[1:] == python[1:]
+        assert [a.type for a in native[0]] == [a.type for a in python[0]]
+        for (name, _, _), a, b in zip(columns._GETTERS, native[0], python[0], strict=True):
+            a.validate(full=True)
+            assert a.equals(b), name
+    assert columns._plain_columns(events)[1:] == (True, True)
+
+
+def test_anything_the_c_path_does_not_expect_takes_the_python_path() -> None:
+    """A struct built in code (not decoded) can hold what its annotation does not allow; the
+    C path refuses it and the columns come out, or fail, exactly as from Python."""
+    good = WireCall(event_id="e", ts=datetime.fromtimestamp(NOW, UTC), feature="f", model="m", input_tokens=1,
+                    output_tokens=2, latency_ms=3.0, status="ok")  # fmt: skip
+    # pyarrow takes a whole float for an int, a bool for a float and bytes for text; the C path does not
+    odd = msgspec.structs.replace(good, input_tokens=7.0, latency_ms=True, event_id=b"e-2")
+    native, python = columns._plain_columns([good, odd]), _python_columns([good, odd])
+    assert all(a.equals(b) for a, b in zip(native[0], python[0], strict=True))
+    assert native[0][0].to_pylist() == ["e", "e-2"]
+    bad = msgspec.structs.replace(good, output_tokens="many")
+    with pytest.raises(pa.ArrowInvalid):
+        _python_columns([good, bad])
+    with pytest.raises(pa.ArrowInvalid):
+        columns._plain_columns([good, bad])

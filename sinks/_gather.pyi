@@ -1,0 +1,6 @@
+"""Types of the C extension built from ``sinks/_gather.c`` (see ``sinks.columns._plain_columns``)."""
+
+from typing import Any
+
+def gather(events: list[Any], cls: type, specs: tuple[tuple[str, int], ...], /) -> list[Any]:
+    """Per (field, kind): (null_count, validity or None, *buffers); a bool for kind 8 (some value non-empty)."""
