@@ -274,6 +274,7 @@ fail:
 }
 
 static PyObject *gather(PyObject *self, PyObject *args) {
+    (void)self;
     PyObject *events, *cls, *specs;
     if (!PyArg_ParseTuple(args, "O!O!O!:gather", &PyList_Type, &events, &PyType_Type, &cls, &PyTuple_Type, &specs))
         return NULL;
@@ -306,7 +307,134 @@ fail:
     return NULL;
 }
 
+/* A hash of a str's code points (compact strings store them canonically: equal strings, equal
+ * bytes), cheaper than str's SipHash, which msgspec's fresh strings have not cached yet. */
+static inline Py_uhash_t text_hash(PyObject *v) {
+    const unsigned char *p = PyUnicode_DATA(v);
+    Py_ssize_t len = PyUnicode_GET_LENGTH(v) * PyUnicode_KIND(v);
+    uint64_t h = 0x9E3779B97F4A7C15ULL ^ (uint64_t)len, w;
+    for (; len >= 8; p += 8, len -= 8) {
+        memcpy(&w, p, 8);
+        h = (h ^ w) * 0xBF58476D1CE4E5B9ULL;
+        h ^= h >> 31;
+    }
+    w = 0;
+    memcpy(&w, p, (size_t)len);
+    h = (h ^ w) * 0x94D049BB133111EBULL;
+    return (Py_uhash_t)(h ^ (h >> 29));
+}
+
+/* combine(events, cls, names) -> (codes, distinct): each event's combination of these fields as a
+ * small int32 code (bytes), numbered in order of first appearance, and the distinct combinations
+ * as tuples: what a dict of tuples gives (``sinks.columns._combinations``), without a tuple and a
+ * dict lookup per event. */
+static PyObject *combine(PyObject *self, PyObject *args) {
+    (void)self;
+    PyObject *events, *cls, *names;
+    if (!PyArg_ParseTuple(args, "O!O!O!:combine", &PyList_Type, &events, &PyType_Type, &cls, &PyTuple_Type, &names))
+        return NULL;
+    Py_ssize_t n = PyList_GET_SIZE(events), m = PyTuple_GET_SIZE(names);
+    PyObject **items = PySequence_Fast_ITEMS(events);
+    if (m < 1 || m > 64) {
+        PyErr_SetString(PyExc_ValueError, "combine takes 1 to 64 fields");
+        return NULL;
+    }
+    for (Py_ssize_t i = 0; i < n; i++) {
+        if (!PyObject_TypeCheck(items[i], (PyTypeObject *)cls)) {
+            PyErr_Format(PyExc_TypeError, "event %zd is a %s", i, Py_TYPE(items[i])->tp_name);
+            return NULL;
+        }
+    }
+    slot_t slots[64][MAX_TYPES];
+    int ntypes[64] = {0};
+    Py_ssize_t cap = 16;
+    while (cap < 2 * n) cap <<= 1;
+    Py_ssize_t *table = PyMem_Malloc(sizeof(Py_ssize_t) * (size_t)cap); /* event index of a combination's first */
+    Py_hash_t *hashes = PyMem_Malloc(sizeof(Py_hash_t) * (size_t)cap);
+    Py_ssize_t *firsts = PyMem_Malloc(sizeof(Py_ssize_t) * (size_t)(n ? n : 1)); /* code → first event */
+    PyObject **values = PyMem_Malloc(sizeof(PyObject *) * (size_t)(m * (n ? n : 1))); /* borrowed */
+    PyObject *codes = NULL, *distinct = NULL, *result = NULL;
+    char *codes_raw;
+    Py_ssize_t ncodes = 0;
+    if (table == NULL || hashes == NULL || firsts == NULL || values == NULL) {
+        PyErr_NoMemory();
+        goto done;
+    }
+    for (Py_ssize_t t = 0; t < cap; t++) table[t] = -1;
+    codes = new_bytes(n * 4, &codes_raw);
+    if (codes == NULL) goto done;
+    for (Py_ssize_t i = 0; i < n; i++) {
+        PyObject **row = values + i * m;
+        Py_uhash_t h = 0x345678UL;
+        for (Py_ssize_t f = 0; f < m; f++) {
+            PyObject *v = field(items[i], slots[f], &ntypes[f], PyTuple_GET_ITEM(names, f));
+            if (v == NULL) goto fail;
+            Py_uhash_t fh;
+            if (v == Py_None) fh = 0x2545F4914F6CDD1DULL;
+            else if (PyUnicode_CheckExact(v)) fh = text_hash(v);
+            else {  /* these fields are str or None; anything else takes the Python path */
+                PyErr_Format(PyExc_TypeError, "%R: expected str or None", PyTuple_GET_ITEM(names, f));
+                goto fail;
+            }
+            row[f] = v;
+            h = (h ^ fh) * 1000003UL;
+            h ^= h >> 27;
+        }
+        Py_hash_t hash = (Py_hash_t)(h == (Py_uhash_t)-1 ? 0 : h);
+        Py_ssize_t t = (Py_ssize_t)((Py_uhash_t)hash & (Py_uhash_t)(cap - 1)), code = -1;
+        while (table[t] >= 0) {
+            if (hashes[t] == hash) {
+                PyObject **other = values + firsts[table[t]] * m;
+                int same = 1;
+                for (Py_ssize_t f = 0; f < m && same; f++) {
+                    PyObject *a = row[f], *b = other[f];
+                    if (a == b) continue;
+                    if (a == Py_None || b == Py_None) {
+                        same = 0;
+                        break;
+                    }
+                    Py_ssize_t len = PyUnicode_GET_LENGTH(a);  /* both exact str: checked when hashed */
+                    same = len == PyUnicode_GET_LENGTH(b) && PyUnicode_KIND(a) == PyUnicode_KIND(b) &&
+                           memcmp(PyUnicode_DATA(a), PyUnicode_DATA(b), (size_t)(len * PyUnicode_KIND(a))) == 0;
+                }
+                if (same) {
+                    code = table[t];
+                    break;
+                }
+            }
+            t = (t + 1) & (cap - 1);
+        }
+        if (code < 0) {
+            code = ncodes++;
+            firsts[code] = i;
+            table[t] = code;
+            hashes[t] = hash;
+        }
+        ((int32_t *)codes_raw)[i] = (int32_t)code;
+    }
+    distinct = PyList_New(ncodes);
+    if (distinct == NULL) goto fail;
+    for (Py_ssize_t c = 0; c < ncodes; c++) {
+        PyObject *tuple = PyTuple_New(m);
+        if (tuple == NULL) goto fail;
+        for (Py_ssize_t f = 0; f < m; f++) PyTuple_SET_ITEM(tuple, f, Py_NewRef(values[firsts[c] * m + f]));
+        PyList_SET_ITEM(distinct, c, tuple);
+    }
+    result = PyTuple_Pack(2, codes, distinct);
+fail:
+    Py_XDECREF(codes);
+    Py_XDECREF(distinct);
+done:
+    PyMem_Free(table);
+    PyMem_Free(hashes);
+    PyMem_Free(firsts);
+    PyMem_Free(values);
+    return result;
+}
+
 static PyMethodDef methods[] = {
+    {"combine", combine, METH_VARARGS,
+     "combine(events, cls, fields) -> (int32 codes as bytes, [distinct combinations as tuples])"},
     {"gather", gather, METH_VARARGS,
      "gather(events, cls, ((field, kind), ...)) -> per field: (null_count, validity, *buffers), or a bool for "
      "kind ANY_LEN (some value is non-empty)."},

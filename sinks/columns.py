@@ -206,10 +206,7 @@ def _low_cardinality_columns(events: list[WireCall]) -> list[tuple[str, pa.Array
     than once per event and column; each column is then an index ``take``. 0.95 against 1.9 µs
     per event converting the sixteen columns one by one (measured on 10k-event batches).
     """
-    combos: dict[tuple[str | None, ...], int] = {}
-    number = combos.setdefault
-    codes = pa.array([number(c, len(combos)) for c in map(_COMBINATION, events)], type=pa.int32())
-    distinct = list(combos)
+    codes, distinct = _combinations(events)
     out: list[tuple[str, pa.Array]] = []
     for i, name in enumerate(_LOW_CARDINALITY):
         values = [c[i] for c in distinct]
@@ -218,6 +215,24 @@ def _low_cardinality_columns(events: list[WireCall]) -> list[tuple[str, pa.Array
         encoded = pa.array(values, type=_STR).dictionary_encode()
         out.append((name, pa.DictionaryArray.from_arrays(pc.take(encoded.indices, codes), encoded.dictionary)))
     return out
+
+
+def _combinations(events: list[WireCall]) -> tuple[pa.Array, list[tuple[str | None, ...]]]:
+    """Each event's combination of the low-cardinality fields as an int32 code (numbered in order
+    of first appearance), and the distinct combinations. ``sinks._gather.combine`` does in C what
+    the dict below does: 0.09 against 0.43 µs per event (medians of seven alternating repeats
+    over 50k demo calls in 2,048-call parts)."""
+    if _gather is not None:
+        try:
+            raw, distinct = _gather.combine(events, WireCall, _LOW_CARDINALITY)
+        except (TypeError, ValueError):
+            pass  # the Python path below raises (or not) exactly as it always did
+        else:
+            return pa.Array.from_buffers(pa.int32(), len(events), [None, pa.py_buffer(raw)]), distinct
+    combos: dict[tuple[str | None, ...], int] = {}
+    number = combos.setdefault
+    codes = pa.array([number(c, len(combos)) for c in map(_COMBINATION, events)], type=pa.int32())
+    return codes, list(combos)
 
 
 def epoch_ms(seconds: list[float]) -> pa.Array:

@@ -99,3 +99,32 @@ def test_anything_the_c_path_does_not_expect_takes_the_python_path() -> None:
         _python_columns([good, bad])
     with pytest.raises(pa.ArrowInvalid):
         columns._plain_columns([good, bad])
+
+
+def test_c_combinations_equal_a_dict_of_tuples() -> None:
+    """Codes numbered in order of first appearance, and the distinct combinations, as the dict
+    gives them: with NULLs, text of every width (Latin-1, BMP, astral) that differs only there,
+    thousands of distinct combinations (the hash table probes and grows), and a value that is not
+    text (built in code), which takes the Python path."""
+    good = WireCall(event_id="e", ts=datetime.fromtimestamp(NOW, UTC), feature="f", model="m", input_tokens=1,
+                    output_tokens=2, latency_ms=3.0, status="ok")  # fmt: skip
+    texts = ["a", "é", "a✓", "a😀", "", None]
+
+    def varied(i: int) -> WireCall:
+        team, tenant, error = texts[i % 6], texts[(i // 6) % 6], None if i % 2 else "timeout"
+        return msgspec.structs.replace(good, feature=f"f{i % 3000}", team=team, tenant=tenant, error_type=error)
+
+    events = [varied(i) for i in range(6000)]
+    odd = [*events[:10], msgspec.structs.replace(good, team=7)]  # type: ignore[arg-type]
+    for part in (events, events[:1], [], odd):
+        native, python = columns._combinations(part), _python_combinations(part)
+        assert native[0].equals(python[0]) and native[1] == python[1]
+    assert len(columns._combinations(events)[1]) == 6000  # features repeat every 3,000, with another team
+
+
+def _python_combinations(events: list[Any]) -> tuple[pa.Array, list[Any]]:
+    saved, columns._gather = columns._gather, None
+    try:
+        return columns._combinations(events)
+    finally:
+        columns._gather = saved
