@@ -24,11 +24,11 @@ from processors.quality import Lineage
 from processors.records import DeadLetter
 from schemas.wire import WireCall
 
-_gather: ModuleType | None
-try:  # built from sinks/_gather.c with the package; optional: _plain_columns has the Python path
-    from sinks import _gather
+_native: ModuleType | None
+try:  # built from processors/_native.c with the package; optional: each use has the Python path
+    from processors import _native
 except ImportError:  # pragma: no cover - an install without a C compiler
-    _gather = None
+    _native = None
 
 _TS = pa.timestamp("ms", tz="UTC")
 _STR = pa.string()
@@ -147,7 +147,7 @@ def calls_table(b: ProcessedCalls) -> pa.Table:
 
 _KINDS = {_STR: 0, pa.int64(): 1, pa.uint32(): 2, pa.uint16(): 3, pa.int32(): 4, pa.float64(): 5, pa.bool_(): 6,
           _STR_LIST: 7}  # fmt: skip
-"""Arrow type → the column kind ``sinks._gather`` writes (its ``enum kind``)."""
+"""Arrow type → the column kind ``processors._native.gather`` writes (its ``enum kind``)."""
 _ANY_LEN = 8
 _GATHER_SPECS = (*((name, _KINDS[typ]) for name, _, typ in _GETTERS), ("release", _ANY_LEN), ("attributes", _ANY_LEN))
 
@@ -155,15 +155,15 @@ _GATHER_SPECS = (*((name, _KINDS[typ]) for name, _, typ in _GETTERS), ("release"
 def _plain_columns(events: list[WireCall]) -> tuple[list[pa.Array], bool, bool]:
     """The ``_GETTERS`` columns, and whether any event has a ``release`` / ``attributes`` entry.
 
-    ``sinks._gather`` (C, built with the package) reads each field at its slot and writes the
+    ``processors._native.gather`` (C, built with the package) reads each field at its slot and writes the
     Arrow buffers directly: 0.46 against 1.71 µs per event for these ~20 columns, and 2.11
     against 3.31 µs for the whole ``calls_table`` (medians of seven alternating repeats over 50k
     demo calls in 2,048-call parts). Without it, or on anything it does not expect, the same
     columns come from Python, value for value (``tests/sinks/test_columns.py``).
     """
-    if _gather is not None:
+    if _native is not None:
         try:
-            return _from_buffers(len(events), _gather.gather(events, WireCall, _GATHER_SPECS))
+            return _from_buffers(len(events), _native.gather(events, WireCall, _GATHER_SPECS))
         except (TypeError, OverflowError, ValueError, UnicodeError):
             pass  # the Python path below raises (or not) exactly as it always did
     plain = [pa.array(list(map(getter, events)), type=typ) for _, getter, typ in _GETTERS]
@@ -219,13 +219,13 @@ def _low_cardinality_columns(events: list[WireCall]) -> list[tuple[str, pa.Array
 
 def _combinations(events: list[WireCall]) -> tuple[pa.Array, list[tuple[str | None, ...]]]:
     """Each event's combination of the low-cardinality fields as an int32 code (numbered in order
-    of first appearance), and the distinct combinations. ``sinks._gather.combine`` does in C what
+    of first appearance), and the distinct combinations. ``processors._native.combine`` does in C what
     the dict below does: 0.27 against 0.65 µs per event (medians of seven alternating repeats
     over 50k demo calls in 2,048-call parts; what is left is mostly reading sixteen strings an
     event from memory)."""
-    if _gather is not None:
+    if _native is not None:
         try:
-            raw, distinct = _gather.combine(events, WireCall, _LOW_CARDINALITY)
+            raw, distinct = _native.combine(events, WireCall, _LOW_CARDINALITY)
         except (TypeError, ValueError):
             pass  # the Python path below raises (or not) exactly as it always did
         else:

@@ -45,16 +45,16 @@ def test_attributes_and_release_maps_read_back_exactly(settings: Any, conn: Any)
 
 
 def _python_columns(events: list[Any]) -> tuple[list[pa.Array], bool, bool]:
-    saved, columns._gather = columns._gather, None
+    saved, columns._native = columns._native, None
     try:
         return columns._plain_columns(events)
     finally:
-        columns._gather = saved
+        columns._native = saved
 
 
 def test_the_c_extension_is_built_with_the_package() -> None:
-    """The suite runs where a C compiler is (pip builds sinks/_gather.c): the C path is the one tested."""
-    assert columns._gather is not None, "sinks/_gather.c was not built: pip install -e '.[test]' again"
+    """The suite runs where a C compiler is (pip builds processors/_native.c): the C path is the one tested."""
+    assert columns._native is not None, "processors/_native.c was not built: pip install -e '.[test]' again"
 
 
 def test_c_gathered_columns_equal_the_python_ones_value_for_value() -> None:
@@ -123,8 +123,8 @@ def test_c_combinations_equal_a_dict_of_tuples() -> None:
 
 
 def _python_combinations(events: list[Any]) -> tuple[pa.Array, list[Any]]:
-    saved, columns._gather = columns._gather, None
+    saved, columns._native = columns._native, None
     try:
         return columns._combinations(events)
     finally:
-        columns._gather = saved
+        columns._native = saved

@@ -1,4 +1,4 @@
-"""Types of the C extension built from ``sinks/_gather.c`` (see ``sinks.columns._plain_columns``)."""
+"""Types of the C extension built from ``processors/_native.c``."""
 
 from typing import Any
 
