@@ -14,6 +14,7 @@
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
+#include <datetime.h>
 #include <structmember.h>
 #include <string.h>
 
@@ -434,7 +435,57 @@ done:
     return result;
 }
 
+/* Days from 1970-01-01 to a proleptic Gregorian date (Howard Hinnant's days_from_civil). */
+static inline int64_t days_from_civil(int64_t y, int64_t m, int64_t d) {
+    y -= m <= 2;
+    const int64_t era = (y >= 0 ? y : y - 399) / 400;
+    const int64_t yoe = y - era * 400;
+    const int64_t doy = (153 * (m + (m > 2 ? -3 : 9)) + 2) / 5 + d - 1;
+    const int64_t doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    return era * 146097 + doe - 719468;
+}
+
+/* timestamps(events, cls, name) -> [float]: each event's UTC datetime field as epoch seconds,
+ * exactly what ``datetime.timestamp()`` returns (whole microseconds over 10**6, one rounding). An
+ * offset other than UTC, or a value that is not a datetime, is asked for ``.timestamp()``. */
+static PyObject *timestamps(PyObject *self, PyObject *args) {
+    (void)self;
+    PyObject *events, *cls, *name;
+    if (!PyArg_ParseTuple(args, "O!O!U:timestamps", &PyList_Type, &events, &PyType_Type, &cls, &name)) return NULL;
+    Py_ssize_t n = PyList_GET_SIZE(events);
+    slot_t slots[MAX_TYPES];
+    int ntypes = 0;
+    PyObject *out = PyList_New(n);
+    if (out == NULL) return NULL;
+    for (Py_ssize_t i = 0; i < n; i++) {
+        PyObject *event = PyList_GET_ITEM(events, i), *value, *seconds = NULL;
+        if (!PyObject_TypeCheck(event, (PyTypeObject *)cls)) {
+            PyErr_Format(PyExc_TypeError, "event %zd is a %s", i, Py_TYPE(event)->tp_name);
+            goto fail;
+        }
+        value = field(event, slots, &ntypes, name);
+        if (value == NULL) goto fail;
+        if (PyDateTime_CheckExact(value) && PyDateTime_DATE_GET_TZINFO(value) == PyDateTime_TimeZone_UTC) {
+            int64_t days = days_from_civil(PyDateTime_GET_YEAR(value), PyDateTime_GET_MONTH(value),
+                                           PyDateTime_GET_DAY(value));
+            int64_t us = ((days * 86400 + PyDateTime_DATE_GET_HOUR(value) * 3600 +
+                           PyDateTime_DATE_GET_MINUTE(value) * 60 + PyDateTime_DATE_GET_SECOND(value)) *
+                              1000000 +
+                          PyDateTime_DATE_GET_MICROSECOND(value));
+            if (us > -(1LL << 53) && us < (1LL << 53)) seconds = PyFloat_FromDouble((double)us / 1e6);
+        }
+        if (seconds == NULL && !PyErr_Occurred()) seconds = PyObject_CallMethod(value, "timestamp", NULL);
+        if (seconds == NULL) goto fail;
+        PyList_SET_ITEM(out, i, seconds);
+    }
+    return out;
+fail:
+    Py_DECREF(out);
+    return NULL;
+}
+
 static PyMethodDef methods[] = {
+    {"timestamps", timestamps, METH_VARARGS, "timestamps(events, cls, field) -> [epoch seconds]"},
     {"combine", combine, METH_VARARGS,
      "combine(events, cls, fields) -> (int32 codes as bytes, [distinct combinations as tuples])"},
     {"gather", gather, METH_VARARGS,
@@ -445,4 +496,8 @@ static PyMethodDef methods[] = {
 
 static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_native", NULL, -1, methods};
 
-PyMODINIT_FUNC PyInit__native(void) { return PyModule_Create(&module); }
+PyMODINIT_FUNC PyInit__native(void) {
+    PyDateTime_IMPORT;
+    if (PyDateTimeAPI == NULL) return NULL;
+    return PyModule_Create(&module);
+}

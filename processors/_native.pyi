@@ -7,3 +7,6 @@ def gather(events: list[Any], cls: type, specs: tuple[tuple[str, int], ...], /) 
 
 def combine(events: list[Any], cls: type, fields: tuple[str, ...], /) -> tuple[bytes, list[tuple[Any, ...]]]:
     """Each event's combination of ``fields`` as an int32 code (first appearance order), and the combinations."""
+
+def timestamps(events: list[Any], cls: type, field: str, /) -> list[float]:
+    """Each event's datetime field as ``datetime.timestamp()`` gives it."""

@@ -36,6 +36,11 @@ from schemas.wire import (
 
 T = TypeVar("T", WireCall, WireFeedback, WireJudgeResult)
 
+try:  # built from processors/_native.c with the package; optional: each use has the Python path
+    from processors import _native
+except ImportError:  # pragma: no cover - an install without a C compiler
+    _native = None  # type: ignore[assignment]
+
 _AT_PATH = re.compile(r" - at `(\$[^`]*)`$")
 _UNKNOWN = "Object contains unknown field"
 
@@ -119,6 +124,7 @@ class DecodeEvents(Generic[T]):
         self._kind = kind
         self._bounds = bounds
         self._check: Callable[[T], Rejected | None] | None = check
+        self._struct: type[T] = struct
 
     def __call__(self, batch: PayloadBatch, now: float, others: dict[str, PayloadBatch] | None = None) -> Decoded[T]:
         """``others``: the batch may mix kinds (a file, the demo, the in-process judge, DLQ
@@ -162,7 +168,7 @@ class DecodeEvents(Generic[T]):
             events.append(event)
             offsets.append(offset)
             raws.append(raw)
-        ts = [e.ts.timestamp() for e in events]
+        ts = _timestamps(events, self._struct)
         result: Decoded[T] = Decoded(events, offsets, ts, dead, unknown)
         if ts:
             self._reject_out_of_range(result, raws, batch, now)
@@ -251,6 +257,18 @@ class DecodeEvents(Generic[T]):
 
 
 _RAW_MEMBERS: msgspec.json.Decoder[dict[str, msgspec.Raw]] = msgspec.json.Decoder(dict[str, msgspec.Raw])
+
+
+def _timestamps(events: list[T], struct: type[T]) -> list[float]:
+    """Epoch seconds of each event's ``ts``, as ``datetime.timestamp()`` gives them, to the bit.
+    In C when built: 0.04 against 0.19 µs per event (2,048-event parts of demo calls); msgspec's
+    decode itself (~1.7 µs) gained nothing from a C loop around it, so that loop stays here."""
+    if _native is not None:
+        try:
+            return _native.timestamps(events, struct, "ts")
+        except TypeError:
+            pass  # not the struct's own slot: Python says what it is
+    return [e.ts.timestamp() for e in events]
 
 
 def _check_call(event: WireCall) -> Rejected | None:

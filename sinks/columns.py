@@ -11,7 +11,6 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 from itertools import accumulate, chain
 from operator import attrgetter
-from types import ModuleType
 from typing import Any
 
 import orjson
@@ -24,11 +23,10 @@ from processors.quality import Lineage
 from processors.records import DeadLetter
 from schemas.wire import WireCall
 
-_native: ModuleType | None
 try:  # built from processors/_native.c with the package; optional: each use has the Python path
     from processors import _native
 except ImportError:  # pragma: no cover - an install without a C compiler
-    _native = None
+    _native = None  # type: ignore[assignment]
 
 _TS = pa.timestamp("ms", tz="UTC")
 _STR = pa.string()
