@@ -68,6 +68,36 @@ static inline PyObject *field(PyObject *obj, slot_t *slots, int *ntypes, PyObjec
     return value == NULL ? Py_None : value;
 }
 
+/* Days from 1970-01-01 to a proleptic Gregorian date (Howard Hinnant's days_from_civil). */
+static inline int64_t days_from_civil(int64_t y, int64_t m, int64_t d) {
+    y -= m <= 2;
+    const int64_t era = (y >= 0 ? y : y - 399) / 400;
+    const int64_t yoe = y - era * 400;
+    const int64_t doy = (153 * (m + (m > 2 ? -3 : 9)) + 2) / 5 + d - 1;
+    const int64_t doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    return era * 146097 + doe - 719468;
+}
+
+/* Microseconds since the epoch of a datetime, its tzinfo ignored (the caller checks it is UTC). */
+static inline int64_t utc_micros(PyObject *v) {
+    int64_t days = days_from_civil(PyDateTime_GET_YEAR(v), PyDateTime_GET_MONTH(v), PyDateTime_GET_DAY(v));
+    return (days * 86400 + PyDateTime_DATE_GET_HOUR(v) * 3600 + PyDateTime_DATE_GET_MINUTE(v) * 60 +
+            PyDateTime_DATE_GET_SECOND(v)) * 1000000 + PyDateTime_DATE_GET_MICROSECOND(v);
+}
+
+/* A field, or a field of a field (``params.temperature``: NULL when the outer one is None). */
+typedef struct {
+    PyObject *name, *inner;
+    slot_t outer_slots[MAX_TYPES], inner_slots[MAX_TYPES];
+    int outer_types, inner_types;
+} path_t;
+
+static inline PyObject *path_value(PyObject *obj, path_t *p) {
+    PyObject *v = field(obj, p->outer_slots, &p->outer_types, p->name);
+    if (v == NULL || p->inner == NULL || v == Py_None) return v;
+    return field(v, p->inner_slots, &p->inner_types, p->inner);
+}
+
 static PyObject *new_bytes(Py_ssize_t size, char **data) {
     PyObject *b = PyBytes_FromStringAndSize(NULL, size);
     if (b != NULL) {
@@ -78,9 +108,8 @@ static PyObject *new_bytes(Py_ssize_t size, char **data) {
 }
 
 /* (null_count, validity or None, ...buffers) for one column. */
-static PyObject *gather_column(PyObject *events, Py_ssize_t n, PyObject *name, int kind) {
-    slot_t slots[MAX_TYPES];
-    int ntypes = 0;
+static PyObject *gather_column(PyObject *events, Py_ssize_t n, PyObject *name, PyObject *inner, int kind) {
+    path_t path = {.name = name, .inner = inner};
     PyObject *validity = NULL, *data = NULL, *offsets = NULL, *child_offsets = NULL, *result = NULL;
     char *valid_bits = NULL, *buf = NULL;
     Py_ssize_t nulls = 0;
@@ -88,7 +117,7 @@ static PyObject *gather_column(PyObject *events, Py_ssize_t n, PyObject *name, i
 
     if (kind == K_ANY_LEN) {
         for (Py_ssize_t i = 0; i < n; i++) {
-            PyObject *v = field(items[i], slots, &ntypes, name);
+            PyObject *v = path_value(items[i], &path);
             if (v == NULL) return NULL;
             if (v == Py_None) continue;
             Py_ssize_t len = PyObject_Length(v);
@@ -112,7 +141,7 @@ static PyObject *gather_column(PyObject *events, Py_ssize_t n, PyObject *name, i
             if (offsets == NULL) goto fail;
             offs = (int32_t *)offs_raw;
             for (Py_ssize_t i = 0; i < n; i++) {
-                PyObject *v = field(items[i], slots, &ntypes, name);
+                PyObject *v = path_value(items[i], &path);
                 if (v == NULL) goto fail;
                 if (v == Py_None) {
                     nulls++;
@@ -142,7 +171,7 @@ static PyObject *gather_column(PyObject *events, Py_ssize_t n, PyObject *name, i
         }
         Py_ssize_t k = 0;
         for (Py_ssize_t i = 0; i < n; i++) {
-            PyObject *v = field(items[i], slots, &ntypes, name);
+            PyObject *v = path_value(items[i], &path);
             if (v == NULL) goto fail_strings;
             if (kind == K_STR) {
                 if (v == Py_None) {
@@ -212,7 +241,7 @@ static PyObject *gather_column(PyObject *events, Py_ssize_t n, PyObject *name, i
     }
     if (data == NULL) goto fail;
     for (Py_ssize_t i = 0; i < n; i++) {
-        PyObject *v = field(items[i], slots, &ntypes, name);
+        PyObject *v = path_value(items[i], &path);
         if (v == NULL) goto fail;
         if (v == Py_None) {
             nulls++;
@@ -293,14 +322,14 @@ static PyObject *gather(PyObject *self, PyObject *args) {
     PyObject *out = PyList_New(m);
     if (out == NULL) return NULL;
     for (Py_ssize_t c = 0; c < m; c++) {
-        PyObject *spec = PyTuple_GET_ITEM(specs, c), *name;
+        PyObject *spec = PyTuple_GET_ITEM(specs, c), *name, *inner = NULL;
         int kind;
-        if (!PyArg_ParseTuple(spec, "Ui:gather spec", &name, &kind)) goto fail;
+        if (!PyArg_ParseTuple(spec, "Ui|U:gather spec", &name, &kind, &inner)) goto fail;
         if (kind < K_STR || kind > K_ANY_LEN) {
             PyErr_Format(PyExc_ValueError, "unknown column kind %d", kind);
             goto fail;
         }
-        PyObject *column = gather_column(events, n, name, kind);
+        PyObject *column = gather_column(events, n, name, inner, kind);
         if (column == NULL) goto fail;
         PyList_SET_ITEM(out, c, column);
     }
@@ -435,16 +464,6 @@ done:
     return result;
 }
 
-/* Days from 1970-01-01 to a proleptic Gregorian date (Howard Hinnant's days_from_civil). */
-static inline int64_t days_from_civil(int64_t y, int64_t m, int64_t d) {
-    y -= m <= 2;
-    const int64_t era = (y >= 0 ? y : y - 399) / 400;
-    const int64_t yoe = y - era * 400;
-    const int64_t doy = (153 * (m + (m > 2 ? -3 : 9)) + 2) / 5 + d - 1;
-    const int64_t doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
-    return era * 146097 + doe - 719468;
-}
-
 /* timestamps(events, cls, name) -> [float]: each event's UTC datetime field as epoch seconds,
  * exactly what ``datetime.timestamp()`` returns (whole microseconds over 10**6, one rounding). An
  * offset other than UTC, or a value that is not a datetime, is asked for ``.timestamp()``. */
@@ -466,12 +485,7 @@ static PyObject *timestamps(PyObject *self, PyObject *args) {
         value = field(event, slots, &ntypes, name);
         if (value == NULL) goto fail;
         if (PyDateTime_CheckExact(value) && PyDateTime_DATE_GET_TZINFO(value) == PyDateTime_TimeZone_UTC) {
-            int64_t days = days_from_civil(PyDateTime_GET_YEAR(value), PyDateTime_GET_MONTH(value),
-                                           PyDateTime_GET_DAY(value));
-            int64_t us = ((days * 86400 + PyDateTime_DATE_GET_HOUR(value) * 3600 +
-                           PyDateTime_DATE_GET_MINUTE(value) * 60 + PyDateTime_DATE_GET_SECOND(value)) *
-                              1000000 +
-                          PyDateTime_DATE_GET_MICROSECOND(value));
+            int64_t us = utc_micros(value);
             if (us > -(1LL << 53) && us < (1LL << 53)) seconds = PyFloat_FromDouble((double)us / 1e6);
         }
         if (seconds == NULL && !PyErr_Occurred()) seconds = PyObject_CallMethod(value, "timestamp", NULL);

@@ -8,7 +8,7 @@ serialising rows. The same bytes go to chDB and to a server over HTTP.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from itertools import accumulate, chain
 from operator import attrgetter
 from typing import Any
@@ -79,11 +79,23 @@ _EVENT_COLUMNS: tuple[tuple[str, pa.DataType], ...] = (
 )
 _LOW_CARDINALITY = tuple(name for name, typ in _EVENT_COLUMNS if typ == _DICT)
 _COMBINATION = attrgetter(*_LOW_CARDINALITY)
-_GETTERS = [(name, attrgetter(name), typ) for name, typ in _EVENT_COLUMNS
-            if name not in ("release", "ts") and typ != _DICT]  # fmt: skip
 _REQUIRED = frozenset({"event_id", "ts", "feature", "model", "input_tokens", "output_tokens", "latency_ms", "status"})
-_PARAMS = ("temperature", "max_tokens", "top_p")
-_PARAM_TYPES = {"temperature": pa.float64(), "max_tokens": pa.uint32(), "top_p": pa.float64()}
+
+
+def _param(name: str) -> Callable[[WireCall], Any]:
+    def get(e: WireCall) -> Any:
+        return None if e.params is None else getattr(e.params, name)
+
+    return get
+
+
+# (column, getter, arrow type, field path): the columns read as they are from the event struct
+_GETTERS: list[tuple[str, Callable[[WireCall], Any], pa.DataType, tuple[str, ...]]] = [
+    *((name, attrgetter(name), typ, (name,)) for name, typ in _EVENT_COLUMNS
+      if name not in ("release", "ts") and typ != _DICT),
+    *((name, _param(name), typ, ("params", name))
+      for name, typ in (("temperature", pa.float64()), ("max_tokens", pa.uint32()), ("top_p", pa.float64()))),
+]  # fmt: skip
 
 
 def _map_array(maps: list[dict[str, Any]], as_text: bool = False) -> pa.Array:
@@ -111,17 +123,11 @@ def calls_table(b: ProcessedCalls) -> pa.Table:
         names.append(name)
         arrays.append(array)
     plain, has_release, has_attributes = _plain_columns(events)
-    for (name, _, _), array in zip(_GETTERS, plain, strict=True):
+    for (name, _, _, _), array in zip(_GETTERS, plain, strict=True):
         if array.null_count == n and name not in _REQUIRED:
             continue  # all NULL: the column default fills it, at no cost per row
         names.append(name)
         arrays.append(array)
-    params = [e.params for e in events]
-    if any(p is not None for p in params):
-        for pname in _PARAMS:
-            get = attrgetter(pname)
-            names.append(pname)
-            arrays.append(pa.array([None if p is None else get(p) for p in params], type=_PARAM_TYPES[pname]))
     if has_release:
         names.append("release")
         arrays.append(_map_array([e.release for e in events]))
@@ -147,31 +153,36 @@ _KINDS = {_STR: 0, pa.int64(): 1, pa.uint32(): 2, pa.uint16(): 3, pa.int32(): 4,
           _STR_LIST: 7}  # fmt: skip
 """Arrow type → the column kind ``processors._native.gather`` writes (its ``enum kind``)."""
 _ANY_LEN = 8
-_GATHER_SPECS = (*((name, _KINDS[typ]) for name, _, typ in _GETTERS), ("release", _ANY_LEN), ("attributes", _ANY_LEN))
+_GATHER_SPECS = (
+    *((*path[:1], _KINDS[typ], *path[1:]) for _, _, typ, path in _GETTERS),
+    ("release", _ANY_LEN),
+    ("attributes", _ANY_LEN),
+)
 
 
 def _plain_columns(events: list[WireCall]) -> tuple[list[pa.Array], bool, bool]:
     """The ``_GETTERS`` columns, and whether any event has a ``release`` / ``attributes`` entry.
 
-    ``processors._native.gather`` (C, built with the package) reads each field at its slot and writes the
-    Arrow buffers directly: 0.46 against 1.71 µs per event for these ~20 columns, and 2.11
-    against 3.31 µs for the whole ``calls_table`` (medians of seven alternating repeats over 50k
-    demo calls in 2,048-call parts). Without it, or on anything it does not expect, the same
-    columns come from Python, value for value (``tests/sinks/test_columns.py``).
+    ``processors._native.gather`` (C, built with the package) reads each field at its slot
+    (a nested one such as ``params.temperature`` too) and writes the Arrow buffers directly:
+    0.48 against 1.90 µs per event for these ~25 columns, and 1.27 against 2.94 µs for the whole
+    ``calls_table`` with ``combine`` (medians of seven alternating repeats over 50k demo calls in
+    2,048-call parts). Without it, or on anything it does not expect, the same columns come from
+    Python, value for value (``tests/sinks/test_columns.py``).
     """
     if _native is not None:
         try:
             return _from_buffers(len(events), _native.gather(events, WireCall, _GATHER_SPECS))
         except (TypeError, OverflowError, ValueError, UnicodeError):
             pass  # the Python path below raises (or not) exactly as it always did
-    plain = [pa.array(list(map(getter, events)), type=typ) for _, getter, typ in _GETTERS]
+    plain = [pa.array(list(map(getter, events)), type=typ) for _, getter, typ, _ in _GETTERS]
     return plain, any(e.release for e in events), any(e.attributes for e in events)
 
 
 def _from_buffers(n: int, gathered: list[Any]) -> tuple[list[pa.Array], bool, bool]:
     *columns, has_release, has_attributes = gathered
     arrays: list[pa.Array] = []
-    for (_, _, typ), (nulls, validity, *buffers) in zip(_GETTERS, columns, strict=True):
+    for (_, _, typ, _), (nulls, validity, *buffers) in zip(_GETTERS, columns, strict=True):
         valid = None if validity is None else pa.py_buffer(validity)
         if typ == _STR_LIST:
             offsets, child_offsets, data = map(pa.py_buffer, buffers)

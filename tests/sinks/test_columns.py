@@ -14,7 +14,7 @@ import pytest
 from processors.chain import CallPipeline
 from schemas.limits import MAX_TOKENS
 from schemas.prices import builtin_price_table
-from schemas.wire import LenientCall, WireCall
+from schemas.wire import LenientCall, LenientParams, WireCall, WireParams
 from sinks import columns
 from sinks.clickhouse import ClickHouseSink
 from sinks.columns import _map_array
@@ -54,8 +54,9 @@ def _python_columns(events: list[Any]) -> tuple[list[pa.Array], bool, bool]:
 
 def test_c_gathered_columns_equal_the_python_ones_value_for_value() -> None:
     """Every kind of value the structs hold: NULLs, empty and non-ASCII text, tool-call tuples,
-    the bounds of each integer type, ints where floats go, and the lenient struct that events with
-    unknown fields decode into (its slots are its own)."""
+    the bounds of each integer type, ints where floats go, nested params (absent, empty, partly
+    set), and the lenient structs that events with unknown fields decode into (their slots are
+    their own)."""
     events: list[WireCall] = []
     for i in range(300):
         kind = LenientCall if i % 7 == 0 else WireCall
@@ -68,12 +69,14 @@ def test_c_gathered_columns_equal_the_python_ones_value_for_value() -> None:
             tool_calls=() if i % 3 else ("search", "計算", ""), output_chars=None if i % 2 else 4_000_000_000,
             error_message=None if i % 8 else "🔥 timed out", prompt_hash=f"p{i}",
             release={"dataset": "d"} if i == 150 else {}, attributes={"n": 1} if i == 299 else {},
+            params=[None, WireParams(), WireParams(temperature=0.2, max_tokens=4_294_967_295),
+                    LenientParams(top_p=1, temperature=0)][i % 4],
         ))  # fmt: skip
     for part in (events, events[:1], events[1:2], []):
         native, python = columns._plain_columns(part), _python_columns(part)
         assert native[1:] == python[1:]
         assert [a.type for a in native[0]] == [a.type for a in python[0]]
-        for (name, _, _), a, b in zip(columns._GETTERS, native[0], python[0], strict=True):
+        for (name, _, _, _), a, b in zip(columns._GETTERS, native[0], python[0], strict=True):
             a.validate(full=True)
             assert a.equals(b), name
     assert columns._plain_columns(events)[1:] == (True, True)
