@@ -111,45 +111,51 @@ def _codes(table: pa.Table, name: str) -> tuple[np.ndarray, list[str | None]]:
     return indices.to_numpy().astype(np.int64), labels
 
 
+def _label_groups(table: pa.Table) -> tuple[np.ndarray, list[tuple[str | None, ...]]]:
+    """Each call's (provider, model, feature) as a group number, and each group's labels: found
+    once per batch for all four histograms."""
+    codes = [_codes(table, name) for name in _GROUP]
+    key = np.zeros(table.num_rows, np.int64)
+    for index, labels in codes:
+        key = key * len(labels) + index
+    groups, group_of = np.unique(key, return_inverse=True)
+    out: list[tuple[str | None, ...]] = []
+    for combined in groups.tolist():
+        rest, labels_of = combined, []
+        for _, labels in reversed(codes):
+            rest, i = divmod(rest, len(labels))
+            labels_of.append(labels[i])
+        out.append(tuple(reversed(labels_of)))
+    return group_of, out
+
+
 def _bucketed(
-    table: pa.Table, column: str, scale: float, buckets: Sequence[float]
-) -> Iterator[tuple[tuple[str | None, ...], list[int], int, float]]:
-    """Per (provider, model, feature): cumulative bucket counts, count and sum of ``column / scale``.
+    values: np.ndarray, group_of: np.ndarray, groups: int, buckets: Sequence[float]
+) -> Iterator[tuple[int, list[int], int, float]]:
+    """Per label group with observations: (group, cumulative bucket counts, count, sum).
 
     Computed on the batch's Arrow columns (the ones written to ClickHouse) rather than the
     event objects: touching every event again for four values cost ~1.5 µs per event, most of
     it cache misses. A batch is a part of at most 2,048 calls, so what counts is the number of
     vector calls, not their width: one ``searchsorted`` gives every bucket index, and the label
-    set and bucket of each call are one integer for ``bincount`` (Arrow's compute and group-by
+    group and bucket of each call are one integer for ``bincount`` (Arrow's compute and group-by
     took one kernel call per bucket boundary: the four histograms cost 1.83 against 0.65 µs per
-    event, medians of seven alternating repeats over the demo's calls in 2,048-call parts). NULLs
-    (calls without TTFT) are not observed.
+    event, medians of seven alternating repeats over the demo's calls in 2,048-call parts; with
+    the label groups found once for the four, ``observe`` costs 0.38 against 0.73 µs). NaN (NULL:
+    calls without TTFT) is not observed.
     """
-    values = table.column(column).to_numpy().astype(np.float64, copy=False)  # NULL → NaN
-    if scale != 1.0:
-        values = values / scale
-    codes = [_codes(table, name) for name in _GROUP]
-    key = np.zeros(table.num_rows, np.int64)
-    for index, labels in codes:
-        key = key * len(labels) + index
     valid = ~np.isnan(values)
     if not valid.all():
-        values, key = values[valid], key[valid]
-    if not len(values):
-        return
-    groups, group_of = np.unique(key, return_inverse=True)
+        values, group_of = values[valid], group_of[valid]
     width = len(buckets) + 1
     bucket = np.searchsorted(np.asarray(buckets, np.float64), values, side="left")  # count of bounds < value
-    counts = np.bincount(group_of * width + bucket, minlength=len(groups) * width).reshape(len(groups), width)
-    cumulative = counts.cumsum(axis=1).tolist()
-    sums = np.bincount(group_of, weights=values, minlength=len(groups)).tolist()
-    for g, combined in enumerate(groups.tolist()):
-        rest, labels_of = combined, []
-        for _, labels in reversed(codes):
-            rest, i = divmod(rest, len(labels))
-            labels_of.append(labels[i])
-        provider, model, feature = reversed(labels_of)
-        yield (provider, model, feature), cumulative[g][:-1], cumulative[g][-1], sums[g]
+    cumulative = np.bincount(group_of * width + bucket, minlength=groups * width).reshape(groups, width).cumsum(axis=1)
+    sums = np.bincount(group_of, weights=values, minlength=groups).tolist()
+    totals = cumulative[:, -1].tolist()
+    rows = cumulative[:, :-1].tolist()
+    for g, n in enumerate(totals):
+        if n:
+            yield g, rows[g], n, sums[g]
 
 
 class _GenAICollector(Collector):
@@ -231,6 +237,10 @@ class PipelineMetrics:
         if not batch.events:
             return
         table = batch_columns(batch)
+        group_of, groups = _label_groups(table)
+        keys = [
+            ("chat", provider or "", self.model(model), self.feature(feature)) for provider, model, feature in groups
+        ]
         for column, histogram, scale, token_type in (
             ("input_tokens", self.tokens, 1.0, "input"),
             ("output_tokens", self.tokens, 1.0, "output"),
@@ -239,8 +249,11 @@ class PipelineMetrics:
         ):
             if column not in table.column_names:
                 continue  # no call in the batch has it (TTFT): nothing to observe
-            for (provider, model, feature), counts, n, total in _bucketed(table, column, scale, histogram.buckets):
-                key = ("chat", provider or "", self.model(model), self.feature(feature))
+            values = table.column(column).to_numpy().astype(np.float64, copy=False)  # NULL → NaN
+            if scale != 1.0:
+                values = values / scale
+            for g, counts, n, total in _bucketed(values, group_of, len(groups), histogram.buckets):
+                key = keys[g]
                 histogram.add(key if token_type is None else (*key, token_type), counts, n, total)
 
     def count(self, c: StepCounters, source: str) -> None:
