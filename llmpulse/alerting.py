@@ -62,6 +62,8 @@ class AlertPipeline:
         self.engine = AlertEngine(self.rules.rules, query_for=query_for)
         self.windows = RuleWindows(self.engine)
         self.stage2 = Stage2(sources)
+        self._read_to: dict[int, int] = {}
+        """Per partials-topic partition, the offset after the last message merged (``on_wire``)."""
         self.budgets = BudgetTracker(self.rules.budgets)
         self.store = AlertStore(conn)
         chosen = list(channels) if channels is not None else list(settings.alerting.channels)
@@ -163,11 +165,16 @@ class AlertPipeline:
         """Worker: partials-topic messages as (topic partition, offset, value); returns partials read.
 
         Watermark heartbeats only move time. Each partial carries the topic position it came
-        from, so stage 2 can pin commits below the oldest minute it still needs.
+        from, so stage 2 can pin commits below the oldest minute it still needs. A rebalance sets
+        every assigned partition back to its committed offset, so messages this process has
+        merged already come again: they are skipped by offset.
         """
-        stage2, sketches = self.stage2, self.windows.sketches
+        stage2, sketches, read_to = self.stage2, self.windows.sketches, self._read_to
         read = 0
         for partition, offset, value in messages:
+            if offset < read_to.get(partition, 0):
+                continue  # read again after a rebalance (from the commit, pinned behind open minutes): merged already
+            read_to[partition] = offset + 1
             body, partial = read_wire(value, sketches)
             if partial is None:
                 stage2.heartbeat(int(body["partition"]), float(body["watermark"]), partition)

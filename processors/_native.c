@@ -36,6 +36,13 @@ static Py_ssize_t slot_offset(PyTypeObject *type, PyObject *name) {
         PyErr_Format(PyExc_TypeError, "%R is not a slot of %s", name, type->tp_name);
         return -1;
     }
+    /* the descriptor must be one of this type's own slots (or a base's): a member descriptor
+     * copied onto an unrelated class would point past the object */
+    if (!PyType_IsSubtype(type, PyDescr_TYPE(descr))) {
+        Py_DECREF(descr);
+        PyErr_Format(PyExc_TypeError, "%R is not a slot of %s", name, type->tp_name);
+        return -1;
+    }
     PyMemberDef *member = ((PyMemberDescrObject *)descr)->d_member;
     Py_ssize_t offset = (member->type == T_OBJECT_EX || member->type == T_OBJECT) ? member->offset : -1;
     Py_DECREF(descr);
@@ -43,7 +50,8 @@ static Py_ssize_t slot_offset(PyTypeObject *type, PyObject *name) {
     return offset;
 }
 
-/* The field's value (borrowed; NULL if the slot is unset, which reads as None). */
+/* The field's value (borrowed), or NULL with an exception set (an unset slot: Python raises
+ * AttributeError there, so the caller's Python path does). */
 static inline PyObject *field(PyObject *obj, slot_t *slots, int *ntypes, PyObject *name) {
     PyTypeObject *type = Py_TYPE(obj);
     Py_ssize_t offset = -1;
@@ -65,7 +73,8 @@ static inline PyObject *field(PyObject *obj, slot_t *slots, int *ntypes, PyObjec
         (*ntypes)++;
     }
     PyObject *value = *(PyObject **)((char *)obj + offset);
-    return value == NULL ? Py_None : value;
+    if (value == NULL) PyErr_Format(PyExc_TypeError, "%R is not set", name);
+    return value;
 }
 
 /* Days from 1970-01-01 to a proleptic Gregorian date (Howard Hinnant's days_from_civil). */
@@ -250,10 +259,17 @@ static PyObject *gather_column(PyObject *events, Py_ssize_t n, PyObject *name, P
         ((unsigned char *)valid_bits)[i >> 3] |= (unsigned char)(1u << (i & 7));
         if (kind == K_F64) {
             double d;
-            if (PyFloat_CheckExact(v)) d = PyFloat_AS_DOUBLE(v);
-            else if (PyLong_Check(v) || PyFloat_Check(v)) {
-                d = PyFloat_AsDouble(v);
-                if (d == -1.0 && PyErr_Occurred()) goto fail;
+            if (PyFloat_Check(v)) d = PyFloat_AS_DOUBLE(v);  /* never calls back into Python */
+            else if (PyLong_Check(v)) {
+                /* an int converts exactly only up to 2**53, and pyarrow refuses the rest */
+                int overflow;
+                long long x = PyLong_AsLongLongAndOverflow(v, &overflow);
+                if (x == -1 && PyErr_Occurred()) goto fail;
+                if (overflow || x > (1LL << 53) || x < -(1LL << 53)) {
+                    PyErr_Format(PyExc_TypeError, "%R: int too large for an exact float", name);
+                    goto fail;
+                }
+                d = (double)x;
             } else {
                 PyErr_Format(PyExc_TypeError, "%R: expected float, got %s", name, Py_TYPE(v)->tp_name);
                 goto fail;
@@ -403,7 +419,10 @@ static PyObject *combine(PyObject *self, PyObject *args) {
             if (v == NULL) goto fail;
             Py_uhash_t fh;
             if (v == Py_None) fh = 0x2545F4914F6CDD1DULL;
-            else if (PyUnicode_CheckExact(v)) fh = text_hash(v);
+            else if (PyUnicode_CheckExact(v)) {
+                if (PyUnicode_READY(v) < 0) goto fail;  /* a legacy string: its code points first */
+                fh = text_hash(v);
+            }
             else {  /* these fields are str or None; anything else takes the Python path */
                 PyErr_Format(PyExc_TypeError, "%R: expected str or None", PyTuple_GET_ITEM(names, f));
                 goto fail;

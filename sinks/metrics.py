@@ -113,12 +113,17 @@ def _codes(table: pa.Table, name: str) -> tuple[np.ndarray, list[str | None]]:
 
 def _label_groups(table: pa.Table) -> tuple[np.ndarray, list[tuple[str | None, ...]]]:
     """Each call's (provider, model, feature) as a group number, and each group's labels: found
-    once per batch for all four histograms."""
+    once per batch for all four histograms. Groups are numbered in order of first appearance, as
+    observing call by call would meet them: the bounded labels go to the first models seen."""
     codes = [_codes(table, name) for name in _GROUP]
     key = np.zeros(table.num_rows, np.int64)
     for index, labels in codes:
         key = key * len(labels) + index
-    groups, group_of = np.unique(key, return_inverse=True)
+    groups, first, group_of = np.unique(key, return_index=True, return_inverse=True)
+    order = np.argsort(first, kind="stable")
+    rank = np.empty_like(order)
+    rank[order] = np.arange(len(order))
+    groups, group_of = groups[order], rank[group_of]
     out: list[tuple[str | None, ...]] = []
     for combined in groups.tolist():
         rest, labels_of = combined, []

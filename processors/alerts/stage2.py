@@ -49,6 +49,9 @@ class Stage2:
         None where partials are handed over in process)."""
         self.inputs: frozenset[int] | None = None
         """The input partitions this stage 2 reads (``listen_on``); None: those heard from so far."""
+        self._carried: dict[tuple[int, int], float] = {}
+        """(source, input partition) → the watermark the partials last read there carry: it holds
+        only once something after that whole batch is read there (``add``)."""
         self._cells: dict[Minute, dict[CellKey, WindowPartial]] = {}
         """Open cells by minute: a release pops whole minutes, without looking at each cell (it runs
         whenever the slowest watermark moves, and a minute of 10k scope keys holds ~12k cells)."""
@@ -85,8 +88,21 @@ class Stage2:
             part, offset = position
             if offset < lowest.get(part, offset + 1):
                 lowest[part] = offset
-        if watermark is not None:
-            self.heartbeat(source, watermark, None if position is None else position[0])
+        if watermark is None:
+            return
+        if position is None:  # handed over in process, a whole batch at once
+            self.heartbeat(source, watermark)
+            return
+        # Read from a partials partition: every partial of one batch carries that batch's watermark,
+        # and a fetch may end halfway through the batch's messages there. A watermark therefore
+        # holds once a message of a later batch (a higher watermark) or a heartbeat is read after
+        # it on the same partition: the worker sends a batch's partials before anything later.
+        via = position[0]
+        carried = self._carried.get((source, via), -math.inf)
+        if watermark > carried:
+            self._carried[(source, via)] = watermark
+            if carried > -math.inf:
+                self.heartbeat(source, carried, via)
 
     def pinned_offsets(self) -> dict[int, int]:
         """Per input partition, the lowest offset still needed by an unevaluated minute."""
@@ -113,15 +129,22 @@ class Stage2:
             self._settle(source, marks)
 
     def listen_on(self, inputs: Iterable[int]) -> None:
-        """The input partitions assigned to this stage 2 (after a rebalance: the new set)."""
+        """The input partitions assigned to this stage 2 (after a rebalance: the new set). What
+        was heard on a partition that left is forgotten: if it comes back, it is read again from
+        its committed offset, behind what it said before."""
         assigned = frozenset(inputs)
-        if assigned != self.inputs:
-            self.inputs = assigned
-            for source, marks in self._marks.items():
-                self._settle(source, marks)
+        if assigned == self.inputs:
+            return
+        gone = (self.inputs or frozenset()) - assigned
+        self.inputs = assigned
+        for source, marks in self._marks.items():
+            for via in gone:
+                marks.pop(via, None)
+            self._settle(source, marks)
+        self._carried = {k: w for k, w in self._carried.items() if k[1] not in gone}
 
     def _settle(self, source: int, marks: dict[int | None, float]) -> None:
-        if self.inputs is None:
+        if self.inputs is None and marks:
             self.watermarks[source] = min(marks.values())
         elif self.inputs and all(p in marks for p in self.inputs):
             self.watermarks[source] = min(marks[p] for p in self.inputs)
@@ -129,12 +152,11 @@ class Stage2:
             self.watermarks.pop(source, None)
 
     def final_through(self) -> float:
-        """Minutes ending at or before this are complete across all sources."""
-        if not self.watermarks:
+        """Minutes ending at or before this are complete across all sources (every source expected,
+        or without that list every source ever heard from)."""
+        sources = self.expected if self.expected is not None else set(self._marks)
+        if not sources or not sources <= self.watermarks.keys():
             return -math.inf
-        if self.expected is not None and not self.expected <= set(self.watermarks):
-            return -math.inf
-        sources = self.expected if self.expected is not None else set(self.watermarks)
         return min(self.watermarks[s] for s in sources)
 
     def release(self) -> tuple[list[FinalCell], float]:

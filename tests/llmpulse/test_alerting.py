@@ -207,3 +207,28 @@ def test_a_trace_that_goes_quiet_splits_into_two_flows_in_the_stream_and_in_sql(
     assert event.value == 2.0
     (row,) = queries.run(conn.client, "flows_by_feature", start=start, end=start + 3600)
     assert (row["feature"], row["flows"], row["calls_per_flow"], row["perceived_p50_ms"]) == ("agent", 2, 2.0, 5000)
+
+
+def test_stage2_merges_a_partials_message_once_though_a_rebalance_reads_it_again(settings: Any, conn: Any) -> None:
+    """After a rebalance the consumer starts every assigned partition again from its committed
+    offset, which stage 2 pins behind the minutes it has not evaluated: those messages come
+    twice, and the second reading must not add to the open minutes again."""
+    from processors.chain import CallPipeline
+    from schemas.prices import builtin_price_table
+    from sinks.kafka import partial_messages
+    from tests.conftest import NOW
+
+    pipe = CallPipeline(builtin_price_table(), partition=0)
+    start = NOW - NOW % 60 - 600
+    out = pipe.process(batch([orjson.dumps(call(ts=iso(start + i))) for i in range(30)]), NOW)
+    messages = partial_messages(pipe.flush_windows(), [("model",)], 0, start + 60)
+    wire = [(0, offset, value) for offset, (_, value) in enumerate(messages)]
+    heartbeat = orjson.dumps({"type": "watermark", "partition": 0, "watermark": start + 60})
+    alerts = AlertPipeline(settings, conn, rules=parse_rules({"rules": []}, "test"), sources=[0], channels=[])
+    alerts.stage2.listen_on([0])
+    assert alerts.on_wire(wire) == len(wire) == 1
+    assert alerts.on_wire(wire) == 0  # the same offsets again: skipped
+    alerts.on_wire([(0, len(wire), heartbeat)])
+    (cell,), through = alerts.stage2.release()
+    assert through == start + 60 and cell.partial.calls == len(out.events) == 30
+    alerts.close()

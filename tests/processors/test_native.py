@@ -12,7 +12,7 @@ import msgspec
 import orjson
 import pytest
 
-from processors import validate
+from processors import _native, validate
 from processors.records import DeadLetter
 from processors.validate import ValidationLimits, decode_calls, decode_feedback
 from schemas.wire import WireCall
@@ -83,6 +83,7 @@ def test_decode_over_a_hostile_batch_equals_the_python_loop(monkeypatch: pytest.
     (native, n_others), (python, p_others) = _both(run, monkeypatch)
     assert native.events == python.events and native.offsets == python.offsets
     assert native.ts == python.ts  # exactly: datetime.timestamp()'s own rounding
+    assert _native.timestamps(native.events, WireCall, "ts") == native.ts  # the C path, not its fallback
     assert _letters(native.dead) == _letters(python.dead)
     assert native.unknown_fields == python.unknown_fields == 2  # counted once decoded, before the check
     assert n_others == p_others and len(n_others["feedback"][0]) == 2
@@ -105,7 +106,7 @@ def test_timestamps_equal_datetime_timestamp_to_the_bit() -> None:
         for _ in range(3000)
     ]
     events = [msgspec.structs.replace(_CALL, ts=t) for t in stamps]
-    assert validate._timestamps(events, WireCall) == [t.timestamp() for t in stamps]
+    assert _native.timestamps(events, WireCall, "ts") == [t.timestamp() for t in stamps]  # no fallback
 
 
 _CALL = msgspec.json.decode(payload(), type=WireCall)

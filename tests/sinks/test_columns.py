@@ -11,6 +11,7 @@ import orjson
 import pyarrow as pa
 import pytest
 
+from processors import _native
 from processors.chain import CallPipeline
 from schemas.limits import MAX_TOKENS
 from schemas.prices import builtin_price_table
@@ -73,7 +74,8 @@ def test_c_gathered_columns_equal_the_python_ones_value_for_value() -> None:
                     LenientParams(top_p=1, temperature=0)][i % 4],
         ))  # fmt: skip
     for part in (events, events[:1], events[1:2], []):
-        native, python = columns._plain_columns(part), _python_columns(part)
+        native = columns._from_buffers(len(part), _native.gather(part, WireCall, columns._GATHER_SPECS))  # no fallback
+        python = _python_columns(part)
         assert native[1:] == python[1:]
         assert [a.type for a in native[0]] == [a.type for a in python[0]]
         for (name, _, _, _), a, b in zip(columns._GETTERS, native[0], python[0], strict=True):
@@ -87,11 +89,18 @@ def test_anything_the_c_path_does_not_expect_takes_the_python_path() -> None:
     C path refuses it and the columns come out, or fail, exactly as from Python."""
     good = WireCall(event_id="e", ts=datetime.fromtimestamp(NOW, UTC), feature="f", model="m", input_tokens=1,
                     output_tokens=2, latency_ms=3.0, status="ok")  # fmt: skip
-    # pyarrow takes a whole float for an int, a bool for a float and bytes for text; the C path does not
-    odd = msgspec.structs.replace(good, input_tokens=7.0, latency_ms=True, event_id=b"e-2")
-    native, python = columns._plain_columns([good, odd]), _python_columns([good, odd])
-    assert all(a.equals(b) for a, b in zip(native[0], python[0], strict=True))
-    assert native[0][0].to_pylist() == ["e", "e-2"]
+    # pyarrow takes a whole float for an int and bytes for text; the C path does not
+    for odd in (msgspec.structs.replace(good, input_tokens=7.0), msgspec.structs.replace(good, event_id=b"e-2")):
+        with pytest.raises(TypeError):
+            _native.gather([good, odd], WireCall, columns._GATHER_SPECS)
+        native, python = columns._plain_columns([good, odd]), _python_columns([good, odd])
+        assert all(a.equals(b) for a, b in zip(native[0], python[0], strict=True))
+    # an int no float holds exactly: pyarrow refuses it, and so does the C path
+    huge = msgspec.structs.replace(good, latency_ms=2**53 + 1)
+    with pytest.raises(TypeError):
+        _native.gather([huge], WireCall, columns._GATHER_SPECS)
+    with pytest.raises(pa.ArrowInvalid):
+        columns._plain_columns([huge])
     bad = msgspec.structs.replace(good, output_tokens="many")
     with pytest.raises(pa.ArrowInvalid):
         _python_columns([good, bad])
@@ -102,7 +111,7 @@ def test_anything_the_c_path_does_not_expect_takes_the_python_path() -> None:
 def test_c_combinations_equal_a_dict_of_tuples() -> None:
     """Codes numbered in order of first appearance, and the distinct combinations, as the dict
     gives them: with NULLs, text of every width (Latin-1, BMP, astral) that differs only there,
-    thousands of distinct combinations (the hash table probes and grows), and a value that is not
+    thousands of distinct combinations (the hash table probes), and a value that is not
     text (built in code), which takes the Python path."""
     good = WireCall(event_id="e", ts=datetime.fromtimestamp(NOW, UTC), feature="f", model="m", input_tokens=1,
                     output_tokens=2, latency_ms=3.0, status="ok")  # fmt: skip
@@ -114,9 +123,15 @@ def test_c_combinations_equal_a_dict_of_tuples() -> None:
 
     events = [varied(i) for i in range(6000)]
     odd = [*events[:10], msgspec.structs.replace(good, team=7)]  # type: ignore[arg-type]
-    for part in (events, events[:1], [], odd):
-        native, python = columns._combinations(part), _python_combinations(part)
-        assert native[0].equals(python[0]) and native[1] == python[1]
+    for part in (events, events[:1], []):
+        raw, distinct = _native.combine(part, WireCall, columns._LOW_CARDINALITY)  # no fallback
+        codes, python = _python_combinations(part)
+        assert pa.Array.from_buffers(pa.int32(), len(part), [None, pa.py_buffer(raw)]).equals(codes)
+        assert distinct == python
+    with pytest.raises(TypeError):
+        _native.combine(odd, WireCall, columns._LOW_CARDINALITY)
+    native, python = columns._combinations(odd), _python_combinations(odd)
+    assert native[0].equals(python[0]) and native[1] == python[1]
     assert len(columns._combinations(events)[1]) == 6000  # features repeat every 3,000, with another team
 
 
@@ -126,3 +141,21 @@ def _python_combinations(events: list[Any]) -> tuple[pa.Array, list[Any]]:
         return columns._combinations(events)
     finally:
         columns._native = saved
+
+
+def test_a_member_descriptor_of_another_class_is_not_read() -> None:
+    """A slot descriptor copied onto an unrelated class would point past its objects: refused."""
+
+    class Big:
+        __slots__ = ("a", "b", "c", "far")
+
+    class Small:
+        __slots__ = ("event_id",)
+
+    Small.far = Big.__dict__["far"]  # type: ignore[attr-defined]
+    small = Small()
+    small.event_id = "x"
+    with pytest.raises(TypeError):
+        _native.gather([small], Small, (("far", 0),))
+    with pytest.raises(TypeError):
+        _native.combine([small], Small, ("far",))

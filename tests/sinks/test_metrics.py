@@ -86,3 +86,16 @@ def test_a_batch_without_providers_or_ttft_is_observed_under_empty_labels() -> N
         labels: _expected([0.005, 0.0075], DURATION_BUCKETS)
     }
     assert _series(metrics, "gen_ai_server_time_to_first_token_seconds") == {}
+
+
+def test_bounded_labels_go_to_the_models_seen_first() -> None:
+    """The label bound is first come, first served, call by call, whatever the models' providers."""
+    pipe = CallPipeline(builtin_price_table(), pipeline_options(load_settings(None, {})))
+    metrics = PipelineMetrics()
+    filler = [payload(model=f"m-{i}", feature="chat") for i in range(49)]
+    metrics.observe(pipe.process(batch(filler), NOW), 0.01)
+    # one label left: an unpriced model without a provider comes first, then a priced OpenAI one
+    late = [payload(model="zeta-local", feature="chat"), payload(model="gpt-4o", feature="chat")]
+    metrics.observe(pipe.process(batch(late, first=100), NOW), 0.01)
+    models = {dict(labels)["gen_ai_request_model"] for labels in _series(metrics, "gen_ai_client_token_usage")}
+    assert "zeta-local" in models and "gpt-4o" not in models and OTHER in models

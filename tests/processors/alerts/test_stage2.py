@@ -113,14 +113,33 @@ def test_a_watermark_read_on_one_partials_partition_waits_for_the_others() -> No
     stage2 = Stage2(sources=[0])
     stage2.listen_on([0, 1])
     stage2.add(SCOPE_DIMS, minute1, 0, T0 + 120, position=(0, 7))
+    stage2.heartbeat(0, T0 + 120, via=0)  # the worker's heartbeat after batch 2, on every partition
     assert stage2.release() == ([], -math.inf) and 0 not in stage2.watermarks  # partition 1 not heard yet
     stage2.add(SCOPE_DIMS, minute0, 0, T0 + 60, position=(1, 3))
+    stage2.heartbeat(0, T0 + 120, via=1)
     cells, through = stage2.release()
-    assert through == T0 + 60 and [(c.values[0], c.partial.window_start) for c in cells] == [("b", T0)]
-    stage2.heartbeat(0, T0 + 120, via=1)  # the worker's heartbeat reaches every partials partition
-    cells, through = stage2.release()
-    assert through == T0 + 120 and [(c.values[0], c.partial.window_start) for c in cells] == [("a", T0 + 60)]
+    assert through == T0 + 120
+    assert [(c.values[0], c.partial.window_start) for c in cells] == [("b", T0), ("a", T0 + 60)]
     assert stage2.late_partials == 0
+
+
+def test_a_batch_split_across_fetches_is_merged_whole() -> None:
+    """Every partial of a batch carries the batch's watermark, and a fetch may stop halfway
+    through them on one partition: the watermark holds only once something after the batch is
+    read there (the next batch's partials, or a heartbeat)."""
+    first, second = (partials(0, [(T0 + 1, {"feature": f})])[0][0] for f in ("a", "b"))
+    third = partials(0, [(T0 + 61, {"feature": "a"})])[0][0]
+    stage2 = Stage2(sources=[0])
+    stage2.listen_on([0])
+    stage2.add(SCOPE_DIMS, first, 0, T0 + 60, position=(0, 0))
+    assert stage2.release()[0] == []  # the rest of the batch may be in the next fetch
+    stage2.add(SCOPE_DIMS, second, 0, T0 + 60, position=(0, 1))
+    stage2.add(SCOPE_DIMS, third, 0, T0 + 120, position=(0, 2))  # the next batch: minute 0 is whole
+    cells, through = stage2.release()
+    assert through == T0 + 60 and sorted(c.values[0] for c in cells) == ["a", "b"]
+    assert stage2.late_partials == 0
+    stage2.heartbeat(0, T0 + 120, via=0)
+    assert [c.partial.window_start for c in stage2.release()[0]] == [T0 + 60]
 
 
 def test_a_partition_gained_in_a_rebalance_holds_time_until_heard_from() -> None:
@@ -134,6 +153,19 @@ def test_a_partition_gained_in_a_rebalance_holds_time_until_heard_from() -> None
     assert stage2.final_through() == T0 + 60  # the slower of the two
     stage2.listen_on([1])  # partition 0 moved to another worker
     assert stage2.final_through() == T0 + 120
+    stage2.listen_on([0, 1])  # and came back: read again from its commit, so what it said is forgotten
+    assert stage2.final_through() == -math.inf
+
+
+def test_without_the_source_list_every_source_heard_from_holds_time() -> None:
+    stage2 = Stage2()
+    stage2.listen_on([0, 1])
+    stage2.heartbeat(0, T0 + 60, via=0)
+    stage2.heartbeat(0, T0 + 60, via=1)
+    stage2.heartbeat(1, T0 + 120, via=0)  # source 1 not yet heard on partition 1
+    assert stage2.final_through() == -math.inf
+    stage2.heartbeat(1, T0 + 120, via=1)
+    assert stage2.final_through() == T0 + 60
 
 
 def test_partials_for_an_evaluated_minute_are_counted_late_not_added() -> None:
