@@ -62,6 +62,8 @@ class AlertPipeline:
         self.engine = AlertEngine(self.rules.rules, query_for=query_for)
         self.windows = RuleWindows(self.engine)
         self.stage2 = Stage2(sources)
+        self.bad_messages = 0
+        """Partials-topic messages that could not be read (logged and skipped)."""
         self._read_to: dict[int, int] = {}
         """Per partials-topic partition, the offset after the last message merged (``on_wire``)."""
         self.budgets = BudgetTracker(self.rules.budgets)
@@ -119,7 +121,7 @@ class AlertPipeline:
             ).result_rows
             if saved:
                 through = float(saved[0][0])
-                self.stage2.released_through = self._saved_through = through
+                self.stage2.released_through = self.stage2.restored_through = self._saved_through = through
                 self.windows.resume_after(through)
         if firing:
             log.info("restored %d firing alert(s): %s", len(firing), ", ".join(e.rule for e in firing))
@@ -175,14 +177,19 @@ class AlertPipeline:
             if offset < read_to.get(partition, 0):
                 continue  # read again after a rebalance (from the commit, pinned behind open minutes): merged already
             read_to[partition] = offset + 1
-            body, partial = read_wire(value, sketches)
-            if partial is None:
-                stage2.heartbeat(int(body["partition"]), float(body["watermark"]), partition)
+            try:
+                body, partial = read_wire(value, sketches)
+                if partial is None:
+                    stage2.heartbeat(int(body["partition"]), float(body["watermark"]), partition)
+                    continue
+                watermark = body["watermark"]  # None from judge scores and feedback: they never move time
+                stage2.add(tuple(body["scope_dims"]), partial, int(body["partition"]),
+                           None if watermark is None else float(watermark), (partition, offset))  # fmt: skip
+            except (ValueError, KeyError, TypeError) as exc:  # one bad message must not cost the rest of the fetch
+                self.bad_messages += 1
+                log.warning("partials message at %d/%d skipped: %r", partition, offset, exc)
                 continue
             read += 1
-            watermark = body["watermark"]  # None from judge scores and feedback: they never move time
-            stage2.add(tuple(body["scope_dims"]), partial, int(body["partition"]),
-                       None if watermark is None else float(watermark), (partition, offset))  # fmt: skip
         return read
 
     def add_quality(self, partials: list[WindowPartial]) -> None:

@@ -605,7 +605,11 @@ class AlertsConsumer(mode.Service):
         assert self.consumer is not None and self.pipeline is not None
         records = await self.consumer.getmany(timeout_ms=100, max_records=5000)
         began = time.thread_time()
-        stage2.listen_on(tp.partition for tp in self.consumer.assignment())
+        assigned = {tp.partition for tp in self.consumer.assignment()}
+        stage2.listen_on(assigned)
+        for gone in [p for p in last_offsets if p not in assigned]:
+            del last_offsets[gone]  # committing a partition no longer assigned fails the whole commit
+            self._committed.pop(gone, None)
         late = stage2.late_partials
         read = self.pipeline.on_wire((tp.partition, m.offset, m.value) for tp, ms in records.items() for m in ms)
         for tp, messages in records.items():

@@ -56,6 +56,9 @@ class Stage2:
         """Open cells by minute: a release pops whole minutes, without looking at each cell (it runs
         whenever the slowest watermark moves, and a minute of 10k scope keys holds ~12k cells)."""
         self.released_through = -math.inf
+        self.restored_through = -math.inf
+        """Evaluated by an earlier run (its saved progress): partials of those minutes read again
+        after a restart (from the commit, pinned behind the open minutes) are replays, not late."""
         self.late_partials = 0
         self._positions: dict[Minute, dict[int, int]] = {}
         """Per open minute: the lowest input offset (per input partition) that contributed to it."""
@@ -71,7 +74,8 @@ class Stage2:
         """``position`` is (input partition, offset) of the message that carried the partial: stage 2
         commits only below the oldest one whose minute is not evaluated yet."""
         if partial.window_end <= self.released_through:
-            self.late_partials += 1  # its minute was already evaluated; counting it now would lie twice
+            if partial.window_end > self.restored_through:
+                self.late_partials += 1  # its minute was already evaluated; counting it now would lie twice
             return
         minute = (partial.window_start, partial.window_s)
         cells = self._cells.get(minute)

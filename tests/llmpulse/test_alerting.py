@@ -223,12 +223,14 @@ def test_stage2_merges_a_partials_message_once_though_a_rebalance_reads_it_again
     out = pipe.process(batch([orjson.dumps(call(ts=iso(start + i))) for i in range(30)]), NOW)
     messages = partial_messages(pipe.flush_windows(), [("model",)], 0, start + 60)
     wire = [(0, offset, value) for offset, (_, value) in enumerate(messages)]
-    heartbeat = orjson.dumps({"type": "watermark", "partition": 0, "watermark": start + 60})
+    heartbeat = orjson.dumps({"type": "watermark", "partition": 0, "watermark": start + 60})  # after the batch
     alerts = AlertPipeline(settings, conn, rules=parse_rules({"rules": []}, "test"), sources=[0], channels=[])
     alerts.stage2.listen_on([0])
     assert alerts.on_wire(wire) == len(wire) == 1
     assert alerts.on_wire(wire) == 0  # the same offsets again: skipped
-    alerts.on_wire([(0, len(wire), heartbeat)])
+    assert alerts.on_wire([(0, 1, b"{not json"), (0, 2, orjson.dumps({"type": "partial"}))]) == 0
+    assert alerts.bad_messages == 2  # logged and skipped, and what follows in the fetch is still read
+    alerts.on_wire([(0, 3, heartbeat)])
     (cell,), through = alerts.stage2.release()
     assert through == start + 60 and cell.partial.calls == len(out.events) == 30
     alerts.close()

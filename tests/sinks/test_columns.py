@@ -155,7 +155,21 @@ def test_a_member_descriptor_of_another_class_is_not_read() -> None:
     Small.far = Big.__dict__["far"]  # type: ignore[attr-defined]
     small = Small()
     small.event_id = "x"
-    with pytest.raises(TypeError):
+    with pytest.raises(TypeError, match="is not a slot"):
         _native.gather([small], Small, (("far", 0),))
-    with pytest.raises(TypeError):
+    with pytest.raises(TypeError, match="is not a slot"):
         _native.combine([small], Small, ("far",))
+
+
+def test_an_unset_slot_takes_the_python_path() -> None:
+    """Python raises AttributeError for a slot never set; the C path refuses it rather than read NULL."""
+
+    class Partial:
+        __slots__ = ("event_id", "feature")
+
+    event = Partial()
+    event.event_id = "e"
+    with pytest.raises(TypeError, match="is not set"):
+        _native.gather([event], Partial, (("feature", 0),))
+    with pytest.raises(TypeError, match="is not set"):
+        _native.combine([event], Partial, ("feature",))

@@ -168,6 +168,23 @@ def test_without_the_source_list_every_source_heard_from_holds_time() -> None:
     assert stage2.final_through() == T0 + 60
 
 
+def test_partials_read_again_after_a_restart_are_replays_not_late() -> None:
+    """A restarted stage 2 reads from its commit, pinned behind the minutes it had not evaluated:
+    partials of minutes the earlier run evaluated (its saved progress) come again and are dropped
+    quietly; one for a minute this run evaluated is late."""
+    stage2 = Stage2(sources=[0])
+    stage2.released_through = stage2.restored_through = T0 + 60  # restored from saved progress
+    (replayed,) = partials(0, [(T0 + 1, {})])[0]
+    stage2.add(SCOPE_DIMS, replayed, 0, T0 + 60)
+    assert stage2.late_partials == 0
+    (current,) = partials(0, [(T0 + 61, {})])[0]
+    stage2.add(SCOPE_DIMS, current, 0, T0 + 120)
+    stage2.release()
+    (late,) = partials(0, [(T0 + 62, {"feature": "other"})])[0]
+    stage2.add(SCOPE_DIMS, late, 0, T0 + 120)
+    assert stage2.late_partials == 1
+
+
 def test_partials_for_an_evaluated_minute_are_counted_late_not_added() -> None:
     stage2 = Stage2(sources=[0])
     parts, _ = partials(0, [(T0 + 1, {})])
