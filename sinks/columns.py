@@ -172,9 +172,11 @@ def _plain_columns(events: list[WireCall]) -> tuple[list[pa.Array], bool, bool]:
     """
     if _native is not None:
         try:
-            return _from_buffers(len(events), _native.gather(events, WireCall, _GATHER_SPECS))
-        except (TypeError, OverflowError, ValueError, UnicodeError):
-            pass  # the Python path below raises (or not) exactly as it always did
+            gathered = _native.gather(events, WireCall, _GATHER_SPECS)
+        except (TypeError, OverflowError, UnicodeError):
+            pass  # a value it does not expect: the Python path below raises (or not) as it always did
+        else:
+            return _from_buffers(len(events), gathered)
     plain = [pa.array(list(map(getter, events)), type=typ) for _, getter, typ, _ in _GETTERS]
     return plain, any(e.release for e in events), any(e.attributes for e in events)
 
@@ -235,8 +237,8 @@ def _combinations(events: list[WireCall]) -> tuple[pa.Array, list[tuple[str | No
     if _native is not None:
         try:
             raw, distinct = _native.combine(events, WireCall, _LOW_CARDINALITY)
-        except (TypeError, ValueError):
-            pass  # the Python path below raises (or not) exactly as it always did
+        except TypeError:
+            pass  # a value that is not text: the Python path below handles it as it always did
         else:
             return pa.Array.from_buffers(pa.int32(), len(events), [None, pa.py_buffer(raw)]), distinct
     combos: dict[tuple[str | None, ...], int] = {}
