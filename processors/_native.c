@@ -116,6 +116,20 @@ static PyObject *new_bytes(Py_ssize_t size, char **data) {
     return b;
 }
 
+/* 0 when every item of ``events`` (a list) is an instance of ``cls``; else -1 with TypeError set.
+ * Each helper checks this first: the slot offsets it reads are only valid for those types. */
+static int all_of_type(PyObject *events, PyObject *cls) {
+    for (Py_ssize_t i = 0; i < PyList_GET_SIZE(events); i++) {
+        PyObject *event = PyList_GET_ITEM(events, i);
+        if (!PyObject_TypeCheck(event, (PyTypeObject *)cls)) {
+            PyErr_Format(PyExc_TypeError, "event %zd is a %s, not a %s", i, Py_TYPE(event)->tp_name,
+                         ((PyTypeObject *)cls)->tp_name);
+            return -1;
+        }
+    }
+    return 0;
+}
+
 /* (null_count, validity or None, ...buffers) for one column. */
 static PyObject *gather_column(PyObject *events, Py_ssize_t n, PyObject *name, PyObject *inner, int kind) {
     path_t path = {.name = name, .inner = inner};
@@ -327,14 +341,7 @@ static PyObject *gather(PyObject *self, PyObject *args) {
     if (!PyArg_ParseTuple(args, "O!O!O!:gather", &PyList_Type, &events, &PyType_Type, &cls, &PyTuple_Type, &specs))
         return NULL;
     Py_ssize_t n = PyList_GET_SIZE(events), m = PyTuple_GET_SIZE(specs);
-    for (Py_ssize_t i = 0; i < n; i++) {
-        PyObject *event = PyList_GET_ITEM(events, i);
-        if (!PyObject_TypeCheck(event, (PyTypeObject *)cls)) {
-            PyErr_Format(PyExc_TypeError, "event %zd is a %s, not a %s", i, Py_TYPE(event)->tp_name,
-                         ((PyTypeObject *)cls)->tp_name);
-            return NULL;
-        }
-    }
+    if (all_of_type(events, cls) < 0) return NULL;
     PyObject *out = PyList_New(m);
     if (out == NULL) return NULL;
     for (Py_ssize_t c = 0; c < m; c++) {
@@ -387,12 +394,7 @@ static PyObject *combine(PyObject *self, PyObject *args) {
         PyErr_SetString(PyExc_ValueError, "combine takes 1 to 64 fields");
         return NULL;
     }
-    for (Py_ssize_t i = 0; i < n; i++) {
-        if (!PyObject_TypeCheck(items[i], (PyTypeObject *)cls)) {
-            PyErr_Format(PyExc_TypeError, "event %zd is a %s", i, Py_TYPE(items[i])->tp_name);
-            return NULL;
-        }
-    }
+    if (all_of_type(events, cls) < 0) return NULL;
     slot_t slots[64][MAX_TYPES];
     int ntypes[64] = {0};
     Py_ssize_t cap = 16;
@@ -493,14 +495,11 @@ static PyObject *timestamps(PyObject *self, PyObject *args) {
     Py_ssize_t n = PyList_GET_SIZE(events);
     slot_t slots[MAX_TYPES];
     int ntypes = 0;
+    if (all_of_type(events, cls) < 0) return NULL;
     PyObject *out = PyList_New(n);
     if (out == NULL) return NULL;
     for (Py_ssize_t i = 0; i < n; i++) {
         PyObject *event = PyList_GET_ITEM(events, i), *value, *seconds = NULL;
-        if (!PyObject_TypeCheck(event, (PyTypeObject *)cls)) {
-            PyErr_Format(PyExc_TypeError, "event %zd is a %s", i, Py_TYPE(event)->tp_name);
-            goto fail;
-        }
         value = field(event, slots, &ntypes, name);
         if (value == NULL) goto fail;
         if (PyDateTime_CheckExact(value) && PyDateTime_DATE_GET_TZINFO(value) == PyDateTime_TimeZone_UTC) {
