@@ -9,6 +9,7 @@ nobody is paged twice for one incident.
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import time
@@ -18,14 +19,16 @@ from pathlib import Path
 from processors.alerts.budgets import BudgetTracker, period_bounds, period_label
 from processors.alerts.engine import AlertEngine
 from processors.alerts.events import AlertEvent
-from processors.alerts.stage2 import RuleWindows, Stage2
+from processors.alerts.stage2 import Owns, RuleWindows, Stage2
+from processors.sketch import QuantileSketch
 from processors.windows import SCOPE_DIMS, WindowPartial, read_wire
 from schemas.channels import ChannelConfig, ConsoleChannelConfig
 from schemas.config import ConfigError, Settings
-from schemas.rules import Rule, RulesFile, default_rules, load_rules
+from schemas.rules import Budget, Rule, RulesFile, default_rules, load_rules
 from sinks.alert_store import AlertStore
 from sinks.alerts import AlertDispatcher
 from sinks.clickhouse import Connection
+from sinks.kafka import scope_key
 from sinks.metrics import PipelineMetrics
 from sinks.queries.metrics import metric_over_time
 
@@ -87,34 +90,6 @@ class AlertPipeline:
 
     def restore(self, now: float | None = None) -> list[AlertEvent]:
         """Carry on after a restart: firing alerts stay firing silently, baselines and budgets warm."""
-        now = time.time() if now is None else now
-        firing = self.store.firing()
-        for e in firing:
-            self.engine.restore_firing(e.rule, e.scope, e.started_at.timestamp())
-        if firing and self.dispatcher is not None:
-            self.dispatcher.refresh(firing)  # Alertmanager only: it forgets alerts nobody re-sends
-        for rule in self.engine.rules.values():
-            length = rule.spike.baseline if rule.spike else rule.absent.baseline if rule.absent else 0
-            if not length:
-                continue
-            aligned = now - now % rule.window
-            for values, history in self.store.recent_values(rule, aligned, length).items():
-                self.engine.seed_history(rule, dict(zip(rule.scope.by, values, strict=True)), history)
-            if rule.absent is not None:
-                since = aligned - rule.window * length
-                for ws, cells in self.store.window_values(rule, since, aligned).items():
-                    for values, (_, calls) in cells.items():
-                        if calls > 0:
-                            self.windows.saw(rule, values, ws)
-        self.windows.seed_drift(  # the drift rules' trailing windows: drift pages from the first window
-            lambda by, where, w, windows: self.store.drift_history(by, where, w, now - now % w - w * windows,
-                                                                   now - now % w)
-        )  # fmt: skip
-        for budget in self.rules.budgets:
-            start, _ = period_bounds(budget.period, now)
-            spent = self.store.period_spend(budget, start, now)
-            announced = self.store.announced_thresholds(budget, period_label(budget.period, start))
-            self.budgets.seed(budget.name, start, spent, announced)
         if self.progress_key:
             saved = self.store.conn.client.query(
                 "SELECT value FROM llmpulse_meta FINAL WHERE key = {k:String}", parameters={"k": self.progress_key}
@@ -123,8 +98,97 @@ class AlertPipeline:
                 through = float(saved[0][0])
                 self.stage2.released_through = self.stage2.restored_through = self._saved_through = through
                 self.windows.resume_after(through)
+        firing = self._seed(time.time() if now is None else now, None, self.rules.budgets)
         if firing:
             log.info("restored %d firing alert(s): %s", len(firing), ", ".join(e.rule for e in firing))
+        return firing
+
+    def assign(self, partitions: Iterable[int], partition_of: Callable[[str], int], now: float | None = None) -> int:
+        """Worker: the partials partitions this stage 2 was assigned (every step; acts on a change).
+
+        The partials topic is keyed by scope, so the assignment decides which scopes are this
+        worker's. Scopes that went elsewhere are forgotten (``Stage2.keep_scopes``,
+        ``RuleWindows.keep_scopes``, budgets); scopes that came here are restored from ClickHouse
+        as after a restart, only up to where evaluation is now (later minutes come from the
+        partials read again). The first assignment drops what ``restore`` read for other workers'
+        scopes: their silence here would page. Returns the scopes dropped."""
+        assigned = frozenset(partitions)
+        before = self.stage2.inputs
+        if assigned == before:
+            return 0
+        self.stage2.listen_on(assigned)
+        for gone in set(self._read_to) - assigned:
+            del self._read_to[gone]  # state from it is dropped: merge it again when it comes back
+        partition = functools.lru_cache(maxsize=None)(lambda dims, values: partition_of(scope_key(dims, values)))
+
+        def owns(dims: tuple[str, ...], values: tuple[str, ...]) -> bool:
+            return partition(dims, values) in assigned
+
+        dropped = self.stage2.keep_scopes(owns) + self.windows.keep_scopes(owns)
+        budgets = self.budgets.keep(owns)
+        gained = assigned - before if before is not None else frozenset()
+        if gained:
+
+            def new(dims: tuple[str, ...], values: tuple[str, ...]) -> bool:
+                return partition(dims, values) in gained
+
+            firing = self._seed(time.time() if now is None else now, new, budgets)
+            log.info(
+                "stage 2 gained partials partitions %s: %d firing alert(s) taken over", sorted(gained), len(firing)
+            )
+        if before is not None and before - assigned:
+            log.info("stage 2 lost partials partitions %s: %d scope(s) forgotten", sorted(before - assigned), dropped)
+        return dropped
+
+    def _seed(self, now: float, owns: Owns | None, budgets: Iterable[Budget]) -> list[AlertEvent]:
+        """Firing alerts, spike and absence baselines, drift memories and budget spend from
+        ClickHouse, for the scopes ``owns`` (None: all). Baselines end where evaluation resumes
+        (the rule's last evaluated window; without one, now), budgets at the minutes released:
+        what comes after is evaluated from partials read again, and must not count twice."""
+        rules = self.engine.rules
+
+        def mine(rule: Rule | None, scope: Mapping[str, str]) -> bool:
+            if owns is None:
+                return True
+            return rule is not None and self.windows.owns_rule_scope(rule, scope, owns)
+
+        firing = [e for e in self.store.firing() if mine(rules.get(e.rule), e.scope)]
+        for e in firing:
+            self.engine.restore_firing(e.rule, e.scope, e.started_at.timestamp())
+        if firing and self.dispatcher is not None:
+            self.dispatcher.refresh(firing)  # Alertmanager only: it forgets alerts nobody re-sends
+        for rule in rules.values():
+            length = rule.spike.baseline if rule.spike else rule.absent.baseline if rule.absent else 0
+            if not length:
+                continue
+            done = self.windows.evaluated_through(rule)
+            end = done if done is not None else now - now % rule.window
+            for values, history in self.store.recent_values(rule, end, length).items():
+                scope = dict(zip(rule.scope.by, values, strict=True))
+                if mine(rule, scope):
+                    self.engine.seed_history(rule, scope, history)
+            if rule.absent is not None:
+                since = end - rule.window * length
+                for ws, cells in self.store.window_values(rule, since, end).items():
+                    for values, (_, calls) in cells.items():
+                        if calls > 0 and mine(rule, dict(zip(rule.scope.by, values, strict=True))):
+                            self.windows.saw(rule, values, ws)
+
+        def drift_history(
+            by: tuple[str, ...], where: dict[str, str], w: int, windows: int, done: int | None
+        ) -> Mapping[tuple[str, ...], list[tuple[int, QuantileSketch, set[str]]]]:
+            end = done if done is not None else now - now % w
+            return self.store.drift_history(by, where, w, end - w * windows, end)
+
+        self.windows.seed_drift(drift_history, owns)  # drift pages from the first window
+        through = self.stage2.released_through
+        step = self.settings.pipeline.window
+        released = through - through % step if math.isfinite(through) else now
+        for budget in budgets:
+            start, _ = period_bounds(budget.period, now)
+            spent = self.store.period_spend(budget, start, min(now, released))
+            announced = self.store.announced_thresholds(budget, period_label(budget.period, start))
+            self.budgets.seed(budget.name, start, spent, announced)
         return firing
 
     def progress_due(self) -> bool:
@@ -201,7 +265,8 @@ class AlertPipeline:
         cells, through = self.stage2.release()
         if not math.isfinite(through):
             return []
-        events = self.windows.feed(cells, through) + self.budgets.feed(cells, through)
+        # a gained scope's replayed minutes count toward its open windows; its budget was seeded through them
+        events = self.windows.feed(cells, through, self.stage2.take_catch_up()) + self.budgets.feed(cells, through)
         if events:
             self.deliver(events)
         return events

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import math
 import time
@@ -52,7 +53,7 @@ from schemas.rules import RulesFile
 from schemas.wire import WireCall
 from sinks.batching import Block, BufferedWriter
 from sinks.clickhouse import ClickHouseSink, Connection, RetryPolicy, SinkError, recent_span
-from sinks.kafka import DEFAULT_SCOPES, KafkaPublisher
+from sinks.kafka import DEFAULT_SCOPES, KafkaPublisher, partition_of
 from sinks.metrics import PipelineMetrics
 from sinks.rollups import repair, written_scope
 
@@ -606,11 +607,24 @@ class AlertsConsumer(mode.Service):
         records = await self.consumer.getmany(timeout_ms=100, max_records=5000)
         began = time.thread_time()
         assigned = {tp.partition for tp in self.consumer.assignment()}
-        stage2.listen_on(assigned)
+        if stage2.inputs != assigned:  # started, or rebalanced: the scopes this worker owns changed
+            assert self.calls.producer is not None
+            partitions = len(await self.calls.producer.partitions_for(self.kafka.topics.partials))
+            began_assign = time.perf_counter()
+            await asyncio.to_thread(
+                self.pipeline.assign, assigned, functools.partial(partition_of, partitions=partitions)
+            )
+            log.info(
+                "stage 2 assigned partials partitions %s in %.3f s",
+                sorted(assigned),
+                time.perf_counter() - began_assign,
+            )
+            began = time.thread_time()
         for gone in [p for p in last_offsets if p not in assigned]:
             del last_offsets[gone]  # committing a partition no longer assigned fails the whole commit
             self._committed.pop(gone, None)
         late = stage2.late_partials
+        records = {tp: ms for tp, ms in records.items() if tp.partition in assigned}
         read = self.pipeline.on_wire((tp.partition, m.offset, m.value) for tp, ms in records.items() for m in ms)
         for tp, messages in records.items():
             last_offsets[tp.partition] = messages[-1].offset + 1

@@ -16,6 +16,7 @@ from typing import Any
 
 import orjson
 from aiokafka import AIOKafkaProducer
+from aiokafka.partitioner import murmur2
 
 from processors.chain import ProcessedCalls
 from processors.records import DeadLetter
@@ -35,6 +36,13 @@ DEFAULT_SCOPES: tuple[tuple[str, ...], ...] = (
 def scope_key(dims: Sequence[str], values: Sequence[str]) -> str:
     """``feature=support-chat,model=gpt-4o``: stable, readable, and the Kafka message key."""
     return ",".join(f"{d}={v}" for d, v in zip(dims, values, strict=True))
+
+
+def partition_of(key: str, partitions: int) -> int:
+    """The partition the producer sends a message keyed ``key`` to: aiokafka's default
+    partitioner (murmur2, as the Java client), which ``KafkaPublisher`` leaves in place. Stage 2
+    asks it which scopes an assignment of partials partitions gives it."""
+    return int(murmur2(key.encode()) & 0x7FFFFFFF) % partitions
 
 
 def judge_request(batch: ProcessedCalls, index: int, reason: str) -> dict[str, Any]:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import calendar
 from collections import deque
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
@@ -85,20 +85,46 @@ class BudgetTracker:
         self.budgets = list(budgets)
         self.burn_window_s = burn_window_s
         self._state = {b.name: _BudgetState() for b in self.budgets}
+        self.owned = {b.name for b in self.budgets}
+        """Budgets this stage 2 tracks: with several workers, the one whose partials partition holds
+        the budget's scope (``keep``). Another's stale spend would announce a threshold twice."""
 
     def seed(self, name: str, period_start: float, spent: float, notified: Iterable[float] = ()) -> None:
         """Spend ClickHouse already holds for the current period, and thresholds already announced."""
         st = self._state[name]
         st.period_start, st.spent, st.notified = period_start, spent, set(notified)
 
+    @staticmethod
+    def cell(budget: Budget) -> tuple[tuple[str, ...], tuple[str, ...]]:
+        """The partials key of the budget's scope."""
+        dims = tuple(d for d in SCOPE_DIMS if d in budget.scope)
+        return dims, tuple(budget.scope[d] for d in dims)
+
+    def keep(self, owns: Callable[[tuple[str, ...], tuple[str, ...]], bool]) -> list[Budget]:
+        """Track only the budgets whose scope this stage 2 owns; returns those newly owned, which
+        need seeding from ClickHouse. One no longer owned forgets its spend."""
+        gained = []
+        for budget in self.budgets:
+            if owns(*self.cell(budget)):
+                if budget.name not in self.owned:
+                    self.owned.add(budget.name)
+                    gained.append(budget)
+            elif budget.name in self.owned:
+                self.owned.discard(budget.name)
+                self._state[budget.name] = _BudgetState()
+        return gained
+
     def _matches(self, budget: Budget, cell: FinalCell) -> bool:
         labels = dict(zip(cell.dims, cell.values, strict=True))
         return all(labels.get(k) == v for k, v in budget.scope.items())
 
     def feed(self, cells: list[FinalCell], through: float) -> list[AlertEvent]:
-        full = [c for c in cells if c.dims == SCOPE_DIMS]
+        # full-grain cells stand in only where they are all there is (in process; see ``_project``)
+        full = [] if any(c.dims != SCOPE_DIMS for c in cells) else cells
         events: list[AlertEvent] = []
         for budget in self.budgets:
+            if budget.name not in self.owned:
+                continue
             st = self._state[budget.name]
             dims = tuple(d for d in SCOPE_DIMS if d in budget.scope)
             usable = [c for c in cells if c.dims == dims] or full

@@ -27,6 +27,10 @@ Dims = tuple[str, ...]
 CellKey = tuple[Dims, tuple[str, ...]]
 Minute = tuple[int, int]
 """(window start, window length): the open cells are grouped by it, since minutes are released whole."""
+Owns = Callable[[Dims, tuple[str, ...]], bool]
+"""Whether this stage 2 owns a scope, given as partials are keyed (dimensions, values). The
+partials topic is keyed by scope, so after a rebalance a worker owns the scopes whose partials
+partition it was assigned; the runtime knows the partitioner, stage 2 only asks."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -62,6 +66,11 @@ class Stage2:
         self.late_partials = 0
         self._positions: dict[Minute, dict[int, int]] = {}
         """Per open minute: the lowest input offset (per input partition) that contributed to it."""
+        self._catch_up_through: dict[int, float] = {}
+        """Per input partition gained in a rebalance: minutes ending by this were released here
+        before the partition was ours. Its partials for them are the previous owner's minutes read
+        again from the commit: not late, and still due to the windows not evaluated yet."""
+        self._catch_up: list[FinalCell] = []
 
     def add(
         self,
@@ -74,7 +83,9 @@ class Stage2:
         """``position`` is (input partition, offset) of the message that carried the partial: stage 2
         commits only below the oldest one whose minute is not evaluated yet."""
         if partial.window_end <= self.released_through:
-            if partial.window_end > self.restored_through:
+            if position is not None and partial.window_end <= self._catch_up_through.get(position[0], -math.inf):
+                self._catch_up.append(FinalCell(dims, partial.key, partial))
+            elif partial.window_end > self.restored_through:
                 self.late_partials += 1  # its minute was already evaluated; counting it now would lie twice
             return
         minute = (partial.window_start, partial.window_s)
@@ -135,17 +146,50 @@ class Stage2:
     def listen_on(self, inputs: Iterable[int]) -> None:
         """The input partitions assigned to this stage 2 (after a rebalance: the new set). What
         was heard on a partition that left is forgotten: if it comes back, it is read again from
-        its committed offset, behind what it said before."""
+        its committed offset, behind what it said before. A partition gained after the first
+        assignment replays, from its commit, minutes released here already (``add``)."""
         assigned = frozenset(inputs)
         if assigned == self.inputs:
             return
-        gone = (self.inputs or frozenset()) - assigned
+        before = self.inputs
+        gone = (before or frozenset()) - assigned
         self.inputs = assigned
         for source, marks in self._marks.items():
             for via in gone:
                 marks.pop(via, None)
             self._settle(source, marks)
         self._carried = {k: w for k, w in self._carried.items() if k[1] not in gone}
+        for via in gone:
+            self._catch_up_through.pop(via, None)
+            for lowest in self._positions.values():
+                lowest.pop(via, None)  # not ours to commit any more
+        if before is not None:  # the first assignment replays what ``restored_through`` covers
+            for via in assigned - before:
+                self._catch_up_through[via] = self.released_through
+
+    def keep_scopes(self, owns: Owns) -> int:
+        """Drop the open cells of scopes this stage 2 no longer owns; returns how many.
+
+        Their new owner reads the partials again from the commit (pinned behind the minutes not
+        evaluated) and evaluates those minutes whole. Releasing them here too, with what was read
+        before the rebalance, would evaluate part of a minute: a rate off, a count short, a page
+        from a worker that can no longer resolve it."""
+        dropped = 0
+        for minute in list(self._cells):
+            cells = self._cells[minute]
+            gone = [key for key in cells if not owns(*key)]
+            for key in gone:
+                del cells[key]
+            dropped += len(gone)
+            if not cells:
+                del self._cells[minute]
+                self._positions.pop(minute, None)
+        return dropped
+
+    def take_catch_up(self) -> list[FinalCell]:
+        """Replayed cells of minutes released before their partition was ours (``listen_on``)."""
+        cells, self._catch_up = self._catch_up, []
+        return cells
 
     def _settle(self, source: int, marks: dict[int | None, float]) -> None:
         if self.inputs is None and marks:
@@ -182,10 +226,11 @@ ScopeKey = tuple[tuple[str, ...], tuple[tuple[str, str], ...]]
 
 
 DriftHistory = Callable[
-    [tuple[str, ...], dict[str, str], int, int], Mapping[tuple[str, ...], list[tuple[int, QuantileSketch, set[str]]]]
+    [tuple[str, ...], dict[str, str], int, int, int | None],
+    Mapping[tuple[str, ...], list[tuple[int, QuantileSketch, set[str]]]],
 ]
-"""(by, where, window_s, windows) → per scope value, its last windows with calls: (start, output
-lengths, response models), oldest first."""
+"""(by, where, window_s, windows, end) → per scope value, its last windows with calls before
+``end`` (None: the last complete window): (start, output lengths, response models), oldest first."""
 
 
 Projected = dict[tuple[int, tuple[str, ...]], WindowPartial]
@@ -201,10 +246,15 @@ def _project(
     """Cells onto a scope: filter by ``where``, merge by ``by``, within each minute."""
     dims = tuple(d for d in SCOPE_DIMS if d in by or d in where)
     exact = [c for c in cells if c.dims == dims]
-    source = exact or [c for c in cells if c.dims == SCOPE_DIMS]
+    # Full-grain cells stand in only where they are all there is (in process, one stage 1): in the
+    # worker every scope comes at its own grain, and the full-grain cells a worker holds are the
+    # share of them its partials partitions carry, not a scope's whole traffic.
+    source = exact or ([] if any(c.dims != SCOPE_DIMS for c in cells) else cells)
     out: Projected = {}
+    if not source:  # none at this grain (a worker's stage 2 owns some scopes, not all)
+        return out
     owned: set[tuple[int, tuple[str, ...]]] = set()
-    index = {d: i for i, d in enumerate(source[0].dims)} if source else {}
+    index = {d: i for i, d in enumerate(source[0].dims)}
     by_i = [index[d] for d in by]
     where_i = [(index[d], v) for d, v in where.items()]
     for c in source:
@@ -262,6 +312,12 @@ class _Group:
                 self.scopes[values] = found
         return found
 
+    def cell(self, values: tuple[str, ...]) -> tuple[Dims, tuple[str, ...]]:
+        """The partials key of a scope value: what stage 1 keys it by (``Scope.dims`` order)."""
+        labels = {**self.where, **dict(zip(self.by, values, strict=True))}
+        dims = tuple(d for d in SCOPE_DIMS if d in labels)
+        return dims, tuple(labels[d] for d in dims)
+
     @cached_property
     def watches_absence(self) -> bool:
         return any(r.absent is not None for r in self.rules)
@@ -308,7 +364,7 @@ class RuleWindows:
         self._forget = forget_after_windows
         self._groups: dict[tuple[ScopeKey, int], _Group] = {}
         for rule in engine.rules.values():
-            key = ((tuple(rule.scope.by), tuple(sorted(rule.scope.where.items()))), int(rule.window))
+            key = self._key(rule)
             group = self._groups.get(key)
             if group is None:
                 group = self._groups[key] = _Group(tuple(rule.scope.by), dict(rule.scope.where), int(rule.window))
@@ -328,21 +384,23 @@ class RuleWindows:
     def saw(self, rule: Rule, values: tuple[str, ...], window_start: int) -> None:
         """After a restart: this scope had calls in this window (from the rollups), so its silence
         from then on still gets the empty windows absence rules need."""
-        key = ((tuple(rule.scope.by), tuple(sorted(rule.scope.where.items()))), int(rule.window))
-        group = self._groups.get(key)
+        group = self._groups.get(self._key(rule))
         if group is not None and window_start > group.seen.get(values, -1):
             group.seen[values] = window_start
 
-    def seed_drift(self, history: DriftHistory) -> int:
+    def seed_drift(self, history: DriftHistory, owns: Owns | None = None) -> int:
         """After a restart: every drift-watching group's memories refilled with its scopes' trailing
-        windows (``history(by, where, window_s, windows)`` reads them from the rollups, oldest first),
-        so a snapshot switch or a reshaped output length right after a restart still pages.
-        Returns the scopes seeded."""
+        windows (``history(by, where, window_s, windows, end)`` reads them from the rollups, oldest
+        first), so a snapshot switch or a reshaped output length right after a restart still pages.
+        They end where evaluation resumes: later windows are evaluated from the partials read again.
+        ``owns``: only those scopes (a rebalance handed them over). Returns the scopes seeded."""
         seeded = 0
         for group in self._groups.values():
             if not group.watches_drift:
                 continue
-            for values, windows in history(group.by, group.where, group.window, BASELINE_WINDOWS).items():
+            for values, windows in history(group.by, group.where, group.window, BASELINE_WINDOWS, group.done).items():
+                if owns is not None and not owns(*group.cell(values)):
+                    continue
                 memory = group.drift.get(values)
                 if memory is None:
                     memory = group.drift[values] = DriftMemory()
@@ -358,28 +416,90 @@ class RuleWindows:
         for group in self._groups.values():
             group.done = int(through) - int(through) % group.window
 
-    def feed(self, cells: list[FinalCell], through: float) -> list[AlertEvent]:
+    def keep_scopes(self, owns: Owns) -> int:
+        """Forget every scope this stage 2 no longer owns (``Stage2.keep_scopes``); returns how many.
+
+        Its open windows, its last-seen window, drift memory and labels go, and so does each rule's
+        state for it: kept, its silence here would page "traffic stopped", and a firing alert
+        would stay firing in a worker that can no longer resolve it. Its new owner restores it
+        (``AlertPipeline.assign``). Rules without windows of partials (pipeline lag) stay."""
+        dropped = 0
+        for group in self._groups.values():
+            values = set(group.seen) | set(group.drift) | set(group.scopes)
+            for bucket in group.open.values():
+                values.update(bucket)
+            gone = {v for v in values if not owns(*group.cell(v))}
+            if not gone:
+                continue
+            dropped += len(gone)
+            for bucket in group.open.values():
+                for v in gone:
+                    bucket.pop(v, None)
+            group.owned = {k for k in group.owned if k[1] not in gone}
+            for v in gone:
+                group.seen.pop(v, None)
+                group.drift.pop(v, None)
+                group.scopes.pop(v, None)
+        states = self.engine.states
+        for name, items in list(states):
+            rule = self.engine.rules.get(name)
+            if rule is None or rule.metric == "pipeline_lag_s":
+                continue
+            group = self._groups[self._key(rule)]
+            labels = dict(items)
+            if not owns(*group.cell(tuple(labels.get(d, "") for d in group.by))):
+                del states[(name, items)]
+        return dropped
+
+    def owns_rule_scope(self, rule: Rule, scope: Mapping[str, str], owns: Owns) -> bool:
+        """Whether a stored alert's scope (its ``by`` labels) is one this stage 2 owns."""
+        group = self._groups.get(self._key(rule))
+        return group is None or owns(*group.cell(tuple(scope.get(d, "") for d in group.by)))
+
+    def evaluated_through(self, rule: Rule) -> int | None:
+        """The end of the rule's last evaluated window (None before the first)."""
+        group = self._groups.get(self._key(rule))
+        return None if group is None else group.done
+
+    @staticmethod
+    def _key(rule: Rule) -> tuple[ScopeKey, int]:
+        return (tuple(rule.scope.by), tuple(sorted(rule.scope.where.items()))), int(rule.window)
+
+    def feed(self, cells: list[FinalCell], through: float, catch_up: list[FinalCell] | None = None) -> list[AlertEvent]:
+        """``catch_up``: minutes of a scope gained in a rebalance, released before it was ours; they
+        count toward its windows not evaluated yet (the rest its previous owner evaluated)."""
         projections: dict[ScopeKey, Projected] = {}
+        replays: dict[ScopeKey, Projected] = {}
         events: list[AlertEvent] = []
         for (scope_key, w), group in self._groups.items():
+            needs = self._scope_sketches[scope_key]
             projected = projections.get(scope_key)
             if projected is None:
-                needs = self._scope_sketches[scope_key]
                 projected = projections[scope_key] = _project(cells, group.by, group.where, needs) if cells else {}
-            sketches = group.sketches
-            for (minute, values), partial in projected.items():
-                start = minute - minute % w
-                bucket = group.open.setdefault(start, {})
-                acc = bucket.get(values)
-                if acc is None:
-                    bucket[values] = partial  # shared (read-only) until the window's next minute
-                else:
-                    if (start, values) not in group.owned:
-                        acc = bucket[values] = acc.copy(values, *sketches)
-                        group.owned.add((start, values))
-                    acc.merge(partial, *sketches)
+            if catch_up:
+                replayed = replays.get(scope_key)
+                if replayed is None:
+                    replayed = replays[scope_key] = _project(catch_up, group.by, group.where, needs)
+                done = -math.inf if group.done is None else group.done
+                self._accumulate(group, {k: p for k, p in replayed.items() if k[0] - k[0] % w >= done})
+            self._accumulate(group, projected)
             events.extend(self._close(group, through))
         return events
+
+    @staticmethod
+    def _accumulate(group: _Group, projected: Projected) -> None:
+        w, sketches = group.window, group.sketches
+        for (minute, values), partial in projected.items():
+            start = minute - minute % w
+            bucket = group.open.setdefault(start, {})
+            acc = bucket.get(values)
+            if acc is None:
+                bucket[values] = partial  # shared (read-only) until the window's next minute
+            else:
+                if (start, values) not in group.owned:
+                    acc = bucket[values] = acc.copy(values, *sketches)
+                    group.owned.add((start, values))
+                acc.merge(partial, *sketches)
 
     def _close(self, group: _Group, through: float) -> list[AlertEvent]:
         w = group.window

@@ -6,6 +6,7 @@ import time
 from typing import Any
 
 import orjson
+import pytest
 
 from llmpulse.alerting import AlertPipeline
 from llmpulse.backtest import backtest
@@ -234,3 +235,61 @@ def test_stage2_merges_a_partials_message_once_though_a_rebalance_reads_it_again
     (cell,), through = alerts.stage2.release()
     assert through == start + 60 and cell.partial.calls == len(out.events) == 30
     alerts.close()
+
+
+def test_a_rebalance_hands_scopes_over_with_their_firing_alerts_and_budgets(settings: Any, conn: Any) -> None:
+    """Stage 2 in the worker owns the scopes whose partials partition it is assigned. ``restore``
+    reads every scope back; the first assignment keeps this worker's, a gained partition brings
+    its scopes' firing alerts and budgets back from ClickHouse (no second page, and the new
+    owner can resolve them); a lost one takes them away."""
+    from processors.alerts.budgets import period_bounds
+
+    day, _ = period_bounds("day", time.time())
+    start = day - 86400 + 12 * 3600  # yesterday noon: the budget's day holds all of it
+    now = start + 1200
+    payloads = [
+        orjson.dumps(
+            call(
+                event_id=f"{model}-{m}-{i}",
+                ts=iso(start + m * 60 + i),
+                model=model,
+                team=team,
+                status="error" if i % 2 else "ok",
+            )
+        )
+        for model, team in (("gpt-4o", "cx"), ("gpt-4o-mini", "ml"))
+        for m in range(10)
+        for i in range(30)
+    ]
+    rules = parse_rules(RULES, "test")
+    first = AlertPipeline(settings, conn, rules=rules, channels=[])
+    run(settings, conn, payloads, first, now)
+    first.close()
+    assert sorted(e.scope["model"] for e in first.delivered if e.rule == "errors-high") == ["gpt-4o", "gpt-4o-mini"]
+
+    # the partials partition of each scope key, as the producer's partitioner would place them
+    placed = {"model=gpt-4o": 0, "model=gpt-4o-mini": 1, "team=cx": 1}
+    worker = AlertPipeline(settings, conn, rules=rules, channels=[])
+
+    def firing() -> list[str]:
+        return sorted(dict(scope)["model"] for _, scope, _ in worker.engine.firing())
+
+    def spent() -> float:
+        (budget,) = rules.budgets
+        return worker.budgets.status(budget, now).spent_usd if budget.name in worker.budgets.owned else -1.0
+
+    worker.restore(now=now)
+    assert firing() == ["gpt-4o", "gpt-4o-mini"] and spent() == pytest.approx(300 * 0.0045)
+    worker.on_wire([(1, 5, b"{}")])  # something read on partition 1 (skipped as unreadable)
+    worker.assign([0], placed.__getitem__, now=now)  # the first assignment: partition 0 only
+    assert firing() == ["gpt-4o"] and spent() == -1.0  # cx's budget is partition 1's owner's
+    assert worker.assign([0], placed.__getitem__, now=now) == 0  # the same assignment again: nothing to do
+    worker.assign([0, 1], placed.__getitem__, now=now)  # gained partition 1
+    assert firing() == ["gpt-4o", "gpt-4o-mini"]  # taken over firing: a recovery resolves it, no second page
+    assert spent() == pytest.approx(300 * 0.0045)  # $0.0045 a call of gpt-4o (1,000 in, 200 out)
+    heartbeat = orjson.dumps({"type": "watermark", "partition": 0, "watermark": now})
+    worker.on_wire([(0, 0, heartbeat), (1, 5, heartbeat)])  # offset 5 again: read, since partition 1 left
+    assert worker.stage2.watermarks == {0: now}  # heard on both inputs
+    worker.assign([1], placed.__getitem__, now=now)  # lost partition 0
+    assert firing() == ["gpt-4o-mini"]
+    worker.close()

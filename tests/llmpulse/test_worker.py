@@ -273,6 +273,9 @@ def test_two_workers_share_partitions_and_add_up_to_one(tmp_path: Path, topics: 
     assert "llm.calls partitions revoked" in a.log.read_text()
     for w in (a, b):  # stage 2 kept committing through the rebalance (a partition it lost is not committed)
         assert "alert evaluation failed" not in w.log.read_text()
+    # and handed the scopes of the partials partitions it lost to b, which took them over
+    assert "stage 2 lost partials partitions" in a.log.read_text()
+    assert "stage 2 assigned partials partitions" in b.log.read_text()
     per_worker = [
         query(w.data_dir, "SELECT count() n, uniqExact(event_id) ids, sum(cost_usd) cost FROM llm_calls")[0]
         for w in (a, b)

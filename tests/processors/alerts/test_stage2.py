@@ -7,6 +7,7 @@ from typing import Any
 
 import msgspec
 
+from processors.alerts.budgets import BudgetTracker
 from processors.alerts.engine import AlertEngine
 from processors.alerts.stage2 import RuleWindows, Stage2, sketches_read
 from processors.pricing import CostAttribution
@@ -311,3 +312,107 @@ def test_only_the_sketches_some_rule_reads_are_published_and_decoded() -> None:
     assert read({"metric": "error_rate"}) == (False, False, False)
     assert read({"metric": "latency_p95_ms"}, {"metric": "ttft_p99_ms"}) == (True, True, False)
     assert read({"metric": "output_tokens_psi"}) == (False, False, True)  # drift keeps the length distribution
+
+
+def test_scopes_lost_in_a_rebalance_are_forgotten_and_their_silence_does_not_page() -> None:
+    """Two features share a worker's stage 2; a rebalance hands feature b's partials partition to
+    another worker midway through a 5-minute window. b's open cells, its window, its last-seen
+    window and its rule states go: finishing b's window with two and a half minutes of five
+    pages on half its calls, and its silence here pages "traffic stopped"."""
+
+    def run(rebalance: bool) -> list[Any]:
+        windows = rules(
+            {"name": "few", "metric": "calls", "scope": ["feature"], "window": "5m", "min": 100, "min_calls": 0},
+            {"name": "stopped", "metric": "calls", "scope": ["feature"], "window": "1m",
+             "absent": {"baseline": 2, "min_baseline_calls": 10}, "min_calls": 0},
+        )  # fmt: skip
+        stage2 = Stage2(sources=[0])
+        events = []
+        for minute in range(3):  # 30 calls a minute each; minute 2 stays open (the watermark is mid-minute)
+            parts, _ = partials(0, [(T0 + minute * 60 + i, {"feature": f}) for i in range(30) for f in ("a", "b")])
+            for p in parts:
+                stage2.add(("feature",), project_one(p, "feature"), 0, T0 + minute * 60 + (60 if minute < 2 else 30))
+            events += windows.feed(*stage2.release())
+        assert events == []
+        if rebalance:
+
+            def owns(dims: tuple[str, ...], values: tuple[str, ...]) -> bool:
+                assert dims == ("feature",)
+                return values == ("a",)
+
+            assert stage2.keep_scopes(owns) == 1  # b's open minute 2
+            assert windows.keep_scopes(owns) == 2  # b in each group (its 5-minute window, its 1-minute seen)
+            assert {scope for _, scope in windows.engine.states} == {(("feature", "a"),)}
+        for minute in range(2, 6):  # a carries on; b is someone else's now
+            parts, _ = partials(0, [(T0 + minute * 60 + 30 + i, {"feature": "a"}) for i in range(30)])
+            for p in parts:
+                stage2.add(("feature",), project_one(p, "feature"), 0, T0 + minute * 60 + 60)
+            events += windows.feed(*stage2.release())
+        return events
+
+    kept = run(rebalance=False)  # what keeping b's state would do
+    assert sorted((e.rule, e.scope["feature"]) for e in kept) == [("few", "b"), ("stopped", "b")]
+    assert run(rebalance=True) == []  # a's window [0, 300) holds 180 calls; b is evaluated by its new owner
+
+
+def test_a_gained_partitions_replay_completes_open_windows_and_is_not_late() -> None:
+    """A partition gained in a rebalance is read again from its commit: its minutes released
+    here before it was ours were evaluated by its previous owner. They count toward windows
+    still open, are ignored for windows already evaluated, and never count as late."""
+    windows = rules({"name": "many", "metric": "calls", "scope": ["feature"], "window": "5m", "max": 100,
+                     "min_calls": 0})  # fmt: skip
+    stage2 = Stage2(sources=[0])
+    stage2.listen_on([0])
+    events = []
+    offset = 0
+    for minute in range(7):  # feature a on input 0: 10 calls a minute; minutes 0-6 released
+        parts, _ = partials(0, [(T0 + minute * 60 + i, {"feature": "a"}) for i in range(10)])
+        for p in parts:
+            stage2.add(("feature",), project_one(p, "feature"), 0, T0 + minute * 60 + 60, (0, offset))
+            offset += 1
+        events += windows.feed(*stage2.release())
+    stage2.heartbeat(0, T0 + 420, 0)  # after the last batch's messages: its watermark holds
+    events += windows.feed(*stage2.release())
+    assert stage2.released_through == T0 + 420 and events == []  # window [0, 300) evaluated: 50 calls
+    stage2.listen_on([0, 1])  # gained input 1: feature b, 30 calls a minute, minutes 3-6 replayed
+    for minute in range(3, 7):
+        parts, _ = partials(0, [(T0 + minute * 60 + i, {"feature": "b"}) for i in range(30)])
+        for p in parts:
+            stage2.add(("feature",), project_one(p, "feature"), 0, T0 + minute * 60 + 60, (1, minute))
+    assert stage2.late_partials == 0
+    for minute in range(7, 10):  # both carry on
+        for feature, n, via in (("a", 10, 0), ("b", 30, 1)):
+            parts, _ = partials(0, [(T0 + minute * 60 + i, {"feature": feature}) for i in range(n)])
+            for p in parts:
+                stage2.add(("feature",), project_one(p, "feature"), 0, T0 + minute * 60 + 60, (via, 100 + minute))
+        events += windows.feed(*stage2.release(), stage2.take_catch_up())
+    for via in (0, 1):  # the worker's heartbeat, on every partials partition
+        stage2.heartbeat(0, T0 + 600, via)
+    events += windows.feed(*stage2.release(), stage2.take_catch_up())
+    # b's window [300, 600): minutes 5 and 6 replayed + 7, 8, 9 live = 150 calls; minutes 3 and 4
+    # belong to [0, 300), which was evaluated before (by b's previous owner): not added anywhere
+    assert [(e.scope, e.value, e.window_start.timestamp()) for e in events] == [({"feature": "b"}, 150.0, T0 + 300)]
+    # a partial of minute 8 read now on input 1 is late (minute 8 was released after the gain)
+    late = partials(0, [(T0 + 480, {"feature": "b"})])[0][0]
+    stage2.add(("feature",), project_one(late, "feature"), 0, None, (1, 200))
+    assert stage2.late_partials == 1
+
+
+def test_a_restored_budget_owned_elsewhere_announces_nothing() -> None:
+    budget = parse_rules({"rules": [], "budgets": [{"name": "cx", "scope": {"team": "cx"}, "period": "day",
+                                                    "limit_usd": 1.0, "warn_at": [0.5]}]}, "test").budgets  # fmt: skip
+    tracker = BudgetTracker(budget)
+    tracker.seed("cx", T0 - T0 % 86400, 0.9)  # restored: over 50% of $1, not announced yet
+    assert tracker.keep(lambda dims, values: False) == []  # its partials partition is another worker's
+    assert tracker.feed([], T0) == []  # the owner announces; this one would have too
+    (gained,) = tracker.keep(lambda dims, values: (dims, values) == (("team",), ("cx",)))
+    assert gained.name == "cx"
+    tracker.seed("cx", T0 - T0 % 86400, 0.9)
+    assert [e.extra["threshold"] for e in tracker.feed([], T0)] == [0.5]
+
+
+def project_one(p: WindowPartial, dim: str) -> WindowPartial:
+    """A full-grain partial onto one dimension, as stage 1 publishes it for a rule scoped by it."""
+    ((_, *_values), merged), *rest = project([p], (dim,)).items()
+    assert not rest
+    return merged
