@@ -14,12 +14,14 @@ import logging
 import math
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from processors.alerts.budgets import BudgetTracker, period_bounds, period_label
 from processors.alerts.engine import AlertEngine
 from processors.alerts.events import AlertEvent
 from processors.alerts.stage2 import Owns, RuleWindows, Stage2
+from processors.drift import BASELINE_WINDOWS
 from processors.sketch import QuantileSketch
 from processors.windows import SCOPE_DIMS, WindowPartial, read_wire
 from schemas.channels import ChannelConfig, ConsoleChannelConfig
@@ -34,6 +36,8 @@ from sinks.queries.metrics import metric_over_time
 
 log = logging.getLogger("llmpulse.alerting")
 
+DriftWindows = Mapping[tuple[str, ...], list[tuple[int, QuantileSketch, set[str]]]]
+
 QUALITY_SOURCE = -2
 """Stage-2 source id of quality partials (they carry no watermark)."""
 
@@ -45,6 +49,17 @@ def rules_for(settings: Settings, path: Path | None = None) -> RulesFile:
 
 def query_for(rule: Rule, scope: Mapping[str, str], start: float, end: float) -> str:
     return metric_over_time(rule.metric, {**rule.scope.where, **scope}, start, end, int(rule.window))
+
+
+@dataclass
+class _Seed:
+    """Stage 2's state for some scopes as ClickHouse holds it (``AlertPipeline._read_seed``)."""
+
+    firing: list[AlertEvent]
+    history: list[tuple[Rule, dict[str, str], list[tuple[float, float]]]] = field(default_factory=list)
+    seen: list[tuple[Rule, tuple[str, ...], int]] = field(default_factory=list)
+    drift: dict[tuple[tuple[str, ...], tuple[tuple[str, str], ...], int], DriftWindows] = field(default_factory=dict)
+    budgets: list[tuple[str, float, float, set[float]]] = field(default_factory=list)
 
 
 class AlertPipeline:
@@ -69,6 +84,9 @@ class AlertPipeline:
         """Partials-topic messages that could not be read (logged and skipped)."""
         self._read_to: dict[int, int] = {}
         """Per partials-topic partition, the offset after the last message merged (``on_wire``)."""
+        self._seed_pending: frozenset[int] = frozenset()
+        """Partials partitions gained whose scopes are not restored from ClickHouse yet."""
+        self._budgets_pending: list[Budget] = []
         self.budgets = BudgetTracker(self.rules.budgets)
         self.store = AlertStore(conn)
         chosen = list(channels) if channels is not None else list(settings.alerting.channels)
@@ -98,98 +116,139 @@ class AlertPipeline:
                 through = float(saved[0][0])
                 self.stage2.released_through = self.stage2.restored_through = self._saved_through = through
                 self.windows.resume_after(through)
-        firing = self._seed(time.time() if now is None else now, None, self.rules.budgets)
-        if firing:
-            log.info("restored %d firing alert(s): %s", len(firing), ", ".join(e.rule for e in firing))
-        return firing
+        seed = self._read_seed(time.time() if now is None else now, None, self.rules.budgets)
+        self._apply_seed(seed, None)
+        if seed.firing and self.dispatcher is not None:
+            self.dispatcher.refresh(seed.firing)  # Alertmanager only: it forgets alerts nobody re-sends
+        if seed.firing:
+            log.info("restored %d firing alert(s): %s", len(seed.firing), ", ".join(e.rule for e in seed.firing))
+        return seed.firing
+
+    @property
+    def seed_pending(self) -> bool:
+        """Scopes gained in a rebalance are not restored yet (ClickHouse failed): ``assign`` retries."""
+        return bool(self._seed_pending)
 
     def assign(self, partitions: Iterable[int], partition_of: Callable[[str], int], now: float | None = None) -> int:
-        """Worker: the partials partitions this stage 2 was assigned (every step; acts on a change).
+        """Worker: the partials partitions this stage 2 is assigned, every step (acts on a change,
+        and retries a restore that failed). Returns the scopes forgotten.
 
         The partials topic is keyed by scope, so the assignment decides which scopes are this
         worker's. Scopes that went elsewhere are forgotten (``Stage2.keep_scopes``,
         ``RuleWindows.keep_scopes``, budgets); scopes that came here are restored from ClickHouse
-        as after a restart, only up to where evaluation is now (later minutes come from the
+        as after a restart, up to where evaluation stands here (later minutes come from the
         partials read again). The first assignment drops what ``restore`` read for other workers'
-        scopes: their silence here would page. Returns the scopes dropped."""
+        scopes: their silence here would page. Alertmanager is then told to re-announce exactly
+        the firing alerts this worker owns: the scopes that left are their new owner's to resolve.
+        """
         assigned = frozenset(partitions)
         before = self.stage2.inputs
-        if assigned == before:
+        if assigned == before and not self._seed_pending:
             return 0
-        self.stage2.listen_on(assigned)
-        for gone in set(self._read_to) - assigned:
-            del self._read_to[gone]  # state from it is dropped: merge it again when it comes back
+        # assigned partials partitions: the worker, where every scope comes at its own grain
+        self.windows.full_grain = self.budgets.full_grain = False
         partition = functools.lru_cache(maxsize=None)(lambda dims, values: partition_of(scope_key(dims, values)))
 
         def owns(dims: tuple[str, ...], values: tuple[str, ...]) -> bool:
             return partition(dims, values) in assigned
 
-        dropped = self.stage2.keep_scopes(owns) + self.windows.keep_scopes(owns)
-        budgets = self.budgets.keep(owns)
-        gained = assigned - before if before is not None else frozenset()
-        if gained:
+        forgotten = 0
+        if assigned != before:
+            self.stage2.listen_on(assigned)
+            for gone in set(self._read_to) - assigned:
+                del self._read_to[gone]  # its state is dropped: merge it again when it comes back
+            cells = self.stage2.keep_scopes(owns)
+            forgotten = self.windows.keep_scopes(owns)
+            kept = [b for b in self._budgets_pending if b.name in self.budgets.owned]
+            self._budgets_pending = kept + self.budgets.keep(owns)
+            if before is not None:
+                self._seed_pending = (self._seed_pending | (assigned - before)) & assigned
+                if before - assigned:
+                    log.info(
+                        "stage 2 lost partials partitions %s: %d scope(s) and %d open cell(s) forgotten",
+                        sorted(before - assigned), forgotten, cells,
+                    )  # fmt: skip
+        pending = self._seed_pending
 
-            def new(dims: tuple[str, ...], values: tuple[str, ...]) -> bool:
-                return partition(dims, values) in gained
+        def gained(dims: tuple[str, ...], values: tuple[str, ...]) -> bool:
+            return partition(dims, values) in pending
 
-            firing = self._seed(time.time() if now is None else now, new, budgets)
+        firing = self.store.firing()  # every read before any change: a failure is retried whole
+        seed = self._read_seed(time.time() if now is None else now, gained, self._budgets_pending) if pending else None
+        if seed is not None:
+            self._apply_seed(seed, gained)
             log.info(
-                "stage 2 gained partials partitions %s: %d firing alert(s) taken over", sorted(gained), len(firing)
+                "stage 2 gained partials partitions %s: %d firing alert(s) taken over",
+                sorted(pending),
+                len(seed.firing),
             )
-        if before is not None and before - assigned:
-            log.info("stage 2 lost partials partitions %s: %d scope(s) forgotten", sorted(before - assigned), dropped)
-        return dropped
+        self._seed_pending, self._budgets_pending = frozenset(), []
+        if self.dispatcher is not None:
+            self.dispatcher.refresh([e for e in firing if self._mine(e.rule, e.scope, owns)])
+        return forgotten
 
-    def _seed(self, now: float, owns: Owns | None, budgets: Iterable[Budget]) -> list[AlertEvent]:
-        """Firing alerts, spike and absence baselines, drift memories and budget spend from
-        ClickHouse, for the scopes ``owns`` (None: all). Baselines end where evaluation resumes
-        (the rule's last evaluated window; without one, now), budgets at the minutes released:
-        what comes after is evaluated from partials read again, and must not count twice."""
-        rules = self.engine.rules
+    def _mine(self, name: str, scope: Mapping[str, str], owns: Owns | None) -> bool:
+        """Whether a stored alert is this stage 2's. Pipeline-lag rules watch every worker's own
+        lag, not a scope's partials: every worker keeps its state."""
+        rule = self.engine.rules.get(name)
+        if owns is None:
+            return True
+        if rule is None:
+            return False
+        return rule.metric == "pipeline_lag_s" or self.windows.owns_rule_scope(rule, scope, owns)
 
-        def mine(rule: Rule | None, scope: Mapping[str, str]) -> bool:
-            if owns is None:
-                return True
-            return rule is not None and self.windows.owns_rule_scope(rule, scope, owns)
+    def _read_seed(self, now: float, owns: Owns | None, budgets: Iterable[Budget]) -> _Seed:
+        """What restores the scopes ``owns`` (None: all) from ClickHouse: firing alerts, spike and
+        absence baselines, absence last-seen windows, drift memories and budget spend. Only reads.
 
-        firing = [e for e in self.store.firing() if mine(rules.get(e.rule), e.scope)]
-        for e in firing:
-            self.engine.restore_firing(e.rule, e.scope, e.started_at.timestamp())
-        if firing and self.dispatcher is not None:
-            self.dispatcher.refresh(firing)  # Alertmanager only: it forgets alerts nobody re-sends
-        for rule in rules.values():
+        Everything ends where evaluation stands here (``released_through``; without it, now):
+        later minutes are evaluated from the partials read again, and must not count twice."""
+        through = self.stage2.released_through
+
+        def end_for(w: float) -> float:
+            t = through if math.isfinite(through) else now
+            return t - t % w
+
+        seed = _Seed([e for e in self.store.firing() if self._mine(e.rule, e.scope, owns)])
+        for rule in self.engine.rules.values():
             length = rule.spike.baseline if rule.spike else rule.absent.baseline if rule.absent else 0
             if not length:
                 continue
-            done = self.windows.evaluated_through(rule)
-            end = done if done is not None else now - now % rule.window
+            end = end_for(rule.window)
             for values, history in self.store.recent_values(rule, end, length).items():
                 scope = dict(zip(rule.scope.by, values, strict=True))
-                if mine(rule, scope):
-                    self.engine.seed_history(rule, scope, history)
+                if self._mine(rule.name, scope, owns):
+                    seed.history.append((rule, scope, history))
             if rule.absent is not None:
-                since = end - rule.window * length
-                for ws, cells in self.store.window_values(rule, since, end).items():
+                for ws, cells in self.store.window_values(rule, end - rule.window * length, end).items():
                     for values, (_, calls) in cells.items():
-                        if calls > 0 and mine(rule, dict(zip(rule.scope.by, values, strict=True))):
-                            self.windows.saw(rule, values, ws)
-
-        def drift_history(
-            by: tuple[str, ...], where: dict[str, str], w: int, windows: int, done: int | None
-        ) -> Mapping[tuple[str, ...], list[tuple[int, QuantileSketch, set[str]]]]:
-            end = done if done is not None else now - now % w
-            return self.store.drift_history(by, where, w, end - w * windows, end)
-
-        self.windows.seed_drift(drift_history, owns)  # drift pages from the first window
-        through = self.stage2.released_through
+                        if calls > 0 and self._mine(rule.name, dict(zip(rule.scope.by, values, strict=True)), owns):
+                            seed.seen.append((rule, values, ws))
+        for by, where, w in self.windows.drift_scopes():
+            end = end_for(w)
+            seed.drift[(by, tuple(sorted(where.items())), w)] = self.store.drift_history(
+                by, where, w, end - w * BASELINE_WINDOWS, end
+            )
         step = self.settings.pipeline.window
         released = through - through % step if math.isfinite(through) else now
         for budget in budgets:
             start, _ = period_bounds(budget.period, now)
             spent = self.store.period_spend(budget, start, min(now, released))
             announced = self.store.announced_thresholds(budget, period_label(budget.period, start))
-            self.budgets.seed(budget.name, start, spent, announced)
-        return firing
+            seed.budgets.append((budget.name, start, spent, announced))
+        return seed
+
+    def _apply_seed(self, seed: _Seed, owns: Owns | None) -> None:
+        for e in seed.firing:
+            self.engine.restore_firing(e.rule, e.scope, e.started_at.timestamp())
+        for rule, scope, history in seed.history:
+            self.engine.seed_history(rule, scope, history)
+        for rule, values, ws in seed.seen:
+            self.windows.saw(rule, values, ws)
+        # the drift rules' trailing windows: drift pages from the first window
+        self.windows.seed_drift(lambda by, where, w, _: seed.drift[(by, tuple(sorted(where.items())), w)], owns)
+        for name, start, spent, announced in seed.budgets:
+            self.budgets.seed(name, start, spent, announced)
 
     def progress_due(self) -> bool:
         """Whether ``save_progress`` would write (evaluation entered a new minute since the last save)."""
@@ -265,8 +324,10 @@ class AlertPipeline:
         cells, through = self.stage2.release()
         if not math.isfinite(through):
             return []
-        # a gained scope's replayed minutes count toward its open windows; its budget was seeded through them
+        # replayed minutes (a restart, a gained scope) count toward the open windows; budgets were
+        # seeded through them
         events = self.windows.feed(cells, through, self.stage2.take_catch_up()) + self.budgets.feed(cells, through)
+        self.stage2.hold_released(self.windows.open_since())
         if events:
             self.deliver(events)
         return events

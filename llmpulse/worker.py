@@ -607,7 +607,7 @@ class AlertsConsumer(mode.Service):
         records = await self.consumer.getmany(timeout_ms=100, max_records=5000)
         began = time.thread_time()
         assigned = {tp.partition for tp in self.consumer.assignment()}
-        if stage2.inputs != assigned:  # started, or rebalanced: the scopes this worker owns changed
+        if stage2.inputs != assigned or self.pipeline.seed_pending:  # started, rebalanced, or a restore to retry
             assert self.calls.producer is not None
             partitions = len(await self.calls.producer.partitions_for(self.kafka.topics.partials))
             began_assign = time.perf_counter()

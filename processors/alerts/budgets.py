@@ -85,6 +85,8 @@ class BudgetTracker:
         self.budgets = list(budgets)
         self.burn_window_s = burn_window_s
         self._state = {b.name: _BudgetState() for b in self.budgets}
+        self.full_grain = True
+        """Whether full-grain cells stand in for a budget's grain with none (``RuleWindows.full_grain``)."""
         self.owned = {b.name for b in self.budgets}
         """Budgets this stage 2 tracks: with several workers, the one whose partials partition holds
         the budget's scope (``keep``). Another's stale spend would announce a threshold twice."""
@@ -119,8 +121,7 @@ class BudgetTracker:
         return all(labels.get(k) == v for k, v in budget.scope.items())
 
     def feed(self, cells: list[FinalCell], through: float) -> list[AlertEvent]:
-        # full-grain cells stand in only where they are all there is (in process; see ``_project``)
-        full = [] if any(c.dims != SCOPE_DIMS for c in cells) else cells
+        full = [c for c in cells if c.dims == SCOPE_DIMS] if self.full_grain else []
         events: list[AlertEvent] = []
         for budget in self.budgets:
             if budget.name not in self.owned:

@@ -66,11 +66,16 @@ class Stage2:
         self.late_partials = 0
         self._positions: dict[Minute, dict[int, int]] = {}
         """Per open minute: the lowest input offset (per input partition) that contributed to it."""
+        self._released: dict[Minute, dict[int, int]] = {}
+        """The same for released minutes, kept while a rule window they count toward is open: a
+        restart or a new owner must read them again to evaluate that window whole."""
         self._catch_up_through: dict[int, float] = {}
-        """Per input partition gained in a rebalance: minutes ending by this were released here
-        before the partition was ours. Its partials for them are the previous owner's minutes read
-        again from the commit: not late, and still due to the windows not evaluated yet."""
-        self._catch_up: list[FinalCell] = []
+        """Per input partition newly assigned: minutes ending by this were released here before it
+        was read (by this process). Its partials for them are minutes read again from the commit,
+        the previous owner's or the previous run's: not late, and still due to the windows not
+        evaluated yet."""
+        self._catch_up: list[tuple[FinalCell, float]] = []
+        """Replayed cells, each with the release point its partition was assigned at."""
 
     def add(
         self,
@@ -81,10 +86,12 @@ class Stage2:
         position: tuple[int, int] | None = None,
     ) -> None:
         """``position`` is (input partition, offset) of the message that carried the partial: stage 2
-        commits only below the oldest one whose minute is not evaluated yet."""
+        commits only below the oldest one whose minute or rule window is not evaluated yet."""
         if partial.window_end <= self.released_through:
-            if position is not None and partial.window_end <= self._catch_up_through.get(position[0], -math.inf):
-                self._catch_up.append(FinalCell(dims, partial.key, partial))
+            since = -math.inf if position is None else self._catch_up_through.get(position[0], -math.inf)
+            if position is not None and partial.window_end <= since:
+                self._catch_up.append((FinalCell(dims, partial.key, partial), since))
+                self._lowest(self._released, (partial.window_start, partial.window_s), position)  # still pinned
             elif partial.window_end > self.restored_through:
                 self.late_partials += 1  # its minute was already evaluated; counting it now would lie twice
             return
@@ -99,10 +106,7 @@ class Stage2:
         else:
             cell.merge(partial)
         if position is not None:
-            lowest = self._positions.setdefault(minute, {})
-            part, offset = position
-            if offset < lowest.get(part, offset + 1):
-                lowest[part] = offset
+            self._lowest(self._positions, minute, position)
         if watermark is None:
             return
         if position is None:  # handed over in process, a whole batch at once
@@ -119,14 +123,29 @@ class Stage2:
             if carried > -math.inf:
                 self.heartbeat(source, carried, via)
 
+    @staticmethod
+    def _lowest(positions: dict[Minute, dict[int, int]], minute: Minute, position: tuple[int, int]) -> None:
+        lowest = positions.setdefault(minute, {})
+        part, offset = position
+        if offset < lowest.get(part, offset + 1):
+            lowest[part] = offset
+
     def pinned_offsets(self) -> dict[int, int]:
-        """Per input partition, the lowest offset still needed by an unevaluated minute."""
+        """Per input partition, the lowest offset still needed: by a minute not released, or by a
+        released one whose rule window is still open (``hold_released``)."""
         out: dict[int, int] = {}
-        for lowest in self._positions.values():
-            for part, offset in lowest.items():
-                if offset < out.get(part, offset + 1):
-                    out[part] = offset
+        for positions in (self._positions, self._released):
+            for lowest in positions.values():
+                for part, offset in lowest.items():
+                    if offset < out.get(part, offset + 1):
+                        out[part] = offset
         return out
+
+    def hold_released(self, since: float) -> None:
+        """Keep pinning released minutes from ``since`` on (the oldest open rule window's start,
+        ``RuleWindows.open_since``); earlier ones are evaluated in every window they count toward."""
+        for minute in [m for m in self._released if m[0] < since]:
+            del self._released[minute]
 
     def heartbeat(self, source: int, watermark: float, via: int | None = None) -> None:
         """``source`` has sent everything up to ``watermark`` *through input partition* ``via``.
@@ -146,8 +165,10 @@ class Stage2:
     def listen_on(self, inputs: Iterable[int]) -> None:
         """The input partitions assigned to this stage 2 (after a rebalance: the new set). What
         was heard on a partition that left is forgotten: if it comes back, it is read again from
-        its committed offset, behind what it said before. A partition gained after the first
-        assignment replays, from its commit, minutes released here already (``add``)."""
+        its committed offset, behind what it said before. A partition newly assigned (a gained
+        one, or every one after a restart) replays from its commit minutes released here already:
+        the commit holds behind open rule windows (``hold_released``), whose earlier minutes these
+        are (``add``)."""
         assigned = frozenset(inputs)
         if assigned == self.inputs:
             return
@@ -161,11 +182,11 @@ class Stage2:
         self._carried = {k: w for k, w in self._carried.items() if k[1] not in gone}
         for via in gone:
             self._catch_up_through.pop(via, None)
-            for lowest in self._positions.values():
-                lowest.pop(via, None)  # not ours to commit any more
-        if before is not None:  # the first assignment replays what ``restored_through`` covers
-            for via in assigned - before:
-                self._catch_up_through[via] = self.released_through
+            for positions in (self._positions, self._released):
+                for lowest in positions.values():
+                    lowest.pop(via, None)  # not ours to commit any more
+        for via in assigned - (before or frozenset()):  # read from its commit: what it replays, see ``add``
+            self._catch_up_through[via] = self.released_through
 
     def keep_scopes(self, owns: Owns) -> int:
         """Drop the open cells of scopes this stage 2 no longer owns; returns how many.
@@ -184,10 +205,12 @@ class Stage2:
             if not cells:
                 del self._cells[minute]
                 self._positions.pop(minute, None)
+        self._catch_up = [(c, since) for c, since in self._catch_up if owns(c.dims, c.values)]
         return dropped
 
-    def take_catch_up(self) -> list[FinalCell]:
-        """Replayed cells of minutes released before their partition was ours (``listen_on``)."""
+    def take_catch_up(self) -> list[tuple[FinalCell, float]]:
+        """Replayed cells of minutes released before their partition was read here (``listen_on``),
+        each with that release point: windows ending by it were evaluated before (``RuleWindows.feed``)."""
         cells, self._catch_up = self._catch_up, []
         return cells
 
@@ -216,7 +239,9 @@ class Stage2:
         for minute in sorted(m for m in self._cells if m[0] + m[1] <= through):
             popped = self._cells.pop(minute)
             cells.extend(FinalCell(dims, values, partial) for (dims, values), partial in popped.items())
-            self._positions.pop(minute, None)
+            positions = self._positions.pop(minute, None)
+            if positions:
+                self._released[minute] = positions
         self.released_through = through
         return cells, through
 
@@ -226,11 +251,10 @@ ScopeKey = tuple[tuple[str, ...], tuple[tuple[str, str], ...]]
 
 
 DriftHistory = Callable[
-    [tuple[str, ...], dict[str, str], int, int, int | None],
-    Mapping[tuple[str, ...], list[tuple[int, QuantileSketch, set[str]]]],
+    [tuple[str, ...], dict[str, str], int, int], Mapping[tuple[str, ...], list[tuple[int, QuantileSketch, set[str]]]]
 ]
-"""(by, where, window_s, windows, end) → per scope value, its last windows with calls before
-``end`` (None: the last complete window): (start, output lengths, response models), oldest first."""
+"""(by, where, window_s, windows) → per scope value, its last windows with calls: (start, output
+lengths, response models), oldest first."""
 
 
 Projected = dict[tuple[int, tuple[str, ...]], WindowPartial]
@@ -242,14 +266,13 @@ def _project(
     by: tuple[str, ...],
     where: dict[str, str],
     sketches: tuple[bool, bool, bool] = (True, True, True),
+    full_grain: bool = True,
 ) -> Projected:
-    """Cells onto a scope: filter by ``where``, merge by ``by``, within each minute."""
+    """Cells onto a scope: filter by ``where``, merge by ``by``, within each minute. ``full_grain``:
+    full-grain cells stand in for a grain with none (see ``RuleWindows.full_grain``)."""
     dims = tuple(d for d in SCOPE_DIMS if d in by or d in where)
     exact = [c for c in cells if c.dims == dims]
-    # Full-grain cells stand in only where they are all there is (in process, one stage 1): in the
-    # worker every scope comes at its own grain, and the full-grain cells a worker holds are the
-    # share of them its partials partitions carry, not a scope's whole traffic.
-    source = exact or ([] if any(c.dims != SCOPE_DIMS for c in cells) else cells)
+    source = exact or ([c for c in cells if c.dims == SCOPE_DIMS] if full_grain else [])
     out: Projected = {}
     if not source:  # none at this grain (a worker's stage 2 owns some scopes, not all)
         return out
@@ -379,6 +402,11 @@ class RuleWindows:
         only those from the partials topic."""
         self.evaluated_windows = 0
         """(rule, scope) windows evaluated; scopes under every rule's ``min_calls`` are not."""
+        self.full_grain = True
+        """Whether full-grain cells stand in for a grain with none: in process, where stage 1 hands
+        over full-grain partials only. Not in the worker (``AlertPipeline.assign``): there every
+        scope comes at its own grain, and the full-grain cells a worker holds are its partitions'
+        share, not a scope's whole traffic."""
         self.late_windows = 0
 
     def saw(self, rule: Rule, values: tuple[str, ...], window_start: int) -> None:
@@ -388,17 +416,20 @@ class RuleWindows:
         if group is not None and window_start > group.seen.get(values, -1):
             group.seen[values] = window_start
 
+    def drift_scopes(self) -> list[tuple[tuple[str, ...], dict[str, str], int]]:
+        """(by, where, window) of every drift-watching group: what ``seed_drift`` asks ``history`` for."""
+        return [(g.by, g.where, g.window) for g in self._groups.values() if g.watches_drift]
+
     def seed_drift(self, history: DriftHistory, owns: Owns | None = None) -> int:
         """After a restart: every drift-watching group's memories refilled with its scopes' trailing
-        windows (``history(by, where, window_s, windows, end)`` reads them from the rollups, oldest
-        first), so a snapshot switch or a reshaped output length right after a restart still pages.
-        They end where evaluation resumes: later windows are evaluated from the partials read again.
+        windows (``history(by, where, window_s, windows)`` reads them from the rollups, oldest first),
+        so a snapshot switch or a reshaped output length right after a restart still pages.
         ``owns``: only those scopes (a rebalance handed them over). Returns the scopes seeded."""
         seeded = 0
         for group in self._groups.values():
             if not group.watches_drift:
                 continue
-            for values, windows in history(group.by, group.where, group.window, BASELINE_WINDOWS, group.done).items():
+            for values, windows in history(group.by, group.where, group.window, BASELINE_WINDOWS).items():
                 if owns is not None and not owns(*group.cell(values)):
                     continue
                 memory = group.drift.get(values)
@@ -456,32 +487,33 @@ class RuleWindows:
         group = self._groups.get(self._key(rule))
         return group is None or owns(*group.cell(tuple(scope.get(d, "") for d in group.by)))
 
-    def evaluated_through(self, rule: Rule) -> int | None:
-        """The end of the rule's last evaluated window (None before the first)."""
-        group = self._groups.get(self._key(rule))
-        return None if group is None else group.done
+    def open_since(self) -> float:
+        """The start of the oldest rule window holding minutes and not evaluated yet (inf: none)."""
+        return min((min(g.open) for g in self._groups.values() if g.open), default=math.inf)
 
     @staticmethod
     def _key(rule: Rule) -> tuple[ScopeKey, int]:
         return (tuple(rule.scope.by), tuple(sorted(rule.scope.where.items()))), int(rule.window)
 
-    def feed(self, cells: list[FinalCell], through: float, catch_up: list[FinalCell] | None = None) -> list[AlertEvent]:
-        """``catch_up``: minutes of a scope gained in a rebalance, released before it was ours; they
-        count toward its windows not evaluated yet (the rest its previous owner evaluated)."""
+    def feed(
+        self, cells: list[FinalCell], through: float, catch_up: list[tuple[FinalCell, float]] | None = None
+    ) -> list[AlertEvent]:
+        """``catch_up``: minutes read again from a commit (``Stage2.take_catch_up``), each with the
+        release point at which its partition was assigned here. They count toward the windows
+        ending after that point; a window ending by it was evaluated before (by the scope's
+        previous owner, or the previous run), whatever this group evaluated since."""
         projections: dict[ScopeKey, Projected] = {}
-        replays: dict[ScopeKey, Projected] = {}
         events: list[AlertEvent] = []
         for (scope_key, w), group in self._groups.items():
             needs = self._scope_sketches[scope_key]
             projected = projections.get(scope_key)
             if projected is None:
-                projected = projections[scope_key] = _project(cells, group.by, group.where, needs) if cells else {}
-            if catch_up:
-                replayed = replays.get(scope_key)
-                if replayed is None:
-                    replayed = replays[scope_key] = _project(catch_up, group.by, group.where, needs)
-                done = -math.inf if group.done is None else group.done
-                self._accumulate(group, {k: p for k, p in replayed.items() if k[0] - k[0] % w >= done})
+                projected = projections[scope_key] = (
+                    _project(cells, group.by, group.where, needs, self.full_grain) if cells else {}
+                )
+            if catch_up:  # rare (a restart, a rebalance): projected per group, as windows differ
+                due = [c for c, since in catch_up if (ws := c.partial.window_start) - ws % w + w > since]
+                self._accumulate(group, _project(due, group.by, group.where, needs, self.full_grain) if due else {})
             self._accumulate(group, projected)
             events.extend(self._close(group, through))
         return events

@@ -12,7 +12,7 @@ from llmpulse.alerting import AlertPipeline
 from llmpulse.backtest import backtest
 from llmpulse.runtime import EmbeddedRuntime
 from processors.records import Source
-from schemas.channels import WebhookChannelConfig
+from schemas.channels import AlertmanagerChannelConfig, WebhookChannelConfig
 from schemas.rules import parse_rules
 from sinks.alert_store import AlertStore
 from tests.conftest import batch, call, iso
@@ -269,7 +269,20 @@ def test_a_rebalance_hands_scopes_over_with_their_firing_alerts_and_budgets(sett
 
     # the partials partition of each scope key, as the producer's partitioner would place them
     placed = {"model=gpt-4o": 0, "model=gpt-4o-mini": 1, "team=cx": 1}
-    worker = AlertPipeline(settings, conn, rules=rules, channels=[])
+    receiver = Receiver()  # an Alertmanager: it keeps an alert open while someone re-announces it
+    manager = AlertmanagerChannelConfig(name="am", type="alertmanager", urls=[receiver.url], resend_interval_s=0.1)
+    worker = AlertPipeline(settings, conn, rules=rules, channels=[manager])
+
+    def announced() -> list[str]:
+        """The models of the firing alerts in the next re-announcement."""
+        since = time.time()
+        deadline = since + 5
+        while time.time() < deadline:
+            fresh = [body for t, body in list(receiver.received) if t > since + 0.05]
+            if fresh:
+                return sorted(a["labels"]["model"] for a in fresh[-1] if a["labels"]["alertname"] == "errors-high")
+            time.sleep(0.02)
+        return []
 
     def firing() -> list[str]:
         return sorted(dict(scope)["model"] for _, scope, _ in worker.engine.firing())
@@ -280,16 +293,31 @@ def test_a_rebalance_hands_scopes_over_with_their_firing_alerts_and_budgets(sett
 
     worker.restore(now=now)
     assert firing() == ["gpt-4o", "gpt-4o-mini"] and spent() == pytest.approx(300 * 0.0045)
+    assert announced() == ["gpt-4o", "gpt-4o-mini"]
     worker.on_wire([(1, 5, b"{}")])  # something read on partition 1 (skipped as unreadable)
     worker.assign([0], placed.__getitem__, now=now)  # the first assignment: partition 0 only
     assert firing() == ["gpt-4o"] and spent() == -1.0  # cx's budget is partition 1's owner's
+    assert announced() == ["gpt-4o"]  # gpt-4o-mini's is its owner's to keep open, or to resolve
     assert worker.assign([0], placed.__getitem__, now=now) == 0  # the same assignment again: nothing to do
-    worker.assign([0, 1], placed.__getitem__, now=now)  # gained partition 1
+    real = worker.store.period_spend
+
+    def unreachable(*args: Any) -> Any:
+        raise ConnectionError("ClickHouse is restarting")
+
+    worker.store.period_spend = unreachable  # type: ignore[method-assign]
+    with pytest.raises(ConnectionError):  # gained partition 1, but its scopes cannot be read back
+        worker.assign([0, 1], placed.__getitem__, now=now)
+    assert worker.seed_pending and firing() == ["gpt-4o"]  # nothing half-restored
+    worker.store.period_spend = real  # type: ignore[method-assign]
+    worker.assign([0, 1], placed.__getitem__, now=now)  # the next step retries
+    assert not worker.seed_pending
     assert firing() == ["gpt-4o", "gpt-4o-mini"]  # taken over firing: a recovery resolves it, no second page
     assert spent() == pytest.approx(300 * 0.0045)  # $0.0045 a call of gpt-4o (1,000 in, 200 out)
+    assert announced() == ["gpt-4o", "gpt-4o-mini"]  # its own as well as the one taken over
     heartbeat = orjson.dumps({"type": "watermark", "partition": 0, "watermark": now})
     worker.on_wire([(0, 0, heartbeat), (1, 5, heartbeat)])  # offset 5 again: read, since partition 1 left
     assert worker.stage2.watermarks == {0: now}  # heard on both inputs
     worker.assign([1], placed.__getitem__, now=now)  # lost partition 0
-    assert firing() == ["gpt-4o-mini"]
+    assert firing() == ["gpt-4o-mini"] and announced() == ["gpt-4o-mini"]
     worker.close()
+    receiver.close()

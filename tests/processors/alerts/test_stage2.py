@@ -64,11 +64,47 @@ def test_commits_stay_below_the_oldest_minute_not_yet_evaluated() -> None:
     stage2.heartbeat(0, T0 + 60)
     cells, _ = stage2.release()
     assert [c.partial.window_start for c in cells] == [T0, T0]
+    assert stage2.pinned_offsets() == {0: 10, 1: 3}  # released, but a rule window it counts toward is open
+    stage2.hold_released(T0 + 60)  # every window holding minute 0 is evaluated
     assert stage2.pinned_offsets() == {0: 12, 1: 3}
     stage2.heartbeat(0, T0 + 180)  # two minutes at once: released oldest first
     cells, _ = stage2.release()
     assert [c.partial.window_start for c in cells] == [T0 + 60, T0 + 60, T0 + 120]
+    stage2.hold_released(math.inf)
     assert stage2.pinned_offsets() == {}  # nothing open: nothing holds a commit back
+
+
+def test_a_restart_mid_window_reads_the_windows_earlier_minutes_again() -> None:
+    """A 5-minute window is open when the worker stops after evaluating minute 1. Its commit held
+    behind minute 0 (the window's first), so the next run reads minutes 0-1 again: they complete
+    the window instead of counting late, and the window is evaluated once, whole."""
+    rule = {"name": "many", "metric": "calls", "scope": ["feature"], "window": "5m", "max": 100, "min_calls": 0}
+    first, windows = Stage2(sources=[0]), rules(rule)
+    first.listen_on([0])
+    messages = []
+    for minute in range(5):  # 30 calls a minute at offsets 0-4, then a heartbeat at 5
+        parts, _ = partials(0, [(T0 + minute * 60 + i, {"feature": "a"}) for i in range(30)])
+        messages.append((project_one(parts[0], "feature"), T0 + minute * 60 + 60, minute))
+    for partial, watermark, offset in messages[:3]:
+        first.add(("feature",), partial, 0, watermark, (0, offset))
+    assert windows.feed(*first.release()) == []  # minutes 0 and 1 released (minute 2's watermark waits)
+    first.hold_released(windows.open_since())
+    assert windows.open_since() == T0 and first.pinned_offsets() == {0: 0}  # the commit stays at the window
+    # the restart: progress says evaluated through minute 1; the commit replays from offset 0
+    second, windows = Stage2(sources=[0]), rules(rule)
+    second.released_through = second.restored_through = T0 + 120
+    windows.resume_after(T0 + 120)
+    second.listen_on([0])
+    for partial, watermark, offset in messages:
+        second.add(("feature",), partial, 0, watermark, (0, offset))
+    windows.feed(*second.release(), second.take_catch_up())
+    second.hold_released(windows.open_since())
+    assert second.pinned_offsets() == {0: 0}  # the replayed minutes stay pinned while their window is open
+    second.heartbeat(0, T0 + 300, 0)
+    (event,) = windows.feed(*second.release(), second.take_catch_up())
+    assert (event.value, event.window_start.timestamp(), second.late_partials) == (150.0, T0, 0)
+    second.hold_released(windows.open_since())
+    assert second.pinned_offsets() == {}
 
 
 def test_rule_windows_group_minutes_and_wait_for_the_last_one() -> None:
@@ -356,9 +392,10 @@ def test_scopes_lost_in_a_rebalance_are_forgotten_and_their_silence_does_not_pag
 
 
 def test_a_gained_partitions_replay_completes_open_windows_and_is_not_late() -> None:
-    """A partition gained in a rebalance is read again from its commit: its minutes released
-    here before it was ours were evaluated by its previous owner. They count toward windows
-    still open, are ignored for windows already evaluated, and never count as late."""
+    """A partition gained in a rebalance is read again from its commit, which its previous owner
+    held behind its open windows (and a commit interval more). Minutes released here before the
+    gain count toward windows ending after it; windows ending before it were evaluated by the
+    previous owner. None of it counts as late."""
     windows = rules({"name": "many", "metric": "calls", "scope": ["feature"], "window": "5m", "max": 100,
                      "min_calls": 0})  # fmt: skip
     stage2 = Stage2(sources=[0])
@@ -398,12 +435,39 @@ def test_a_gained_partitions_replay_completes_open_windows_and_is_not_late() -> 
     assert stage2.late_partials == 1
 
 
+def test_a_replay_skips_windows_evaluated_before_the_gain_even_where_this_group_lags() -> None:
+    """This worker's own scope went quiet at minute 4, so its 5-minute group evaluated nothing
+    after [0, 300) although minutes up to 900 are released. A gained partition replays feature b's
+    minutes 10-14: their window [600, 900) ended before the gain and was evaluated by b's previous
+    owner. Judged by how far this group got, it would be evaluated a second time."""
+    windows = rules({"name": "many", "metric": "calls", "scope": ["feature"], "window": "5m", "max": 100,
+                     "min_calls": 0})  # fmt: skip
+    stage2 = Stage2(sources=[0])
+    stage2.listen_on([0])
+    events = []
+    for minute in range(5):
+        parts, _ = partials(0, [(T0 + minute * 60 + i, {"feature": "a"}) for i in range(10)])
+        stage2.add(("feature",), project_one(parts[0], "feature"), 0, T0 + minute * 60 + 60, (0, minute))
+    stage2.heartbeat(0, T0 + 900, 0)  # quiet since: the idle watermark moves on
+    events += windows.feed(*stage2.release())
+    assert stage2.released_through == T0 + 900 and events == []
+    stage2.listen_on([0, 1])
+    for minute in range(10, 15):
+        parts, _ = partials(0, [(T0 + minute * 60 + i, {"feature": "b"}) for i in range(30)])
+        stage2.add(("feature",), project_one(parts[0], "feature"), 0, T0 + minute * 60 + 60, (1, minute))
+    for via in (0, 1):
+        stage2.heartbeat(0, T0 + 960, via)
+    events += windows.feed(*stage2.release(), stage2.take_catch_up())
+    assert events == [] and stage2.late_partials == 0
+
+
 def test_a_restored_budget_owned_elsewhere_announces_nothing() -> None:
     budget = parse_rules({"rules": [], "budgets": [{"name": "cx", "scope": {"team": "cx"}, "period": "day",
                                                     "limit_usd": 1.0, "warn_at": [0.5]}]}, "test").budgets  # fmt: skip
     tracker = BudgetTracker(budget)
     tracker.seed("cx", T0 - T0 % 86400, 0.9)  # restored: over 50% of $1, not announced yet
     assert tracker.keep(lambda dims, values: False) == []  # its partials partition is another worker's
+    tracker.seed("cx", T0 - T0 % 86400, 0.9)  # as a restart's restore would, before the first assignment
     assert tracker.feed([], T0) == []  # the owner announces; this one would have too
     (gained,) = tracker.keep(lambda dims, values: (dims, values) == (("team",), ("cx",)))
     assert gained.name == "cx"
