@@ -38,6 +38,10 @@ log = logging.getLogger("llmpulse.alerting")
 
 DriftWindows = Mapping[tuple[str, ...], list[tuple[int, QuantileSketch, set[str]]]]
 
+MAX_REPLAY_S = 6 * 3600
+"""Commits hold behind open rule windows, but never more than this (the partials topic keeps a
+day): a longer window open across a restart is evaluated from the minutes read after it."""
+
 QUALITY_SOURCE = -2
 """Stage-2 source id of quality partials (they carry no watermark)."""
 
@@ -84,9 +88,8 @@ class AlertPipeline:
         """Partials-topic messages that could not be read (logged and skipped)."""
         self._read_to: dict[int, int] = {}
         """Per partials-topic partition, the offset after the last message merged (``on_wire``)."""
-        self._seed_pending: frozenset[int] = frozenset()
-        """Partials partitions gained whose scopes are not restored from ClickHouse yet."""
-        self._budgets_pending: list[Budget] = []
+        self._restored = False
+        """Whether progress and state were read back (``restore``, or the worker's first ``assign``)."""
         self.budgets = BudgetTracker(self.rules.budgets)
         self.store = AlertStore(conn)
         chosen = list(channels) if channels is not None else list(settings.alerting.channels)
@@ -107,16 +110,11 @@ class AlertPipeline:
     # ---- restart ---------------------------------------------------------------------------
 
     def restore(self, now: float | None = None) -> list[AlertEvent]:
-        """Carry on after a restart: firing alerts stay firing silently, baselines and budgets warm."""
-        if self.progress_key:
-            saved = self.store.conn.client.query(
-                "SELECT value FROM llmpulse_meta FINAL WHERE key = {k:String}", parameters={"k": self.progress_key}
-            ).result_rows
-            if saved:
-                through = float(saved[0][0])
-                self.stage2.released_through = self.stage2.restored_through = self._saved_through = through
-                self.windows.resume_after(through)
-        seed = self._read_seed(time.time() if now is None else now, None, self.rules.budgets)
+        """Carry on after a restart: firing alerts stay firing silently, baselines and budgets warm.
+        (The worker restores at its first assignment instead, only the scopes it owns: ``assign``.)"""
+        through = self._read_progress()
+        seed = self._read_seed(time.time() if now is None else now, None, self.rules.budgets, through)
+        self._resume(through)
         self._apply_seed(seed, None)
         if seed.firing and self.dispatcher is not None:
             self.dispatcher.refresh(seed.firing)  # Alertmanager only: it forgets alerts nobody re-sends
@@ -124,65 +122,80 @@ class AlertPipeline:
             log.info("restored %d firing alert(s): %s", len(seed.firing), ", ".join(e.rule for e in seed.firing))
         return seed.firing
 
-    @property
-    def seed_pending(self) -> bool:
-        """Scopes gained in a rebalance are not restored yet (ClickHouse failed): ``assign`` retries."""
-        return bool(self._seed_pending)
+    def _read_progress(self) -> float:
+        """How far evaluation got, as last saved (``save_progress``); -inf: never."""
+        if not self.progress_key:
+            return -math.inf
+        saved = self.store.conn.client.query(
+            "SELECT value FROM llmpulse_meta FINAL WHERE key = {k:String}", parameters={"k": self.progress_key}
+        ).result_rows
+        return float(saved[0][0]) if saved else -math.inf
+
+    def _resume(self, through: float) -> None:
+        self._restored = True
+        if math.isfinite(through):
+            self.stage2.released_through = self.stage2.restored_through = self._saved_through = through
+            self.windows.resume_after(through)
 
     def assign(self, partitions: Iterable[int], partition_of: Callable[[str], int], now: float | None = None) -> int:
-        """Worker: the partials partitions this stage 2 is assigned, every step (acts on a change,
-        and retries a restore that failed). Returns the scopes forgotten.
+        """Worker: the partials partitions this stage 2 is assigned, every step (acts on a change).
+        Returns the scopes forgotten.
 
         The partials topic is keyed by scope, so the assignment decides which scopes are this
-        worker's. Scopes that went elsewhere are forgotten (``Stage2.keep_scopes``,
-        ``RuleWindows.keep_scopes``, budgets); scopes that came here are restored from ClickHouse
-        as after a restart, up to where evaluation stands here (later minutes come from the
-        partials read again). The first assignment drops what ``restore`` read for other workers'
-        scopes: their silence here would page. Alertmanager is then told to re-announce exactly
-        the firing alerts this worker owns: the scopes that left are their new owner's to resolve.
+        worker's. The first assignment restores them from ClickHouse (only them: the others'
+        silence here would page), from the progress saved by then. Later, scopes that went
+        elsewhere are forgotten (``Stage2.keep_scopes``, ``RuleWindows.keep_scopes``, budgets),
+        and scopes that came here are restored as after a restart, up to where evaluation stands
+        here (later minutes come from the partials read again). Alertmanager is then told to
+        re-announce exactly the firing alerts this worker owns: the scopes that left are their
+        new owner's to resolve. Every ClickHouse read comes before any change, so a failure
+        changes nothing, and the next step, still seeing a new assignment, tries again.
         """
         assigned = frozenset(partitions)
         before = self.stage2.inputs
-        if assigned == before and not self._seed_pending:
+        if assigned == before:
             return 0
-        # assigned partials partitions: the worker, where every scope comes at its own grain
-        self.windows.full_grain = self.budgets.full_grain = False
+        now = time.time() if now is None else now
         partition = functools.lru_cache(maxsize=None)(lambda dims, values: partition_of(scope_key(dims, values)))
 
         def owns(dims: tuple[str, ...], values: tuple[str, ...]) -> bool:
             return partition(dims, values) in assigned
 
-        forgotten = 0
-        if assigned != before:
-            self.stage2.listen_on(assigned)
-            for gone in set(self._read_to) - assigned:
-                del self._read_to[gone]  # its state is dropped: merge it again when it comes back
-            cells = self.stage2.keep_scopes(owns)
-            forgotten = self.windows.keep_scopes(owns)
-            kept = [b for b in self._budgets_pending if b.name in self.budgets.owned]
-            self._budgets_pending = kept + self.budgets.keep(owns)
-            if before is not None:
-                self._seed_pending = (self._seed_pending | (assigned - before)) & assigned
-                if before - assigned:
-                    log.info(
-                        "stage 2 lost partials partitions %s: %d scope(s) and %d open cell(s) forgotten",
-                        sorted(before - assigned), forgotten, cells,
-                    )  # fmt: skip
-        pending = self._seed_pending
+        first = not self._restored
+        through = self._read_progress() if first else self.stage2.released_through
+        # restore() already read every scope back when this is the first assignment after it
+        gained = assigned if first else assigned - before if before is not None else frozenset()
 
-        def gained(dims: tuple[str, ...], values: tuple[str, ...]) -> bool:
-            return partition(dims, values) in pending
+        def new(dims: tuple[str, ...], values: tuple[str, ...]) -> bool:
+            return partition(dims, values) in gained
 
-        firing = self.store.firing()  # every read before any change: a failure is retried whole
-        seed = self._read_seed(time.time() if now is None else now, gained, self._budgets_pending) if pending else None
-        if seed is not None:
-            self._apply_seed(seed, gained)
+        budgets = [b for b in self.budgets.budgets if new(*BudgetTracker.cell(b)) or (
+            owns(*BudgetTracker.cell(b)) and b.name not in self.budgets.owned)]  # fmt: skip
+        # reads
+        firing = self.store.firing()
+        seed = self._read_seed(now, new, budgets, through, firing) if gained else None
+        # changes
+        self.windows.full_grain = self.budgets.full_grain = False  # the worker: every scope at its own grain
+        if first:
+            self._resume(through)
+        self.stage2.listen_on(assigned)
+        for gone in set(self._read_to) - assigned:
+            del self._read_to[gone]  # its state is dropped: merge it again when it comes back
+        cells = self.stage2.keep_scopes(owns)
+        forgotten = self.windows.keep_scopes(owns)
+        self.budgets.keep(owns)
+        if before is not None and before - assigned:
             log.info(
-                "stage 2 gained partials partitions %s: %d firing alert(s) taken over",
-                sorted(pending),
-                len(seed.firing),
-            )
-        self._seed_pending, self._budgets_pending = frozenset(), []
+                "stage 2 lost partials partitions %s: %d scope(s) and %d open cell(s) forgotten",
+                sorted(before - assigned), forgotten, cells,
+            )  # fmt: skip
+        if seed is not None:
+            self._apply_seed(seed, new)
+            log.info(
+                "stage 2 %s partials partitions %s: %d firing alert(s) %s",
+                "restored" if first else "gained", sorted(gained), len(seed.firing),
+                "restored" if first else "taken over",
+            )  # fmt: skip
         if self.dispatcher is not None:
             self.dispatcher.refresh([e for e in firing if self._mine(e.rule, e.scope, owns)])
         return forgotten
@@ -197,19 +210,26 @@ class AlertPipeline:
             return False
         return rule.metric == "pipeline_lag_s" or self.windows.owns_rule_scope(rule, scope, owns)
 
-    def _read_seed(self, now: float, owns: Owns | None, budgets: Iterable[Budget]) -> _Seed:
+    def _read_seed(
+        self,
+        now: float,
+        owns: Owns | None,
+        budgets: Iterable[Budget],
+        through: float,
+        firing: list[AlertEvent] | None = None,
+    ) -> _Seed:
         """What restores the scopes ``owns`` (None: all) from ClickHouse: firing alerts, spike and
         absence baselines, absence last-seen windows, drift memories and budget spend. Only reads.
 
-        Everything ends where evaluation stands here (``released_through``; without it, now):
-        later minutes are evaluated from the partials read again, and must not count twice."""
-        through = self.stage2.released_through
+        Everything ends where evaluation stands (``through``; without it, now): later minutes
+        are evaluated from the partials read again, and must not count twice."""
 
         def end_for(w: float) -> float:
             t = through if math.isfinite(through) else now
             return t - t % w
 
-        seed = _Seed([e for e in self.store.firing() if self._mine(e.rule, e.scope, owns)])
+        stored = self.store.firing() if firing is None else firing
+        seed = _Seed([e for e in stored if self._mine(e.rule, e.scope, owns)])
         for rule in self.engine.rules.values():
             length = rule.spike.baseline if rule.spike else rule.absent.baseline if rule.absent else 0
             if not length:
@@ -327,7 +347,7 @@ class AlertPipeline:
         # replayed minutes (a restart, a gained scope) count toward the open windows; budgets were
         # seeded through them
         events = self.windows.feed(cells, through, self.stage2.take_catch_up()) + self.budgets.feed(cells, through)
-        self.stage2.hold_released(self.windows.open_since())
+        self.stage2.hold_released(max(self.windows.open_since(), through - MAX_REPLAY_S))
         if events:
             self.deliver(events)
         return events
@@ -337,7 +357,9 @@ class AlertPipeline:
         lag_rules = [r for r in self.engine.rules.values() if r.metric == "pipeline_lag_s"]
         if not lag_rules or not self.stage2.watermarks:
             return []
-        lag = max(0.0, now - min(self.stage2.watermarks.values()))
+        # a partition read again from its commit carries old watermarks until the replay is done;
+        # evaluation itself stands at released_through
+        lag = max(0.0, now - max(min(self.stage2.watermarks.values()), self.stage2.released_through))
         events = []
         for rule in lag_rules:
             e = self.engine.evaluate(rule, {}, now - rule.window, now, {"pipeline_lag_s": lag, "calls": math.inf})

@@ -566,7 +566,7 @@ class AlertsConsumer(mode.Service):
             progress_key=self.kafka.consumer_group,
             metrics=self.calls.metrics,
         )
-        await asyncio.to_thread(self.pipeline.restore)
+        # restored at the first assignment (``AlertPipeline.assign``): only the scopes this worker owns
 
     async def on_stop(self) -> None:
         if self.consumer is not None:
@@ -607,13 +607,21 @@ class AlertsConsumer(mode.Service):
         records = await self.consumer.getmany(timeout_ms=100, max_records=5000)
         began = time.thread_time()
         assigned = {tp.partition for tp in self.consumer.assignment()}
-        if stage2.inputs != assigned or self.pipeline.seed_pending:  # started, rebalanced, or a restore to retry
+        if stage2.inputs != assigned:  # started, or rebalanced: the scopes this worker owns changed
             assert self.calls.producer is not None
-            partitions = len(await self.calls.producer.partitions_for(self.kafka.topics.partials))
-            began_assign = time.perf_counter()
-            await asyncio.to_thread(
-                self.pipeline.assign, assigned, functools.partial(partition_of, partitions=partitions)
-            )
+            try:
+                partitions = len(await self.calls.producer.partitions_for(self.kafka.topics.partials))
+                began_assign = time.perf_counter()
+                await asyncio.to_thread(
+                    self.pipeline.assign, assigned, functools.partial(partition_of, partitions=partitions)
+                )
+            except Exception:
+                # nothing changed (assign reads before it changes anything); what this step fetched
+                # is read again after the retry, not skipped
+                for tp, messages in records.items():
+                    if messages and tp in self.consumer.assignment():
+                        self.consumer.seek(tp, messages[0].offset)
+                raise
             log.info(
                 "stage 2 assigned partials partitions %s in %.3f s",
                 sorted(assigned),
@@ -643,25 +651,31 @@ class AlertsConsumer(mode.Service):
         if self._pending_publish and self.calls.publisher is not None:
             events, self._pending_publish[:] = list(self._pending_publish), []
             await self.calls.publisher.alerts(events)
-        if last_offsets != self._committed and (
+        began = time.thread_time()
+        pinned = stage2.pinned_offsets()
+        target = {p: min(o, pinned.get(p, o)) for p, o in last_offsets.items()}
+        spent = time.thread_time() - began
+        self.cpu_s += spent
+        self.calls.metrics.alert_cpu.inc(spent)
+        due = self.pipeline.progress_due()
+        # compared as committed: the pins (open rule windows) hold a commit still for minutes, and
+        # an idle stage 2 would otherwise commit the same offsets on every empty fetch
+        if (target != self._committed or due) and (
             not records or time.monotonic() - self._last_commit >= COMMIT_INTERVAL_S
         ):
             # progress first, then offsets: a commit never passes partials of a minute whose
             # evaluation is not on record. Busy, at most once a second (a commit per getmany was a
             # broker round trip each); idle, at once, so a caught-up stage 2 shows no lag.
             self._last_commit = time.monotonic()
-            saving = await asyncio.to_thread(self._save_progress) if self.pipeline.progress_due() else 0.0
-            began = time.thread_time()
-            pinned = stage2.pinned_offsets()
-            spent = time.thread_time() - began + saving
-            self.cpu_s += spent
-            self.calls.metrics.alert_cpu.inc(spent)
-            commit = {
-                TopicPartition(self.kafka.topics.partials, p): OffsetAndMetadata(min(o, pinned.get(p, o)), "")
-                for p, o in last_offsets.items()
-            }
-            await self.consumer.commit(commit)
-            self._committed = {tp.partition: meta.offset for tp, meta in commit.items()}
+            saving = await asyncio.to_thread(self._save_progress) if due else 0.0
+            self.cpu_s += saving
+            self.calls.metrics.alert_cpu.inc(saving)
+            if target != self._committed:
+                commit = {
+                    TopicPartition(self.kafka.topics.partials, p): OffsetAndMetadata(o, "") for p, o in target.items()
+                }
+                await self.consumer.commit(commit)
+                self._committed = target
 
 
 def build_app(settings: Settings, *, app_id: str = "llmpulse") -> tuple[faust.App, CallsConsumer]:

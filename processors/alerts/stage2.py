@@ -161,6 +161,17 @@ class Stage2:
         if watermark > marks.get(via, -math.inf):
             marks[via] = watermark
             self._settle(source, marks)
+            if via in self._catch_up_through:
+                self._replayed(via)
+
+    def _replayed(self, via: int) -> None:
+        """Once every source's watermark read on ``via`` is past its catch-up point, the replay is
+        over there (a minute's partials come before the watermark that passes it): from then on a
+        partial for an evaluated minute is late again."""
+        since = self._catch_up_through[via]
+        sources = self.expected if self.expected is not None else self._marks.keys()
+        if all(self._marks.get(s, {}).get(via, -math.inf) > since for s in sources):
+            del self._catch_up_through[via]
 
     def listen_on(self, inputs: Iterable[int]) -> None:
         """The input partitions assigned to this stage 2 (after a rebalance: the new set). What

@@ -238,10 +238,10 @@ def test_stage2_merges_a_partials_message_once_though_a_rebalance_reads_it_again
 
 
 def test_a_rebalance_hands_scopes_over_with_their_firing_alerts_and_budgets(settings: Any, conn: Any) -> None:
-    """Stage 2 in the worker owns the scopes whose partials partition it is assigned. ``restore``
-    reads every scope back; the first assignment keeps this worker's, a gained partition brings
-    its scopes' firing alerts and budgets back from ClickHouse (no second page, and the new
-    owner can resolve them); a lost one takes them away."""
+    """Stage 2 in the worker owns the scopes whose partials partition it is assigned. The first
+    assignment restores only those; a gained partition brings its scopes' firing alerts and
+    budgets back from ClickHouse (no second page, and the new owner can resolve them), all or
+    nothing; a lost one takes them away. Alertmanager hears of exactly the alerts owned."""
     from processors.alerts.budgets import period_bounds
 
     day, _ = period_bounds("day", time.time())
@@ -271,7 +271,7 @@ def test_a_rebalance_hands_scopes_over_with_their_firing_alerts_and_budgets(sett
     placed = {"model=gpt-4o": 0, "model=gpt-4o-mini": 1, "team=cx": 1}
     receiver = Receiver()  # an Alertmanager: it keeps an alert open while someone re-announces it
     manager = AlertmanagerChannelConfig(name="am", type="alertmanager", urls=[receiver.url], resend_interval_s=0.1)
-    worker = AlertPipeline(settings, conn, rules=rules, channels=[manager])
+    worker = AlertPipeline(settings, conn, rules=rules, channels=[manager])  # as the worker builds it
 
     def announced() -> list[str]:
         """The models of the firing alerts in the next re-announcement."""
@@ -291,11 +291,8 @@ def test_a_rebalance_hands_scopes_over_with_their_firing_alerts_and_budgets(sett
         (budget,) = rules.budgets
         return worker.budgets.status(budget, now).spent_usd if budget.name in worker.budgets.owned else -1.0
 
-    worker.restore(now=now)
-    assert firing() == ["gpt-4o", "gpt-4o-mini"] and spent() == pytest.approx(300 * 0.0045)
-    assert announced() == ["gpt-4o", "gpt-4o-mini"]
     worker.on_wire([(1, 5, b"{}")])  # something read on partition 1 (skipped as unreadable)
-    worker.assign([0], placed.__getitem__, now=now)  # the first assignment: partition 0 only
+    worker.assign([0], placed.__getitem__, now=now)  # the first assignment restores its own scopes only
     assert firing() == ["gpt-4o"] and spent() == -1.0  # cx's budget is partition 1's owner's
     assert announced() == ["gpt-4o"]  # gpt-4o-mini's is its owner's to keep open, or to resolve
     assert worker.assign([0], placed.__getitem__, now=now) == 0  # the same assignment again: nothing to do
@@ -307,10 +304,9 @@ def test_a_rebalance_hands_scopes_over_with_their_firing_alerts_and_budgets(sett
     worker.store.period_spend = unreachable  # type: ignore[method-assign]
     with pytest.raises(ConnectionError):  # gained partition 1, but its scopes cannot be read back
         worker.assign([0, 1], placed.__getitem__, now=now)
-    assert worker.seed_pending and firing() == ["gpt-4o"]  # nothing half-restored
+    assert worker.stage2.inputs == {0} and firing() == ["gpt-4o"]  # nothing changed: the next step retries
     worker.store.period_spend = real  # type: ignore[method-assign]
-    worker.assign([0, 1], placed.__getitem__, now=now)  # the next step retries
-    assert not worker.seed_pending
+    worker.assign([0, 1], placed.__getitem__, now=now)
     assert firing() == ["gpt-4o", "gpt-4o-mini"]  # taken over firing: a recovery resolves it, no second page
     assert spent() == pytest.approx(300 * 0.0045)  # $0.0045 a call of gpt-4o (1,000 in, 200 out)
     assert announced() == ["gpt-4o", "gpt-4o-mini"]  # its own as well as the one taken over
@@ -321,3 +317,37 @@ def test_a_rebalance_hands_scopes_over_with_their_firing_alerts_and_budgets(sett
     assert firing() == ["gpt-4o-mini"] and announced() == ["gpt-4o-mini"]
     worker.close()
     receiver.close()
+
+    # restore() (the embedded runtime's, or before a first assignment) reads every scope back
+    restored = AlertPipeline(settings, conn, rules=rules, channels=[])
+    assert sorted(e.scope["model"] for e in restored.restore(now=now) if e.rule == "errors-high") == [
+        "gpt-4o", "gpt-4o-mini"]  # fmt: skip
+    restored.assign([1], placed.__getitem__, now=now)
+    assert sorted(dict(scope)["model"] for _, scope, _ in restored.engine.firing()) == ["gpt-4o-mini"]
+    restored.close()
+
+
+def test_evaluation_holds_the_commit_behind_an_open_rule_window(settings: Any, conn: Any) -> None:
+    """The worker commits partials offsets below ``pinned_offsets``: while a 5-minute window is
+    open, below its first minute's partials, so a restart or a new owner evaluates it whole."""
+    from processors.chain import CallPipeline
+    from schemas.prices import builtin_price_table
+    from sinks.kafka import partial_messages
+    from tests.conftest import NOW
+
+    rules = parse_rules({"rules": [{"name": "busy", "metric": "calls", "scope": ["model"], "window": "5m",
+                                    "max": 1000}]}, "test")  # fmt: skip
+    alerts = AlertPipeline(settings, conn, rules=rules, sources=[0], channels=[])
+    alerts.assign([0], lambda key: 0)
+    start = NOW - NOW % 300 - 600
+    pipe = CallPipeline(builtin_price_table(), partition=0)
+    for minute in range(6):
+        pipe.process(batch([orjson.dumps(call(ts=iso(start + minute * 60 + i))) for i in range(5)]), NOW)
+        (message,) = partial_messages(pipe.flush_windows(), [("model",)], 0, start + minute * 60 + 60)
+        heartbeat = orjson.dumps({"type": "watermark", "partition": 0, "watermark": start + minute * 60 + 60})
+        alerts.on_wire([(0, 2 * minute, message[1]), (0, 2 * minute + 1, heartbeat)])
+        alerts.evaluate()
+        if minute < 4:  # minutes 0-3 released, window [start, start + 300) open: held at minute 0
+            assert alerts.stage2.pinned_offsets() == {0: 0}
+    assert alerts.stage2.pinned_offsets() == {0: 10}  # the window closed; minute 5 opens the next
+    alerts.close()

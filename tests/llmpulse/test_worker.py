@@ -471,7 +471,7 @@ def test_worker_alerts_reach_the_webhook_once_and_metrics_are_served(tmp_path: P
         worker.stop()
     receiver.close()
     assert [b["state"] for _, b in receiver.received] == ["firing"]
-    assert "restored 1 firing alert(s): refusals-high" in worker.log.read_text()
+    assert "stage 2 restored partials partitions [0, 1, 2, 3]: 1 firing alert(s) restored" in worker.log.read_text()
     (row,) = query(worker.data_dir, "SELECT rule, state, scope FROM alerts")
     assert row == {"rule": "refusals-high", "state": "firing", "scope": {"model": "gpt-4o"}}
     on_topic = [orjson.loads(m.value) for m in asyncio.run(consume_all(topics, topics.topics.alerts))]

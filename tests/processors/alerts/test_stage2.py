@@ -433,6 +433,10 @@ def test_a_gained_partitions_replay_completes_open_windows_and_is_not_late() -> 
     late = partials(0, [(T0 + 480, {"feature": "b"})])[0][0]
     stage2.add(("feature",), project_one(late, "feature"), 0, None, (1, 200))
     assert stage2.late_partials == 1
+    # the replay on input 1 is over (its watermark is past the gain): minute 1 now is late too
+    older = partials(0, [(T0 + 60, {"feature": "b"})])[0][0]
+    stage2.add(("feature",), project_one(older, "feature"), 0, None, (1, 201))
+    assert stage2.late_partials == 2
 
 
 def test_a_replay_skips_windows_evaluated_before_the_gain_even_where_this_group_lags() -> None:
