@@ -110,8 +110,9 @@ class AlertPipeline:
     # ---- restart ---------------------------------------------------------------------------
 
     def restore(self, now: float | None = None) -> list[AlertEvent]:
-        """Carry on after a restart: firing alerts stay firing silently, baselines and budgets warm.
-        (The worker restores at its first assignment instead, only the scopes it owns: ``assign``.)"""
+        """Carry on after a restart, for a stage 2 that owns every scope: firing alerts stay firing
+        silently, baselines and budgets warm. (The worker restores at its first assignment
+        instead, only the scopes it owns: ``assign``.)"""
         through = self._read_progress()
         seed = self._read_seed(time.time() if now is None else now, None, self.rules.budgets, through)
         self._resume(through)
@@ -161,8 +162,11 @@ class AlertPipeline:
         def owns(dims: tuple[str, ...], values: tuple[str, ...]) -> bool:
             return partition(dims, values) in assigned
 
-        first = not self._restored
-        through = self._read_progress() if first else self.stage2.released_through
+        # Restored as at a start when nothing was held before: the first assignment, or the first
+        # after holding none (more workers than partials partitions), when evaluation here stood
+        # still and the group's saved progress moved on.
+        first = not self._restored or (before is not None and not before)
+        through = max(self._read_progress(), self.stage2.released_through) if first else self.stage2.released_through
         # restore() already read every scope back when this is the first assignment after it
         gained = assigned if first else assigned - before if before is not None else frozenset()
 

@@ -315,10 +315,20 @@ def test_a_rebalance_hands_scopes_over_with_their_firing_alerts_and_budgets(sett
     assert worker.stage2.watermarks == {0: now}  # heard on both inputs
     worker.assign([1], placed.__getitem__, now=now)  # lost partition 0
     assert firing() == ["gpt-4o-mini"] and announced() == ["gpt-4o-mini"]
+    worker.assign([], placed.__getitem__, now=now)  # holds none (more workers than partitions)
+    assert firing() == []
+    # later it gets partitions again: restored as at a start, from the group's saved progress
+    worker.stage2.released_through = now - 3600  # evaluation here stood still meanwhile
+    worker.store.conn.client.insert(f"{worker.store.conn.database}.llmpulse_meta",
+                                    [["alerts_evaluated_through:group", repr(float(now))]],
+                                    column_names=["key", "value"])  # fmt: skip
+    worker.progress_key = "alerts_evaluated_through:group"
+    worker.assign([0, 1], placed.__getitem__, now=now)
+    assert firing() == ["gpt-4o", "gpt-4o-mini"] and worker.stage2.released_through == now
     worker.close()
     receiver.close()
 
-    # restore() (the embedded runtime's, or before a first assignment) reads every scope back
+    # restore() (a stage 2 owning every scope) reads every scope back; an assignment then keeps its own
     restored = AlertPipeline(settings, conn, rules=rules, channels=[])
     assert sorted(e.scope["model"] for e in restored.restore(now=now) if e.rule == "errors-high") == [
         "gpt-4o", "gpt-4o-mini"]  # fmt: skip
