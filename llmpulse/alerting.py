@@ -173,8 +173,7 @@ class AlertPipeline:
         def new(dims: tuple[str, ...], values: tuple[str, ...]) -> bool:
             return partition(dims, values) in gained
 
-        budgets = [b for b in self.budgets.budgets if new(*BudgetTracker.cell(b)) or (
-            owns(*BudgetTracker.cell(b)) and b.name not in self.budgets.owned)]  # fmt: skip
+        budgets = [b for b in self.budgets.budgets if new(*BudgetTracker.cell(b))]
         # reads
         firing = self.store.firing()
         seed = self._read_seed(now, new, budgets, through, firing) if gained else None

@@ -16,7 +16,7 @@ from datetime import UTC, datetime
 
 from processors.alerts.engine import dedup_key
 from processors.alerts.events import AlertEvent
-from processors.alerts.stage2 import FinalCell
+from processors.alerts.stage2 import FinalCell, scope_cell
 from processors.windows import SCOPE_DIMS
 from schemas.rules import Budget
 
@@ -99,8 +99,7 @@ class BudgetTracker:
     @staticmethod
     def cell(budget: Budget) -> tuple[tuple[str, ...], tuple[str, ...]]:
         """The partials key of the budget's scope."""
-        dims = tuple(d for d in SCOPE_DIMS if d in budget.scope)
-        return dims, tuple(budget.scope[d] for d in dims)
+        return scope_cell(budget.scope)
 
     def keep(self, owns: Callable[[tuple[str, ...], tuple[str, ...]], bool]) -> list[Budget]:
         """Track only the budgets whose scope this stage 2 owns; returns those newly owned, which

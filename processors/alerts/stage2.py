@@ -33,6 +33,13 @@ partials topic is keyed by scope, so after a rebalance a worker owns the scopes 
 partition it was assigned; the runtime knows the partitioner, stage 2 only asks."""
 
 
+def scope_cell(labels: Mapping[str, str]) -> CellKey:
+    """The partials key of a scope given by its labels (grouped and filtered dimensions together):
+    the dimensions in ``SCOPE_DIMS`` order, as stage 1 projects and keys it."""
+    dims = tuple(d for d in SCOPE_DIMS if d in labels)
+    return dims, tuple(labels[d] for d in dims)
+
+
 @dataclass(frozen=True, slots=True)
 class FinalCell:
     """One scope's complete minute: every source partition's contribution merged."""
@@ -88,8 +95,9 @@ class Stage2:
         """``position`` is (input partition, offset) of the message that carried the partial: stage 2
         commits only below the oldest one whose minute or rule window is not evaluated yet."""
         if partial.window_end <= self.released_through:
-            since = -math.inf if position is None else self._catch_up_through.get(position[0], -math.inf)
-            if position is not None and partial.window_end <= since:
+            if position is not None and partial.window_end <= (
+                since := self._catch_up_through.get(position[0], -math.inf)
+            ):
                 self._catch_up.append((FinalCell(dims, partial.key, partial), since))
                 self._lowest(self._released, (partial.window_start, partial.window_s), position)  # still pinned
             elif partial.window_end > self.restored_through:
@@ -346,11 +354,9 @@ class _Group:
                 self.scopes[values] = found
         return found
 
-    def cell(self, values: tuple[str, ...]) -> tuple[Dims, tuple[str, ...]]:
-        """The partials key of a scope value: what stage 1 keys it by (``Scope.dims`` order)."""
-        labels = {**self.where, **dict(zip(self.by, values, strict=True))}
-        dims = tuple(d for d in SCOPE_DIMS if d in labels)
-        return dims, tuple(labels[d] for d in dims)
+    def cell(self, values: tuple[str, ...]) -> CellKey:
+        """The partials key of one of the group's scope values."""
+        return scope_cell({**self.where, **dict(zip(self.by, values, strict=True))})
 
     @cached_property
     def watches_absence(self) -> bool:
@@ -485,11 +491,11 @@ class RuleWindows:
         states = self.engine.states
         for name, items in list(states):
             rule = self.engine.rules.get(name)
-            if rule is None or rule.metric == "pipeline_lag_s":
-                continue
-            group = self._groups[self._key(rule)]
-            labels = dict(items)
-            if not owns(*group.cell(tuple(labels.get(d, "") for d in group.by))):
+            if (
+                rule is not None
+                and rule.metric != "pipeline_lag_s"
+                and not self.owns_rule_scope(rule, dict(items), owns)
+            ):
                 del states[(name, items)]
         return dropped
 
