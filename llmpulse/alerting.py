@@ -187,6 +187,9 @@ class AlertPipeline:
         cells = self.stage2.keep_scopes(owns)
         forgotten = self.windows.keep_scopes(owns)
         self.budgets.keep(owns)
+        if not assigned:  # no watermarks to lag: check_lag stops, so a lag alert kept here would never resolve
+            for key in [k for k in self.engine.states if self._lag_rule(k[0])]:
+                del self.engine.states[key]
         if before is not None and before - assigned:
             log.info(
                 "stage 2 lost partials partitions %s: %d scope(s) and %d open cell(s) forgotten",
@@ -200,8 +203,13 @@ class AlertPipeline:
                 "restored" if first else "taken over",
             )  # fmt: skip
         if self.dispatcher is not None:
-            self.dispatcher.refresh([e for e in firing if self._mine(e.rule, e.scope, owns)])
+            mine = [e for e in firing if self._mine(e.rule, e.scope, owns) and (assigned or not self._lag_rule(e.rule))]
+            self.dispatcher.refresh(mine)
         return forgotten
+
+    def _lag_rule(self, name: str) -> bool:
+        rule = self.engine.rules.get(name)
+        return rule is not None and rule.metric == "pipeline_lag_s"
 
     def _mine(self, name: str, scope: Mapping[str, str], owns: Owns | None) -> bool:
         """Whether a stored alert is this stage 2's. Pipeline-lag rules watch every worker's own

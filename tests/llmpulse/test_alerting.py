@@ -361,3 +361,23 @@ def test_evaluation_holds_the_commit_behind_an_open_rule_window(settings: Any, c
             assert alerts.stage2.pinned_offsets() == {0: 0}
     assert alerts.stage2.pinned_offsets() == {0: 10}  # the window closed; minute 5 opens the next
     alerts.close()
+
+
+def test_a_worker_holding_no_partials_partition_keeps_no_lag_alert(settings: Any, conn: Any) -> None:
+    """Pipeline-lag rules watch each worker's own watermarks, whatever scopes it owns; a worker left
+    with no partials partition has none, stops checking lag, and so could never resolve one."""
+    lag = {"name": "lagging", "metric": "pipeline_lag_s", "max": 60, "min_calls": 0}
+    busy = {"name": "busy", "metric": "calls", "scope": ["model"], "max": 10}
+    alerts = AlertPipeline(settings, conn, rules=parse_rules({"rules": [lag, busy]}, "test"), sources=[0], channels=[])
+
+    def placed(key: str) -> int:
+        return 0 if key == "model=gpt-4o" else 1
+
+    alerts.assign([0, 1], placed)
+    alerts.engine.restore_firing("lagging", {}, time.time())
+    alerts.engine.restore_firing("busy", {"model": "gpt-4o"}, time.time())
+    alerts.assign([0], placed)
+    assert sorted(name for name, _, _ in alerts.engine.firing()) == ["busy", "lagging"]  # its own lag stays
+    alerts.assign([], placed)
+    assert alerts.engine.firing() == []
+    alerts.close()
