@@ -10,8 +10,15 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
+import numpy as np
+
 from schemas.prices import ModelPrice, PriceTable
 from schemas.wire import WireCall
+
+try:  # built from processors/_native.c with the package; optional: the per-event path does the same
+    from processors import _native
+except ImportError:  # pragma: no cover - an install without a C compiler
+    _native = None  # type: ignore[assignment]
 
 COST_COMPUTED = "computed"
 COST_CLIENT = "client"
@@ -57,6 +64,14 @@ class Rates:
             (tier.input if tier.cached_input is None else tier.cached_input) * m,
             (tier.input if tier.cache_write is None else tier.cache_write) * m,
         )
+
+    @property
+    def vector(self) -> tuple[float, ...]:
+        """The rates as one row of ``CostAttribution``'s per-batch rate table."""
+        return (
+            self.input, self.cached_input, self.cache_write, self.output, float(self.long_threshold),
+            self.long_input, self.long_cached_input, self.long_cache_write, self.long_output,
+        )  # fmt: skip
 
     def cost(self, input_tokens: int, output_tokens: int, cached: int, cache_write: int) -> float:
         uncached = input_tokens - cached - cache_write
@@ -135,6 +150,59 @@ class CostAttribution:
         return found
 
     def __call__(self, events: list[WireCall]) -> Costs:
+        """A batch names a few models: rates are resolved once per distinct (model, provider) and
+        the cost is computed per column (``_by_columns``); ``_per_event`` is the same arithmetic,
+        value for value, where the C extension is not built."""
+        if _native is not None and events:
+            try:
+                return self._by_columns(events)
+            except TypeError:
+                pass  # a value the C helpers do not expect: the per-event path says what it is
+        return self._per_event(events)
+
+    def _by_columns(self, events: list[WireCall]) -> Costs:
+        raw, combos = _native.combine(events, WireCall, ("model", "provider"))
+        gathered = _native.gather(events, WireCall, _PRICE_COLUMNS)
+        n = len(events)
+        codes = np.frombuffer(raw, dtype=np.int32)
+        rates = [self.rates(model) for model, _ in combos]
+        known = np.array([r is not None for r in rates], dtype=bool)[codes]
+        table = np.array([_NO_RATES if r is None else r.vector for r in rates], dtype=np.float64)[codes]
+        inp, out, cached, write = (np.frombuffer(c[2], dtype=np.uint32).astype(np.float64) for c in gathered[:4])
+        # the order of ``Rates.cost``, operation for operation: the same doubles to the bit
+        uncached = inp - cached - write
+        cost = uncached * table[:, 0] + cached * table[:, 1] + write * table[:, 2] + out * table[:, 3]
+        long = (table[:, 4] > 0) & (inp > table[:, 4])
+        if long.any():
+            tier = uncached * table[:, 5] + cached * table[:, 6] + write * table[:, 7] + out * table[:, 8]
+            cost = np.where(long, tier, cost)
+        client_nulls, client_valid, client_values = gathered[4]
+        if client_nulls == n:  # the usual case: nobody sent a cost
+            client = np.zeros(n, dtype=bool)
+        else:
+            if client_valid is None:
+                client = np.ones(n, dtype=bool)
+            else:
+                client = np.unpackbits(np.frombuffer(client_valid, dtype=np.uint8), bitorder="little")[:n].astype(bool)
+            cost = np.where(client, np.frombuffer(client_values, dtype=np.float64), cost)
+        missing = ~known & ~client
+        cost_usd: list[float | None] = cost.tolist()
+        source = [COST_COMPUTED] * n
+        for i in np.flatnonzero(client).tolist():
+            source[i] = COST_CLIENT
+        unknown: dict[str, int] = {}
+        for i in np.flatnonzero(missing).tolist():
+            cost_usd[i] = None
+            source[i] = COST_MISSING
+            model = events[i].model
+            unknown[model] = unknown.get(model, 0) + 1
+        for code, ((_, provider), r) in enumerate(zip(combos, rates, strict=True)):
+            if provider is None and r is not None:  # the table knows who serves it
+                for i in np.flatnonzero(codes == code).tolist():
+                    events[i].provider = r.provider
+        return Costs(cost_usd, source, missing.tolist(), int(missing.sum()), int(client.sum()), unknown)
+
+    def _per_event(self, events: list[WireCall]) -> Costs:
         cost_usd: list[float | None] = []
         source: list[str] = []
         missing_flags: list[bool] = []
@@ -163,3 +231,11 @@ class CostAttribution:
                 missing += 1
                 unknown[e.model] = unknown.get(e.model, 0) + 1
         return Costs(cost_usd, source, missing_flags, missing, client, unknown)
+
+
+_PRICE_COLUMNS = (
+    ("input_tokens", 2), ("output_tokens", 2), ("cached_input_tokens", 2), ("cache_write_tokens", 2),
+    ("cost_usd", 5),
+)  # fmt: skip
+"""``_native.gather`` specs (kind 2: uint32, 5: float64 with validity) of what a cost is computed from."""
+_NO_RATES = (0.0,) * 9

@@ -12,7 +12,16 @@ import xxhash
 
 from schemas.wire import WireCall
 
+try:  # built from processors/_native.c with the package; optional: the Python path does the same
+    from processors import _native
+except ImportError:  # pragma: no cover - an install without a C compiler
+    _native = None  # type: ignore[assignment]
+
+_ANY_RELEASE = (("release", 8),)
+"""``_native.gather`` spec: whether any event of a batch has a ``release{}`` entry (kind 8)."""
+
 RELEASE_FIELDS = ("prompt_version", "model", "response_model", "adapter", "feature_view", "guardrail_version")
+ReleaseTuple = tuple[str | None, str | None, str | None, str | None, str | None, str | None]
 
 
 def release_id(
@@ -37,30 +46,40 @@ class ReleaseFingerprint:
         self._memo: dict[tuple[object, ...], str] = {}
 
     def __call__(self, events: list[WireCall]) -> list[str]:
-        memo = self._memo
-        out: list[str] = []
-        for e in events:
-            key: tuple[object, ...] = (
-                e.prompt_version,
-                e.model,
-                e.response_model,
-                e.adapter,
-                e.feature_view,
-                e.guardrail_version,
-                tuple(sorted(e.release.items())) if e.release else None,
-            )
-            rid = memo.get(key)
-            if rid is None:
-                rid = release_id(
-                    e.prompt_version,
-                    e.model,
-                    e.response_model,
-                    e.adapter,
-                    e.feature_view,
-                    e.guardrail_version,
-                    e.release,
-                )
-                if len(memo) < 100_000:
-                    memo[key] = rid
-            out.append(rid)
+        """A batch holds a few distinct release tuples: ``_native.combine`` numbers them in one C
+        pass and each is hashed once, instead of a tuple and a dict lookup per event. Events with
+        a ``release{}`` map (rare) are then fingerprinted one by one."""
+        if _native is None or not events:
+            return [self._of(e) for e in events]
+        try:
+            raw, distinct = _native.combine(events, WireCall, RELEASE_FIELDS)
+            (has_release,) = _native.gather(events, WireCall, _ANY_RELEASE)
+        except TypeError:  # a value that is not text: the Python path says what it is
+            return [self._of(e) for e in events]
+        ids = [self._memoized((*combo, None), combo, None) for combo in distinct]
+        out = list(map(ids.__getitem__, memoryview(raw).cast("i")))
+        if has_release:
+            for i, e in enumerate(events):
+                if e.release:
+                    out[i] = self._of(e)
         return out
+
+    def _of(self, e: WireCall) -> str:
+        fields: ReleaseTuple = (
+            e.prompt_version,
+            e.model,
+            e.response_model,
+            e.adapter,
+            e.feature_view,
+            e.guardrail_version,
+        )
+        extra = tuple(sorted(e.release.items())) if e.release else None
+        return self._memoized((*fields, extra), fields, e.release)
+
+    def _memoized(self, key: tuple[object, ...], fields: ReleaseTuple, release: dict[str, str] | None) -> str:
+        rid = self._memo.get(key)
+        if rid is None:
+            rid = release_id(*fields, release=release or None)
+            if len(self._memo) < 100_000:
+                self._memo[key] = rid
+        return rid

@@ -107,3 +107,50 @@ def test_provider_is_filled_from_the_price_table(price: CostAttribution) -> None
     assert e.provider is None
     price([e])
     assert e.provider == "google"
+
+
+def test_a_mixed_batch_costs_the_same_on_both_paths(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The per-column path (C helpers + numpy) against the per-event one, bit for bit: long-context
+    tiers, client costs (also on unknown models), unknown models, providers filled or kept."""
+    import random
+
+    from processors import pricing
+
+    rng = random.Random(7)
+    models = ["gpt-4o", "claude-sonnet-4-5", "gemini-2.5-pro", "gemini-2.5-flash", "no-such-model", "openai/gpt-4o"]
+
+    def batch() -> list[WireCall]:
+        rng.seed(7)
+        out = []
+        for i in range(500):
+            inp = rng.choice([0, 1, 900, 12_000, 199_999, 200_000, 200_001, 350_000])
+            cached = rng.randint(0, inp // 2)
+            kw: dict[str, object] = {
+                "event_id": f"e{i}",
+                "model": rng.choice(models),
+                "input_tokens": inp,
+                "cached_input_tokens": cached,
+                "cache_write_tokens": rng.randint(0, (inp - cached) // 3),
+                "output_tokens": rng.randint(0, 5_000),
+            }
+            if rng.random() < 0.2:
+                kw["cost_usd"] = round(rng.random(), 6)
+            if rng.random() < 0.3:
+                kw["provider"] = "azure"
+            out.append(ev(**kw))
+        return out
+
+    table = builtin_price_table()
+    columns, events = CostAttribution(table), batch()
+    by_columns = columns._by_columns(events)  # called directly: no silent fallback
+    monkeypatch.setattr(pricing, "_native", None)
+    per_event, reference = CostAttribution(table), batch()
+    expected = per_event(reference)
+    assert by_columns.cost_usd == expected.cost_usd  # exact doubles, None where missing
+    assert by_columns.cost_source == expected.cost_source
+    assert by_columns.price_missing == expected.price_missing
+    assert (by_columns.missing, by_columns.client) == (expected.missing, expected.client)
+    assert by_columns.unknown_models == expected.unknown_models
+    assert [e.provider for e in events] == [e.provider for e in reference]
+    assert {COST_CLIENT, COST_COMPUTED, COST_MISSING} == set(expected.cost_source)
+    assert any(e.input_tokens > 200_000 and e.model.startswith("claude") for e in events)

@@ -1,7 +1,9 @@
 from __future__ import annotations
 
 import msgspec
+import pytest
 
+from processors import release
 from processors.release import ReleaseFingerprint, release_id
 from schemas.wire import WireCall
 from tests.conftest import payload
@@ -32,3 +34,27 @@ def test_extra_release_fields_are_order_independent() -> None:
     b = DECODE(payload(release={"b": "2", "a": "1"}))
     step = ReleaseFingerprint()
     assert step([a]) == step([b])
+
+
+def test_a_batch_gets_each_events_own_id_on_both_paths(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The C path numbers a batch's distinct tuples; events with a release map, repeats and
+    missing fields must still each get exactly ``release_id`` of their own tuple."""
+    variants = [
+        {"prompt_version": "v1"},
+        {"prompt_version": "v2", "adapter": "lora-3"},
+        {"prompt_version": "v1", "release": {"index": "kb-7"}},
+        {"response_model": "gpt-4o-2024-08-06", "guardrail_version": "g-1", "feature_view": "fv"},
+        {"prompt_version": "v1", "release": {"index": "kb-8", "a": "b"}},
+        {},
+    ]
+    events = [DECODE(payload(event_id=f"e{i}", **variants[i % len(variants)])) for i in range(40)]
+    expected = [
+        release_id(
+            e.prompt_version, e.model, e.response_model, e.adapter, e.feature_view, e.guardrail_version, e.release
+        )
+        for e in events
+    ]
+    assert len(set(expected)) == len(variants)
+    assert ReleaseFingerprint()(events) == expected
+    monkeypatch.setattr(release, "_native", None)
+    assert ReleaseFingerprint()(events) == expected
