@@ -161,6 +161,10 @@ class CallsConsumer(mode.Service):
         self.ready = asyncio.Event()
         self.metrics = PipelineMetrics()
         self._assigning: dict[int, asyncio.Event] = {}
+        self._busy = asyncio.Lock()
+        """Held by each consume step (process, tick, publish, commit) and by ``_release``: a revoke
+        or a SIGTERM runs in another task (aiokafka's coordinator, mode's stop) and must not flush
+        windows, commit and hand a partition over while a step is halfway through a batch of it."""
 
     # ---- lifecycle -------------------------------------------------------------------------
 
@@ -225,10 +229,13 @@ class CallsConsumer(mode.Service):
         while not self.should_stop:
             records = await self.consumer.getmany(timeout_ms=timeout_ms, max_records=max_records)
             log.debug("getmany: %s", {tp.partition: len(m) for tp, m in records.items()})
-            if records:
-                await self._handle(records)
-            await self._tick(idle)
-            await self._publish_and_commit()
+            async with self._busy:
+                if self.should_stop:
+                    break  # stopped while fetching: the stop has released every partition
+                if records:
+                    await self._handle(records)
+                await self._tick(idle)
+                await self._publish_and_commit()
 
     # ---- the hot path ----------------------------------------------------------------------
 
@@ -255,8 +262,15 @@ class CallsConsumer(mode.Service):
                 state.skip = set()  # past everything ClickHouse held: stop checking
             source = Source("kafka", tp.topic, tp.partition)
             batches.append((tp.partition, PayloadBatch(source, payloads, offsets, end_offset=state.next_offset)))
-        # CPU-bound work off the event loop, so heartbeats and faust's agents keep running
-        await asyncio.to_thread(self._process, batches)
+        # CPU-bound work off the event loop, so heartbeats and faust's agents keep running. A thread
+        # cannot be cancelled: if this task is, the step still ends (and ``_busy`` is held) only
+        # once the thread is done with the batch.
+        work = asyncio.ensure_future(asyncio.to_thread(self._process, batches))
+        try:
+            await asyncio.shield(work)
+        except asyncio.CancelledError:
+            await asyncio.wait([work])
+            raise
 
     def _process(self, batches: list[tuple[int, PayloadBatch]]) -> None:
         """Process and buffer; a batch with nothing left to write still goes through, carrying its offsets."""
@@ -484,7 +498,12 @@ class CallsConsumer(mode.Service):
         log.info("partition %d: rebuilt %d open-window rows from ClickHouse", state.partition, len(rows))
 
     async def _release(self, partitions: Sequence[int]) -> None:
-        """Revoke or shutdown: flush windows early, make everything durable, publish, commit."""
+        """Revoke or shutdown: flush windows early, make everything durable, publish, commit
+        (after the consume step under way, if any: ``_busy``)."""
+        async with self._busy:
+            await self._release_now(partitions)
+
+    async def _release_now(self, partitions: Sequence[int]) -> None:
         assert self.sink is not None
         await self._flush(wait=True)
         for p in partitions:

@@ -7,6 +7,7 @@ import re
 import shutil
 import signal
 import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -20,10 +21,13 @@ from ingest.kafka import create_topics
 from processors.windows import WindowPartial, read_wire
 from tests.conftest import call, iso
 from tests.llmpulse.workers import (
+    ENV,
     RAW_PART_ONLY,
+    TERM_MID_BATCH,
     Worker,
     consume_all,
     crash_worker,
+    crashing_cli,
     drain_with_worker,
     produce,
     query,
@@ -201,6 +205,35 @@ def test_sigkill_while_events_flow_loses_and_duplicates_nothing(tmp_path: Path, 
         assert worker.stop() == 0
     assert kills == 3
     _exactly_once(data, 60_000)
+
+
+def test_sigterm_while_a_batch_is_processed_waits_for_it(tmp_path: Path, topics: Any) -> None:
+    """SIGTERM lands while the processing thread is inside a batch: the stop (and a revoke, the same
+    ``_release``) waits for that batch, then flushes its windows, writes, publishes and commits.
+    Flushing first would leave the batch's rows uncommitted and its window partials nowhere,
+    while the flushed-windows marker told the next owner the handoff was clean."""
+    asyncio.run(produce(topics, topics.topics.calls, events(20_000, "term")))
+    cfg = write_config(tmp_path / "w.yaml", topics.model_copy(update={"fetch_max_records": 2000}),
+                       pipeline={"batch_max_seconds": "100ms", "batch_max_events": 4000})  # fmt: skip
+    data = tmp_path / "data"
+    with (tmp_path / "term.log").open("wb") as out:
+        stopped = subprocess.run(
+            [sys.executable, "-c", crashing_cli(TERM_MID_BATCH, "-v", "worker"), str(cfg), str(data)],
+            stdout=out, stderr=subprocess.STDOUT, env=ENV, timeout=120, check=False,
+        )  # fmt: skip
+    log = (tmp_path / "term.log").read_text(errors="replace")
+    assert stopped.returncode == 0, log[-3000:]
+    accepted = re.search(r"worker stopped: .*?accepted=(\d+)", log)
+    assert accepted is not None and 0 < int(accepted[1]) < 20_000  # stopped mid-stream
+    drain_with_worker(cfg, data, tmp_path / "w.log", topics)
+    _exactly_once(data, 20_000)
+    per_grain: dict[tuple[str, ...], int] = {}
+    for m in asyncio.run(consume_all(topics, topics.topics.partials)):
+        body, part = read_wire(m.value)
+        if part is not None:
+            grain = tuple(body["scope_dims"])
+            per_grain[grain] = per_grain.get(grain, 0) + part.calls
+    assert per_grain and set(per_grain.values()) == {20_000}, per_grain  # each call in one partial per grain
 
 
 def test_sasl_scram_to_the_local_broker(tmp_path: Path, topics: Any) -> None:

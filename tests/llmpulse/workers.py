@@ -38,6 +38,25 @@ ch.ClickHouseSink.write = write_raw_only
 """Crash hook for ``crashing_cli``: the first insert lands in raw only, then the process dies."""
 
 
+TERM_MID_BATCH = """
+import os, signal, time
+import processors.chain as chain
+original = chain.CallPipeline.process
+seen = []
+
+def process_while_stopping(self, batch, now, others=None):
+    out = original(self, batch, now, others)
+    seen.append(len(batch))
+    if len(seen) == 3:  # mid-stream, mid-batch: windows hold these events, the writer does not yet
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(1.5)  # the stop begins while this batch is still being processed
+    return out
+
+chain.CallPipeline.process = process_while_stopping
+"""
+"""Hook for ``crashing_cli``: SIGTERM arrives while the worker's thread is processing a batch."""
+
+
 def crashing_cli(hook: str, *command: str) -> str:
     """A ``python -c`` script: install ``hook`` (code that makes the process die somewhere), then run
     ``llmpulse COMMAND --config ARGV1 --data-dir ARGV2``."""
