@@ -106,6 +106,8 @@ class AlertPipeline:
         self.delivered: list[AlertEvent] = []
         self.metrics = metrics
         self.link = settings.alerting.dashboard_url
+        self._owns: Owns | None = None
+        """The scopes this stage 2 owns (``assign``); None: every scope (embedded, ``restore``)."""
 
     # ---- restart ---------------------------------------------------------------------------
 
@@ -187,9 +189,7 @@ class AlertPipeline:
         cells = self.stage2.keep_scopes(owns)
         forgotten = self.windows.keep_scopes(owns)
         self.budgets.keep(owns)
-        if not assigned:  # no watermarks to lag: check_lag stops, so a lag alert kept here would never resolve
-            for key in [k for k in self.engine.states if self._lag_rule(k[0])]:
-                del self.engine.states[key]
+        self._owns = owns
         if before is not None and before - assigned:
             log.info(
                 "stage 2 lost partials partitions %s: %d scope(s) and %d open cell(s) forgotten",
@@ -203,23 +203,18 @@ class AlertPipeline:
                 "restored" if first else "taken over",
             )  # fmt: skip
         if self.dispatcher is not None:
-            mine = [e for e in firing if self._mine(e.rule, e.scope, owns) and (assigned or not self._lag_rule(e.rule))]
+            mine = [e for e in firing if self._mine(e.rule, e.scope, owns)]
             self.dispatcher.refresh(mine)
         return forgotten
 
-    def _lag_rule(self, name: str) -> bool:
-        rule = self.engine.rules.get(name)
-        return rule is not None and rule.metric == "pipeline_lag_s"
-
     def _mine(self, name: str, scope: Mapping[str, str], owns: Owns | None) -> bool:
-        """Whether a stored alert is this stage 2's. Pipeline-lag rules watch every worker's own
-        lag, not a scope's partials: every worker keeps its state."""
+        """Whether a stored alert is this stage 2's (``RuleWindows.owns_rule_scope``)."""
         rule = self.engine.rules.get(name)
         if owns is None:
             return True
         if rule is None:
             return False
-        return rule.metric == "pipeline_lag_s" or self.windows.owns_rule_scope(rule, scope, owns)
+        return self.windows.owns_rule_scope(rule, scope, owns)
 
     def _read_seed(
         self,
@@ -364,8 +359,17 @@ class AlertPipeline:
         return events
 
     def check_lag(self, now: float) -> list[AlertEvent]:
-        """``pipeline_lag_s`` rules: how far the slowest source's watermark trails the wall clock."""
-        lag_rules = [r for r in self.engine.rules.values() if r.metric == "pipeline_lag_s"]
+        """``pipeline_lag_s`` rules: how far the slowest source's watermark trails the wall clock.
+
+        One stage 2 of a group evaluates them: the owner of the group-wide scope's partials
+        partition (``RuleWindows.owns_rule_scope``). Every stage 2 sees every source's watermark,
+        but each worker evaluating them under the one alert identity made a lagging worker's page
+        be resolved by the next worker to restore it, and re-opened by the first. A stage 2 whose
+        own partials backlog grows shows in Prometheus (``LlmpulseConsumerLagGrowing``)."""
+        lag_rules = [
+            r for r in self.engine.rules.values()
+            if r.metric == "pipeline_lag_s" and (self._owns is None or self.windows.owns_rule_scope(r, {}, self._owns))
+        ]  # fmt: skip
         if not lag_rules or not self.stage2.watermarks:
             return []
         # a partition read again from its commit carries old watermarks until the replay is done;
@@ -373,7 +377,10 @@ class AlertPipeline:
         lag = max(0.0, now - max(min(self.stage2.watermarks.values()), self.stage2.released_through))
         events = []
         for rule in lag_rules:
-            e = self.engine.evaluate(rule, {}, now - rule.window, now, {"pipeline_lag_s": lag, "calls": math.inf})
+            # lag needs no calls as evidence: exactly the rule's minimum (math.inf here made the
+            # engine's int() raise, failing every stage-2 step of a worker with a lag rule)
+            evidence = {"pipeline_lag_s": lag, "calls": float(rule.min_calls)}
+            e = self.engine.evaluate(rule, {}, now - rule.window, now, evidence)
             if e is not None:
                 events.append(e)
         if events:

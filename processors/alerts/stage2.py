@@ -470,7 +470,7 @@ class RuleWindows:
         Its open windows, its last-seen window, drift memory and labels go, and so does each rule's
         state for it: kept, its silence here would page "traffic stopped", and a firing alert
         would stay firing in a worker that can no longer resolve it. Its new owner restores it
-        (``AlertPipeline.assign``). Rules without windows of partials (pipeline lag) stay."""
+        (``AlertPipeline.assign``)."""
         dropped = 0
         for group in self._groups.values():
             values = set(group.seen) | set(group.drift) | set(group.scopes)
@@ -491,18 +491,18 @@ class RuleWindows:
         states = self.engine.states
         for name, items in list(states):
             rule = self.engine.rules.get(name)
-            if (
-                rule is not None
-                and rule.metric != "pipeline_lag_s"
-                and not self.owns_rule_scope(rule, dict(items), owns)
-            ):
+            if rule is not None and not self.owns_rule_scope(rule, dict(items), owns):
                 del states[(name, items)]
         return dropped
 
     def owns_rule_scope(self, rule: Rule, scope: Mapping[str, str], owns: Owns) -> bool:
-        """Whether a stored alert's scope (its ``by`` labels) is one this stage 2 owns."""
+        """Whether a stored alert's scope (its ``by`` labels) is one this stage 2 owns. A rule not
+        evaluated over windows of partials (pipeline lag) is the group-wide scope owner's: one
+        stage 2 of the group, the one that also evaluates the rules without ``by``."""
         group = self._groups.get(self._key(rule))
-        return group is None or owns(*group.cell(tuple(scope.get(d, "") for d in group.by)))
+        if group is None:
+            return owns(*scope_cell({}))
+        return owns(*group.cell(tuple(scope.get(d, "") for d in group.by)))
 
     def open_since(self) -> float:
         """The start of the oldest rule window holding minutes and not evaluated yet (inf: none)."""

@@ -363,21 +363,38 @@ def test_evaluation_holds_the_commit_behind_an_open_rule_window(settings: Any, c
     alerts.close()
 
 
-def test_a_worker_holding_no_partials_partition_keeps_no_lag_alert(settings: Any, conn: Any) -> None:
-    """Pipeline-lag rules watch each worker's own watermarks, whatever scopes it owns; a worker left
-    with no partials partition has none, stops checking lag, and so could never resolve one."""
+def test_pipeline_lag_is_evaluated_by_one_stage_2_of_the_group(settings: Any, conn: Any) -> None:
+    """Every stage 2 sees every source's watermark, so each one evaluating the lag rule under the
+    one alert identity let a worker that restored another's lag page resolve it while the other
+    kept re-opening it. The owner of the group-wide scope's partials partition evaluates it; a
+    worker that loses that partition forgets the rule's state, and one holding none keeps none."""
     lag = {"name": "lagging", "metric": "pipeline_lag_s", "max": 60, "min_calls": 0}
     busy = {"name": "busy", "metric": "calls", "scope": ["model"], "max": 10}
-    alerts = AlertPipeline(settings, conn, rules=parse_rules({"rules": [lag, busy]}, "test"), sources=[0], channels=[])
+    rules = parse_rules({"rules": [lag, busy]}, "test")
 
-    def placed(key: str) -> int:
+    def placed(key: str) -> int:  # the group-wide scope (key "") on partition 1, gpt-4o's on 0
         return 0 if key == "model=gpt-4o" else 1
 
-    alerts.assign([0, 1], placed)
-    alerts.engine.restore_firing("lagging", {}, time.time())
-    alerts.engine.restore_firing("busy", {"model": "gpt-4o"}, time.time())
-    alerts.assign([0], placed)
-    assert sorted(name for name, _, _ in alerts.engine.firing()) == ["busy", "lagging"]  # its own lag stays
-    alerts.assign([], placed)
-    assert alerts.engine.firing() == []
-    alerts.close()
+    now = time.time()
+    workers = [AlertPipeline(settings, conn, rules=rules, sources=[0], channels=[]) for _ in range(2)]
+    for w, partitions in zip(workers, ([1], [0]), strict=True):
+        w.assign(partitions, placed)
+        for p in partitions:
+            w.stage2.heartbeat(0, now - 600, p)  # ten minutes behind, and both see it
+    owner, other = workers
+    assert [e.rule for e in owner.check_lag(now)] == ["lagging"]
+    assert other.check_lag(now) == []
+    assert [name for name, _, _ in other.engine.firing()] == []
+
+    owner.assign([0], placed)  # the group-wide scope moved away: its lag state goes with it
+    assert [name for name, _, _ in owner.engine.firing()] == []
+    assert owner.check_lag(now) == []
+    other.assign([0, 1], placed)
+    other.engine.restore_firing("lagging", {}, now)
+    other.engine.restore_firing("busy", {"model": "gpt-4o"}, now)
+    other.assign([0], placed)
+    assert [name for name, _, _ in other.engine.firing()] == ["busy"]
+    other.assign([], placed)
+    assert other.engine.firing() == []
+    for w in workers:
+        w.close()

@@ -452,11 +452,13 @@ def test_worker_alerts_reach_the_webhook_once_and_metrics_are_served(tmp_path: P
         "rules:\n"
         "  - {name: refusals-high, metric: refusal_rate, scope: [model], window: 1m, max: 0.2, min_calls: 10,"
         " severity: critical, runbook_url: https://runbooks.example/refusals}\n"
+        "  - {name: pipeline-behind, metric: pipeline_lag_s, max: 86400}\n"  # checked every step, never breached
     )
     cfg = write_config(
         tmp_path / "w.yaml", topics,
         pipeline={"batch_max_seconds": "100ms", "allowed_lateness": "2s", "idle_timeout": "2s"},
-        alerting={"rules_path": str(rules), "channels": {"hook": {"type": "webhook", "url": receiver.url}}},
+        alerting={"rules_path": str(rules), "channels": {"hook": {"type": "webhook", "url": receiver.url}},
+                  "lag_check_interval": "1s"},
     )  # fmt: skip
     now = time.time()
     start = now - now % 60 - 180  # three whole minutes in the past
@@ -473,6 +475,7 @@ def test_worker_alerts_reach_the_webhook_once_and_metrics_are_served(tmp_path: P
         deadline = time.time() + 60
         while not receiver.received and time.time() < deadline:
             time.sleep(0.2)
+        time.sleep(2.5)  # stage 2 has watermarks by now: the next lag checks (every 1 s) evaluate the rule
         metrics = urllib.request.urlopen(worker.metrics_url(), timeout=10).read().decode()
     finally:
         assert worker.stop() == 0
@@ -494,6 +497,7 @@ def test_worker_alerts_reach_the_webhook_once_and_metrics_are_served(tmp_path: P
     # every partial was merged before its minute was evaluated, though four source partitions' partials
     # travel over several partials partitions at once (each partition is read in its own order)
     assert "rule windows, 0 late partials" in worker.log.read_text()
+    assert "alert evaluation failed" not in worker.log.read_text()  # the lag check included
     assert re.search(r"^llmpulse_alert_late_partials_total 0\.0$", metrics, re.MULTILINE)
     # a restart does not page again for the incident that is still firing
     worker = Worker(cfg, tmp_path / "data", tmp_path / "w2.log").start()
