@@ -247,6 +247,12 @@ class CallsConsumer(mode.Service):
                 # aiokafka starts fetching before our assignment callback has read ClickHouse back
                 await self._assigning[tp.partition].wait()
                 state = self.partitions.get(tp.partition)
+            if state is None and tp in self.consumer.assignment():  # its assignment failed: again
+                await self.assign([tp.partition])
+                state = self.partitions.get(tp.partition)
+                if state is not None:  # these records and the ones fetched since: read again from the commit
+                    self.consumer.seek(tp, state.next_offset)
+                continue
             if state is None:  # revoked while the fetch was in flight; the next owner reads them
                 continue
             skip = state.skip
@@ -427,30 +433,44 @@ class CallsConsumer(mode.Service):
     # ---- rebalance ---------------------------------------------------------------------------
 
     async def assign(self, partitions: list[int]) -> None:
-        assert self.consumer is not None and self.sink is not None
+        """Read each partition's progress back before its records are processed (``_handle`` waits).
+
+        A partition whose read fails (ClickHouse or the broker unreachable) is left without state
+        and tried again when its records arrive; its waiters are released either way, or the
+        consume step would wait for good, holding ``_busy`` against every revoke and the stop."""
         for p in partitions:
             self._assigning[p] = asyncio.Event()
         for p in partitions:
-            tp = TopicPartition(self.topic, p)
-            committed = await self.consumer.committed(tp)
-            if committed is None:
-                beginning = await self.consumer.beginning_offsets([tp])
-                committed = beginning[tp]
-            pipeline = CallPipeline(self.prices, self.options, partition=p)
-            state = PartitionState(p, pipeline, next_offset=committed)
-            progress = await asyncio.to_thread(self.sink.kafka_progress, self.topic, p, committed)
-            if progress.written:
-                state.skip = progress.written
-                state.skip_below = progress.max_written or -1
-                log.info(
-                    "partition %d: %d offsets >= %d already in ClickHouse; skipping them",
-                    p, len(progress.written), committed,
-                )  # fmt: skip
-                await self._repair_rollups(p, committed)
-            await self._rebuild_windows(state, committed)
-            state.pipeline.windows.touch(time.time())  # a partition with no traffic still goes idle
-            self.partitions[p] = state
-            self._assigning.pop(p).set()
+            try:
+                await self._assign_one(p)
+            except Exception:
+                log.exception("partition %d: reading its progress back failed; tried again when its records arrive", p)
+            finally:
+                event = self._assigning.pop(p, None)
+                if event is not None:
+                    event.set()
+
+    async def _assign_one(self, p: int) -> None:
+        assert self.consumer is not None and self.sink is not None
+        tp = TopicPartition(self.topic, p)
+        committed = await self.consumer.committed(tp)
+        if committed is None:
+            beginning = await self.consumer.beginning_offsets([tp])
+            committed = beginning[tp]
+        pipeline = CallPipeline(self.prices, self.options, partition=p)
+        state = PartitionState(p, pipeline, next_offset=committed)
+        progress = await asyncio.to_thread(self.sink.kafka_progress, self.topic, p, committed)
+        if progress.written:
+            state.skip = progress.written
+            state.skip_below = progress.max_written or -1
+            log.info(
+                "partition %d: %d offsets >= %d already in ClickHouse; skipping them",
+                p, len(progress.written), committed,
+            )  # fmt: skip
+            await self._repair_rollups(p, committed)
+        await self._rebuild_windows(state, committed)
+        state.pipeline.windows.touch(time.time())  # a partition with no traffic still goes idle
+        self.partitions[p] = state
 
     async def _repair_rollups(self, partition: int, committed: int) -> None:
         """Count the rows a killed owner wrote but never committed in the rollups, if its kill left them out.

@@ -22,6 +22,7 @@ from processors.windows import WindowPartial, read_wire
 from tests.conftest import call, iso
 from tests.llmpulse.workers import (
     ENV,
+    FIRST_PROGRESS_READ_FAILS,
     RAW_PART_ONLY,
     TERM_MID_BATCH,
     Worker,
@@ -234,6 +235,22 @@ def test_sigterm_while_a_batch_is_processed_waits_for_it(tmp_path: Path, topics:
             grain = tuple(body["scope_dims"])
             per_grain[grain] = per_grain.get(grain, 0) + part.calls
     assert per_grain and set(per_grain.values()) == {20_000}, per_grain  # each call in one partial per grain
+
+
+def test_a_failed_assignment_is_retried_and_the_stop_still_drains(tmp_path: Path, topics: Any) -> None:
+    """Reading a partition's progress back fails once (ClickHouse unreachable at assignment): the
+    partition is assigned again when its records arrive and read from its commit. Before, the
+    consume step waited for that assignment for good, and a SIGTERM then waited for the step."""
+    asyncio.run(produce(topics, topics.topics.calls, events(5_000, "assign")))
+    cfg = write_config(tmp_path / "w.yaml", topics, pipeline={"batch_max_seconds": "100ms"})
+    worker = Worker(cfg, tmp_path / "data", tmp_path / "w.log", hook=FIRST_PROGRESS_READ_FAILS).start()
+    try:
+        worker.wait_ready(120)
+        wait_caught_up(topics, topics.topics.calls, workers=[worker], timeout=120)
+    finally:
+        assert worker.stop(timeout=60) == 0
+    assert "reading its progress back failed; tried again when its records arrive" in worker.log.read_text()
+    _exactly_once(worker.data_dir, 5_000)
 
 
 def test_sasl_scram_to_the_local_broker(tmp_path: Path, topics: Any) -> None:

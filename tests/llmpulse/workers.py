@@ -57,6 +57,22 @@ chain.CallPipeline.process = process_while_stopping
 """Hook for ``crashing_cli``: SIGTERM arrives while the worker's thread is processing a batch."""
 
 
+FIRST_PROGRESS_READ_FAILS = """
+import sinks.clickhouse as ch
+original = ch.ClickHouseSink.kafka_progress
+failed = []
+
+def unreachable_once(self, *args):
+    if not failed:
+        failed.append(True)
+        raise ConnectionError("ClickHouse unreachable (injected)")
+    return original(self, *args)
+
+ch.ClickHouseSink.kafka_progress = unreachable_once
+"""
+"""Hook for ``Worker``: reading the first assigned partition's progress back fails once."""
+
+
 def crashing_cli(hook: str, *command: str) -> str:
     """A ``python -c`` script: install ``hook`` (code that makes the process die somewhere), then run
     ``llmpulse COMMAND --config ARGV1 --data-dir ARGV2``."""
@@ -77,19 +93,22 @@ def write_config(path: Path, kafka: KafkaSettings, **extra: Any) -> Path:
 class Worker:
     """One `llmpulse worker` subprocess with its own chDB data directory."""
 
-    def __init__(self, config: Path, data_dir: Path, log: Path) -> None:
+    def __init__(self, config: Path, data_dir: Path, log: Path, hook: str | None = None) -> None:
         self.config = config
         self.data_dir = data_dir
         self.log = log
+        self.hook = hook
+        """Code run first in the worker process (see ``crashing_cli``): a fault it injects."""
         self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self) -> Worker:
         self._out = self.log.open("ab")
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "llmpulse.cli", "-v", "worker", "--config", str(self.config),
-             "--data-dir", str(self.data_dir)],
-            stdout=self._out, stderr=subprocess.STDOUT, env=ENV,
-        )  # fmt: skip
+        if self.hook is None:
+            cmd = [sys.executable, "-m", "llmpulse.cli", "-v", "worker", "--config", str(self.config),
+                   "--data-dir", str(self.data_dir)]  # fmt: skip
+        else:
+            cmd = [sys.executable, "-c", crashing_cli(self.hook, "-v", "worker"), str(self.config), str(self.data_dir)]
+        self.proc = subprocess.Popen(cmd, stdout=self._out, stderr=subprocess.STDOUT, env=ENV)
         return self
 
     def wait_ready(self, timeout: float = 60) -> None:
