@@ -156,8 +156,8 @@ class CostAttribution:
         if _native is not None and events:
             try:
                 return self._by_columns(events)
-            except TypeError:
-                pass  # a value the C helpers do not expect: the per-event path says what it is
+            except (TypeError, OverflowError):
+                pass  # a value the C helpers do not expect (a struct built in code, unvalidated)
         return self._per_event(events)
 
     def _by_columns(self, events: list[WireCall]) -> Costs:

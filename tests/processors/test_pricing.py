@@ -154,3 +154,12 @@ def test_a_mixed_batch_costs_the_same_on_both_paths(monkeypatch: pytest.MonkeyPa
     assert [e.provider for e in events] == [e.provider for e in reference]
     assert {COST_CLIENT, COST_COMPUTED, COST_MISSING} == set(expected.cost_source)
     assert any(e.input_tokens > 200_000 and e.model.startswith("claude") for e in events)
+
+
+def test_a_struct_built_in_code_with_out_of_range_tokens_is_still_priced() -> None:
+    """The decoder bounds tokens to uint32, but a ``WireCall`` built in code is not validated: the
+    C gather refuses such a value (OverflowError) and the per-event path prices it instead."""
+    e = ev(model="gpt-4o", input_tokens=10, output_tokens=1)
+    e.input_tokens = 2**32 + 5
+    costs = CostAttribution(builtin_price_table())([e])
+    assert costs.cost_usd[0] == pytest.approx((2**32 + 5) * 2.5e-6 + 10e-6)
