@@ -21,10 +21,10 @@ import logging
 import math
 import time
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any
+from typing import Any, TypeVar
 
 import faust
 import mode
@@ -58,6 +58,8 @@ from sinks.metrics import PipelineMetrics
 from sinks.rollups import repair, written_scope
 
 log = logging.getLogger("llmpulse.worker")
+
+T = TypeVar("T")
 
 FLUSHED_MARKER = "windows_flushed:{topic}:{partition}"
 """llmpulse_meta key: the offset up to which a partition's windows were flushed at a clean handoff."""
@@ -240,6 +242,7 @@ class CallsConsumer(mode.Service):
     # ---- the hot path ----------------------------------------------------------------------
 
     async def _handle(self, records: dict[TopicPartition, list[Any]]) -> None:
+        assert self.consumer is not None
         batches: list[tuple[int, PayloadBatch]] = []
         for tp, messages in records.items():
             state = self.partitions.get(tp.partition)
@@ -777,23 +780,28 @@ def _quality_agent(app: faust.App, settings: Settings, calls: CallsConsumer, kin
     pipeline = FeedbackPipeline(limits) if kind == "feedback" else JudgeResultPipeline(limits)
     window_s = int(settings.pipeline.window)
 
+    async def until_done(what: str, step: Callable[[], Awaitable[T]]) -> T:
+        """Each step of a batch, retried with backoff until it succeeds, never raised: faust's
+        ``take_events`` acks the batch however ``handle`` ends, so a step that raised (ClickHouse or
+        the broker unreachable) would lose its outputs for good. A retried step runs alone, after
+        the steps before it succeeded, so only a send that failed halfway can repeat messages."""
+        delay = 0.5
+        while True:
+            try:
+                return await step()
+            except Exception as exc:
+                if isinstance(exc, SinkError):
+                    calls.metrics.insert_errors.inc()
+                log.error("%s of %s failed; retrying in %.1fs: %s", what, name, delay, exc)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 30.0)
+
     async def write(processed: list[Any], token: str) -> None:
         """Until it is durable: faust acks these messages only once we return."""
         sink = calls.sink
         assert sink is not None
-        delay = 0.5
-        while True:
-            try:
-                if kind == "feedback":
-                    await asyncio.to_thread(sink.write_feedback, processed, token)
-                else:
-                    await asyncio.to_thread(sink.write_judge_results, processed, token)
-                return
-            except SinkError as exc:
-                calls.metrics.insert_errors.inc()
-                log.error("ClickHouse write of %s failed; retrying in %.0fs: %s", name, delay, exc)
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, 30.0)
+        writer = sink.write_feedback if kind == "feedback" else sink.write_judge_results
+        await until_done("ClickHouse write", lambda: asyncio.to_thread(writer, processed, token))
 
     async def handle(events: list[Any]) -> None:
         await calls.ready.wait()
@@ -808,17 +816,25 @@ def _quality_agent(app: faust.App, settings: Settings, calls: CallsConsumer, kin
         await write(processed, f"{kind}:{name}:{token}")
         publisher, sink = calls.publisher, calls.sink
         assert publisher is not None and sink is not None
-        await publisher.dead_letters(d for b in processed for d in b.dead)
+        dead = [d for b in processed for d in b.dead]
+        if dead:
+            await until_done("publishing dead letters", lambda: publisher.dead_letters(dead))
         if isinstance(pipeline, FeedbackPipeline):
             flagged = [r for b in processed for r in thumbs_down_requests(b.events)]
             if flagged:
                 span = recent_span(t for b in processed for t in b.ts)
-                fresh = await asyncio.to_thread(sink.sample_flagged, flagged, calls.judge_samplers(), span=span)
-                await publisher.send_judge_requests(await asyncio.to_thread(sink.sampled_requests, fresh, span))
+                fresh = await until_done(
+                    "sampling flagged calls",
+                    lambda: asyncio.to_thread(sink.sample_flagged, flagged, calls.judge_samplers(), span=span),
+                )
+                requests = await until_done("reading flagged calls", lambda: asyncio.to_thread(
+                    sink.sampled_requests, fresh, span))  # fmt: skip
+                await until_done("publishing judge requests", lambda: publisher.send_judge_requests(requests))
             quality = [p for b in processed for p in feedback_partials(b.events, b.lineage, window_s)]
         else:
             quality = [p for b in processed for p in judge_partials(b.events, b.lineage, window_s)]
-        await publisher.partials(quality, calls.scopes, QUALITY_SOURCE, None)
+        await until_done("publishing quality partials",
+                         lambda: publisher.partials(quality, calls.scopes, QUALITY_SOURCE, None))  # fmt: skip
 
     async def agent(stream: Any) -> None:
         async for events in stream.take_events(2000, within=1.0):

@@ -23,6 +23,7 @@ from tests.conftest import call, iso
 from tests.llmpulse.workers import (
     ENV,
     FIRST_PROGRESS_READ_FAILS,
+    QUALITY_OUTPUTS_FAIL_ONCE,
     RAW_PART_ONLY,
     TERM_MID_BATCH,
     Worker,
@@ -532,10 +533,13 @@ def test_worker_alerts_reach_the_webhook_once_and_metrics_are_served(tmp_path: P
     assert [(m["rule"], m["state"]) for m in on_topic] == [("refusals-high", "firing")]
 
 
-def test_judge_verdicts_and_feedback_close_the_loop(tmp_path: Path, topics: Any) -> None:
+@pytest.mark.parametrize("fault", [None, QUALITY_OUTPUTS_FAIL_ONCE], ids=["", "outputs-fail-once"])
+def test_judge_verdicts_and_feedback_close_the_loop(tmp_path: Path, topics: Any, fault: str | None) -> None:
     """Sampled calls go out as judge requests; verdicts and feedback come back on their topics,
     land joined to their calls, and feed an eval-score rule; a thumbs-down on a call nobody
-    sampled sends that call to the judge."""
+    sampled sends that call to the judge. With ``fault``, the quality agent's first judge-request
+    send and first quality-partials publish fail after the batch is durable: faust acks the batch
+    however the agent ends, so those outputs are retried, not lost."""
     receiver = Receiver()
     rules = tmp_path / "rules.yaml"
     rules.write_text(
@@ -552,7 +556,7 @@ def test_judge_verdicts_and_feedback_close_the_loop(tmp_path: Path, topics: Any)
             for i in range(10)]  # fmt: skip
     mail = [call(event_id=f"m{i}", request_id=f"rm{i}", feature="mail", ts=iso(now - 300 + i)) for i in range(5)]
     asyncio.run(produce(topics, topics.topics.calls, [(e["feature"].encode(), orjson.dumps(e)) for e in chat + mail]))
-    worker = Worker(cfg, tmp_path / "data", tmp_path / "w.log").start()
+    worker = Worker(cfg, tmp_path / "data", tmp_path / "w.log", hook=fault).start()
     try:
         worker.wait_ready(120)
         wait_caught_up(topics, topics.topics.calls, workers=[worker])
@@ -588,6 +592,9 @@ def test_judge_verdicts_and_feedback_close_the_loop(tmp_path: Path, topics: Any)
     assert len(firing) == 1, receiver.received
     assert firing[0]["rule"] == "eval-low" and firing[0]["scope"] == {"feature": "chat"}
     assert firing[0]["value"] == pytest.approx(0.2)
+    if fault:
+        log = worker.log.read_text()
+        assert "publishing judge requests of" in log and "publishing quality partials of" in log  # retried
 
 
 def test_a_worker_owning_no_calls_partition_still_budgets_flagged_calls() -> None:

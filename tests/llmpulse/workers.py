@@ -73,6 +73,30 @@ ch.ClickHouseSink.kafka_progress = unreachable_once
 """Hook for ``Worker``: reading the first assigned partition's progress back fails once."""
 
 
+QUALITY_OUTPUTS_FAIL_ONCE = """
+import sinks.kafka as k
+from aiokafka.errors import KafkaTimeoutError
+from llmpulse.alerting import QUALITY_SOURCE
+failed = set()
+
+def fail_once(name, applies=lambda args: True):
+    original = getattr(k.KafkaPublisher, name)
+
+    async def flaky(self, *args, **kw):
+        if name not in failed and applies(args):
+            failed.add(name)
+            raise KafkaTimeoutError(f"{name}: broker unreachable (injected)")
+        return await original(self, *args, **kw)
+
+    setattr(k.KafkaPublisher, name, flaky)
+
+fail_once("send_judge_requests", lambda args: isinstance(args[0], list))  # the agent's (a generator: the calls')
+fail_once("partials", lambda args: args[2] == QUALITY_SOURCE)
+"""
+"""Hook for ``Worker``: the quality agent's first judge-request send and first quality partials
+publish fail (after the batch is durable)."""
+
+
 def crashing_cli(hook: str, *command: str) -> str:
     """A ``python -c`` script: install ``hook`` (code that makes the process die somewhere), then run
     ``llmpulse COMMAND --config ARGV1 --data-dir ARGV2``."""
