@@ -29,6 +29,7 @@ from typing import Any, TypeVar
 import faust
 import mode
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListener, TopicPartition
+from aiokafka.errors import IllegalStateError
 from aiokafka.structs import OffsetAndMetadata
 
 from ingest.kafka import client_options
@@ -163,6 +164,9 @@ class CallsConsumer(mode.Service):
         self.ready = asyncio.Event()
         self.metrics = PipelineMetrics()
         self._assigning: dict[int, asyncio.Event] = {}
+        self._failed: set[int] = set()
+        """Partitions assigned here whose progress could not be read back (``assign``)."""
+        self._retry_failed_at = 0.0
         self._busy = asyncio.Lock()
         """Held by each consume step (process, tick, publish, commit) and by ``_release``: a revoke
         or a SIGTERM runs in another task (aiokafka's coordinator, mode's stop) and must not flush
@@ -250,13 +254,9 @@ class CallsConsumer(mode.Service):
                 # aiokafka starts fetching before our assignment callback has read ClickHouse back
                 await self._assigning[tp.partition].wait()
                 state = self.partitions.get(tp.partition)
-            if state is None and tp in self.consumer.assignment():  # its assignment failed: again
-                await self.assign([tp.partition])
-                state = self.partitions.get(tp.partition)
-                if state is not None:  # these records and the ones fetched since: read again from the commit
-                    self.consumer.seek(tp, state.next_offset)
-                continue
-            if state is None:  # revoked while the fetch was in flight; the next owner reads them
+            if state is None:
+                # revoked while the fetch was in flight (the next owner reads them), or its
+                # assignment failed (``_retry_failed`` reads them again from the commit)
                 continue
             skip = state.skip
             if skip:  # re-reading what ClickHouse already holds (after a crash): drop those
@@ -321,6 +321,7 @@ class CallsConsumer(mode.Service):
 
     async def _tick(self, idle_timeout: float) -> None:
         assert self.writer is not None
+        await self._retry_failed()
         now = time.time()
         for state in self.partitions.values():
             windows = state.pipeline.windows
@@ -438,20 +439,41 @@ class CallsConsumer(mode.Service):
     async def assign(self, partitions: list[int]) -> None:
         """Read each partition's progress back before its records are processed (``_handle`` waits).
 
-        A partition whose read fails (ClickHouse or the broker unreachable) is left without state
-        and tried again when its records arrive; its waiters are released either way, or the
-        consume step would wait for good, holding ``_busy`` against every revoke and the stop."""
+        A partition whose read fails (ClickHouse or the broker unreachable) is left without state,
+        its records dropped, and tried again by ``_retry_failed``; its waiters are released either
+        way, or the consume step would wait for good, holding ``_busy`` against every revoke and
+        the stop."""
         for p in partitions:
             self._assigning[p] = asyncio.Event()
         for p in partitions:
             try:
                 await self._assign_one(p)
+                self._failed.discard(p)
             except Exception:
-                log.exception("partition %d: reading its progress back failed; tried again when its records arrive", p)
+                self._failed.add(p)
+                log.exception("partition %d: reading its progress back failed; tried again in %.0f s",
+                              p, RETRY_ASSIGN_S)  # fmt: skip
             finally:
                 event = self._assigning.pop(p, None)
                 if event is not None:
                     event.set()
+
+    async def _retry_failed(self) -> None:
+        """Assign again the partitions whose assignment failed, then read them from their commit
+        (what was fetched for them meanwhile was dropped). From every step, not on their records:
+        a quiet partition without state sends no watermark, and stage 2 would wait for it."""
+        if not self._failed or time.monotonic() < self._retry_failed_at:
+            return
+        assert self.consumer is not None
+        self._failed &= {tp.partition for tp in self.consumer.assignment() if tp.topic == self.topic}
+        retry = sorted(self._failed)
+        await self.assign(retry)
+        for p in retry:
+            state = self.partitions.get(p)
+            if state is not None:
+                with contextlib.suppress(IllegalStateError):  # revoked meanwhile: its release drops the state
+                    self.consumer.seek(TopicPartition(self.topic, p), state.next_offset)
+        self._retry_failed_at = time.monotonic() + RETRY_ASSIGN_S
 
     async def _assign_one(self, p: int) -> None:
         assert self.consumer is not None and self.sink is not None
@@ -546,6 +568,7 @@ class _Rebalance(ConsumerRebalanceListener):  # type: ignore[misc]
         self.service = service
 
     async def on_partitions_revoked(self, revoked: list[TopicPartition]) -> None:
+        self.service._failed.difference_update(tp.partition for tp in revoked)
         mine = [tp.partition for tp in revoked if tp.partition in self.service.partitions]
         if mine:
             log.info("llm.calls partitions revoked %s: flushing windows and writes", mine)
@@ -555,6 +578,9 @@ class _Rebalance(ConsumerRebalanceListener):  # type: ignore[misc]
         log.info("llm.calls partitions assigned %s", sorted(tp.partition for tp in assigned))
         await self.service.assign([tp.partition for tp in assigned if tp.partition not in self.service.partitions])
 
+
+RETRY_ASSIGN_S = 5.0
+"""A partition whose assignment failed is tried again this often (``CallsConsumer._retry_failed``)."""
 
 COMMIT_INTERVAL_S = 1.0
 """Stage 2 commits its partials offsets (after saving progress) at most this often."""

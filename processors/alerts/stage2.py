@@ -496,13 +496,12 @@ class RuleWindows:
         return dropped
 
     def owns_rule_scope(self, rule: Rule, scope: Mapping[str, str], owns: Owns) -> bool:
-        """Whether a stored alert's scope (its ``by`` labels) is one this stage 2 owns. A rule not
-        evaluated over windows of partials (pipeline lag) is the group-wide scope owner's: one
-        stage 2 of the group, the one that also evaluates the rules without ``by``."""
+        """Whether a stored alert's scope (its ``by`` labels) is one this stage 2 owns. Every rule
+        has a group, pipeline-lag rules too: evaluated with no labels, one of those belongs to the
+        stage 2 owning its group's cell with empty values (without ``by``/``where``: the group-wide
+        scope's), so exactly one stage 2 of a group evaluates it (``AlertPipeline.check_lag``)."""
         group = self._groups.get(self._key(rule))
-        if group is None:
-            return owns(*scope_cell({}))
-        return owns(*group.cell(tuple(scope.get(d, "") for d in group.by)))
+        return group is None or owns(*group.cell(tuple(scope.get(d, "") for d in group.by)))
 
     def open_since(self) -> float:
         """The start of the oldest rule window holding minutes and not evaluated yet (inf: none)."""
