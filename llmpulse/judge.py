@@ -675,9 +675,15 @@ class _KafkaLoop:
         self.backoff = Backoff(judge_settings.backoff_initial_s, judge_settings.backoff_max_s,
                                judge_settings.retry_after_max_s)  # fmt: skip
         self.outages = 0
+        self.busy = asyncio.Lock()
+        """Held by each batch from scoring to commit, and by a revoke: a rebalance in the middle of
+        a batch (aiokafka's coordinator runs it in another task) would otherwise hand the
+        partitions over before the batch's commit, so their next owner, this judge again in an
+        eager rebalance, judged the whole batch a second time (a second LLM bill), and a commit
+        after a partition went away and came back could move its offset backwards."""
 
     def listener(self) -> ConsumerRebalanceListener:
-        return _ForgetRevoked(self.published)
+        return _ForgetRevoked(self.published, self.busy)
 
     async def run(
         self,
@@ -697,7 +703,11 @@ class _KafkaLoop:
             now = time.monotonic()
             if records:
                 oldest = datetime.fromtimestamp(time.time() - since, UTC) if since is not None else None
-                if await self._batch(records, oldest) or last_activity is None:
+                async with self.busy:
+                    progressed, pause = await self._batch(records, oldest)
+                if pause:  # the endpoint is down: back off outside the batch, so a rebalance need not wait
+                    await _stopped_within(self.stop, pause)
+                if progressed or last_activity is None:
                     last_activity = now  # an endpoint outage is no progress: --idle-exit ends it too
                 if on_progress is not None:
                     on_progress(self.stats)
@@ -714,8 +724,9 @@ class _KafkaLoop:
                 )
                 break
 
-    async def _batch(self, records: Mapping[Any, Sequence[Any]], oldest: datetime | None) -> bool:
-        """Score, publish, commit one fetched batch; True when any request reached an outcome."""
+    async def _batch(self, records: Mapping[Any, Sequence[Any]], oldest: datetime | None) -> tuple[bool, float]:
+        """Score, publish, commit one fetched batch; whether any request reached an outcome, and
+        how long to back off before the deferred ones are tried again (0: none deferred)."""
         assert self.judge is not None
         pending: list[tuple[Any, int, JudgeRequest]] = []
         outcomes: dict[tuple[Any, int], Outcome] = {}
@@ -743,11 +754,12 @@ class _KafkaLoop:
         self.stats.published += len(futures)
         for outcome in outcomes.values():
             self.stats.record(outcome)
-        await self._commit(records, outcomes)
-        return any(o.deferred is None for o in outcomes.values())
+        pause = await self._commit(records, outcomes)
+        return any(o.deferred is None for o in outcomes.values()), pause
 
-    async def _commit(self, records: Mapping[Any, Sequence[Any]], outcomes: Mapping[tuple[Any, int], Outcome]) -> None:
-        """Commit each partition up to its first deferred request; seek back there to retry it."""
+    async def _commit(self, records: Mapping[Any, Sequence[Any]], outcomes: Mapping[tuple[Any, int], Outcome]) -> float:
+        """Commit each partition up to its first deferred request; seek back there to retry it.
+        Returns the back-off before that retry (0: nothing deferred)."""
         commit: dict[Any, Any] = {}
         retry_from: dict[Any, int] = {}
         for tp, messages in records.items():
@@ -769,7 +781,7 @@ class _KafkaLoop:
         except (CommitFailedError, IllegalStateError) as exc:
             # a rebalance took the partitions: their next owner re-judges from the last commit
             log.warning("offset commit failed (%s); the next owner of those partitions re-judges them", exc)
-            return
+            return 0.0
         if retry_from:
             for tp, offset in retry_from.items():
                 self.consumer.seek(tp, offset)
@@ -777,21 +789,24 @@ class _KafkaLoop:
             self.outages += 1
             log.warning("judge endpoint unavailable for %d request(s); trying them again in %.1f s",
                         sum(1 for o in outcomes.values() if o.deferred), delay)  # fmt: skip
-            await _stopped_within(self.stop, delay)
-        else:
-            self.outages = 0
+            return delay
+        self.outages = 0
+        return 0.0
 
 
 class _ForgetRevoked(ConsumerRebalanceListener):
     """A revoked partition's uncommitted verdicts are its next owner's to redo (the results
-    pipeline dedupes the repeats), so this judge forgets which it published."""
+    pipeline dedupes the repeats), so this judge forgets which it published: after the batch
+    under way, if any, has committed (``_KafkaLoop.busy``)."""
 
-    def __init__(self, published: dict[Any, set[int]]) -> None:
+    def __init__(self, published: dict[Any, set[int]], busy: asyncio.Lock) -> None:
         self.published = published
+        self.busy = busy
 
     async def on_partitions_revoked(self, revoked: Any) -> None:
-        for tp in revoked:
-            self.published.pop(tp, None)
+        async with self.busy:
+            for tp in revoked:
+                self.published.pop(tp, None)
 
     async def on_partitions_assigned(self, assigned: Any) -> None:
         log.info("judge requests partitions assigned: %s", sorted(tp.partition for tp in assigned))

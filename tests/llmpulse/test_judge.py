@@ -466,6 +466,36 @@ def test_kafka_restart_does_not_rejudge_what_was_committed(topics: Any, tmp_path
 
 
 @pytest.mark.kafka
+def test_kafka_rebalance_mid_batch_judges_each_request_once(topics: Any, tmp_path: Path, fake_judge: FakeJudge) -> None:
+    """A second judge joins while the first is inside a batch (each judge call takes 3 s): the
+    revoke waits for that batch to publish and commit before handing partitions over. Before, the
+    batch's commit failed for partitions that moved, and their new owner judged them again."""
+    plan = [("ok", f"score={1 + i % 5}") for i in range(40)]
+    asyncio.run(produce(topics, topics.topics.judge_requests, requests_for("k9", plan)))
+    fake_judge.delay = 3.0
+    judge = judge_settings(fake_judge, group_id=f"{topics.consumer_group}-judge", batch_size=40, concurrency=40,
+                           timeout_s=30)  # fmt: skip
+    settings = kafka_app_settings(topics, tmp_path)
+    runs: dict[str, Any] = {}
+
+    def run(name: str) -> None:
+        runs[name] = run_judge(settings, judge, embedded=False, idle_exit=6.0)
+
+    first = threading.Thread(target=run, args=("first",))
+    first.start()
+    deadline = time.time() + 60
+    while not fake_judge.attempts and time.time() < deadline:
+        time.sleep(0.05)
+    assert fake_judge.attempts, "the first judge never started a batch"
+    second = threading.Thread(target=run, args=("second",))
+    second.start()
+    first.join(120)
+    second.join(120)
+    assert fake_judge.judged() == Counter({f"k9-{i}": 1 for i in range(40)})  # each judged (and paid for) once
+    assert sorted(r.request_id for _, r in results_on(topics)) == sorted(f"k9-{i}" for i in range(40))
+
+
+@pytest.mark.kafka
 def test_kafka_outage_defers_and_retries_without_rejudging(topics: Any, tmp_path: Path, fake_judge: FakeJudge) -> None:
     """Retries exhausted on one request: its partition is committed only up to it, the consumer
     seeks back, and on the next pass only that request is judged again."""
