@@ -635,6 +635,10 @@ async def judge_kafka(
         session_timeout_ms=int(settings.kafka.session_timeout * 1000),
         heartbeat_interval_ms=max(1000, int(settings.kafka.session_timeout * 1000 / 10)),
         max_poll_interval_ms=MAX_POLL_INTERVAL_MS,
+        # a revoke waits for the batch under way (``_KafkaLoop.busy``): the group must wait as long,
+        # not the session timeout (aiokafka's default), or it drops this member mid-batch and its
+        # partitions are judged again elsewhere
+        rebalance_timeout_ms=MAX_POLL_INTERVAL_MS,
         **opts,
     )
     producer = AIOKafkaProducer(acks="all", enable_idempotence=True, linger_ms=10, **opts)
