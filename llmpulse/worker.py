@@ -29,7 +29,7 @@ from typing import Any, TypeVar
 import faust
 import mode
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListener, TopicPartition
-from aiokafka.errors import IllegalStateError
+from aiokafka.errors import IllegalStateError, KafkaConnectionError, KafkaTimeoutError
 from aiokafka.structs import OffsetAndMetadata
 
 from ingest.kafka import client_options
@@ -53,7 +53,7 @@ from schemas.config import Settings
 from schemas.rules import RulesFile
 from schemas.wire import WireCall
 from sinks.batching import Block, BufferedWriter
-from sinks.clickhouse import ClickHouseSink, Connection, RetryPolicy, SinkError, recent_span
+from sinks.clickhouse import ClickHouseSink, Connection, RetryPolicy, SinkError, is_retryable, recent_span
 from sinks.kafka import DEFAULT_SCOPES, KafkaPublisher, partition_of
 from sinks.metrics import PipelineMetrics
 from sinks.rollups import repair, written_scope
@@ -544,9 +544,13 @@ class CallsConsumer(mode.Service):
 
     async def _release(self, partitions: Sequence[int]) -> None:
         """Revoke or shutdown: flush windows early, make everything durable, publish, commit
-        (after the consume step under way, if any: ``_busy``)."""
+        (after the consume step under way, if any: ``_busy``). Which of ``partitions`` hold state
+        is read once the step is done: it may have assigned one again (``_retry_failed``)."""
         async with self._busy:
-            await self._release_now(partitions)
+            self._failed.difference_update(partitions)
+            mine = [p for p in partitions if p in self.partitions]
+            if mine:
+                await self._release_now(mine)
 
     async def _release_now(self, partitions: Sequence[int]) -> None:
         assert self.sink is not None
@@ -568,15 +572,24 @@ class _Rebalance(ConsumerRebalanceListener):  # type: ignore[misc]
         self.service = service
 
     async def on_partitions_revoked(self, revoked: list[TopicPartition]) -> None:
-        self.service._failed.difference_update(tp.partition for tp in revoked)
-        mine = [tp.partition for tp in revoked if tp.partition in self.service.partitions]
-        if mine:
-            log.info("llm.calls partitions revoked %s: flushing windows and writes", mine)
-            await self.service._release(mine)
+        partitions = sorted(tp.partition for tp in revoked if tp.topic == self.service.topic)
+        if partitions:
+            log.info("llm.calls partitions revoked %s: flushing windows and writes", partitions)
+            await self.service._release(partitions)
 
     async def on_partitions_assigned(self, assigned: list[TopicPartition]) -> None:
         log.info("llm.calls partitions assigned %s", sorted(tp.partition for tp in assigned))
         await self.service.assign([tp.partition for tp in assigned if tp.partition not in self.service.partitions])
+
+
+def _passing(exc: BaseException) -> bool:
+    """Whether trying again may succeed: the broker or ClickHouse unreachable, a timeout; not a
+    message over the size limit, a value that cannot be encoded, a bug."""
+    if isinstance(exc, SinkError):  # raised once RetryPolicy gave up: on what, says its cause
+        return exc.__cause__ is None or is_retryable(exc.__cause__)
+    if isinstance(exc, OSError | asyncio.TimeoutError | KafkaTimeoutError | KafkaConnectionError):
+        return True
+    return is_retryable(exc) or bool(getattr(exc, "retriable", False))
 
 
 RETRY_ASSIGN_S = 5.0
@@ -806,11 +819,14 @@ def _quality_agent(app: faust.App, settings: Settings, calls: CallsConsumer, kin
     pipeline = FeedbackPipeline(limits) if kind == "feedback" else JudgeResultPipeline(limits)
     window_s = int(settings.pipeline.window)
 
-    async def until_done(what: str, step: Callable[[], Awaitable[T]]) -> T:
-        """Each step of a batch, retried with backoff until it succeeds, never raised: faust's
-        ``take_events`` acks the batch however ``handle`` ends, so a step that raised (ClickHouse or
-        the broker unreachable) would lose its outputs for good. A retried step runs alone, after
-        the steps before it succeeded, so only a send that failed halfway can repeat messages."""
+    async def until_done(what: str, step: Callable[[], Awaitable[T]], given_up: T) -> T:
+        """Each step of a batch, retried with backoff while it fails for a passing reason (ClickHouse
+        or the broker unreachable): faust's ``take_events`` acks the batch however ``handle`` ends,
+        so a step that raised would lose its outputs for good. A retried step runs alone, after
+        the steps before it succeeded, so only a send that failed halfway can repeat messages.
+        A failure retrying cannot mend (a message over the broker's size limit, a bug), or any
+        failure once the worker is stopping, is logged and the step given up (``given_up``): a
+        loop here would hold faust's rebalances and the stop, and resend the same messages."""
         delay = 0.5
         while True:
             try:
@@ -818,6 +834,9 @@ def _quality_agent(app: faust.App, settings: Settings, calls: CallsConsumer, kin
             except Exception as exc:
                 if isinstance(exc, SinkError):
                     calls.metrics.insert_errors.inc()
+                if not _passing(exc) or calls.should_stop:
+                    log.exception("%s of %s failed; given up (its outputs are lost): %s", what, name, exc)
+                    return given_up
                 log.error("%s of %s failed; retrying in %.1fs: %s", what, name, delay, exc)
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 30.0)
@@ -827,7 +846,16 @@ def _quality_agent(app: faust.App, settings: Settings, calls: CallsConsumer, kin
         sink = calls.sink
         assert sink is not None
         writer = sink.write_feedback if kind == "feedback" else sink.write_judge_results
-        await until_done("ClickHouse write", lambda: asyncio.to_thread(writer, processed, token))
+        delay = 0.5
+        while True:  # the rows themselves: until durable, whatever it takes (as before)
+            try:
+                await asyncio.to_thread(writer, processed, token)
+                return
+            except SinkError as exc:
+                calls.metrics.insert_errors.inc()
+                log.error("ClickHouse write of %s failed; retrying in %.0fs: %s", name, delay, exc)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 30.0)
 
     async def handle(events: list[Any]) -> None:
         await calls.ready.wait()
@@ -844,23 +872,25 @@ def _quality_agent(app: faust.App, settings: Settings, calls: CallsConsumer, kin
         assert publisher is not None and sink is not None
         dead = [d for b in processed for d in b.dead]
         if dead:
-            await until_done("publishing dead letters", lambda: publisher.dead_letters(dead))
+            await until_done("publishing dead letters", lambda: publisher.dead_letters(dead), None)
         if isinstance(pipeline, FeedbackPipeline):
             flagged = [r for b in processed for r in thumbs_down_requests(b.events)]
             if flagged:
                 span = recent_span(t for b in processed for t in b.ts)
-                fresh = await until_done(
-                    "sampling flagged calls",
-                    lambda: asyncio.to_thread(sink.sample_flagged, flagged, calls.judge_samplers(), span=span),
-                )
+                try:  # once: it charges the judge budgets before it writes, so a retry would charge again
+                    fresh = await asyncio.to_thread(sink.sample_flagged, flagged, calls.judge_samplers(), span=span)
+                except Exception:
+                    log.exception("sampling %d flagged call(s) failed; they are not sent to the judge", len(flagged))
+                    fresh = []
                 requests = await until_done("reading flagged calls", lambda: asyncio.to_thread(
-                    sink.sampled_requests, fresh, span))  # fmt: skip
-                await until_done("publishing judge requests", lambda: publisher.send_judge_requests(requests))
+                    sink.sampled_requests, fresh, span), [])  # fmt: skip
+                if requests:
+                    await until_done("publishing judge requests", lambda: publisher.send_judge_requests(requests), None)
             quality = [p for b in processed for p in feedback_partials(b.events, b.lineage, window_s)]
         else:
             quality = [p for b in processed for p in judge_partials(b.events, b.lineage, window_s)]
         await until_done("publishing quality partials",
-                         lambda: publisher.partials(quality, calls.scopes, QUALITY_SOURCE, None))  # fmt: skip
+                         lambda: publisher.partials(quality, calls.scopes, QUALITY_SOURCE, None), None)  # fmt: skip
 
     async def agent(stream: Any) -> None:
         async for events in stream.take_events(2000, within=1.0):

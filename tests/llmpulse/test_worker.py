@@ -316,6 +316,10 @@ def test_two_workers_share_partitions_and_add_up_to_one(tmp_path: Path, topics: 
             time.sleep(0.3)
         while "llm.calls partitions assigned" not in b.log.read_text() and time.time() < deadline:
             time.sleep(0.3)
+        # b's stage 2 joins its own group a moment later: wait for that handover too, or a fast
+        # catch-up stops a before it ever loses a partials partition
+        while "stage 2 lost partials partitions" not in a.log.read_text() and time.time() < deadline:
+            time.sleep(0.3)
         asyncio.run(produce(topics, topics.topics.calls, produced[15_000:]))
         wait_caught_up(topics, topics.topics.calls, workers=[a, b], timeout=180)
     finally:
@@ -609,3 +613,24 @@ def test_a_worker_owning_no_calls_partition_still_budgets_flagged_calls() -> Non
     (sampler,) = consumer.judge_samplers()
     assert sampler.boost_cap_per_hour == 7
     assert consumer.judge_samplers() == [sampler]  # one budget for the process, not one per call
+
+
+def test_only_failures_that_may_pass_are_retried_by_the_quality_agent() -> None:
+    """The agent's outputs are retried while the broker or ClickHouse is unreachable, and given up
+    (logged) on a failure no retry mends: looping on one would hold faust's rebalances and the
+    stop, and send the messages before the failing one again on every attempt."""
+    from aiokafka.errors import KafkaConnectionError, KafkaTimeoutError, MessageSizeTooLargeError
+
+    from llmpulse.worker import _passing
+    from sinks.clickhouse import SinkError
+
+    def sink_error(cause: Exception) -> SinkError:
+        try:
+            raise SinkError("insert failed after 3 attempt(s)") from cause
+        except SinkError as exc:
+            return exc
+
+    assert all(map(_passing, [KafkaTimeoutError(), KafkaConnectionError(), ConnectionError(), TimeoutError(),
+                              sink_error(ConnectionError("refused"))]))  # fmt: skip
+    assert not any(map(_passing, [MessageSizeTooLargeError(), TypeError("not serializable"), KeyError("x"),
+                                  sink_error(ValueError("bad block"))]))  # fmt: skip
