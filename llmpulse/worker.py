@@ -167,6 +167,7 @@ class CallsConsumer(mode.Service):
         self._failed: set[int] = set()
         """Partitions assigned here whose progress could not be read back (``assign``)."""
         self._retry_failed_at = 0.0
+        self._retry_delay = RETRY_ASSIGN_S / 2
         self._busy = asyncio.Lock()
         """Held by each consume step (process, tick, publish, commit) and by ``_release``: a revoke
         or a SIGTERM runs in another task (aiokafka's coordinator, mode's stop) and must not flush
@@ -451,8 +452,7 @@ class CallsConsumer(mode.Service):
                 self._failed.discard(p)
             except Exception:
                 self._failed.add(p)
-                log.exception("partition %d: reading its progress back failed; tried again in %.0f s",
-                              p, RETRY_ASSIGN_S)  # fmt: skip
+                log.exception("partition %d: reading its progress back failed; tried again by a later step", p)
             finally:
                 event = self._assigning.pop(p, None)
                 if event is not None:
@@ -473,7 +473,9 @@ class CallsConsumer(mode.Service):
             if state is not None:
                 with contextlib.suppress(IllegalStateError):  # revoked meanwhile: its release drops the state
                     self.consumer.seek(TopicPartition(self.topic, p), state.next_offset)
-        self._retry_failed_at = time.monotonic() + RETRY_ASSIGN_S
+        # backing off while they keep failing: each try is a full assignment, under ``_busy``
+        self._retry_delay = min(self._retry_delay * 2, 60.0) if self._failed else RETRY_ASSIGN_S / 2
+        self._retry_failed_at = time.monotonic() + self._retry_delay
 
     async def _assign_one(self, p: int) -> None:
         assert self.consumer is not None and self.sink is not None
@@ -593,7 +595,8 @@ def _passing(exc: BaseException) -> bool:
 
 
 RETRY_ASSIGN_S = 5.0
-"""A partition whose assignment failed is tried again this often (``CallsConsumer._retry_failed``)."""
+"""A partition whose assignment failed is tried again at once, then after this long, doubling up to
+a minute while it keeps failing (``CallsConsumer._retry_failed``)."""
 
 COMMIT_INTERVAL_S = 1.0
 """Stage 2 commits its partials offsets (after saving progress) at most this often."""
