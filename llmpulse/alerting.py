@@ -367,9 +367,8 @@ class AlertPipeline:
         be resolved by the next worker to restore it, and re-opened by the first. A stage 2 whose
         own partials backlog grows shows in Prometheus (``LlmpulseConsumerLagGrowing``)."""
         lag_rules = [
-            r for r in self.engine.rules.values()
-            if r.metric == "pipeline_lag_s" and (self._owns is None or self.windows.owns_rule_scope(r, {}, self._owns))
-        ]  # fmt: skip
+            r for r in self.engine.rules.values() if r.metric == "pipeline_lag_s" and self._mine(r.name, {}, self._owns)
+        ]
         if not lag_rules or not self.stage2.watermarks:
             return []
         # a partition read again from its commit carries old watermarks until the replay is done;

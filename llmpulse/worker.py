@@ -247,7 +247,6 @@ class CallsConsumer(mode.Service):
     # ---- the hot path ----------------------------------------------------------------------
 
     async def _handle(self, records: dict[TopicPartition, list[Any]]) -> None:
-        assert self.consumer is not None
         batches: list[tuple[int, PayloadBatch]] = []
         for tp, messages in records.items():
             state = self.partitions.get(tp.partition)
@@ -589,7 +588,7 @@ def _passing(exc: BaseException) -> bool:
     message over the size limit, a value that cannot be encoded, a bug."""
     if isinstance(exc, SinkError):  # raised once RetryPolicy gave up: on what, says its cause
         return exc.__cause__ is None or is_retryable(exc.__cause__)
-    if isinstance(exc, OSError | asyncio.TimeoutError | KafkaTimeoutError | KafkaConnectionError):
+    if isinstance(exc, OSError | KafkaTimeoutError | KafkaConnectionError):  # TimeoutError is an OSError
         return True
     return is_retryable(exc) or bool(getattr(exc, "retriable", False))
 
@@ -822,14 +821,16 @@ def _quality_agent(app: faust.App, settings: Settings, calls: CallsConsumer, kin
     pipeline = FeedbackPipeline(limits) if kind == "feedback" else JudgeResultPipeline(limits)
     window_s = int(settings.pipeline.window)
 
-    async def until_done(what: str, step: Callable[[], Awaitable[T]], given_up: T) -> T:
+    async def until_done(what: str, step: Callable[[], Awaitable[T]], given_up: T, durable: bool = False) -> T:
         """Each step of a batch, retried with backoff while it fails for a passing reason (ClickHouse
         or the broker unreachable): faust's ``take_events`` acks the batch however ``handle`` ends,
         so a step that raised would lose its outputs for good. A retried step runs alone, after
         the steps before it succeeded, so only a send that failed halfway can repeat messages.
         A failure retrying cannot mend (a message over the broker's size limit, a bug), or any
         failure once the worker is stopping, is logged and the step given up (``given_up``): a
-        loop here would hold faust's rebalances and the stop, and resend the same messages."""
+        loop here would hold faust's rebalances and the stop, and resend the same messages.
+        ``durable``: the batch's own rows, retried on every ``SinkError`` until they are written
+        (anything else raises): faust acks the messages only once they are."""
         delay = 0.5
         while True:
             try:
@@ -837,7 +838,10 @@ def _quality_agent(app: faust.App, settings: Settings, calls: CallsConsumer, kin
             except Exception as exc:
                 if isinstance(exc, SinkError):
                     calls.metrics.insert_errors.inc()
-                if not _passing(exc) or calls.should_stop:
+                if durable:
+                    if not isinstance(exc, SinkError):
+                        raise
+                elif not _passing(exc) or calls.should_stop:
                     log.exception("%s of %s failed; given up (its outputs are lost): %s", what, name, exc)
                     return given_up
                 log.error("%s of %s failed; retrying in %.1fs: %s", what, name, delay, exc)
@@ -845,20 +849,10 @@ def _quality_agent(app: faust.App, settings: Settings, calls: CallsConsumer, kin
                 delay = min(delay * 2, 30.0)
 
     async def write(processed: list[Any], token: str) -> None:
-        """Until it is durable: faust acks these messages only once we return."""
         sink = calls.sink
         assert sink is not None
         writer = sink.write_feedback if kind == "feedback" else sink.write_judge_results
-        delay = 0.5
-        while True:  # the rows themselves: until durable, whatever it takes (as before)
-            try:
-                await asyncio.to_thread(writer, processed, token)
-                return
-            except SinkError as exc:
-                calls.metrics.insert_errors.inc()
-                log.error("ClickHouse write of %s failed; retrying in %.0fs: %s", name, delay, exc)
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, 30.0)
+        await until_done("ClickHouse write", lambda: asyncio.to_thread(writer, processed, token), None, durable=True)
 
     async def handle(events: list[Any]) -> None:
         await calls.ready.wait()
