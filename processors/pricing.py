@@ -12,13 +12,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from processors.native import K_F64, K_U32, _native
 from schemas.prices import ModelPrice, PriceTable
 from schemas.wire import WireCall
-
-try:  # built from processors/_native.c with the package; optional: the per-event path does the same
-    from processors import _native
-except ImportError:  # pragma: no cover - an install without a C compiler
-    _native = None  # type: ignore[assignment]
 
 COST_COMPUTED = "computed"
 COST_CLIENT = "client"
@@ -234,8 +230,8 @@ class CostAttribution:
 
 
 _PRICE_COLUMNS = (
-    ("input_tokens", 2), ("output_tokens", 2), ("cached_input_tokens", 2), ("cache_write_tokens", 2),
-    ("cost_usd", 5),
+    ("input_tokens", K_U32), ("output_tokens", K_U32), ("cached_input_tokens", K_U32), ("cache_write_tokens", K_U32),
+    ("cost_usd", K_F64),
 )  # fmt: skip
-"""``_native.gather`` specs (kind 2: uint32, 5: float64 with validity) of what a cost is computed from."""
+"""``_native.gather`` specs of what a cost is computed from."""
 _NO_RATES = (0.0,) * 9

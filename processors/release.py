@@ -10,15 +10,11 @@ from __future__ import annotations
 
 import xxhash
 
+from processors.native import K_ANY_LEN, _native
 from schemas.wire import WireCall
 
-try:  # built from processors/_native.c with the package; optional: the Python path does the same
-    from processors import _native
-except ImportError:  # pragma: no cover - an install without a C compiler
-    _native = None  # type: ignore[assignment]
-
-_ANY_RELEASE = (("release", 8),)
-"""``_native.gather`` spec: whether any event of a batch has a ``release{}`` entry (kind 8)."""
+_ANY_RELEASE = (("release", K_ANY_LEN),)
+"""``_native.gather`` spec: whether any event of a batch has a ``release{}`` entry."""
 
 RELEASE_FIELDS = ("prompt_version", "model", "response_model", "adapter", "feature_view", "guardrail_version")
 ReleaseTuple = tuple[str | None, str | None, str | None, str | None, str | None, str | None]

@@ -18,6 +18,7 @@ from typing import Any, Generic, TypeVar
 import msgspec
 import orjson
 
+from processors.native import _native
 from processors.records import DeadLetter, PayloadBatch, Source
 from schemas import limits
 from schemas.wire import (
@@ -36,10 +37,6 @@ from schemas.wire import (
 
 T = TypeVar("T", WireCall, WireFeedback, WireJudgeResult)
 
-try:  # built from processors/_native.c with the package; optional: each use has the Python path
-    from processors import _native
-except ImportError:  # pragma: no cover - an install without a C compiler
-    _native = None  # type: ignore[assignment]
 
 _AT_PATH = re.compile(r" - at `(\$[^`]*)`$")
 _UNKNOWN = "Object contains unknown field"

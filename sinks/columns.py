@@ -19,14 +19,10 @@ import pyarrow.compute as pc
 import xxhash
 
 from processors.chain import ProcessedCalls, ProcessedFeedback, ProcessedJudgeResults
+from processors.native import K_ANY_LEN, K_BOOL, K_F64, K_I32, K_I64, K_STR, K_STR_TUPLE, K_U16, K_U32, _native
 from processors.quality import Lineage
 from processors.records import DeadLetter
 from schemas.wire import WireCall
-
-try:  # built from processors/_native.c with the package; optional: each use has the Python path
-    from processors import _native
-except ImportError:  # pragma: no cover - an install without a C compiler
-    _native = None  # type: ignore[assignment]
 
 _TS = pa.timestamp("ms", tz="UTC")
 _STR = pa.string()
@@ -149,14 +145,13 @@ def calls_table(b: ProcessedCalls) -> pa.Table:
     return pa.Table.from_arrays(arrays, names=names)
 
 
-_KINDS = {_STR: 0, pa.int64(): 1, pa.uint32(): 2, pa.uint16(): 3, pa.int32(): 4, pa.float64(): 5, pa.bool_(): 6,
-          _STR_LIST: 7}  # fmt: skip
-"""Arrow type → the column kind ``processors._native.gather`` writes (its ``enum kind``)."""
-_ANY_LEN = 8
+_KINDS = {_STR: K_STR, pa.int64(): K_I64, pa.uint32(): K_U32, pa.uint16(): K_U16, pa.int32(): K_I32,
+          pa.float64(): K_F64, pa.bool_(): K_BOOL, _STR_LIST: K_STR_TUPLE}  # fmt: skip
+"""Arrow type → the column kind ``processors._native.gather`` writes."""
 _GATHER_SPECS = (
     *((*path[:1], _KINDS[typ], *path[1:]) for _, _, typ, path in _GETTERS),
-    ("release", _ANY_LEN),
-    ("attributes", _ANY_LEN),
+    ("release", K_ANY_LEN),
+    ("attributes", K_ANY_LEN),
 )
 
 
