@@ -29,7 +29,7 @@ from typing import Any, TypeVar
 import faust
 import mode
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListener, TopicPartition
-from aiokafka.errors import IllegalStateError, KafkaConnectionError, KafkaTimeoutError
+from aiokafka.errors import IllegalStateError, KafkaConnectionError, KafkaTimeoutError, TopicAuthorizationFailedError
 from aiokafka.structs import OffsetAndMetadata
 
 from ingest.kafka import client_options
@@ -54,7 +54,7 @@ from schemas.rules import RulesFile
 from schemas.wire import WireCall
 from sinks.batching import Block, BufferedWriter
 from sinks.clickhouse import ClickHouseSink, Connection, RetryPolicy, SinkError, is_retryable, recent_span
-from sinks.kafka import DEFAULT_SCOPES, KafkaPublisher, partition_of
+from sinks.kafka import DEFAULT_SCOPES, KafkaPublisher, Outbox, partition_of
 from sinks.metrics import PipelineMetrics
 from sinks.rollups import repair, written_scope
 
@@ -87,6 +87,7 @@ class WorkerStats:
     skipped_written: int = 0
     commits: int = 0
     sink_failures: int = 0
+    publish_failures: int = 0
     process_s: float = 0.0
     rebuilt_rows: int = 0
     rollups_repaired: int = 0
@@ -156,8 +157,12 @@ class CallsConsumer(mode.Service):
         self.publisher: KafkaPublisher | None = None
         self._durable: deque[Block] = deque()
         """Blocks the insert thread finished, waiting for their outputs and offset commits."""
+        self._block_box: Outbox | None = None
+        """The outputs of ``_durable``'s first block the broker has not taken yet."""
         self._unblocked: list[tuple[int, list[WindowPartial], float]] = []
         """Partials closed without a write behind them (idle ticks, revoke flushes), with the watermark."""
+        self._unblocked_box: Outbox | None = None
+        """The same for ``_unblocked``'s first entry."""
         self.published_watermark: dict[int, float] = {}
         """Per partition: every window ending before this has its partials on the partials topic."""
         self._last_heartbeat = 0.0
@@ -378,45 +383,74 @@ class CallsConsumer(mode.Service):
         """For blocks now durable: publish what they produced, then commit their offsets.
 
         Outputs wait for durability so a crash can never publish window partials, judge
-        requests or dead letters for rows that will be processed (and published) again.
+        requests or dead letters for rows that will be processed (and published) again. A block
+        leaves the queue only once the broker has all of its outputs (``_deliver``), and the
+        commit covers only such blocks.
         """
         assert self.publisher is not None and self.consumer is not None
         commit: dict[int, int] = {}
-        while self._durable:
-            block = self._durable.popleft()
-            # a block's outputs go in one round of sends per topic, awaited together: every wait
-            # lasts at least the producer's linger (20 ms), and a block holds dozens of batches
-            sent = await asyncio.gather(
-                self.publisher.dead_letters([d for b in block.calls for d in b.dead]),
-                self.publisher.judge_requests(block.calls),
-                self.publisher.partial_groups(
-                    [(b.partials, b.source.partition, b.watermark) for b in block.calls], self.scopes, self.sketches
-                ),
-                return_exceptions=True,  # all three finish before a failure is raised: none left running
-            )
-            for outcome in sent:
-                if isinstance(outcome, BaseException):
-                    raise outcome
-            for b in block.calls:
-                self._published(b.source.partition, b.watermark)
-                if b.end_offset >= 0:
-                    commit[b.source.partition] = max(commit.get(b.source.partition, 0), b.end_offset)
-        unblocked, self._unblocked = self._unblocked, []
-        for partition, partials, watermark in unblocked:
-            await self._publish_partials(partition, partials, watermark)
-        await self._heartbeat()
-        offsets = {
-            TopicPartition(self.topic, p): OffsetAndMetadata(o, "") for p, o in commit.items() if p in self.partitions
-        }
-        if offsets:
-            await self.consumer.commit(offsets)
-            self.stats.commits += 1
+        try:
+            while self._durable:
+                block = self._durable[0]
+                # a block's outputs go in one round of sends, awaited together: every wait lasts
+                # at least the producer's linger (20 ms), and a block holds dozens of batches
+                if self._block_box is None:
+                    self._block_box = self.publisher.block_outbox(block.calls, self.scopes, self.sketches)
+                await self._deliver(self._block_box, "a written block's outputs")
+                self._durable.popleft()
+                self._block_box = None
+                for b in block.calls:
+                    self._published(b.source.partition, b.watermark)
+                    if b.end_offset >= 0:
+                        commit[b.source.partition] = max(commit.get(b.source.partition, 0), b.end_offset)
+            while self._unblocked:
+                partition, partials, watermark = self._unblocked[0]
+                if self._unblocked_box is None:
+                    self._unblocked_box = self.publisher.outbox(
+                        partials=[(partials, partition, watermark)], scopes=self.scopes, sketches=self.sketches
+                    )
+                await self._deliver(self._unblocked_box, "closed windows' partials")
+                self._unblocked.pop(0)
+                self._unblocked_box = None
+                self._published(partition, watermark)
+            await self._heartbeat()
+        finally:  # stopping while the broker is unreachable (``_deliver`` raised): keep what is done
+            offsets = {
+                TopicPartition(self.topic, p): OffsetAndMetadata(o, "")
+                for p, o in commit.items()
+                if p in self.partitions
+            }
+            if offsets:
+                await self.consumer.commit(offsets)
+                self.stats.commits += 1
 
-    async def _publish_partials(self, partition: int, partials: list[WindowPartial], watermark: float) -> None:
+    async def _deliver(self, box: Outbox, what: str) -> None:
+        """Send ``box`` until the broker has all of it, sending again only what failed (a partial
+        sent twice would count twice in stage 2). Meanwhile this step holds ``_busy`` and nothing
+        new is read: intake waits in Kafka, as it does for a failing insert, and the worker stays
+        up (it used to stop on the first failed send and rely on a restart). A message retrying
+        cannot mend (over the size limit) is dropped, logged and counted. Once the worker is
+        stopping, the retries end after 1 + 2 + 4 s and this raises: what is left stays
+        uncommitted (windows unflushed) and the next owner reads it again (rebuilds them)."""
         assert self.publisher is not None
-        if partials:
-            await self.publisher.partials(partials, self.scopes, partition, watermark, self.sketches)
-        self._published(partition, watermark)
+        delay = 1.0
+        while True:
+            given_up = box.given_up
+            try:
+                await self.publisher.deliver(box, keep=_passing)
+                return
+            except Exception as exc:
+                self.stats.publish_failures += 1
+                self.metrics.publish_errors.inc()
+                if self.should_stop and delay > STOPPING_RETRY_S:
+                    raise
+                log.error(
+                    "publishing %s failed (%d message(s) left); retrying in %.0fs: %s", what, len(box), delay, exc
+                )
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 30.0)
+            finally:
+                _count_dropped(self.metrics, box, given_up, what)
 
     def _published(self, partition: int, watermark: float) -> None:
         """Stage 2 has every partial of ``partition`` up to ``watermark`` (heartbeats may say so)."""
@@ -432,7 +466,11 @@ class CallsConsumer(mode.Service):
         assert self.publisher is not None
         marks = {p: w for p, w in self.published_watermark.items() if p in self.partitions and math.isfinite(w)}
         if marks:
-            await self.publisher.watermarks(marks)
+            try:
+                await self.publisher.watermarks(marks)
+            except Exception as exc:  # the next heartbeat, a second later, carries the same or more
+                self.metrics.publish_errors.inc()
+                log.warning("watermark heartbeat not sent: %s", exc)
 
     # ---- rebalance ---------------------------------------------------------------------------
 
@@ -583,15 +621,26 @@ class _Rebalance(ConsumerRebalanceListener):  # type: ignore[misc]
         await self.service.assign([tp.partition for tp in assigned if tp.partition not in self.service.partitions])
 
 
+def _count_dropped(metrics: PipelineMetrics, box: Outbox, before: int, what: str) -> None:
+    if box.given_up > before:
+        metrics.dropped.labels("kafka_outputs").inc(box.given_up - before)
+        log.error("%s: %d message(s) dropped, retrying cannot mend: %s", what, box.given_up - before, box.last_given_up)
+
+
 def _passing(exc: BaseException) -> bool:
-    """Whether trying again may succeed: the broker or ClickHouse unreachable, a timeout; not a
-    message over the size limit, a value that cannot be encoded, a bug."""
+    """Whether trying again may succeed: the broker or ClickHouse unreachable, a timeout, a topic
+    ACL an operator has yet to grant; not a message over the size limit, a value that cannot be
+    encoded, a bug."""
     if isinstance(exc, SinkError):  # raised once RetryPolicy gave up: on what, says its cause
         return exc.__cause__ is None or is_retryable(exc.__cause__)
-    if isinstance(exc, OSError | KafkaTimeoutError | KafkaConnectionError):  # TimeoutError is an OSError
+    if isinstance(exc, OSError | KafkaTimeoutError | KafkaConnectionError | TopicAuthorizationFailedError):
         return True
     return is_retryable(exc) or bool(getattr(exc, "retriable", False))
 
+
+STOPPING_RETRY_S = 4.0
+"""The last back-off a stopping worker still waits before giving up a failing send (``_deliver``):
+a SIGTERM's grace period is short (30 s by default in Kubernetes)."""
 
 RETRY_ASSIGN_S = 5.0
 """A partition whose assignment failed is tried again at once, then after this long, doubling up to
@@ -621,6 +670,8 @@ class AlertsConsumer(mode.Service):
         self._last_commit = 0.0
         self._committed: dict[int, int] = {}
         self._pending_publish: list[Any] = []
+        self._alerts_box = Outbox()
+        """Alert state changes for ``llm.alerts`` the broker has not taken yet (a failed step's)."""
         self.errors = 0
         self.cpu_s = 0.0
         """This thread's CPU in stage 2's own work (the awaits excluded, so stage 1 is not counted)."""
@@ -731,9 +782,20 @@ class AlertsConsumer(mode.Service):
         self.calls.metrics.alert_partials.inc(read)
         if stage2.late_partials > late:
             self.calls.metrics.alert_late_partials.inc(stage2.late_partials - late)
-        if self._pending_publish and self.calls.publisher is not None:
+        publisher = self.calls.publisher
+        if self._pending_publish and publisher is not None:
             events, self._pending_publish[:] = list(self._pending_publish), []
-            await self.calls.publisher.alerts(events)
+            self._alerts_box.pending += publisher.outbox(alerts=events).pending
+        if self._alerts_box and publisher is not None:  # what failed before goes first, and only that
+            given_up = self._alerts_box.given_up
+            try:
+                await publisher.deliver(self._alerts_box, keep=_passing)
+            except Exception as exc:  # kept for the next step: evaluation, progress and commits go on
+                self.calls.metrics.publish_errors.inc()
+                log.warning(
+                    "%d alert record(s) not published yet; sent again next step: %s", len(self._alerts_box), exc
+                )
+            _count_dropped(self.calls.metrics, self._alerts_box, given_up, "alert records")
         began = time.thread_time()
         pinned = stage2.pinned_offsets()
         target = {p: min(o, pinned.get(p, o)) for p, o in last_offsets.items()}
@@ -825,7 +887,8 @@ def _quality_agent(app: faust.App, settings: Settings, calls: CallsConsumer, kin
         """Each step of a batch, retried with backoff while it fails for a passing reason (ClickHouse
         or the broker unreachable): faust's ``take_events`` acks the batch however ``handle`` ends,
         so a step that raised would lose its outputs for good. A retried step runs alone, after
-        the steps before it succeeded, so only a send that failed halfway can repeat messages.
+        the steps before it succeeded, and a send retries only the messages the broker did not
+        take (``send``), so nothing is sent twice.
         A failure retrying cannot mend (a message over the broker's size limit, a bug), or any
         failure once the worker is stopping, is logged and the step given up (``given_up``): a
         loop here would hold faust's rebalances and the stop, and resend the same messages.
@@ -854,6 +917,22 @@ def _quality_agent(app: faust.App, settings: Settings, calls: CallsConsumer, kin
         writer = sink.write_feedback if kind == "feedback" else sink.write_judge_results
         await until_done("ClickHouse write", lambda: asyncio.to_thread(writer, processed, token), None, durable=True)
 
+    async def send(what: str, box: Outbox) -> None:
+        publisher = calls.publisher
+        assert publisher is not None
+
+        async def step() -> None:
+            try:
+                await publisher.deliver(box, keep=_passing)
+            except Exception:
+                calls.metrics.publish_errors.inc()
+                raise
+
+        await until_done(what, step, None)
+        _count_dropped(calls.metrics, box, 0, f"{what} of {name}")
+        if box:  # given up when the worker stopped
+            calls.metrics.dropped.labels("kafka_outputs").inc(len(box))
+
     async def handle(events: list[Any]) -> None:
         await calls.ready.wait()
         by_partition: dict[int, PayloadBatch] = {}
@@ -869,7 +948,7 @@ def _quality_agent(app: faust.App, settings: Settings, calls: CallsConsumer, kin
         assert publisher is not None and sink is not None
         dead = [d for b in processed for d in b.dead]
         if dead:
-            await until_done("publishing dead letters", lambda: publisher.dead_letters(dead), None)
+            await send("publishing dead letters", publisher.outbox(dead=dead))
         if isinstance(pipeline, FeedbackPipeline):
             flagged = [r for b in processed for r in thumbs_down_requests(b.events)]
             if flagged:
@@ -882,12 +961,12 @@ def _quality_agent(app: faust.App, settings: Settings, calls: CallsConsumer, kin
                 requests = await until_done("reading flagged calls", lambda: asyncio.to_thread(
                     sink.sampled_requests, fresh, span), [])  # fmt: skip
                 if requests:
-                    await until_done("publishing judge requests", lambda: publisher.send_judge_requests(requests), None)
+                    await send("publishing judge requests", publisher.outbox(judge=requests))
             quality = [p for b in processed for p in feedback_partials(b.events, b.lineage, window_s)]
         else:
             quality = [p for b in processed for p in judge_partials(b.events, b.lineage, window_s)]
-        await until_done("publishing quality partials",
-                         lambda: publisher.partials(quality, calls.scopes, QUALITY_SOURCE, None), None)  # fmt: skip
+        box = publisher.outbox(partials=[(quality, QUALITY_SOURCE, None)], scopes=calls.scopes)
+        await send("publishing quality partials", box)
 
     async def agent(stream: Any) -> None:
         async for events in stream.take_events(2000, within=1.0):

@@ -6,16 +6,22 @@
   tied to;
 * stage-1 window partials to ``llm.window.partials``, projected onto each alert scope and
   keyed by scope value, so one stage-2 consumer sees every partition's share of a scope.
+
+Everything goes through an :class:`Outbox`: a failed round of sends leaves in it only what the
+broker did not acknowledge, so a caller that tries again never sends a message twice.
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterable, Sequence
+import dataclasses
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 import orjson
 from aiokafka import AIOKafkaProducer
+from aiokafka.errors import KafkaTimeoutError
 from aiokafka.partitioner import murmur2
 
 from processors.chain import ProcessedCalls
@@ -118,32 +124,144 @@ def partial_messages(
     return out
 
 
+Message = tuple[bytes | None, bytes, list[tuple[str, bytes]] | None]
+"""(key, value, headers); a None key leaves the partition to the producer."""
+
+
+@dataclass
+class Outbox:
+    """Messages not yet acknowledged by the broker, in the order they are to be sent, each with its
+    topic and what it counts as in ``KafkaPublisher.sent``.
+
+    Outputs are retried after a failure (the worker's durable blocks, the quality agent's batches),
+    and a round of sends can fail halfway: the broker acknowledges some messages and not others.
+    Sending everything again would repeat the acknowledged ones, and a window partial read twice
+    counts its calls twice in stage 2; so ``KafkaPublisher.deliver`` keeps here only the failed.
+    """
+
+    pending: list[tuple[str, str, Message]] = field(default_factory=list)
+    given_up: int = 0
+    """Messages dropped after a failure that trying again cannot mend (``deliver``'s ``keep``)."""
+    last_given_up: BaseException | None = None
+
+    def add(self, kind: str, topic: str, messages: Iterable[Message]) -> Outbox:
+        self.pending.extend((kind, topic, m) for m in messages)
+        return self
+
+    def __len__(self) -> int:
+        return len(self.pending)
+
+
+def _failed(exc: BaseException) -> asyncio.Future[Any]:
+    future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+    future.set_exception(exc)
+    return future
+
+
 class KafkaPublisher:
     def __init__(self, settings: KafkaSettings, producer: AIOKafkaProducer) -> None:
         self.topics = settings.topics
         self.producer = producer
         self.sent = {"dlq": 0, "judge_requests": 0, "partials": 0, "watermarks": 0, "alerts": 0}
 
-    async def _send_all(self, topic: str, messages: Iterable[tuple[bytes | None, bytes, list[Any] | None]]) -> int:
-        futures = [
-            await self.producer.send(topic, value=value, key=key, headers=headers) for key, value, headers in messages
-        ]
-        if futures:
-            await asyncio.gather(*futures)
-        return len(futures)
+    async def deliver(self, box: Outbox, keep: Callable[[BaseException], bool] = lambda exc: True) -> None:
+        """Send what ``box`` holds, all enqueued before any is awaited (each wait lasts at least the
+        producer's linger), and leave in it only what the broker did not take.
 
-    async def dead_letters(self, letters: Iterable[DeadLetter]) -> None:
-        self.sent["dlq"] += await self._send_all(
-            self.topics.dlq, ((None, d.raw, dead_letter_headers(d)) for d in letters)
+        A failure ``keep`` rejects (one retrying cannot mend: a message over the size limit) drops
+        that message, counted in ``box.given_up``, and the round goes on. Raises the first kept
+        failure when anything is left, which is exactly when the caller should try again. A
+        message the producer will not enqueue for a kept reason ends the round: it and those after
+        it stay, in order. Cancelled halfway, the box still loses what the broker acknowledged.
+        """
+        pending = box.pending
+        if not pending:
+            return
+        futures: list[asyncio.Future[Any]] = []
+        refused: BaseException | None = None
+        try:
+            for _kind, topic, (key, value, headers) in pending:
+                try:
+                    futures.append(await self.producer.send(topic, value=value, key=key, headers=headers))
+                except Exception as exc:
+                    if keep(exc):
+                        refused = exc  # the rest wait for the next round, in order
+                        break
+                    futures.append(_failed(exc))
+            if futures:
+                await asyncio.wait(futures)
+        finally:
+            left: list[tuple[str, str, Message]] = []
+            for item, future in zip(pending, futures, strict=False):
+                error = future.exception() if future.done() and not future.cancelled() else None
+                if future.done() and not future.cancelled() and error is None:
+                    self.sent[item[0]] += 1
+                elif error is not None and not keep(error):
+                    box.given_up += 1
+                    box.last_given_up = error
+                else:  # failed for a passing reason, or still in flight when cancelled
+                    left.append(item)
+                    refused = refused or error
+            box.pending = left + pending[len(futures) :]
+        if box.pending:
+            raise refused or KafkaTimeoutError("messages left unacknowledged")
+
+    def outbox(
+        self,
+        *,
+        dead: Iterable[DeadLetter] = (),
+        judge: Iterable[dict[str, Any]] = (),
+        partials: Iterable[tuple[list[WindowPartial], int, float | None]] = (),
+        scopes: Sequence[tuple[str, ...]] = DEFAULT_SCOPES,
+        sketches: tuple[bool, bool, bool] = (True, True, True),
+        alerts: Iterable[Any] = (),
+    ) -> Outbox:
+        """The messages for these outputs, dead letters first.
+
+        * ``judge``: requests keyed by conversation, so a judge consumer sees a conversation's
+          turns in order;
+        * ``partials``: several batches' (partials, source partition, watermark); every batch
+          keeps its own watermark and the messages go in batch order, so each partials partition
+          sees them in the order it did one batch at a time (across partitions stage 2 could never
+          rely on order). A watermark of None adds the partials to their minutes without moving
+          any watermark (judge scores and feedback arrive long after their calls' minutes);
+        * ``alerts``: state changes keyed by dedup key, on the compacted alerts topic.
+        """
+        box = Outbox()
+        box.add("dlq", self.topics.dlq, ((None, d.raw, dead_letter_headers(d)) for d in dead))
+        box.add(
+            "judge_requests",
+            self.topics.judge_requests,
+            (((r.get("conversation_id") or r["event_id"]).encode(), orjson.dumps(r), None) for r in judge),
         )
+        box.add(
+            "partials",
+            self.topics.partials,
+            (
+                (key, value, None)
+                for group, partition, watermark in partials
+                if group
+                for key, value in partial_messages(group, scopes, partition, watermark, sketches)
+            ),
+        )
+        box.add(
+            "alerts",
+            self.topics.alerts,
+            ((e.dedup_key.encode(), orjson.dumps(dataclasses.asdict(e), default=str), None) for e in alerts),
+        )
+        return box
 
-    async def judge_requests(self, batches: Iterable[ProcessedCalls]) -> None:
-        await self.send_judge_requests(judge_request(b, s.index, s.reason) for b in batches for s in b.samples)
-
-    async def send_judge_requests(self, requests: Iterable[dict[str, Any]]) -> None:
-        """Keyed by conversation: a judge consumer sees a conversation's turns in order."""
-        messages = (((r.get("conversation_id") or r["event_id"]).encode(), orjson.dumps(r), None) for r in requests)
-        self.sent["judge_requests"] += await self._send_all(self.topics.judge_requests, messages)
+    def block_outbox(
+        self, batches: Sequence[ProcessedCalls], scopes: Sequence[tuple[str, ...]], sketches: tuple[bool, bool, bool]
+    ) -> Outbox:
+        """What a durable block of calls produced: dead letters, judge requests, window partials."""
+        return self.outbox(
+            dead=(d for b in batches for d in b.dead),
+            judge=(judge_request(b, s.index, s.reason) for b in batches for s in b.samples),
+            partials=[(b.partials, b.source.partition, b.watermark) for b in batches],
+            scopes=scopes,
+            sketches=sketches,
+        )
 
     async def watermarks(self, marks: dict[int, float]) -> None:
         """A heartbeat per source partition to every partials partition: stage 2 must hear from all."""
@@ -156,46 +274,3 @@ class KafkaPublisher:
         if futures:
             await asyncio.gather(*futures)
         self.sent["watermarks"] += len(futures)
-
-    async def alerts(self, events: Iterable[Any]) -> None:
-        """Alert state changes, keyed by dedup key on the compacted alerts topic."""
-        from dataclasses import asdict
-
-        futures = []
-        for e in events:
-            body = orjson.dumps(asdict(e), default=str)
-            futures.append(await self.producer.send(self.topics.alerts, body, key=e.dedup_key.encode()))
-        if futures:
-            await asyncio.gather(*futures)
-        self.sent["alerts"] += len(futures)
-
-    async def partials(
-        self,
-        partials: list[WindowPartial],
-        scopes: Sequence[tuple[str, ...]],
-        source_partition: int,
-        watermark: float | None,
-        sketches: tuple[bool, bool, bool] = (True, True, True),
-    ) -> None:
-        """``watermark`` None: the partials add to their minutes without moving any watermark
-        (judge scores and feedback arrive long after their calls' minutes)."""
-        await self.partial_groups([(partials, source_partition, watermark)], scopes, sketches)
-
-    async def partial_groups(
-        self,
-        groups: Iterable[tuple[list[WindowPartial], int, float | None]],
-        scopes: Sequence[tuple[str, ...]],
-        sketches: tuple[bool, bool, bool] = (True, True, True),
-    ) -> None:
-        """Several batches' (partials, source partition, watermark) in one round of sends, awaited
-        once: each wait lasts at least the producer's linger. Every batch keeps its own watermark
-        and the sends go in batch order, so each partials partition sees them in the order it did
-        one batch at a time (across partitions stage 2 could never rely on order)."""
-        messages = [
-            m
-            for partials, partition, watermark in groups
-            if partials
-            for m in partial_messages(partials, scopes, partition, watermark, sketches)
-        ]
-        if messages:
-            self.sent["partials"] += await self._send_all(self.topics.partials, ((k, v, None) for k, v in messages))

@@ -191,6 +191,11 @@ class PipelineMetrics:
         self.rows = Counter("llmpulse_clickhouse_rows", "Rows written to ClickHouse", registry=r)
         self.insert_errors = Counter("llmpulse_clickhouse_insert_errors", "Inserts that failed after retries",
                                      registry=r)  # fmt: skip
+        self.publish_errors = Counter(
+            "llmpulse_kafka_publish_errors",
+            "Rounds of output sends (dead letters, judge requests, partials, alerts) the broker failed",
+            registry=r,
+        )
         self.lag = Gauge("llmpulse_kafka_consumer_lag", "Messages not yet committed", ["partition"], registry=r)
         self.unwritten = Gauge(
             "llmpulse_unwritten_rows",

@@ -23,15 +23,16 @@ from tests.conftest import call, iso
 from tests.llmpulse.workers import (
     ENV,
     FIRST_PROGRESS_READ_FAILS,
-    QUALITY_OUTPUTS_FAIL_ONCE,
     RAW_PART_ONLY,
     TERM_MID_BATCH,
     Worker,
+    calls_outputs_fail_halfway,
     consume_all,
     crash_worker,
     crashing_cli,
     drain_with_worker,
     produce,
+    quality_outputs_fail_once,
     query,
     wait_caught_up,
     write_config,
@@ -236,6 +237,42 @@ def test_sigterm_while_a_batch_is_processed_waits_for_it(tmp_path: Path, topics:
             grain = tuple(body["scope_dims"])
             per_grain[grain] = per_grain.get(grain, 0) + part.calls
     assert per_grain and set(per_grain.values()) == {20_000}, per_grain  # each call in one partial per grain
+
+
+def test_outputs_the_broker_did_not_take_are_sent_again_once(tmp_path: Path, topics: Any) -> None:
+    """One in five of the calls path's output messages (window partials, judge requests, dead
+    letters) is not acknowledged once, in rounds where the others are. The worker stays up, sends
+    again only what failed, and commits a block only once all of it is out: every call is in one
+    partial per grain, every sampled call in one judge request, every bad payload in one dead
+    letter. Before, the first failed send stopped the worker (a restart re-read from the commit)."""
+    good = events(10_000, "out")
+    bad = [(b"feature-0", b'{"event_id": "bad-%d", "model": 7}' % i) for i in range(100)]
+    asyncio.run(produce(topics, topics.topics.calls, good[:5000] + bad + good[5000:]))
+    cfg = write_config(tmp_path / "w.yaml", topics, pipeline={"batch_max_seconds": "100ms", "batch_max_events": 2000},
+                       sampling={"default_rate": 0.05})  # fmt: skip
+    worker = Worker(cfg, tmp_path / "data", tmp_path / "w.log", hook=calls_outputs_fail_halfway(topics)).start()
+    try:
+        worker.wait_ready(120)
+        wait_caught_up(topics, topics.topics.calls, workers=[worker], timeout=180)
+    finally:
+        assert worker.stop(timeout=60) == 0, worker.log.read_text()[-3000:]
+    log = worker.log.read_text()
+    assert "publishing a written block's outputs failed" in log and "worker stopped" in log
+    _exactly_once(worker.data_dir, 10_000)
+    per_grain: dict[tuple[str, ...], int] = {}
+    for m in asyncio.run(consume_all(topics, topics.topics.partials)):
+        body, part = read_wire(m.value)
+        if part is not None:
+            grain = tuple(body["scope_dims"])
+            per_grain[grain] = per_grain.get(grain, 0) + part.calls
+    assert per_grain and set(per_grain.values()) == {10_000}, per_grain
+    requested = [
+        orjson.loads(m.value)["event_id"] for m in asyncio.run(consume_all(topics, topics.topics.judge_requests))
+    ]
+    (sampled,) = query(worker.data_dir, "SELECT count() n, uniqExact(event_id) ids FROM judge_samples")
+    assert len(requested) == len(set(requested)) == sampled["n"] == sampled["ids"] > 100
+    dead = [m.value for m in asyncio.run(consume_all(topics, topics.topics.dlq))]
+    assert sorted(dead) == sorted(v for _, v in bad)
 
 
 def test_a_failed_assignment_is_retried_and_the_stop_still_drains(tmp_path: Path, topics: Any) -> None:
@@ -537,8 +574,8 @@ def test_worker_alerts_reach_the_webhook_once_and_metrics_are_served(tmp_path: P
     assert [(m["rule"], m["state"]) for m in on_topic] == [("refusals-high", "firing")]
 
 
-@pytest.mark.parametrize("fault", [None, QUALITY_OUTPUTS_FAIL_ONCE], ids=["", "outputs-fail-once"])
-def test_judge_verdicts_and_feedback_close_the_loop(tmp_path: Path, topics: Any, fault: str | None) -> None:
+@pytest.mark.parametrize("fault", [False, True], ids=["", "outputs-fail-once"])
+def test_judge_verdicts_and_feedback_close_the_loop(tmp_path: Path, topics: Any, fault: bool) -> None:
     """Sampled calls go out as judge requests; verdicts and feedback come back on their topics,
     land joined to their calls, and feed an eval-score rule; a thumbs-down on a call nobody
     sampled sends that call to the judge. With ``fault``, the quality agent's first judge-request
@@ -560,7 +597,8 @@ def test_judge_verdicts_and_feedback_close_the_loop(tmp_path: Path, topics: Any,
             for i in range(10)]  # fmt: skip
     mail = [call(event_id=f"m{i}", request_id=f"rm{i}", feature="mail", ts=iso(now - 300 + i)) for i in range(5)]
     asyncio.run(produce(topics, topics.topics.calls, [(e["feature"].encode(), orjson.dumps(e)) for e in chat + mail]))
-    worker = Worker(cfg, tmp_path / "data", tmp_path / "w.log", hook=fault).start()
+    hook = quality_outputs_fail_once(topics) if fault else None
+    worker = Worker(cfg, tmp_path / "data", tmp_path / "w.log", hook=hook).start()
     try:
         worker.wait_ready(120)
         wait_caught_up(topics, topics.topics.calls, workers=[worker])
@@ -619,7 +657,12 @@ def test_only_failures_that_may_pass_are_retried_by_the_quality_agent() -> None:
     """The agent's outputs are retried while the broker or ClickHouse is unreachable, and given up
     (logged) on a failure no retry mends: looping on one would hold faust's rebalances and the
     stop, and send the messages before the failing one again on every attempt."""
-    from aiokafka.errors import KafkaConnectionError, KafkaTimeoutError, MessageSizeTooLargeError
+    from aiokafka.errors import (
+        KafkaConnectionError,
+        KafkaTimeoutError,
+        MessageSizeTooLargeError,
+        TopicAuthorizationFailedError,
+    )
 
     from llmpulse.worker import _passing
     from sinks.clickhouse import SinkError
@@ -631,6 +674,6 @@ def test_only_failures_that_may_pass_are_retried_by_the_quality_agent() -> None:
             return exc
 
     assert all(map(_passing, [KafkaTimeoutError(), KafkaConnectionError(), ConnectionError(), TimeoutError(),
-                              sink_error(ConnectionError("refused"))]))  # fmt: skip
+                              TopicAuthorizationFailedError(), sink_error(ConnectionError("refused"))]))  # fmt: skip
     assert not any(map(_passing, [MessageSizeTooLargeError(), TypeError("not serializable"), KeyError("x"),
                                   sink_error(ValueError("bad block"))]))  # fmt: skip

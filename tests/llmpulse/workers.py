@@ -73,28 +73,70 @@ ch.ClickHouseSink.kafka_progress = unreachable_once
 """Hook for ``Worker``: reading the first assigned partition's progress back fails once."""
 
 
-QUALITY_OUTPUTS_FAIL_ONCE = """
-import sinks.kafka as k
+_SENDS_FAIL = """
+import asyncio
+import aiokafka
 from aiokafka.errors import KafkaTimeoutError
-from llmpulse.alerting import QUALITY_SOURCE
-failed = set()
+original = aiokafka.AIOKafkaProducer.send
+failed = {}  # id of the value object -> its topic: an Outbox sends the same object again
 
-def fail_once(name, applies=lambda args: True):
-    original = getattr(k.KafkaPublisher, name)
+def should_fail(topic, value, partition):
+    raise NotImplementedError
 
-    async def flaky(self, *args, **kw):
-        if name not in failed and applies(args):
-            failed.add(name)
-            raise KafkaTimeoutError(f"{name}: broker unreachable (injected)")
-        return await original(self, *args, **kw)
+async def send(self, topic, value=None, key=None, partition=None, **kw):
+    if id(value) not in failed and should_fail(topic, value, partition):
+        failed[id(value)] = (topic, value)  # kept alive, so its id is not reused
+        future = asyncio.get_running_loop().create_future()
+        future.set_exception(KafkaTimeoutError(f"{topic}: not acknowledged (injected)"))
+        return future  # never reaches the broker, as a batch that expired in the producer
+    return await original(self, topic, value=value, key=key, partition=partition, **kw)
 
-    setattr(k.KafkaPublisher, name, flaky)
-
-fail_once("send_judge_requests", lambda args: isinstance(args[0], list))  # the agent's (a generator: the calls')
-fail_once("partials", lambda args: args[2] == QUALITY_SOURCE)
+aiokafka.AIOKafkaProducer.send = send
 """
-"""Hook for ``Worker``: the quality agent's first judge-request send and first quality partials
-publish fail (after the batch is durable)."""
+
+
+def quality_outputs_fail_once(kafka: KafkaSettings) -> str:
+    """Hook for ``Worker``: the quality agent's first judge-request send and first quality partials
+    publish fail (after the batch is durable)."""
+    return _SENDS_FAIL + _QUALITY_OUTPUTS_FAIL.replace("{judge}", kafka.topics.judge_requests).replace(
+        "{partials}", kafka.topics.partials
+    )
+
+
+_QUALITY_OUTPUTS_FAIL = """
+def should_fail(topic, value, partition):
+    # the quality agent's first judge request (a thumbs-down) and its first quality partial: a
+    # round where the others land, when the batch has several
+    if topic == "{judge}" and b'"reason":"thumbs_down"' in value:
+        kind = "judge"
+    elif topic == "{partials}" and b'"partition":-2,' in value.split(b"\\n", 1)[0]:
+        kind = "partials"
+    else:
+        return False
+    if kind in kinds:
+        return False
+    kinds.add(kind)
+    return True
+
+kinds = set()
+"""
+
+
+def calls_outputs_fail_halfway(kafka: KafkaSettings) -> str:
+    """Hook for ``Worker``: one in five of the calls path's output messages is not acknowledged
+    once, in rounds of sends where the others are."""
+    return _SENDS_FAIL + _CALLS_OUTPUTS_FAIL.replace("{alerts}", kafka.topics.alerts)
+
+
+_CALLS_OUTPUTS_FAIL = """
+import itertools
+counter = itertools.count()
+
+def should_fail(topic, value, partition):
+    # every fifth partial, judge request or dead letter of the first 2,000 fails once; heartbeats
+    # (sent to a given partition) pass. A round of sends thus fails halfway, many times over.
+    return partition is None and topic != "{alerts}" and next(counter) % 5 == 2 and len(failed) < 400
+"""
 
 
 def crashing_cli(hook: str, *command: str) -> str:

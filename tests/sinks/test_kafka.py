@@ -6,11 +6,14 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
+import pytest
 from aiokafka import AIOKafkaProducer
+from aiokafka.errors import KafkaTimeoutError, MessageSizeTooLargeError
 
 from ingest.kafka import client_options, create_topics
+from processors.records import DeadLetter, Source
 from processors.windows import WindowPartial
-from sinks.kafka import DEFAULT_SCOPES, KafkaPublisher, partial_messages, partition_of, scope_key
+from sinks.kafka import DEFAULT_SCOPES, KafkaPublisher, Outbox, partial_messages, partition_of, scope_key
 from tests.llmpulse.workers import consume_all
 
 
@@ -27,7 +30,8 @@ def test_partition_of_agrees_with_the_producer_on_every_scope(kafka_settings: An
         producer = AIOKafkaProducer(acks="all", enable_idempotence=True, **client_options(kafka_settings))
         await producer.start()
         try:
-            await KafkaPublisher(kafka_settings, producer).partials(partials, DEFAULT_SCOPES, 0, 1_795_000_260.0)
+            publisher = KafkaPublisher(kafka_settings, producer)
+            await publisher.deliver(publisher.outbox(partials=[(partials, 0, 1_795_000_260.0)], scopes=DEFAULT_SCOPES))
             return len(await producer.partitions_for(kafka_settings.topics.partials))
         finally:
             await producer.stop()
@@ -39,6 +43,82 @@ def test_partition_of_agrees_with_the_producer_on_every_scope(kafka_settings: An
     assert len(messages) == len(keys) == 200 + 200 + 7 + 5 + 1  # full grain, feature, team, model, provider
     assert all(m.partition == partition_of(m.key.decode(), count) for m in messages)
     assert {m.partition for m in messages} == {0, 1, 2, 3}
+
+
+class _Unacknowledged:
+    """The real producer, except that the messages whose value ``fail`` names are not acknowledged
+    the first time (their future fails and they never reach the broker), as a batch that expired
+    in the producer while the others of the round landed."""
+
+    def __init__(self, producer: AIOKafkaProducer, fail: set[bytes]) -> None:
+        self.producer, self.fail = producer, set(fail)
+
+    async def send(self, topic: str, value: bytes, **kw: Any) -> asyncio.Future[Any]:
+        if value in self.fail:
+            self.fail.discard(value)
+            future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+            future.set_exception(KafkaTimeoutError(f"{value!r} expired (injected)"))
+            return future
+        return await self.producer.send(topic, value=value, **kw)
+
+
+def _letters(n: int, size: int = 10) -> list[DeadLetter]:
+    return [DeadLetter(b"%06d" % i + b"x" * size, "bad", "$", Source("kafka", "llm.calls", 0), i) for i in range(n)]
+
+
+async def _deliver_rounds(kafka: Any, box_of: Any, fail: set[bytes], keep: Any = lambda exc: True) -> list[Any]:
+    """Deliver until the box is empty. Returns each failed round's (error, messages left, given up),
+    None for the round that succeeded, then the messages counted sent and those given up."""
+    producer = AIOKafkaProducer(acks="all", enable_idempotence=True, **client_options(kafka))
+    await producer.start()
+    try:
+        publisher = KafkaPublisher(kafka, producer)
+        publisher.producer = _Unacknowledged(producer, fail)  # type: ignore[assignment]
+        box: Outbox = box_of(publisher)
+        rounds: list[Any] = []
+        while True:
+            try:
+                await publisher.deliver(box, keep=keep)
+            except Exception as exc:
+                rounds.append((type(exc), len(box), box.given_up))
+                continue
+            return [*rounds, None, publisher.sent["dlq"], box.given_up]
+    finally:
+        await producer.stop()
+
+
+def test_a_failed_round_sends_again_only_what_the_broker_did_not_take(kafka_settings: Any) -> None:
+    """Outputs are retried after a failure, and a round fails halfway: the broker takes some of its
+    messages and not others. Sending the round again would repeat what landed (a window partial
+    read twice counts its calls twice in stage 2): the outbox keeps only what failed."""
+    asyncio.run(create_topics(kafka_settings))
+    letters = _letters(50)
+    fail = {letters[i].raw for i in (3, 17, 18, 49)}
+    rounds = asyncio.run(_deliver_rounds(kafka_settings, lambda p: p.outbox(dead=letters), fail))
+    assert rounds == [(KafkaTimeoutError, 4, 0), None, 50, 0]  # four left after the first round, then none
+    got = [m.value for m in asyncio.run(consume_all(kafka_settings, kafka_settings.topics.dlq, timeout=6))]
+    assert sorted(got) == sorted(d.raw for d in letters)  # each once
+
+
+@pytest.mark.parametrize("where", [0, 7, 19])
+def test_a_message_retrying_cannot_mend_is_dropped_and_counted(kafka_settings: Any, where: int) -> None:
+    """A message over the producer's size limit is refused when it is enqueued: it is given up (the
+    caller's ``keep`` says retrying cannot mend it) and the rest of the round still goes out;
+    nothing else is lost or sent twice, and with nothing left there is nothing to retry."""
+    asyncio.run(create_topics(kafka_settings))
+    letters = _letters(20)
+    letters[where] = _letters(where + 1, size=2 << 20)[where]  # 2 MiB: over max_request_size (1 MiB)
+    rounds = asyncio.run(
+        _deliver_rounds(
+            kafka_settings,
+            lambda p: p.outbox(dead=letters),
+            set(),
+            keep=lambda exc: not isinstance(exc, MessageSizeTooLargeError),
+        )
+    )
+    assert rounds == [None, 19, 1]
+    got = [m.value for m in asyncio.run(consume_all(kafka_settings, kafka_settings.topics.dlq, timeout=6))]
+    assert sorted(got) == [d.raw for i, d in enumerate(letters) if i != where]
 
 
 def test_stage2_names_each_scope_by_the_key_stage1_publishes_it_under() -> None:
