@@ -148,7 +148,7 @@ class CallPipeline:
         self.content(events)
         release_ids = self.release(events)
         late_before = self.windows.late_events
-        partials = self.windows.add(events, ts, costs, now)
+        partials = self.windows.add(events, ts, costs, now, close=batch.closes_windows)
         samples = self.sampler(events, ts)
         counters = StepCounters(
             received=received,

@@ -30,6 +30,9 @@ class PayloadBatch:
     end_offset: int = -1
     """One past the last source position this batch covers, including messages dropped before
     processing (already written ones): what may be committed once the batch is durable."""
+    closes_windows: bool = True
+    """False for every part of a split batch but the last (``split``): the windows move their
+    watermark once per batch, so an event is late by the same rule whatever part it fell in."""
 
     def __post_init__(self) -> None:
         if len(self.payloads) != len(self.offsets):
@@ -61,7 +64,14 @@ class PayloadBatch:
         for start, stop in itertools.pairwise(bounds):
             end = self.end_offset if stop == n or self.end_offset < 0 else self.offsets[stop]
             parts.append(
-                PayloadBatch(self.source, self.payloads[start:stop], self.offsets[start:stop], self.digest, end)
+                PayloadBatch(
+                    self.source,
+                    self.payloads[start:stop],
+                    self.offsets[start:stop],
+                    self.digest,
+                    end,
+                    closes_windows=self.closes_windows and stop == n,
+                )
             )
         return parts
 

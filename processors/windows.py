@@ -422,10 +422,16 @@ class WindowAggregator:
     def open_keys(self) -> int:
         return sum(len(v) for v in self._open.values())
 
-    def add(self, events: list[WireCall], ts: list[float], costs: Costs, now: float = 0.0) -> list[WindowPartial]:
-        """Fold a batch in; returns the partials of every window this batch closed."""
+    def add(
+        self, events: list[WireCall], ts: list[float], costs: Costs, now: float = 0.0, close: bool = True
+    ) -> list[WindowPartial]:
+        """Fold a batch in; returns the partials of every window this batch closed.
+
+        ``close`` False (a part of a batch, not its last): fold in without moving the watermark,
+        so the batch's later parts are judged late against the same closed windows as its first.
+        """
         if not events:
-            return []
+            return self.advance(self.max_ts - self.lateness_s) if close else []
         w = self.window_s
         closed_before = self._closed_before
         open_windows = self._open
@@ -504,7 +510,7 @@ class WindowAggregator:
         batch_max = max(ts)
         self.max_ts = max(self.max_ts, batch_max)
         self._last_event_wall = now
-        return self.advance(self.max_ts - self.lateness_s)
+        return self.advance(self.max_ts - self.lateness_s) if close else []
 
     def advance(self, watermark: float) -> list[WindowPartial]:
         """Move the watermark forward (never back) and emit every window it closed."""
