@@ -238,12 +238,15 @@ class PipelineMetrics:
         )  # fmt: skip
         r.register(_GenAICollector([self.tokens, self.duration, self.ttft]))
 
-    def observe(self, batch: ProcessedCalls, seconds: float) -> None:
-        """Once per processed batch: counters, then the GenAI histograms grouped per label set."""
+    def observe(self, batch: ProcessedCalls, seconds: float | None = None) -> None:
+        """Once per processed batch or part: counters, then the GenAI histograms grouped per label
+        set. ``seconds``: the batch's processing time; a runtime that processes a batch in parts
+        observes ``batch_seconds`` itself, once for the batch."""
         self.count(batch.counters, batch.source.kind)
         for d in batch.dead:
             self.rejected.labels(self._path(d.path)).inc()
-        self.batch_seconds.observe(seconds)
+        if seconds is not None:
+            self.batch_seconds.observe(seconds)
         if not batch.events:
             return
         table = batch_columns(batch)
