@@ -786,7 +786,7 @@ class AlertsConsumer(mode.Service):
         publisher = self.calls.publisher
         if self._pending_publish and publisher is not None:
             events, self._pending_publish[:] = list(self._pending_publish), []
-            self._alerts_box.pending += publisher.outbox(alerts=events).pending
+            publisher.outbox(alerts=events, into=self._alerts_box)
         if self._alerts_box and publisher is not None:  # what failed before goes first, and only that
             given_up = self._alerts_box.given_up
             try:

@@ -144,9 +144,8 @@ class Outbox:
     """Messages dropped after a failure that trying again cannot mend (``deliver``'s ``keep``)."""
     last_given_up: BaseException | None = None
 
-    def add(self, kind: str, topic: str, messages: Iterable[Message]) -> Outbox:
+    def add(self, kind: str, topic: str, messages: Iterable[Message]) -> None:
         self.pending.extend((kind, topic, m) for m in messages)
-        return self
 
     def __len__(self) -> int:
         return len(self.pending)
@@ -172,7 +171,7 @@ class KafkaPublisher:
         that message, counted in ``box.given_up``, and the round goes on. Raises the first kept
         failure when anything is left, which is exactly when the caller should try again. A
         message the producer will not enqueue for a kept reason ends the round: it and those after
-        it stay, in order. Cancelled halfway, the box still loses what the broker acknowledged.
+        it stay, in order. Cancelled halfway, it still takes out of the box what was acknowledged.
         """
         pending = box.pending
         if not pending:
@@ -193,8 +192,9 @@ class KafkaPublisher:
         finally:
             left: list[tuple[str, str, Message]] = []
             for item, future in zip(pending, futures, strict=False):
-                error = future.exception() if future.done() and not future.cancelled() else None
-                if future.done() and not future.cancelled() and error is None:
+                finished = future.done() and not future.cancelled()
+                error = future.exception() if finished else None
+                if finished and error is None:
                     self.sent[item[0]] += 1
                 elif error is not None and not keep(error):
                     box.given_up += 1
@@ -215,8 +215,9 @@ class KafkaPublisher:
         scopes: Sequence[tuple[str, ...]] = DEFAULT_SCOPES,
         sketches: tuple[bool, bool, bool] = (True, True, True),
         alerts: Iterable[Any] = (),
+        into: Outbox | None = None,
     ) -> Outbox:
-        """The messages for these outputs, dead letters first.
+        """The messages for these outputs, dead letters first, added to ``into`` (a new box by default).
 
         * ``judge``: requests keyed by conversation, so a judge consumer sees a conversation's
           turns in order;
@@ -227,7 +228,7 @@ class KafkaPublisher:
           any watermark (judge scores and feedback arrive long after their calls' minutes);
         * ``alerts``: state changes keyed by dedup key, on the compacted alerts topic.
         """
-        box = Outbox()
+        box = Outbox() if into is None else into
         box.add("dlq", self.topics.dlq, ((None, d.raw, dead_letter_headers(d)) for d in dead))
         box.add(
             "judge_requests",
