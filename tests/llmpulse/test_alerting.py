@@ -11,6 +11,7 @@ import pytest
 from llmpulse.alerting import AlertPipeline
 from llmpulse.backtest import backtest
 from llmpulse.runtime import EmbeddedRuntime
+from processors.alerts.budgets import period_bounds
 from processors.records import Source
 from schemas.channels import AlertmanagerChannelConfig, WebhookChannelConfig
 from schemas.rules import parse_rules
@@ -50,8 +51,11 @@ def test_alert_delivery_restart_and_budget_on_the_real_engine(settings: Any, con
     receiver = Receiver()
     hook = WebhookChannelConfig(name="hook", type="webhook", url=receiver.url)
     rules = parse_rules(RULES, "test")
-    now = time.time()
-    start = now - now % 300 - 3600  # an hour ago, on a 5-minute boundary
+    # yesterday noon: the budget's day holds all 30 minutes of traffic whenever this runs (an hour
+    # before the wall clock, it straddled UTC midnight in runs between 00:30 and 01:00: two budget days)
+    day, _ = period_bounds("day", time.time())
+    start = day - 86400 + 12 * 3600
+    now = start + 3600
     alerts = AlertPipeline(settings, conn, rules=rules, channels=[hook])
     # 10 healthy minutes, then 10 minutes where 1 in 2 calls fail
     run(settings, conn, traffic(start, 10, None, "ok") + traffic(start + 600, 10, 2, "bad"), alerts, now)
@@ -242,8 +246,6 @@ def test_a_rebalance_hands_scopes_over_with_their_firing_alerts_and_budgets(sett
     assignment restores only those; a gained partition brings its scopes' firing alerts and
     budgets back from ClickHouse (no second page, and the new owner can resolve them), all or
     nothing; a lost one takes them away. Alertmanager hears of exactly the alerts owned."""
-    from processors.alerts.budgets import period_bounds
-
     day, _ = period_bounds("day", time.time())
     start = day - 86400 + 12 * 3600  # yesterday noon: the budget's day holds all of it
     now = start + 1200
