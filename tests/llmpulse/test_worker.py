@@ -153,6 +153,17 @@ def _exactly_once(data: Path, n: int) -> None:
     assert mismatches == []
 
 
+def _calls_per_grain(topics: Any) -> dict[tuple[str, ...], int]:
+    """Calls counted by the window partials on the partials topic, per grain (scope dimensions)."""
+    per_grain: dict[tuple[str, ...], int] = {}
+    for m in asyncio.run(consume_all(topics, topics.topics.partials)):
+        body, part = read_wire(m.value)
+        if part is not None:
+            grain = tuple(body["scope_dims"])
+            per_grain[grain] = per_grain.get(grain, 0) + part.calls
+    return per_grain
+
+
 def test_crash_between_write_and_commit_is_not_written_twice(tmp_path: Path, topics: Any) -> None:
     asyncio.run(produce(topics, topics.topics.calls, events(20_000, "crash")))
     cfg = write_config(tmp_path / "w.yaml", topics, pipeline={"batch_max_seconds": "100ms", "batch_max_events": 4000})
@@ -230,12 +241,7 @@ def test_sigterm_while_a_batch_is_processed_waits_for_it(tmp_path: Path, topics:
     assert accepted is not None and 0 < int(accepted[1]) < 20_000  # stopped mid-stream
     drain_with_worker(cfg, data, tmp_path / "w.log", topics)
     _exactly_once(data, 20_000)
-    per_grain: dict[tuple[str, ...], int] = {}
-    for m in asyncio.run(consume_all(topics, topics.topics.partials)):
-        body, part = read_wire(m.value)
-        if part is not None:
-            grain = tuple(body["scope_dims"])
-            per_grain[grain] = per_grain.get(grain, 0) + part.calls
+    per_grain = _calls_per_grain(topics)
     assert per_grain and set(per_grain.values()) == {20_000}, per_grain  # each call in one partial per grain
 
 
@@ -259,12 +265,7 @@ def test_outputs_the_broker_did_not_take_are_sent_again_once(tmp_path: Path, top
     log = worker.log.read_text()
     assert "publishing a written block's outputs failed" in log and "worker stopped" in log
     _exactly_once(worker.data_dir, 10_000)
-    per_grain: dict[tuple[str, ...], int] = {}
-    for m in asyncio.run(consume_all(topics, topics.topics.partials)):
-        body, part = read_wire(m.value)
-        if part is not None:
-            grain = tuple(body["scope_dims"])
-            per_grain[grain] = per_grain.get(grain, 0) + part.calls
+    per_grain = _calls_per_grain(topics)
     assert per_grain and set(per_grain.values()) == {10_000}, per_grain
     requested = [
         orjson.loads(m.value)["event_id"] for m in asyncio.run(consume_all(topics, topics.topics.judge_requests))
