@@ -435,23 +435,15 @@ class CallsConsumer(mode.Service):
         uncommitted (windows unflushed) and the next owner reads it again (rebuilds them)."""
         assert self.publisher is not None
         delay = 1.0
-        while True:
-            given_up = box.given_up
-            try:
-                await self.publisher.deliver(box, keep=_passing)
-                return
-            except Exception as exc:
-                self.stats.publish_failures += 1
-                self.metrics.publish_errors.inc()
-                if self.should_stop and delay > STOPPING_RETRY_S:
-                    raise
-                log.error(
-                    "publishing %s failed (%d message(s) left); retrying in %.0fs: %s", what, len(box), delay, exc
-                )
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, 30.0)
-            finally:
-                _count_dropped(self.metrics, box, given_up, what)
+        while (failure := await _send_round(self.publisher, box, self.metrics, what)) is not None:
+            self.stats.publish_failures += 1
+            if self.should_stop and delay > STOPPING_RETRY_S:
+                raise failure
+            log.error(
+                "publishing %s failed (%d message(s) left); retrying in %.0fs: %s", what, len(box), delay, failure
+            )
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 30.0)
 
     def _published(self, partition: int, watermark: float) -> None:
         """Stage 2 has every partial of ``partition`` up to ``watermark`` (heartbeats may say so)."""
@@ -622,10 +614,23 @@ class _Rebalance(ConsumerRebalanceListener):  # type: ignore[misc]
         await self.service.assign([tp.partition for tp in assigned if tp.partition not in self.service.partitions])
 
 
-def _count_dropped(metrics: PipelineMetrics, box: Outbox, before: int, what: str) -> None:
-    if box.given_up > before:
-        metrics.dropped.labels("kafka_outputs").inc(box.given_up - before)
-        log.error("%s: %d message(s) dropped, retrying cannot mend: %s", what, box.given_up - before, box.last_given_up)
+async def _send_round(publisher: KafkaPublisher, box: Outbox, metrics: PipelineMetrics, what: str) -> Exception | None:
+    """One round of ``box``'s sends, counted: a failed round in ``publish_errors``, messages given
+    up in ``dropped``. Returns the failure (something is left to send again), None once all is out;
+    each caller decides when to try again."""
+    given_up = box.given_up
+    try:
+        await publisher.deliver(box, keep=_passing)
+        failure: Exception | None = None
+    except Exception as exc:
+        metrics.publish_errors.inc()
+        failure = exc
+    if box.given_up > given_up:
+        metrics.dropped.labels("kafka_outputs").inc(box.given_up - given_up)
+        log.error(
+            "%s: %d message(s) dropped, retrying cannot mend: %s", what, box.given_up - given_up, box.last_given_up
+        )
+    return failure
 
 
 def _passing(exc: BaseException) -> bool:
@@ -788,15 +793,11 @@ class AlertsConsumer(mode.Service):
             events, self._pending_publish[:] = list(self._pending_publish), []
             publisher.outbox(alerts=events, into=self._alerts_box)
         if self._alerts_box and publisher is not None:  # what failed before goes first, and only that
-            given_up = self._alerts_box.given_up
-            try:
-                await publisher.deliver(self._alerts_box, keep=_passing)
-            except Exception as exc:  # kept for the next step: evaluation, progress and commits go on
-                self.calls.metrics.publish_errors.inc()
+            failure = await _send_round(publisher, self._alerts_box, self.calls.metrics, "alert records")
+            if failure is not None:  # kept for the next step: evaluation, progress and commits go on
                 log.warning(
-                    "%d alert record(s) not published yet; sent again next step: %s", len(self._alerts_box), exc
+                    "%d alert record(s) not published yet; sent again next step: %s", len(self._alerts_box), failure
                 )
-            _count_dropped(self.calls.metrics, self._alerts_box, given_up, "alert records")
         began = time.thread_time()
         pinned = stage2.pinned_offsets()
         target = {p: min(o, pinned.get(p, o)) for p, o in last_offsets.items()}
@@ -923,14 +924,11 @@ def _quality_agent(app: faust.App, settings: Settings, calls: CallsConsumer, kin
         assert publisher is not None
 
         async def step() -> None:
-            try:
-                await publisher.deliver(box, keep=_passing)
-            except Exception:
-                calls.metrics.publish_errors.inc()
-                raise
+            failure = await _send_round(publisher, box, calls.metrics, f"{what} of {name}")
+            if failure is not None:
+                raise failure
 
         await until_done(what, step, None)
-        _count_dropped(calls.metrics, box, 0, f"{what} of {name}")
         if box:  # given up when the worker stopped
             calls.metrics.dropped.labels("kafka_outputs").inc(len(box))
 
