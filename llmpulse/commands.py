@@ -13,6 +13,7 @@ from typing import Any, TypeVar
 
 import click
 import orjson
+from aiokafka.errors import KafkaError
 
 from llmpulse import console
 from llmpulse.client import QueryFailed, RemoteError
@@ -93,6 +94,12 @@ def _friendly_errors(fn: F) -> F:
             console.error(str(exc))
         except FileNotFoundError as exc:
             console.error(f"{exc.filename}: no such file")
+        except KafkaError as exc:
+            console.error(
+                str(exc),
+                "Is Kafka reachable? Check kafka.bootstrap_servers (or --bootstrap-servers) and the security "
+                "settings; `bash deploy/kafka/kafka.sh start` runs a local broker.",
+            )
         raise SystemExit(2)
 
     return wrapper  # type: ignore[return-value]
