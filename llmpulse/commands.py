@@ -17,6 +17,7 @@ from aiokafka.errors import KafkaError
 
 from llmpulse import console
 from llmpulse.client import QueryFailed, RemoteError
+from llmpulse.logs import quiet_repeats
 from schemas.config import ConfigError, Settings, load_settings
 from schemas.judge import RubricError
 from schemas.prices import PriceError
@@ -115,6 +116,7 @@ def cli(verbose: bool) -> None:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
+    quiet_repeats()
 
 
 @cli.command()

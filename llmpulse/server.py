@@ -70,6 +70,7 @@ import orjson
 import xxhash
 
 from llmpulse.commands import _data_options, _friendly_errors, _kafka_options, _kafka_settings
+from llmpulse.logs import quiet_repeats
 from processors.records import PayloadBatch, Source
 from schemas.server import (
     KeysFileError,
@@ -2388,6 +2389,7 @@ def tenant_sql_command(
 def main() -> None:
     """``python -m llmpulse.server``: the serve command on its own (the CLI registers the same one)."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    quiet_repeats()
     serve(prog_name="llmpulse serve")
 
 
