@@ -176,7 +176,8 @@ class Transport(Protocol):
 
     async def send(self, messages: list[OutMessage]) -> Delivery: ...
 
-    async def stop(self) -> None: ...
+    async def stop(self) -> None:
+        """Bounded: it runs on every restart and at exit, broker or no broker."""
 
 
 class CallbackTransport:
@@ -214,6 +215,10 @@ _MESSAGE_ERRORS: Final = frozenset(
 )
 """Errors that say the messages themselves can never be written: retrying would loop forever."""
 _TRANSIENT_ERRORS: Final = frozenset({"KafkaTimeoutError", "KafkaConnectionError", "RequestTimedOutError"})
+
+
+STOP_WITHIN_S: Final = 1.0
+"""How long stopping a producer waits for acknowledgements (``ingest.kafka.stop_producer``)."""
 
 
 class KafkaTransport:
@@ -279,9 +284,14 @@ class KafkaTransport:
         self._partition_cache.clear()
 
     async def stop(self) -> None:
+        """What the producer still holds after ``STOP_WITHIN_S`` fails: the batches it came from
+        were reported for retry already (``send``), and a copy sent twice is dropped downstream
+        by ``event_id``."""
+        from ingest.kafka import stop_producer
+
         producer, self._producer = self._producer, None
         if producer is not None:
-            await producer.stop()
+            await stop_producer(producer, STOP_WITHIN_S)
 
     def _partition(self, topic: str, key: bytes | None, partitions: list[int]) -> int:
         if key is None:
@@ -987,7 +997,7 @@ class Telemetry:
                     if delivery.restart:
                         connected = False
                         with contextlib.suppress(Exception):
-                            await asyncio.wait_for(transport.stop(), 5.0)
+                            await transport.stop()
                     await self._pause(nudge, backoff)
                     backoff = min(backoff * 2, MAX_BACKOFF_S)
                 else:
@@ -996,7 +1006,7 @@ class Telemetry:
             reporter.cancel()
             if connected:
                 with contextlib.suppress(Exception):
-                    await asyncio.wait_for(transport.stop(), 2.0)
+                    await transport.stop()
             self._report()
 
     async def _linger(self, nudge: asyncio.Event) -> None:

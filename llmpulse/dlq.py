@@ -10,6 +10,7 @@ for deployments where the worker should do the writing.
 
 from __future__ import annotations
 
+import asyncio
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -22,6 +23,8 @@ from processors.records import PayloadBatch, Source
 from sinks.clickhouse import Connection
 
 REPLAY_SOURCE = Source("dlq-replay", "dlq")
+REPUBLISH_ACK_S = 60.0
+"""How long ``dlq replay --to-kafka`` waits for the broker to acknowledge what it sent."""
 
 
 @dataclass
@@ -96,11 +99,17 @@ def record(conn: Connection, results: list[tuple[str, str, str]]) -> None:
 
 
 async def republish(settings: Any, letters: list[dict[str, Any]]) -> int:
-    """Send raw payloads back to the calls topic, keyed by feature when the payload names one."""
+    """Send raw payloads back to the calls topic, keyed by feature when the payload names one.
+
+    Bounded by ``REPUBLISH_ACK_S``: an idempotent producer never gives up on a batch, so with the
+    broker gone mid-way the command would otherwise wait forever. A timeout marks nothing
+    republished; what did reach the topic is dropped as a duplicate (``event_id``) when the
+    replay is run again."""
     import orjson
     from aiokafka import AIOKafkaProducer
+    from aiokafka.errors import KafkaTimeoutError
 
-    from ingest.kafka import client_options
+    from ingest.kafka import client_options, stop_producer
 
     producer = AIOKafkaProducer(acks="all", enable_idempotence=True, **client_options(settings))
     await producer.start()
@@ -116,7 +125,14 @@ async def republish(settings: Any, letters: list[dict[str, Any]]) -> int:
                 pass
             topic = settings.topics.feedback if r["kind"] == "feedback" else settings.topics.calls
             await producer.send(topic, raw, key=key)
-        await producer.flush()
+        try:
+            await asyncio.wait_for(producer.flush(), REPUBLISH_ACK_S)
+        except TimeoutError:
+            raise KafkaTimeoutError(
+                f"Kafka did not acknowledge the re-driven payloads within {REPUBLISH_ACK_S:g} s, so none is "
+                "marked republished; run the replay again once the broker is back (copies that did get "
+                "through are dropped as duplicates)"
+            ) from None
     finally:
-        await producer.stop()
+        await stop_producer(producer, 1.0)
     return len(letters)

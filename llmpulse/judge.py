@@ -45,7 +45,7 @@ from aiokafka.errors import CommitFailedError, IllegalStateError
 from aiokafka.structs import OffsetAndMetadata
 from pydantic import ValidationError
 
-from ingest.kafka import client_options
+from ingest.kafka import client_options, stop_producer
 from schemas import limits
 from schemas.config import Settings
 from schemas.events import JudgeResult
@@ -65,6 +65,9 @@ SKIP_OFF_SCALE = "judge score is not on the rubric's scale"
 SKIP_INVALID = "verdict does not validate as a JudgeResult"
 
 USER_AGENT = "llmpulse-judge"
+STOP_PRODUCER_S = 5.0
+"""At exit, how long verdicts the broker has not acknowledged are waited for. What is left is
+judged again: the requests' offsets are committed only after their verdicts are acknowledged."""
 MAX_POLL_INTERVAL_MS = 1_800_000
 """A batch may wait out long Retry-Afters; the group must not evict the judge meanwhile."""
 
@@ -655,7 +658,7 @@ async def judge_kafka(
             finally:
                 await consumer.stop()
         finally:
-            await producer.stop()
+            await stop_producer(producer, STOP_PRODUCER_S)
     stats.seconds = time.perf_counter() - started
     return stats
 

@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import itertools
+import os
+import shutil
+import socket
+import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -103,6 +107,48 @@ def _docker_engine_running() -> bool:
 
     docker = shutil.which("docker")
     return bool(docker) and subprocess.run([docker, "info"], capture_output=True, check=False).returncode == 0
+
+
+def _free_ports(n: int) -> list[int]:
+    socks = [socket.socket() for _ in range(n)]
+    try:
+        for s in socks:
+            s.bind(("127.0.0.1", 0))
+        return [int(s.getsockname()[1]) for s in socks]
+    finally:
+        for s in socks:
+            s.close()
+
+
+class PrivateBroker:
+    """deploy/kafka/kafka.sh with its own ports, data and run directories: a broker a test may
+    stop and start (the session broker is shared by the whole run)."""
+
+    def __init__(self, root: Path) -> None:
+        port, sasl, controller = _free_ports(3)
+        self.bootstrap = f"127.0.0.1:{port}"
+        self.env = {**os.environ, "KAFKA_PORT": str(port), "KAFKA_SASL_PORT": str(sasl),
+                    "KAFKA_CONTROLLER_PORT": str(controller), "KAFKA_DATA_DIR": str(root / "data"),
+                    "KAFKA_RUN_DIR": str(root / "run"), "KAFKA_HEAP_OPTS": "-Xmx384m -Xms128m"}  # fmt: skip
+
+    def run(self, command: str) -> float:
+        started = time.monotonic()
+        proc = subprocess.run(["bash", str(KAFKA_SH), command], env=self.env, capture_output=True, text=True,
+                              check=False, timeout=180)  # fmt: skip
+        assert proc.returncode == 0, f"kafka.sh {command}:\n{proc.stdout}\n{proc.stderr}"
+        return time.monotonic() - started
+
+
+@pytest.fixture
+def private_broker(tmp_path: Path) -> Iterator[PrivateBroker]:
+    if not (shutil.which("java") and shutil.which("mvn")):
+        pytest.skip("needs Java and Maven for a private broker (deploy/kafka/kafka.sh)")
+    b = PrivateBroker(tmp_path / "kafka")
+    b.run("start")
+    try:
+        yield b
+    finally:
+        b.run("stop")
 
 
 @pytest.fixture(scope="session")

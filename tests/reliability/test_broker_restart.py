@@ -1,7 +1,7 @@
 """The Kafka broker restarts mid-stream: the SDK and the worker both recover, nothing accepted is lost.
 
-The session broker is shared by the whole test run, so this test starts a private one (same
-recipe, deploy/kafka/kafka.sh, on its own ports and directories) and restarts that. A service
+The session broker is shared by the whole test run, so these tests start a private one (same
+recipe, deploy/kafka/kafka.sh, on its own ports and directories) and stop that. A service
 records calls through the SDK (``ingest.Telemetry``) at a steady rate throughout; the SDK buffers
 while the broker is away (best-effort by design: it never blocks its caller, and would drop only
 past its buffer bound, counted). Afterwards every recorded call is in ClickHouse exactly once.
@@ -11,81 +11,41 @@ Size: LLMPULSE_RELIABILITY_BROKER_EVENTS (default 30,000), outage LLMPULSE_RELIA
 from __future__ import annotations
 
 import asyncio
-import os
-import shutil
-import socket
-import subprocess
 import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from ingest.kafka import create_topics
 from schemas.config import KafkaSettings, TopicNames
-from tests.conftest import KAFKA_SH, iso
+from tests.conftest import PrivateBroker, iso
 from tests.llmpulse.workers import Worker, wait_caught_up, write_config
-from tests.reliability.support import assert_exactly_the_produced_ids, committed, reconcile, record, size, wait_for
+from tests.reliability.support import (
+    assert_exactly_the_produced_ids,
+    committed,
+    reconcile,
+    record,
+    size,
+    wait_for,
+)
 
-pytestmark = [
-    pytest.mark.kafka,
-    pytest.mark.skipif(not (shutil.which("java") and shutil.which("mvn")), reason="needs Java and Maven for "
-                       "a private broker (deploy/kafka/kafka.sh)"),
-]  # fmt: skip
-
-
-def _free_ports(n: int) -> list[int]:
-    socks = [socket.socket() for _ in range(n)]
-    try:
-        for s in socks:
-            s.bind(("127.0.0.1", 0))
-        return [int(s.getsockname()[1]) for s in socks]
-    finally:
-        for s in socks:
-            s.close()
+pytestmark = pytest.mark.kafka  # the private broker fixture skips without Java and Maven
 
 
-class PrivateBroker:
-    """deploy/kafka/kafka.sh with its own ports, data and run directories."""
-
-    def __init__(self, root: Path) -> None:
-        port, sasl, controller = _free_ports(3)
-        self.bootstrap = f"127.0.0.1:{port}"
-        self.env = {**os.environ, "KAFKA_PORT": str(port), "KAFKA_SASL_PORT": str(sasl),
-                    "KAFKA_CONTROLLER_PORT": str(controller), "KAFKA_DATA_DIR": str(root / "data"),
-                    "KAFKA_RUN_DIR": str(root / "run"), "KAFKA_HEAP_OPTS": "-Xmx384m -Xms128m"}  # fmt: skip
-
-    def run(self, command: str) -> float:
-        started = time.monotonic()
-        proc = subprocess.run(["bash", str(KAFKA_SH), command], env=self.env, capture_output=True, text=True,
-                              check=False, timeout=180)  # fmt: skip
-        assert proc.returncode == 0, f"kafka.sh {command}:\n{proc.stdout}\n{proc.stderr}"
-        return time.monotonic() - started
-
-
-@pytest.fixture
-def broker(tmp_path: Path) -> Iterator[PrivateBroker]:
-    b = PrivateBroker(tmp_path / "kafka")
-    b.run("start")
-    try:
-        yield b
-    finally:
-        b.run("stop")
-
-
-def test_broker_restart_mid_stream(tmp_path: Path, broker: PrivateBroker) -> None:
+def test_broker_restart_mid_stream(tmp_path: Path, private_broker: PrivateBroker) -> None:
     from ingest import Telemetry
 
     n = size("BROKER_EVENTS", 30_000)
     down_s = size("BROKER_DOWN_S", 5)
-    kafka = KafkaSettings(bootstrap_servers=broker.bootstrap, topics=TopicNames(), consumer_group="restart-worker",
-                          partitions=4, fetch_max_wait=0.05, session_timeout=6.0)  # fmt: skip
+    kafka = KafkaSettings(bootstrap_servers=private_broker.bootstrap, topics=TopicNames(),
+                          consumer_group="restart-worker", partitions=4, fetch_max_wait=0.05,
+                          session_timeout=6.0)  # fmt: skip
     asyncio.run(create_topics(kafka))
     cfg = write_config(tmp_path / "w.yaml", kafka, pipeline={"batch_max_seconds": "200ms"})
     worker = Worker(cfg, tmp_path / "data", tmp_path / "w.log").start()
     worker.wait_ready(120)
-    telemetry = Telemetry(broker.bootstrap, topic=kafka.topics.calls, service="checkout", team="payments",
+    telemetry = Telemetry(private_broker.bootstrap, topic=kafka.topics.calls, service="checkout", team="payments",
                           buffer_size=max(n, 10_000))  # fmt: skip
     rate = n / (10 + down_s + 15)  # before, during and after the outage
     recorded = [0]
@@ -108,11 +68,11 @@ def test_broker_restart_mid_stream(tmp_path: Path, broker: PrivateBroker) -> Non
     try:
         wait_for(lambda: sum(committed(kafka, kafka.topics.calls).values()) >= n // 5, 120, "flow before the restart",
                  workers=[worker])  # fmt: skip
-        stop_s = broker.run("stop")
+        stop_s = private_broker.run("stop")
         stopped = time.monotonic()
         recorded_at_stop = recorded[0]
         time.sleep(down_s)
-        start_s = broker.run("start")
+        start_s = private_broker.run("start")
         back = time.monotonic()
         assert worker.alive(), worker.log.read_text(errors="replace")[-4000:]
         calls.join(120)
