@@ -31,8 +31,9 @@ import mode
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListener, TopicPartition
 from aiokafka.errors import IllegalStateError, KafkaConnectionError, KafkaTimeoutError, TopicAuthorizationFailedError
 from aiokafka.structs import OffsetAndMetadata
+from faust.transport.drivers.aiokafka import AIOKafkaConsumerThread
 
-from ingest.kafka import client_options
+from ingest.kafka import client_options, stop_producer
 from llmpulse.alerting import QUALITY_SOURCE, AlertPipeline, rules_for
 from llmpulse.runtime import (
     PROCESS_PART,
@@ -216,15 +217,20 @@ class CallsConsumer(mode.Service):
         self.ready.set()
 
     async def on_stop(self) -> None:
-        """SIGTERM: stop reading, flush windows, write, publish, commit — then leave the group."""
-        with contextlib.suppress(Exception):
-            await self._release(list(self.partitions))
+        """SIGTERM: stop reading, flush windows, write, publish, commit — then leave the group.
+
+        Each step that needs the broker is bounded (``_bounded``): aiokafka waits for an
+        unreachable broker without end (a commit for its coordinator, a send for its
+        acknowledgement), and a stop that outlasts the supervisor's grace period ends in SIGKILL
+        anyway. A step cut short leaves its blocks uncommitted, as a crash there would: the next
+        owner reads them again and skips the rows ClickHouse holds.
+        """
+        await _bounded(self._release(list(self.partitions)), STOP_RELEASE_S, "flushing, publishing and committing")
         if self.consumer is not None:
-            with contextlib.suppress(Exception):
-                await self.consumer.stop()
+            await _bounded(self.consumer.stop(), STOP_CLIENT_S, "leaving the consumer group")
         if self.producer is not None:
             with contextlib.suppress(Exception):
-                await self.producer.stop()
+                await stop_producer(self.producer, STOP_CLIENT_S)
         if self.writer is not None:
             with contextlib.suppress(Exception):
                 await asyncio.to_thread(self.writer.close)
@@ -644,6 +650,22 @@ def _passing(exc: BaseException) -> bool:
     return is_retryable(exc) or bool(getattr(exc, "retriable", False))
 
 
+async def _bounded(step: Awaitable[object], seconds: float, what: str) -> None:
+    """A stop's step, given up (and logged) after ``seconds`` or on any failure: the stop goes on."""
+    try:
+        await asyncio.wait_for(step, seconds)
+    except TimeoutError:
+        log.warning("stopping: %s did not finish within %g s (is the broker reachable?); going on without it", what,
+                    seconds)  # fmt: skip
+    except Exception as exc:
+        log.warning("stopping: %s failed: %s", what, exc)
+
+
+STOP_RELEASE_S = 12.0
+"""SIGTERM: how long the last flush, publish and commit may take. With the steps after it, a stop
+fits Kubernetes' default grace period of 30 s (docker-compose.yml gives 60 s)."""
+STOP_CLIENT_S = 4.0
+"""SIGTERM: how long leaving a consumer group, or waiting for a producer's acknowledgements, may take."""
 STOPPING_RETRY_S = 4.0
 """The last back-off a stopping worker still waits before giving up a failing send (``_deliver``):
 a SIGTERM's grace period is short (30 s by default in Kubernetes)."""
@@ -710,8 +732,7 @@ class AlertsConsumer(mode.Service):
 
     async def on_stop(self) -> None:
         if self.consumer is not None:
-            with contextlib.suppress(Exception):
-                await self.consumer.stop()
+            await _bounded(self.consumer.stop(), STOP_CLIENT_S, "leaving the stage-2 consumer group")
         if self.pipeline is not None:
             log.info(
                 "stage 2 (alert evaluation): %.3f s CPU for %d partials, %d rule windows, %d late partials",
@@ -853,6 +874,10 @@ def build_app(settings: Settings, *, app_id: str = "llmpulse") -> tuple[faust.Ap
         broker_session_timeout=k.session_timeout,
         broker_heartbeat_interval=max(1.0, k.session_timeout / 10),
     )
+    # faust's own consumer (the quality agents') runs in a mode ServiceThread; with the broker
+    # unreachable its aiokafka consumer never finishes stopping, and mode waits the class's
+    # default 60 s for the thread: the whole of docker-compose's grace period, after our own stop
+    AIOKafkaConsumerThread.shutdown_timeout = 2 * STOP_CLIENT_S
     (settings.data_dir / "faust").mkdir(parents=True, exist_ok=True)
     rules = rules_for(settings)
     consumer = CallsConsumer(settings, rules=rules)
