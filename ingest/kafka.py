@@ -78,9 +78,35 @@ async def stop_producer(producer: Any, within: float) -> bool:
         stopping.cancel()  # the connections themselves hang: the process's exit closes them
         return False
     failure = stopping.exception()  # the sender failed (its batches with it), or closing did
-    if failure is not None:
-        log.warning("Kafka producer stop: %r", failure)
+    if failure is not None:  # after giving up, expected: the sender trips over the failed batches
+        (log.warning if acknowledged else log.debug)("Kafka producer stop: %r", failure)
     return acknowledged and failure is None
+
+
+async def stop_consumer(consumer: Any, within: float) -> bool:
+    """Stop an aiokafka consumer, waiting at most ``within`` seconds; True when it stopped.
+
+    Leaving the group needs the group coordinator, and aiokafka looks for an unreachable one
+    without end. Past the bound the stop is abandoned: the broker expires the membership after
+    the session timeout, and the offsets stay where the last successful commit left them.
+    """
+    try:
+        await asyncio.wait_for(consumer.stop(), within)
+    except TimeoutError:
+        log.warning("Kafka consumer did not stop within %g s (is the broker reachable?); left as it is", within)
+        return False
+    except asyncio.CancelledError:
+        task = asyncio.current_task()
+        if task is not None and task.cancelling():
+            raise  # this stop is being cancelled itself
+        # aiokafka's fetcher re-raises the cancellation of its own fetch task when a fetch to an
+        # unreachable broker is in flight (measured): its stop ended, not ours
+        log.warning("Kafka consumer stopped with a fetch to an unreachable broker cut short")
+        return False
+    except Exception as exc:
+        log.warning("Kafka consumer stop: %r", exc)
+        return False
+    return True
 
 
 @dataclass(frozen=True)

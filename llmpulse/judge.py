@@ -45,7 +45,7 @@ from aiokafka.errors import CommitFailedError, IllegalStateError
 from aiokafka.structs import OffsetAndMetadata
 from pydantic import ValidationError
 
-from ingest.kafka import client_options, stop_producer
+from ingest.kafka import client_options, stop_consumer, stop_producer
 from schemas import limits
 from schemas.config import Settings
 from schemas.events import JudgeResult
@@ -65,6 +65,8 @@ SKIP_OFF_SCALE = "judge score is not on the rubric's scale"
 SKIP_INVALID = "verdict does not validate as a JudgeResult"
 
 USER_AGENT = "llmpulse-judge"
+STOP_CONSUMER_S = 5.0
+"""At exit, how long leaving the consumer group may take (the broker may be gone)."""
 STOP_PRODUCER_S = 5.0
 """At exit, how long verdicts the broker has not acknowledged are waited for. What is left is
 judged again: the requests' offsets are committed only after their verdicts are acknowledged."""
@@ -656,7 +658,7 @@ async def judge_kafka(
                     loop.judge = Judge(rubric, judge, ChatClient(judge, session, stop=stop))
                     await loop.run(since, max_requests, idle_exit, on_progress)
             finally:
-                await consumer.stop()
+                await stop_consumer(consumer, STOP_CONSUMER_S)
         finally:
             await stop_producer(producer, STOP_PRODUCER_S)
     stats.seconds = time.perf_counter() - started

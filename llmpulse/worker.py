@@ -33,7 +33,7 @@ from aiokafka.errors import IllegalStateError, KafkaConnectionError, KafkaTimeou
 from aiokafka.structs import OffsetAndMetadata
 from faust.transport.drivers.aiokafka import AIOKafkaConsumerThread
 
-from ingest.kafka import client_options, stop_producer
+from ingest.kafka import client_options, stop_consumer, stop_producer
 from llmpulse.alerting import QUALITY_SOURCE, AlertPipeline, rules_for
 from llmpulse.runtime import (
     PROCESS_PART,
@@ -219,15 +219,22 @@ class CallsConsumer(mode.Service):
     async def on_stop(self) -> None:
         """SIGTERM: stop reading, flush windows, write, publish, commit — then leave the group.
 
-        Each step that needs the broker is bounded (``_bounded``): aiokafka waits for an
-        unreachable broker without end (a commit for its coordinator, a send for its
-        acknowledgement), and a stop that outlasts the supervisor's grace period ends in SIGKILL
-        anyway. A step cut short leaves its blocks uncommitted, as a crash there would: the next
-        owner reads them again and skips the rows ClickHouse holds.
+        Each step that needs the broker is bounded: aiokafka waits for an unreachable broker
+        without end (a commit for its coordinator, a send for its acknowledgement), and a stop
+        that outlasts the supervisor's grace period ends in SIGKILL anyway. A step cut short
+        leaves its blocks uncommitted, as a crash there would: the next owner reads them again
+        and skips the rows ClickHouse holds.
         """
-        await _bounded(self._release(list(self.partitions)), STOP_RELEASE_S, "flushing, publishing and committing")
+        try:
+            await asyncio.wait_for(self._release(list(self.partitions)), STOP_RELEASE_S)
+        except TimeoutError:
+            log.warning("stopping: the last flush, publish and commit did not finish within %g s (is the broker "
+                        "reachable?); what is left stays uncommitted", STOP_RELEASE_S)  # fmt: skip
+        except Exception as exc:
+            log.warning("stopping: the last flush, publish and commit failed (%s); what is left stays uncommitted",
+                        exc)  # fmt: skip
         if self.consumer is not None:
-            await _bounded(self.consumer.stop(), STOP_CLIENT_S, "leaving the consumer group")
+            await stop_consumer(self.consumer, STOP_CLIENT_S)
         if self.producer is not None:
             with contextlib.suppress(Exception):
                 await stop_producer(self.producer, STOP_CLIENT_S)
@@ -650,17 +657,6 @@ def _passing(exc: BaseException) -> bool:
     return is_retryable(exc) or bool(getattr(exc, "retriable", False))
 
 
-async def _bounded(step: Awaitable[object], seconds: float, what: str) -> None:
-    """A stop's step, given up (and logged) after ``seconds`` or on any failure: the stop goes on."""
-    try:
-        await asyncio.wait_for(step, seconds)
-    except TimeoutError:
-        log.warning("stopping: %s did not finish within %g s (is the broker reachable?); going on without it", what,
-                    seconds)  # fmt: skip
-    except Exception as exc:
-        log.warning("stopping: %s failed: %s", what, exc)
-
-
 STOP_RELEASE_S = 12.0
 """SIGTERM: how long the last flush, publish and commit may take. With the steps after it, a stop
 fits Kubernetes' default grace period of 30 s (docker-compose.yml gives 60 s)."""
@@ -732,7 +728,7 @@ class AlertsConsumer(mode.Service):
 
     async def on_stop(self) -> None:
         if self.consumer is not None:
-            await _bounded(self.consumer.stop(), STOP_CLIENT_S, "leaving the stage-2 consumer group")
+            await stop_consumer(self.consumer, STOP_CLIENT_S)
         if self.pipeline is not None:
             log.info(
                 "stage 2 (alert evaluation): %.3f s CPU for %d partials, %d rule windows, %d late partials",
