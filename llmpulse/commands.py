@@ -218,7 +218,7 @@ def _render_demo(s: dict[str, Any], settings: Settings) -> None:
                     {"at (UTC)": a["at"].replace("T", " ")[:16], "rule": a["rule"], "state": a["state"],
                      "scope": ", ".join(f"{k}={v}" for k, v in a["scope"].items()),
                      "value": round(a["value"], 4) if a["value"] is not None else None, "action": a["action"]}
-                    for a in s["alerts"]
+                    for a in sorted(s["alerts"], key=lambda a: a["at"])  # delivery order is per window length
                 ],
             )
         )  # fmt: skip

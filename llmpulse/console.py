@@ -2,14 +2,29 @@
 
 from __future__ import annotations
 
+import os
+import sys
 from collections.abc import Sequence
 from typing import Any
 
 from rich.console import Console
 from rich.table import Table
 
-out = Console()
-err = Console(stderr=True)
+PIPED_WIDTH = 200
+"""Columns for output that goes to a file, a pipe or a CI log rather than a terminal."""
+
+
+def _console(stderr: bool = False) -> Console:
+    """Rich assumes 80 columns when it is not writing to a terminal, and cuts wider cells with an
+    ellipsis: the release, alert and gate tables came out unreadable in files and CI logs. A
+    terminal, or an explicit ``COLUMNS``, keeps its own width."""
+    stream = sys.stderr if stderr else sys.stdout
+    piped = not (hasattr(stream, "isatty") and stream.isatty()) and "COLUMNS" not in os.environ
+    return Console(stderr=stderr, width=PIPED_WIDTH if piped else None)
+
+
+out = _console()
+err = _console(stderr=True)
 
 
 def fmt(value: Any) -> str:
