@@ -567,10 +567,11 @@ def worker(
     bootstrap_servers: str | None, config_path: Path | None, data_dir: Path | None, clickhouse_url: str | None
 ) -> None:
     """Consume llm.calls (and feedback, judge verdicts) and write ClickHouse; SIGTERM drains and exits cleanly."""
-    from llmpulse.worker import build_app
+    from llmpulse.worker import build_app, log_thread_crashes
 
     settings = _kafka_settings(config_path, data_dir, clickhouse_url, bootstrap_servers)
     app, _ = build_app(settings)
+    log_thread_crashes()
     worker = app.Worker(loglevel=settings.log_level.upper(), quiet=True)
     worker.execute_from_commandline()
 

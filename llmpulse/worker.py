@@ -19,6 +19,7 @@ import contextlib
 import functools
 import logging
 import math
+import threading
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable, Sequence
@@ -840,6 +841,21 @@ class AlertsConsumer(mode.Service):
                 }
                 await self.consumer.commit(commit)
                 self._committed = target
+
+
+def log_thread_crashes() -> None:
+    """A thread's uncaught exception as one log record. mode hands stderr to the log one write at
+    a time, so the default hook's traceback became a hundred one-character lines (faust's consumer
+    thread ends that way when the broker is gone at a stop)."""
+
+    def hook(args: threading.ExceptHookArgs) -> None:
+        if args.exc_type is SystemExit:
+            return
+        name = args.thread.name if args.thread is not None else "?"
+        log.warning("thread %s ended with %r", name, args.exc_value,
+                    exc_info=(args.exc_type, args.exc_value, args.exc_traceback))  # fmt: skip
+
+    threading.excepthook = hook
 
 
 def build_app(settings: Settings, *, app_id: str = "llmpulse") -> tuple[faust.App, CallsConsumer]:

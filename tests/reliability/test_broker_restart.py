@@ -136,8 +136,11 @@ def test_sigterm_while_the_broker_is_down(tmp_path: Path, private_broker: Privat
     assert code == 0, worker.log.read_text(errors="replace")[-4000:]
     # aiokafka logged each failed retry, ~250 lines a second here; each distinct line now shows
     # once per 30 s with a count (``llmpulse.logs.QuietRepeats``)
-    refused = worker.log.read_text(errors="replace").count("Unable connect to")
+    text = worker.log.read_text(errors="replace")
+    refused = text.count("Unable connect to")
     assert refused <= 10, refused
+    assert "[WARNING] ^" not in text  # a thread's traceback is one record, not a line per write
+    lines = text.count("\n")
     private_broker.run("start")
     again = Worker(cfg, tmp_path / "data", tmp_path / "w2.log").start()
     try:
@@ -148,4 +151,4 @@ def test_sigterm_while_the_broker_is_down(tmp_path: Path, private_broker: Privat
     assert_exactly_the_produced_ids(tmp_path / "data", "stop", n)
     reconcile(tmp_path / "data")
     record("sigterm_while_the_broker_is_down", events=n, stopped_in_s=round(stopped_in, 1),
-           connection_refused_lines=refused)  # fmt: skip
+           connection_refused_lines=refused, log_lines=lines)  # fmt: skip
