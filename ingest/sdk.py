@@ -177,7 +177,8 @@ class Transport(Protocol):
     async def send(self, messages: list[OutMessage]) -> Delivery: ...
 
     async def stop(self) -> None:
-        """Bounded: it runs on every restart and at exit, broker or no broker."""
+        """Should end on its own, broker or no broker (``STOP_GUARD_S`` cancels it): it runs on every
+        restart and at exit."""
 
 
 class CallbackTransport:
@@ -219,6 +220,9 @@ _TRANSIENT_ERRORS: Final = frozenset({"KafkaTimeoutError", "KafkaConnectionError
 
 STOP_WITHIN_S: Final = 1.0
 """How long stopping a producer waits for acknowledgements (``ingest.kafka.stop_producer``)."""
+STOP_GUARD_S: Final = 10.0
+"""A guard around any transport's ``stop``, wider than the Kafka transport's own bound (which
+gives up cleanly: a guard that fires cancels, and could leave a producer's sender running)."""
 
 
 class KafkaTransport:
@@ -997,7 +1001,7 @@ class Telemetry:
                     if delivery.restart:
                         connected = False
                         with contextlib.suppress(Exception):
-                            await transport.stop()
+                            await asyncio.wait_for(transport.stop(), STOP_GUARD_S)
                     await self._pause(nudge, backoff)
                     backoff = min(backoff * 2, MAX_BACKOFF_S)
                 else:
@@ -1006,7 +1010,7 @@ class Telemetry:
             reporter.cancel()
             if connected:
                 with contextlib.suppress(Exception):
-                    await transport.stop()
+                    await asyncio.wait_for(transport.stop(), STOP_GUARD_S)
             self._report()
 
     async def _linger(self, nudge: asyncio.Event) -> None:

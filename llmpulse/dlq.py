@@ -25,6 +25,8 @@ from sinks.clickhouse import Connection
 REPLAY_SOURCE = Source("dlq-replay", "dlq")
 REPUBLISH_ACK_S = 60.0
 """How long ``dlq replay --to-kafka`` waits for the broker to acknowledge what it sent."""
+REPUBLISH_STOP_S = 1.0
+"""Then how long its producer's stop waits (everything was acknowledged, or the replay failed)."""
 
 
 @dataclass
@@ -134,5 +136,5 @@ async def republish(settings: Any, letters: list[dict[str, Any]]) -> int:
                 "through are dropped as duplicates)"
             ) from None
     finally:
-        await stop_producer(producer, 1.0)
+        await stop_producer(producer, REPUBLISH_STOP_S)
     return len(letters)

@@ -144,11 +144,11 @@ def private_broker(tmp_path: Path) -> Iterator[PrivateBroker]:
     if not (shutil.which("java") and shutil.which("mvn")):
         pytest.skip("needs Java and Maven for a private broker (deploy/kafka/kafka.sh)")
     b = PrivateBroker(tmp_path / "kafka")
-    b.run("start")
     try:
+        b.run("start")
         yield b
     finally:
-        b.run("stop")
+        b.run("stop")  # also after a start that failed halfway: no broker left running
 
 
 @pytest.fixture(scope="session")
