@@ -30,7 +30,13 @@ from typing import Any, TypeVar
 import faust
 import mode
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListener, TopicPartition
-from aiokafka.errors import IllegalStateError, KafkaConnectionError, KafkaTimeoutError, TopicAuthorizationFailedError
+from aiokafka.errors import (
+    IllegalStateError,
+    KafkaConnectionError,
+    KafkaTimeoutError,
+    ProducerClosed,
+    TopicAuthorizationFailedError,
+)
 from aiokafka.structs import OffsetAndMetadata
 from faust.transport.drivers.aiokafka import AIOKafkaConsumerThread
 
@@ -175,6 +181,8 @@ class CallsConsumer(mode.Service):
         """Partitions assigned here whose progress could not be read back (``assign``)."""
         self._retry_failed_at = 0.0
         self._retry_delay = RETRY_ASSIGN_S / 2
+        self._consuming: asyncio.Task[None] | None = None
+        """The consume loop's task (``on_stop`` cancels it when the last release is cut short)."""
         self._busy = asyncio.Lock()
         """Held by each consume step (process, tick, publish, commit) and by ``_release``: a revoke
         or a SIGTERM runs in another task (aiokafka's coordinator, mode's stop) and must not flush
@@ -222,18 +230,25 @@ class CallsConsumer(mode.Service):
 
         Each step that needs the broker is bounded: aiokafka waits for an unreachable broker
         without end (a commit for its coordinator, a send for its acknowledgement), and a stop
-        that outlasts the supervisor's grace period ends in SIGKILL anyway. A step cut short
-        leaves its blocks uncommitted, as a crash there would: the next owner reads them again
-        and skips the rows ClickHouse holds.
+        that outlasts the supervisor's grace period ends in SIGKILL anyway. A release cut short
+        ends as a crash there would: the consume step still under way is cancelled before the
+        clients close (so nothing publishes, drops or commits behind the stop), and the buffered
+        rows are not written (written, the next owner would skip them without their outputs:
+        unwritten, it reads them again whole).
         """
+        released = False
         try:
             await asyncio.wait_for(self._release(list(self.partitions)), STOP_RELEASE_S)
+            released = True
         except TimeoutError:
             log.warning("stopping: the last flush, publish and commit did not finish within %g s (is the broker "
                         "reachable?); what is left stays uncommitted", STOP_RELEASE_S)  # fmt: skip
         except Exception as exc:
             log.warning("stopping: the last flush, publish and commit failed (%s); what is left stays uncommitted",
                         exc)  # fmt: skip
+        if not released and self._consuming is not None and not self._consuming.done():
+            self._consuming.cancel()  # mode would cancel it only after this returns
+            await asyncio.wait({self._consuming}, timeout=STOP_CLIENT_S)
         if self.consumer is not None:
             await stop_consumer(self.consumer, STOP_CLIENT_S)
         if self.producer is not None:
@@ -241,7 +256,7 @@ class CallsConsumer(mode.Service):
                 await stop_producer(self.producer, STOP_CLIENT_S)
         if self.writer is not None:
             with contextlib.suppress(Exception):
-                await asyncio.to_thread(self.writer.close)
+                await asyncio.to_thread(self.writer.close if released else self.writer.abandon)
         if self.conn is not None:
             self.conn.close()
         log.info("worker stopped: %s", self.stats)
@@ -249,6 +264,7 @@ class CallsConsumer(mode.Service):
     @mode.Service.task
     async def _consume(self) -> None:
         assert self.consumer is not None
+        self._consuming = asyncio.current_task()
         max_records = self.kafka.fetch_max_records
         timeout_ms = int(self.kafka.fetch_max_wait * 1000)
         idle = self.settings.pipeline.idle_timeout
@@ -436,8 +452,16 @@ class CallsConsumer(mode.Service):
                 if p in self.partitions
             }
             if offsets:
-                await self.consumer.commit(offsets)
-                self.stats.commits += 1
+                task = asyncio.current_task()
+                if task is not None and task.cancelling():
+                    # a stop cut this step short; the commit must not wait for an unreachable
+                    # coordinator (aiokafka's does, without end): uncommitted is as after a crash
+                    with contextlib.suppress(Exception):
+                        await asyncio.wait_for(self.consumer.commit(offsets), STOP_CLIENT_S / 2)
+                        self.stats.commits += 1
+                else:
+                    await self.consumer.commit(offsets)
+                    self.stats.commits += 1
 
     async def _deliver(self, box: Outbox, what: str) -> None:
         """Send ``box`` until the broker has all of it, sending again only what failed (a partial
@@ -655,12 +679,15 @@ def _passing(exc: BaseException) -> bool:
         return exc.__cause__ is None or is_retryable(exc.__cause__)
     if isinstance(exc, OSError | KafkaTimeoutError | KafkaConnectionError | TopicAuthorizationFailedError):
         return True
+    if isinstance(exc, ProducerClosed):  # the worker is stopping: kept, never counted as unmendable
+        return True
     return is_retryable(exc) or bool(getattr(exc, "retriable", False))
 
 
 STOP_RELEASE_S = 12.0
-"""SIGTERM: how long the last flush, publish and commit may take. With the steps after it, a stop
-fits Kubernetes' default grace period of 30 s (docker-compose.yml gives 60 s)."""
+"""SIGTERM: how long the last flush, publish and commit may take. With every other step at its
+bound a stop takes ~41 s, typically 22-27 s against a dead broker and a second or two against a
+live one: docker-compose.yml gives the worker 60 s (README, "A SIGTERM while the broker ...")."""
 STOP_CLIENT_S = 4.0
 """SIGTERM: how long leaving a consumer group, or waiting for a producer's acknowledgements, may take."""
 STOPPING_RETRY_S = 4.0
@@ -887,8 +914,8 @@ def build_app(settings: Settings, *, app_id: str = "llmpulse") -> tuple[faust.Ap
         broker_heartbeat_interval=max(1.0, k.session_timeout / 10),
     )
     # faust's own consumer (the quality agents') runs in a mode ServiceThread; with the broker
-    # unreachable its aiokafka consumer never finishes stopping, and mode waits the class's
-    # default 60 s for the thread: the whole of docker-compose's grace period, after our own stop
+    # unreachable its aiokafka consumer is slow to stop (a fetch retrying, a group to leave), and
+    # mode waits up to the class's 60 s for the thread: docker-compose's whole grace period
     AIOKafkaConsumerThread.shutdown_timeout = 2 * STOP_CLIENT_S
     (settings.data_dir / "faust").mkdir(parents=True, exist_ok=True)
     rules = rules_for(settings)

@@ -212,3 +212,11 @@ class BufferedWriter:
         finally:
             if self._pool is not None:
                 self._pool.shutdown(wait=True)
+
+    def abandon(self) -> None:
+        """Stop without writing the buffer (the insert already under way ends). For a stop cut
+        short: those rows' offsets are not committed, so the next owner reads them again and
+        publishes their outputs; written here, it would skip them and their outputs with them."""
+        self._buffer, self._since, self.failed = Block(), None, None
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)

@@ -407,3 +407,18 @@ def test_batches_added_together_go_into_one_insert_even_past_the_buffer_size(set
         f"SELECT count(), sum(rows) FROM system.parts WHERE database = '{conn.database}' AND table = 'llm_calls'"
     ).result_rows
     assert blocks == [(1, 24)]
+
+
+def test_an_abandoned_writer_finishes_the_insert_under_way_and_drops_the_buffer(settings: Any, conn: Any) -> None:
+    """A worker stop cut short: the block in flight lands, the buffered rows do not (their offsets
+    are uncommitted: the next owner reads them again, outputs and all)."""
+    from sinks.batching import BufferedWriter
+
+    pipeline = CallPipeline(builtin_price_table())
+    writer = BufferedWriter(ClickHouseSink(conn), max_rows=1000, max_seconds=60)
+    writer.add_calls(pipeline.process(batch([payload() for _ in range(5)]), NOW))
+    writer.flush(wait=False)  # in flight on the insert thread
+    writer.add_calls(pipeline.process(batch([payload() for _ in range(7)], first=5), NOW))
+    writer.abandon()
+    assert scalar(conn, "SELECT count() FROM llm_calls FINAL") == 5
+    assert writer.pending_rows == 0
