@@ -13,7 +13,18 @@ from typing import Any, TypeVar
 
 import click
 import orjson
-from aiokafka.errors import KafkaError
+from aiokafka.errors import (
+    AuthenticationFailedError,
+    ClusterAuthorizationFailedError,
+    GroupAuthorizationFailedError,
+    KafkaConnectionError,
+    KafkaTimeoutError,
+    NoBrokersAvailable,
+    NodeNotReadyError,
+    RequestTimedOutError,
+    TopicAuthorizationFailedError,
+    UnknownTopicOrPartitionError,
+)
 
 from llmpulse import console
 from llmpulse.client import QueryFailed, RemoteError
@@ -25,6 +36,22 @@ from sinks.clickhouse import SinkError
 from sinks.lock import DataDirBusy
 
 F = TypeVar("F", bound=Callable[..., Any])
+
+KAFKA_UNREACHABLE = (
+    KafkaConnectionError,
+    KafkaTimeoutError,
+    NodeNotReadyError,
+    RequestTimedOutError,
+    NoBrokersAvailable,
+)
+KAFKA_REFUSED = (
+    AuthenticationFailedError,
+    ClusterAuthorizationFailedError,
+    GroupAuthorizationFailedError,
+    TopicAuthorizationFailedError,
+)
+"""Kafka failures a user can act on (with ``UnknownTopicOrPartitionError``); any other Kafka error
+is a bug and keeps its traceback."""
 
 
 def _data_options(fn: F) -> F:
@@ -95,12 +122,16 @@ def _friendly_errors(fn: F) -> F:
             console.error(str(exc))
         except FileNotFoundError as exc:
             console.error(f"{exc.filename}: no such file")
-        except KafkaError as exc:
+        except KAFKA_UNREACHABLE as exc:
             console.error(
                 str(exc),
                 "Is Kafka reachable? Check kafka.bootstrap_servers (or --bootstrap-servers) and the security "
                 "settings; `bash deploy/kafka/kafka.sh start` runs a local broker.",
             )
+        except KAFKA_REFUSED as exc:
+            console.error(str(exc), "Check kafka.sasl_* / kafka.ssl_* and the ACLs the broker grants this user.")
+        except UnknownTopicOrPartitionError as exc:
+            console.error(str(exc), "Create the topics first: `llmpulse topics create`.")
         raise SystemExit(2)
 
     return wrapper  # type: ignore[return-value]
