@@ -90,7 +90,11 @@ async def _abandon_queue(producer: Any, reason: Exception) -> None:
     # its batch goes back to the queue. Bounded: a close waits for the write buffer to drain,
     # which against a host that does not answer takes TCP's retransmission timeouts.
     closing = asyncio.ensure_future(producer.client.close())
-    await asyncio.wait({closing}, timeout=GIVE_UP_S)
+    try:
+        await asyncio.wait({closing}, timeout=GIVE_UP_S)
+    except asyncio.CancelledError:
+        closing.cancel()
+        raise
     if not closing.done():
         closing.cancel()
     elif not closing.cancelled() and closing.exception() is not None:

@@ -182,7 +182,9 @@ class CallsConsumer(mode.Service):
         self._retry_failed_at = 0.0
         self._retry_delay = RETRY_ASSIGN_S / 2
         self._consuming: asyncio.Task[None] | None = None
-        """The consume loop's task (``on_stop`` cancels it when the last release is cut short)."""
+        """The consume loop's task (``on_stop`` cancels it before the clients close)."""
+        self._cut_short = False
+        """The stop gave up on its release: no release may run after it (a revoke queued on ``_busy``)."""
         self._busy = asyncio.Lock()
         """Held by each consume step (process, tick, publish, commit) and by ``_release``: a revoke
         or a SIGTERM runs in another task (aiokafka's coordinator, mode's stop) and must not flush
@@ -243,22 +245,27 @@ class CallsConsumer(mode.Service):
         except TimeoutError:
             log.warning("stopping: the last flush, publish and commit did not finish within %g s (is the broker "
                         "reachable?); what is left stays uncommitted", STOP_RELEASE_S)  # fmt: skip
+        except asyncio.CancelledError:
+            task = asyncio.current_task()
+            if task is not None and task.cancelling():
+                raise  # the stop itself is being cancelled
+            log.warning("stopping: the last flush, publish and commit were cut short inside aiokafka; what is "
+                        "left stays uncommitted")  # fmt: skip
         except Exception as exc:
             log.warning("stopping: the last flush, publish and commit failed (%s); what is left stays uncommitted",
                         exc)  # fmt: skip
-        if not released and self._consuming is not None and not self._consuming.done():
-            self._consuming.cancel()  # mode would cancel it only after this returns
-            await asyncio.wait({self._consuming}, timeout=STOP_CLIENT_S)
+        self._cut_short = not released  # a revoke's release queued on ``_busy`` must not run after this
+        await _cancel_loop(self._consuming, STOP_CLIENT_S)
         if self.consumer is not None:
             await stop_consumer(self.consumer, STOP_CLIENT_S)
         if self.producer is not None:
             with contextlib.suppress(Exception):
                 await stop_producer(self.producer, STOP_CLIENT_S)
-        if self.writer is not None:
-            with contextlib.suppress(Exception):
-                await asyncio.to_thread(self.writer.close if released else self.writer.abandon)
-        if self.conn is not None:
-            self.conn.close()
+        closed = self.writer is None or await _within(
+            asyncio.to_thread(self.writer.close if released else self.writer.abandon), STOP_WRITER_S,
+            "writing the last rows" if released else "the insert under way")  # fmt: skip
+        if self.conn is not None and closed:
+            await _within(asyncio.to_thread(self.conn.close), STOP_CLIENT_S, "closing ClickHouse")
         log.info("worker stopped: %s", self.stats)
 
     @mode.Service.task
@@ -617,6 +624,8 @@ class CallsConsumer(mode.Service):
         (after the consume step under way, if any: ``_busy``). Which of ``partitions`` hold state
         is read once the step is done: it may have assigned one again (``_retry_failed``)."""
         async with self._busy:
+            if self._cut_short:
+                return  # the stop gave up on releasing: what is left stays uncommitted, as after a crash
             self._failed.difference_update(partitions)
             mine = [p for p in partitions if p in self.partitions]
             if mine:
@@ -684,12 +693,40 @@ def _passing(exc: BaseException) -> bool:
     return is_retryable(exc) or bool(getattr(exc, "retriable", False))
 
 
+async def _cancel_loop(task: asyncio.Task[None] | None, seconds: float) -> None:
+    """A service's consume loop, cancelled and waited for (bounded) before its clients close:
+    mode cancels service tasks only after ``on_stop``, and a step still running would publish,
+    commit or write with clients the stop is closing."""
+    if task is not None and not task.done():
+        task.cancel()
+        await asyncio.wait({task}, timeout=seconds)
+
+
+async def _within(step: Awaitable[object], seconds: float, what: str) -> bool:
+    """A stop's step that runs on a thread, waited for at most ``seconds`` (the thread is left to
+    finish: the process's exit joins it). Whether it ended in time and without error."""
+    running = asyncio.ensure_future(step)
+    done, _ = await asyncio.wait({running}, timeout=seconds)
+    if not done:
+        log.warning("stopping: %s did not end within %g s (is ClickHouse answering?); going on", what, seconds)
+        return False
+    if running.exception() is not None:
+        log.warning("stopping: %s failed: %s", what, running.exception())
+        return False
+    return True
+
+
 STOP_RELEASE_S = 12.0
 """SIGTERM: how long the last flush, publish and commit may take. With every other step at its
-bound a stop takes ~41 s, typically 22-27 s against a dead broker and a second or two against a
-live one: docker-compose.yml gives the worker 60 s (README, "A SIGTERM while the broker ...")."""
+bound a stop takes ~55 s (ClickHouse answering), typically 22-27 s against a dead broker and a
+second or two against a live one: docker-compose.yml gives the worker 60 s (README, "A SIGTERM
+while the broker ...")."""
 STOP_CLIENT_S = 4.0
 """SIGTERM: how long leaving a consumer group, or waiting for a producer's acknowledgements, may take."""
+STOP_WRITER_S = 8.0
+"""SIGTERM: how long writing the last rows (or finishing the insert under way) may take. Past it
+the thread is left running, and the process's exit waits for it: against a ClickHouse server that
+does not answer, that is the insert's retries (~91 s)."""
 STOPPING_RETRY_S = 4.0
 """The last back-off a stopping worker still waits before giving up a failing send (``_deliver``):
 a SIGTERM's grace period is short (30 s by default in Kubernetes)."""
@@ -717,6 +754,8 @@ class AlertsConsumer(mode.Service):
         self.calls = calls
         self.kafka = settings.kafka
         self.pipeline: AlertPipeline | None = None
+        self._consuming: asyncio.Task[None] | None = None
+        """The consume loop's task (``on_stop`` cancels it before the consumer closes)."""
         self.consumer: AIOKafkaConsumer | None = None
         self._last_lag_check = 0.0
         self._last_commit = 0.0
@@ -755,6 +794,7 @@ class AlertsConsumer(mode.Service):
         # restored at the first assignment (``AlertPipeline.assign``): only the scopes this worker owns
 
     async def on_stop(self) -> None:
+        await _cancel_loop(self._consuming, STOP_CLIENT_S)
         if self.consumer is not None:
             await stop_consumer(self.consumer, STOP_CLIENT_S)
         if self.pipeline is not None:
@@ -767,6 +807,7 @@ class AlertsConsumer(mode.Service):
 
     @mode.Service.task
     async def _consume(self) -> None:
+        self._consuming = asyncio.current_task()
         while not self.should_stop and (self.consumer is None or self.pipeline is None):
             await asyncio.sleep(0.05)
         assert self.consumer is not None and self.pipeline is not None

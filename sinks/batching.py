@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import itertools
+import threading
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -79,6 +80,8 @@ class BufferedWriter:
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="llmpulse-insert") if background else None
         self._inflight: Future[Block] | None = None
         self._inflight_block: Block | None = None
+        self._lock = threading.Lock()
+        self._abandoned = False
         self.failed: Block | None = None
         """The block whose insert raised, kept so the caller can ``retry`` it."""
         self._on_written = on_written
@@ -182,13 +185,15 @@ class BufferedWriter:
         self._collect()
         if self.failed is not None:
             self.retry_failed()
-        block, self._buffer, self._since = self._buffer, Block(), None
-        if block:
-            if self._pool is None:
-                self._write_now(block)
-            else:
+        with self._lock:  # against ``abandon`` on another thread: take the buffer, or leave it
+            if self._abandoned:
+                return
+            block, self._buffer, self._since = self._buffer, Block(), None
+            if block and self._pool is not None:
                 self._inflight_block = block
                 self._inflight = self._pool.submit(block.write, self.sink)
+        if block and self._pool is None:
+            self._write_now(block)
         if wait:
             self._collect()
 
@@ -202,7 +207,10 @@ class BufferedWriter:
 
     def retry_failed(self) -> None:
         """Write the failed block again (same token: whatever part of it landed dedupes)."""
-        block, self.failed = self.failed, None
+        with self._lock:
+            if self._abandoned:
+                return
+            block, self.failed = self.failed, None
         if block is not None:
             self._write_now(block)
 
@@ -214,9 +222,12 @@ class BufferedWriter:
                 self._pool.shutdown(wait=True)
 
     def abandon(self) -> None:
-        """Stop without writing the buffer (the insert already under way ends). For a stop cut
-        short: those rows' offsets are not committed, so the next owner reads them again and
-        publishes their outputs; written here, it would skip them and their outputs with them."""
-        self._buffer, self._since, self.failed = Block(), None, None
+        """Stop without writing what is buffered, now or later (a flush still running on another
+        thread takes nothing more); an insert already under way ends. For a stop cut short: those
+        rows' offsets are not committed, so the next owner reads them again and publishes their
+        outputs; written here, it would skip them and their outputs with them."""
+        with self._lock:
+            self._abandoned = True
+            self._buffer, self._since, self.failed = Block(), None, None
         if self._pool is not None:
             self._pool.shutdown(wait=True)

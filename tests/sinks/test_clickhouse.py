@@ -422,3 +422,6 @@ def test_an_abandoned_writer_finishes_the_insert_under_way_and_drops_the_buffer(
     writer.abandon()
     assert scalar(conn, "SELECT count() FROM llm_calls FINAL") == 5
     assert writer.pending_rows == 0
+    writer.add_calls(pipeline.process(batch([payload() for _ in range(3)], first=12), NOW))
+    writer.flush(wait=True)  # a flush still running elsewhere when the stop gave up takes nothing
+    assert scalar(conn, "SELECT count() FROM llm_calls FINAL") == 5
