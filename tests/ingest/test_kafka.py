@@ -61,12 +61,12 @@ def test_stops_give_up_on_a_broker_that_went_away(private_broker: PrivateBroker)
         acknowledged = await stop_producer(producer, 2.0)
         producer_s = time.monotonic() - began
         began = time.monotonic()
-        left_group = await stop_consumer(consumer, 2.0)
+        await stop_consumer(consumer, 2.0)  # True or not: aiokafka may give up on leaving first
         consumer_s = time.monotonic() - began
         await asyncio.sleep(0.2)
         running = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
         return {"acknowledged": acknowledged, "producer_s": producer_s, "pending": pending,
-                "left_group": left_group, "consumer_s": consumer_s, "running": running}  # fmt: skip
+                "consumer_s": consumer_s, "running": running}  # fmt: skip
 
     got = asyncio.run(scenario())
     assert not got["acknowledged"]

@@ -37,18 +37,23 @@ from tests.reliability.support import (
 pytestmark = pytest.mark.kafka  # the private broker fixture skips without Java and Maven
 
 
+def _worker_on(broker: PrivateBroker, tmp_path: Path, group: str) -> tuple[KafkaSettings, Path, Worker]:
+    """Topics on the private broker and a worker of ``group`` consuming them, ready."""
+    kafka = KafkaSettings(bootstrap_servers=broker.bootstrap, topics=TopicNames(), consumer_group=group,
+                          partitions=4, fetch_max_wait=0.05, session_timeout=6.0)  # fmt: skip
+    asyncio.run(create_topics(kafka))
+    cfg = write_config(tmp_path / "w.yaml", kafka, pipeline={"batch_max_seconds": "200ms"})
+    worker = Worker(cfg, tmp_path / "data", tmp_path / "w.log").start()
+    worker.wait_ready(120)
+    return kafka, cfg, worker
+
+
 def test_broker_restart_mid_stream(tmp_path: Path, private_broker: PrivateBroker) -> None:
     from ingest import Telemetry
 
     n = size("BROKER_EVENTS", 30_000)
     down_s = size("BROKER_DOWN_S", 5)
-    kafka = KafkaSettings(bootstrap_servers=private_broker.bootstrap, topics=TopicNames(),
-                          consumer_group="restart-worker", partitions=4, fetch_max_wait=0.05,
-                          session_timeout=6.0)  # fmt: skip
-    asyncio.run(create_topics(kafka))
-    cfg = write_config(tmp_path / "w.yaml", kafka, pipeline={"batch_max_seconds": "200ms"})
-    worker = Worker(cfg, tmp_path / "data", tmp_path / "w.log").start()
-    worker.wait_ready(120)
+    kafka, _, worker = _worker_on(private_broker, tmp_path, "restart-worker")
     telemetry = Telemetry(private_broker.bootstrap, topic=kafka.topics.calls, service="checkout", team="payments",
                           buffer_size=max(n, 10_000))  # fmt: skip
     rate = n / (10 + down_s + 15)  # before, during and after the outage
@@ -110,13 +115,7 @@ def test_sigterm_while_the_broker_is_down(tmp_path: Path, private_broker: Privat
     coordinator, an idempotent producer for every acknowledgement). What it could not publish or
     commit is read again once the broker is back: every event lands exactly once."""
     n = size("BROKER_STOP_EVENTS", 20_000)
-    kafka = KafkaSettings(bootstrap_servers=private_broker.bootstrap, topics=TopicNames(),
-                          consumer_group="stop-worker", partitions=4, fetch_max_wait=0.05,
-                          session_timeout=6.0)  # fmt: skip
-    asyncio.run(create_topics(kafka))
-    cfg = write_config(tmp_path / "w.yaml", kafka, pipeline={"batch_max_seconds": "200ms"})
-    worker = Worker(cfg, tmp_path / "data", tmp_path / "w.log").start()
-    worker.wait_ready(120)
+    kafka, cfg, worker = _worker_on(private_broker, tmp_path, "stop-worker")
     producer = PacedProducer(kafka, kafka.topics.calls, "stop", n, rate=n / 10).start()
     try:
         producer.join(120)
