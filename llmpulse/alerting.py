@@ -376,10 +376,8 @@ class AlertPipeline:
         lag = max(0.0, now - max(min(self.stage2.watermarks.values()), self.stage2.released_through))
         events = []
         for rule in lag_rules:
-            # lag needs no calls as evidence: exactly the rule's minimum (math.inf here made the
-            # engine's int() raise, failing every stage-2 step of a worker with a lag rule)
-            evidence = {"pipeline_lag_s": lag, "calls": float(rule.min_calls)}
-            e = self.engine.evaluate(rule, {}, now - rule.window, now, evidence)
+            # lag needs no calls as evidence (``UNCOUNTED``), and the alert names none
+            e = self.engine.evaluate(rule, {}, now - rule.window, now, {"pipeline_lag_s": lag})
             if e is not None:
                 events.append(e)
         if events:

@@ -364,6 +364,10 @@ EVIDENCE: dict[str, str] = {
 """What ``min_calls`` counts for a metric: judged calls for eval scores, feedback for feedback
 metrics, finished flows for flow metrics, calls for everything else."""
 
+UNCOUNTED: frozenset[str] = frozenset({"pipeline_lag_s"})
+"""Metrics measured rather than counted from a window's traffic: ``min_calls`` does not apply, and
+an alert on one carries no call count (a lag page saying "calls: 50" named a number nobody counted)."""
+
 
 def project(partials: Iterable[WindowPartial], dims: tuple[str, ...]) -> dict[tuple[Any, ...], WindowPartial]:
     """Merge partials into coarser scopes: ``dims`` ⊆ SCOPE_DIMS, keyed by (window_start, values)."""

@@ -25,7 +25,7 @@ import xxhash
 
 from processors.alerts.events import AlertEvent
 from processors.stats import clamped_rate
-from processors.windows import EVIDENCE
+from processors.windows import EVIDENCE, UNCOUNTED
 from schemas.rules import Rule
 
 State = Literal["ok", "pending", "firing"]
@@ -252,7 +252,7 @@ class AlertEngine:
         ``key`` (the scope as sorted items) saves rebuilding it when the caller has it already.
         """
         calls = int(metrics.get(EVIDENCE.get(rule.metric, "calls")) or 0)
-        if rule.absent is None and calls < rule.min_calls:
+        if rule.absent is None and calls < rule.min_calls and rule.metric not in UNCOUNTED:
             return None  # no evidence either way: not even worth looking up the state
         if rule.spike is None and rule.absent is None:
             # fast path for the common case: a threshold not crossed by a scope with nothing going on

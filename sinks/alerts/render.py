@@ -173,8 +173,9 @@ def render_slack(event: AlertEvent) -> dict[str, Any]:
     context = f"llmpulse · rule `{_slack_escape(event.rule)}` · metric `{_slack_escape(event.metric)}`"
     context += f" · dedup `{_slack_escape(event.dedup_key)}`"
     elements = [{"type": "mrkdwn", "text": context}]
-    if event.extra:
-        detail = " · ".join(f"{k}: {_jsonable(v)}" for k, v in event.extra.items())
+    shown = {k: v for k, v in event.extra.items() if v is not None}  # "baseline: None" tells on-call nothing
+    if shown:
+        detail = " · ".join(f"{k}: {_jsonable(v)}" for k, v in shown.items())
         elements.append({"type": "mrkdwn", "text": _truncate(_slack_escape(detail), SLACK_FIELD_MAX)})
     blocks.append({"type": "context", "elements": elements})
 

@@ -153,6 +153,14 @@ def test_slack_without_optional_parts_keeps_the_core_blocks() -> None:
     assert body["text"] == "[FIRING] [critical] p95 TTFT 931 ms > 850 ms on support-chat"
 
 
+def test_slack_leaves_out_context_nobody_has() -> None:
+    """A threshold rule has no baseline and a lag rule no call count: "baseline: None" is noise."""
+    body = render_slack(alert(extra={"calls": None, "baseline": None, "evaluated_at": 1.5}))
+    assert body["blocks"][-1]["elements"][1]["text"] == "evaluated_at: 1.5"
+    body = render_slack(alert(extra={"calls": None, "baseline": None}))
+    assert len(body["blocks"][-1]["elements"]) == 1
+
+
 PD_KEY = "R0UT1NGKEY0123456789abcdef012345"
 
 
