@@ -26,6 +26,7 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 
 from bench.common import Figure, pin_prefix, proc_cpu_seconds, proc_rss_mb
 from ingest.kafka import consumer_lag, create_topics
+from ingest.sdk import DEFAULT_COMPRESSION
 from ingest.synthetic import Scenario, generate
 from schemas.config import KafkaSettings, TopicNames
 
@@ -40,7 +41,7 @@ def _settings(bootstrap: str, tag: str, group: str) -> KafkaSettings:
 async def _produce(kafka: KafkaSettings, events: int) -> int:
     producer = AIOKafkaProducer(
         bootstrap_servers=kafka.bootstrap_servers, acks="all", linger_ms=50, max_batch_size=1 << 20,
-        compression_type="gzip",
+        compression_type=DEFAULT_COMPRESSION,  # what the SDK sends
     )  # fmt: skip
     await producer.start()
     n = 0

@@ -26,6 +26,7 @@ import orjson
 
 from bench.common import Figure, pin_prefix
 from ingest.kafka import create_topics
+from ingest.sdk import DEFAULT_COMPRESSION
 from llmpulse.alerting import AlertPipeline
 from llmpulse.runtime import EmbeddedRuntime, open_clickhouse, pipeline_options, tune_gc
 from processors.alerts.engine import history_len
@@ -306,7 +307,7 @@ async def _produce_keyed(bootstrap: str, topic: str, payloads: list[bytes]) -> N
     from aiokafka import AIOKafkaProducer
 
     producer = AIOKafkaProducer(bootstrap_servers=bootstrap, acks="all", linger_ms=50, max_batch_size=1 << 20,
-                                compression_type="gzip")  # fmt: skip
+                                compression_type=DEFAULT_COMPRESSION)  # fmt: skip
     await producer.start()
     try:
         for i in range(0, len(payloads), 10_000):

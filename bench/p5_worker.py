@@ -30,12 +30,13 @@ from bench.common import Figure, pin_prefix, proc_cpu_seconds, proc_rss_mb
 from bench.p2_kafka import ENV, _lag, _settings
 from bench.p5_memory import KEYS, payload
 from ingest.kafka import create_topics
+from ingest.sdk import DEFAULT_COMPRESSION
 from schemas.config import KafkaSettings
 
 
 async def _produce(kafka: KafkaSettings, events: int) -> None:
     producer = AIOKafkaProducer(bootstrap_servers=kafka.bootstrap_servers, acks="all", linger_ms=50,
-                                max_batch_size=1 << 20, compression_type="gzip")  # fmt: skip
+                                max_batch_size=1 << 20, compression_type=DEFAULT_COMPRESSION)  # fmt: skip
     await producer.start()
     start_ts = time.time() - 86_400 * 3
     try:

@@ -45,6 +45,11 @@ def client_options(k: KafkaSettings) -> dict[str, Any]:
     return opts
 
 
+def producer_options(k: KafkaSettings) -> dict[str, Any]:
+    """``client_options`` plus the configured compression: every pipeline producer's keywords."""
+    return {**client_options(k), "compression_type": None if k.compression == "none" else k.compression}
+
+
 GIVE_UP_S = 1.0
 """How long each step of giving up on a producer may take (closing its connections, ending its stop)."""
 

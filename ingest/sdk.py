@@ -46,6 +46,8 @@ log = logging.getLogger(__name__)
 
 DEFAULT_BOOTSTRAP: Final = "127.0.0.1:19092"
 DEFAULT_CALLS_TOPIC: Final = "llm.calls"
+DEFAULT_COMPRESSION: Final = "zstd"
+COMPRESSIONS: Final = ("none", "gzip", "snappy", "lz4", "zstd")
 DEFAULT_FEEDBACK_TOPIC: Final = "llm.feedback"
 ENV_PREFIX: Final = "LLMPULSE_"
 
@@ -235,16 +237,22 @@ class KafkaTransport:
     as with any other Kafka client. The batches are handed over closed, so aiokafka's own
     linger does not apply; the SDK lingers before draining its buffer instead.
 
-    No compression by default: aiokafka gzips at level 9, measured here at 8-24 µs of CPU per
-    600-byte event (for ~5x fewer bytes), and that CPU would be taken from the service. Turn
-    it on where the network is the scarcer resource, or let the broker compress the topic.
+    zstd by default (level 3, through cramjam): on 1 MiB batches of demo events it shrinks them
+    as much as aiokafka's gzip (level 9) does, ~10x, for 1.0 against 15.9 µs of CPU per event.
+    The service's CPU is what the SDK spends: a recorded event's whole cost here (validation,
+    serialising, sending; every thread) measured 26.8-29.2 µs with zstd, 25.7-27.7 uncompressed,
+    43-51 with gzip (two alternating runs of 50k events). The consumer gains too: aiokafka read
+    zstd batches at 2.1-2.2 µs per message against 2.8-3.4 for gzip and 3.6-3.7 for uncompressed
+    ones (more bytes through asyncio), three alternating runs of 300k events.
+    ``compression_type=None`` (``LLMPULSE_SDK__COMPRESSION=none``) for brokers before Kafka 2.1,
+    which do not know zstd.
     """
 
     def __init__(
         self,
         bootstrap_servers: str | Sequence[str],
         *,
-        compression_type: str | None = None,
+        compression_type: str | None = DEFAULT_COMPRESSION,
         max_batch_size: int = 256 * 1024,
         request_timeout_ms: int = 30_000,
         client_id: str = "llmpulse-sdk",
@@ -542,7 +550,7 @@ class Telemetry:
         max_buffer_bytes: int = 64 * 1024 * 1024,
         linger_ms: float = 100.0,
         max_batch_size: int = 256 * 1024,
-        compression_type: str | None = None,
+        compression_type: str | None = DEFAULT_COMPRESSION,
         capture_content: bool = False,
         exit_timeout: float = 2.0,
         transport: Transport | None = None,
@@ -628,7 +636,8 @@ class Telemetry:
         ``SASL_PASSWORD`` or ``SASL_PASSWORD_FILE``, ``SSL_CAFILE``, ``SSL_CERTFILE``,
         ``SSL_KEYFILE``, ``SSL_CHECK_HOSTNAME``, ``CLIENT_ID``, ``TOPICS__CALLS``,
         ``TOPICS__FEEDBACK``. SDK: ``SERVICE`` (else ``OTEL_SERVICE_NAME``), ``TEAM``,
-        ``BUFFER_SIZE``, ``LINGER_MS``, ``COMPRESSION`` (``none``/``gzip``), ``CAPTURE_CONTENT``.
+        ``BUFFER_SIZE``, ``LINGER_MS``, ``COMPRESSION`` (``zstd`` by default; ``none``, ``gzip``,
+        ``snappy``, ``lz4``), ``CAPTURE_CONTENT``.
         Keyword ``overrides`` win over the environment.
         """
         env: Mapping[str, str] = os.environ if environ is None else environ
@@ -659,8 +668,13 @@ class Telemetry:
         kwargs["team"] = reader.text("SDK__TEAM")
         kwargs["buffer_size"] = reader.integer("SDK__BUFFER_SIZE", 10_000)
         kwargs["linger_ms"] = reader.number("SDK__LINGER_MS", 100.0)
-        compression = (reader.text("SDK__COMPRESSION") or "none").lower()
-        kwargs["compression_type"] = None if compression in ("none", "off", "") else compression
+        compression = (reader.text("SDK__COMPRESSION") or DEFAULT_COMPRESSION).lower()
+        if compression not in (*COMPRESSIONS, "off"):
+            raise ValueError(
+                f"environment variable {ENV_PREFIX}SDK__COMPRESSION: expected one of {', '.join(COMPRESSIONS)}, "
+                f"got {compression!r}"
+            )
+        kwargs["compression_type"] = None if compression in ("none", "off") else compression
         kwargs["capture_content"] = reader.flag("SDK__CAPTURE_CONTENT", default=False)
         kwargs.update(overrides)
         bootstrap = (

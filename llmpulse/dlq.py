@@ -111,9 +111,9 @@ async def republish(settings: Any, letters: list[dict[str, Any]]) -> int:
     from aiokafka import AIOKafkaProducer
     from aiokafka.errors import KafkaTimeoutError
 
-    from ingest.kafka import client_options, stop_producer
+    from ingest.kafka import producer_options, stop_producer
 
-    producer = AIOKafkaProducer(acks="all", enable_idempotence=True, **client_options(settings))
+    producer = AIOKafkaProducer(acks="all", enable_idempotence=True, **producer_options(settings))
     await producer.start()
     try:
         for r in letters:

@@ -45,7 +45,7 @@ from aiokafka.errors import CommitFailedError, IllegalStateError
 from aiokafka.structs import OffsetAndMetadata
 from pydantic import ValidationError
 
-from ingest.kafka import client_options, stop_consumer, stop_producer
+from ingest.kafka import client_options, producer_options, stop_consumer, stop_producer
 from schemas import limits
 from schemas.config import Settings
 from schemas.events import JudgeResult
@@ -646,7 +646,7 @@ async def judge_kafka(
         rebalance_timeout_ms=MAX_POLL_INTERVAL_MS,
         **opts,
     )
-    producer = AIOKafkaProducer(acks="all", enable_idempotence=True, linger_ms=10, **opts)
+    producer = AIOKafkaProducer(acks="all", enable_idempotence=True, linger_ms=10, **producer_options(settings.kafka))
     loop = _KafkaLoop(settings, judge, consumer, producer, stats, stop)
     with _stop_on_signals(stop):
         await producer.start()

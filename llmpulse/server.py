@@ -1237,11 +1237,11 @@ class KafkaCommitter(Committer):
 
     def __init__(self, server: ServerSettings, metrics: HttpMetrics, kafka: KafkaSettings) -> None:
         super().__init__(server, metrics)
-        from ingest.kafka import client_options
+        from ingest.kafka import producer_options
         from ingest.sdk import KafkaTransport
 
         self.kafka = kafka
-        opts = client_options(kafka)
+        opts = producer_options(kafka)
         self.transport = KafkaTransport(
             opts.pop("bootstrap_servers"),
             client_id=f"{opts.pop('client_id')}-serve",

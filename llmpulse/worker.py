@@ -40,7 +40,7 @@ from aiokafka.errors import (
 from aiokafka.structs import OffsetAndMetadata
 from faust.transport.drivers.aiokafka import AIOKafkaConsumerThread
 
-from ingest.kafka import client_options, stop_consumer, stop_producer
+from ingest.kafka import client_options, producer_options, stop_consumer, stop_producer
 from llmpulse.alerting import QUALITY_SOURCE, AlertPipeline, rules_for
 from llmpulse.runtime import (
     PROCESS_PART,
@@ -205,9 +205,8 @@ class CallsConsumer(mode.Service):
             self.settings.pipeline.batch_max_seconds,
             on_written=self._on_written,
         )
-        opts = client_options(self.kafka)
         self.producer = AIOKafkaProducer(
-            acks="all", enable_idempotence=True, linger_ms=20, max_batch_size=1 << 20, **opts
+            acks="all", enable_idempotence=True, linger_ms=20, max_batch_size=1 << 20, **producer_options(self.kafka)
         )
         await self.producer.start()
         self.publisher = KafkaPublisher(self.kafka, self.producer)
@@ -221,7 +220,7 @@ class CallsConsumer(mode.Service):
             heartbeat_interval_ms=max(1000, int(self.kafka.session_timeout * 1000 / 10)),
             max_poll_interval_ms=600_000,
             isolation_level="read_committed",
-            **opts,
+            **client_options(self.kafka),
         )
         await self.consumer.start()
         self.consumer.subscribe([self.topic], listener=_Rebalance(self))

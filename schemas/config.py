@@ -201,6 +201,10 @@ class KafkaSettings(_Section):
     ssl_check_hostname: bool = True
     client_id: str = "llmpulse"
     consumer_group: str = "llmpulse-worker"
+    compression: Literal["none", "gzip", "snappy", "lz4", "zstd"] = "zstd"
+    """What the pipeline's producers (worker outputs, judge, DLQ re-drive, ``serve --kafka``)
+    compress with; the SDK's ``LLMPULSE_SDK__COMPRESSION`` is its own (same default). zstd needs
+    brokers from Kafka 2.1 on."""
     topics: TopicNames = Field(default_factory=TopicNames)
     partitions: Annotated[int, Field(ge=1, le=10_000)] = 12
     """Partitions of llm.calls when `llmpulse topics create` makes it (scale-out ceiling)."""
