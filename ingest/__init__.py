@@ -24,6 +24,7 @@ if TYPE_CHECKING:
         classify_error,
         prompt_hash,
     )
+    from ingest.usage import anthropic_usage, gemini_usage, openai_usage
 
 _LAZY: dict[str, str] = {
     "Telemetry": "ingest.sdk",
@@ -36,6 +37,9 @@ _LAZY: dict[str, str] = {
     "classify_error": "ingest.sdk",
     "prompt_hash": "ingest.sdk",
     "instrument_openai": "ingest.openai_instrument",
+    "anthropic_usage": "ingest.usage",
+    "gemini_usage": "ingest.usage",
+    "openai_usage": "ingest.usage",
 }
 
 __all__ = [
@@ -44,10 +48,13 @@ __all__ = [
     "Telemetry",
     "TrackedCall",
     "Transport",
+    "anthropic_usage",
     "assign_variant",
     "bucket",
     "classify_error",
+    "gemini_usage",
     "instrument_openai",
+    "openai_usage",
     "prompt_hash",
 ]
 

@@ -28,6 +28,7 @@ import orjson
 import xxhash
 
 from ingest.sdk import Telemetry, TrackedCall, prompt_hash
+from ingest.usage import openai_usage
 from schemas import limits
 
 _ORIGINAL: Final = "__llmpulse_original__"
@@ -180,27 +181,6 @@ def _request_params(kwargs: Mapping[str, Any]) -> dict[str, Any]:
     return params
 
 
-def _usage_fields(usage: Any) -> dict[str, int]:
-    """OpenAI's ``prompt_tokens`` already includes cached reads (and writes), like our ``input_tokens``."""
-    if usage is None:
-        return {}
-    input_tokens = _count(getattr(usage, "prompt_tokens", None))
-    output_tokens = _count(getattr(usage, "completion_tokens", None))
-    details = getattr(usage, "prompt_tokens_details", None)
-    cached = min(_count(getattr(details, "cached_tokens", None)), input_tokens)
-    written = min(_count(getattr(details, "cache_write_tokens", None)), input_tokens - cached)
-    return {
-        "input_tokens": input_tokens,
-        "output_tokens": output_tokens,
-        "cached_input_tokens": cached,
-        "cache_write_tokens": written,
-    }
-
-
-def _count(value: Any) -> int:
-    return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else 0
-
-
 def _name(value: Any) -> str | None:
     return value[: limits.MAX_NAME_CHARS] if isinstance(value, str) and value else None
 
@@ -314,7 +294,7 @@ class _Instrumentation:
         if choices is None:  # a raw/streaming-response wrapper: no parsed body to read
             _attributes(call)["usage_unknown"] = True
             return
-        fields: dict[str, Any] = _usage_fields(getattr(response, "usage", None))
+        fields: dict[str, Any] = openai_usage(getattr(response, "usage", None))
         if not fields:
             _attributes(call)["usage_unknown"] = True
         response_model = _name(getattr(response, "model", None))
@@ -501,7 +481,7 @@ class _StreamObserver:
         self.ended = True
         call = self.call
         try:
-            fields: dict[str, Any] = _usage_fields(self.usage)
+            fields: dict[str, Any] = openai_usage(self.usage)
             if not fields:
                 _attributes(call)["usage_unknown"] = True
             if closed_early:

@@ -9,8 +9,9 @@ cached and cache-write rates, long-context tiers), never re-derived in SQL. Per 
 4. apply them to ``llm_calls`` with one mutation joined on event_id (a Join table);
 5. rebuild the day's minute rollups from raw, since a mutation does not pass through the view.
 
-Client-sent costs (``cost_source = client``) are the client's truth and are left alone. A day
-already repriced is skipped on a rerun, so an interrupted run is simply started again.
+Client-sent costs (``cost_source = client``) are the client's truth and are left alone, and so
+are calls whose usage is unknown (``usage_unknown``): no price makes their zero tokens a cost.
+A day already repriced is skipped on a rerun, so an interrupted run is simply started again.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
-from processors.pricing import COST_CLIENT, COST_COMPUTED, COST_MISSING, CostAttribution
+from processors.pricing import COST_COMPUTED, COST_MISSING, CostAttribution, usage_unknown
 from schemas.prices import PriceTable
 from sinks.clickhouse import Connection
 from sinks.rollups import rebuild
@@ -48,13 +49,15 @@ class RepriceStats:
 
 def _day_rows(conn: Connection, start: float, end: float, version: str) -> list[tuple[object, ...]]:
     return conn.client.query(
-        "SELECT event_id, ts, feature, model, input_tokens, output_tokens, cached_input_tokens, cache_write_tokens, "
-        "cost_usd, price_version FROM llm_calls FINAL WHERE ts >= {s:DateTime64(3)} AND ts < {e:DateTime64(3)} "
-        "AND cost_source != {client:String} AND price_version != {v:String}",
+        "SELECT event_id, ts, feature, model, response_model, status, input_tokens, output_tokens, "
+        "cached_input_tokens, cache_write_tokens, cost_usd, price_version FROM llm_calls FINAL "
+        "WHERE ts >= {s:DateTime64(3)} AND ts < {e:DateTime64(3)} "
+        "AND cost_source IN ({computed:String}, {missing:String}) AND price_version != {v:String}",
         parameters={
             "s": datetime.fromtimestamp(start, UTC),
             "e": datetime.fromtimestamp(end, UTC),
-            "client": COST_CLIENT,
+            "computed": COST_COMPUTED,
+            "missing": COST_MISSING,
             "v": version,
         },
     ).result_rows
@@ -80,9 +83,9 @@ def reprice(
         rows = _day_rows(conn, day, until, version)
         stats.scanned += len(rows)
         changes = []
-        for event_id, ts, feature, model, tin, tout, cached, cache_write, old, old_version in rows:
-            rates = pricing.rates(str(model))
-            if rates is None:
+        for event_id, ts, feature, model, served, status, tin, tout, cached, cache_write, old, old_version in rows:
+            rates = pricing.rates_for(str(model), str(served) or None)
+            if rates is None or usage_unknown(str(status), int(tin)):  # type: ignore[call-overload]
                 stats.still_unpriced += 1
                 continue
             new = rates.cost(int(tin), int(tout), int(cached), int(cache_write))  # type: ignore[call-overload]

@@ -157,6 +157,7 @@ class CallPipeline:
             duplicates=duplicates,
             late=self.windows.late_events - late_before,
             price_missing=costs.missing,
+            usage_unknown=costs.usage_unknown,
             client_cost=costs.client,
             unknown_fields=decoded.unknown_fields,
             sampled=len(samples),

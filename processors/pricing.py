@@ -2,7 +2,15 @@
 
 A client-sent ``cost_usd`` wins (flagged ``client``); otherwise the cost is computed
 (``computed``); a model the table does not know gets NULL and ``price_missing`` — never a
-silent zero, which would make a new model look free on every dashboard.
+silent zero, which would make a new model look free on every dashboard. Nor does a successful
+call that reports no input tokens: every call the provider answered read a prompt, so zero
+means the producer never got the usage (a stream closed early, a client without usage), and
+the call gets NULL with ``usage_unknown`` instead of a $0.00 that looks like a free call.
+
+The model priced is the snapshot that served the call when the table has it by that exact
+name (``response_model``: ``gpt-4o-2024-05-13`` is billed at its own rates, not its alias's),
+else the requested ``model`` with its decorations stripped, else the served one stripped (an
+Azure deployment name such as ``prod-4o`` answered by ``gpt-4o-2024-08-06``).
 """
 
 from __future__ import annotations
@@ -19,9 +27,13 @@ from schemas.wire import WireCall
 COST_COMPUTED = "computed"
 COST_CLIENT = "client"
 COST_MISSING = "missing"
+COST_USAGE_UNKNOWN = "usage_unknown"
 
 _DATE_SUFFIX = re.compile(r"(-\d{4}-\d{2}-\d{2}|-\d{8}|@\d{8}|-latest|-preview(-\d{2}-\d{4}|-\d{2}-\d{2})?)$")
 _VERSION_SUFFIX = re.compile(r"(-v\d+(:\d+)?|:\d+)$")
+_BEDROCK = re.compile(r"^(?:[a-z]{2,6}\.)?anthropic\.")
+"""Bedrock's model ids: ``anthropic.…`` and its inference profiles (``us.``, ``eu.``, ``apac.``,
+``jp.``, ``global.``…)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -48,6 +60,9 @@ class Rates:
         tier = price.long_context
         if tier is None:
             return cls(price.provider, price.input * m, price.output * m, cached * m, write * m, 0, 0, 0, 0, 0)
+        # A tier that lists no cache rate scales the base one by the tier's input markup: the
+        # tier's full input rate for a cached read would charge it ~10x what it costs.
+        markup = tier.input / price.input if price.input else 1.0
         return cls(
             price.provider,
             price.input * m,
@@ -57,8 +72,8 @@ class Rates:
             tier.above_input_tokens,
             tier.input * m,
             tier.output * m,
-            (tier.input if tier.cached_input is None else tier.cached_input) * m,
-            (tier.input if tier.cache_write is None else tier.cache_write) * m,
+            (cached * markup if tier.cached_input is None else tier.cached_input) * m,
+            (write * markup if tier.cache_write is None else tier.cache_write) * m,
         )
 
     @property
@@ -97,12 +112,28 @@ def model_candidates(model: str) -> list[str]:
     if "/" in name:
         name = name.rsplit("/", 1)[1]
         out.append(name)
-    if name.startswith(("anthropic.", "us.anthropic.", "eu.anthropic.")):
+    if _BEDROCK.match(name):
         name = name.split("anthropic.", 1)[1]
         out.append(name)
     bare = _VERSION_SUFFIX.sub("", name)
     bare = _DATE_SUFFIX.sub("", bare)
     out.append(bare)
+    return out
+
+
+def usage_unknown(status: str, input_tokens: int) -> bool:
+    """A call the provider answered read a prompt: an ``ok`` one with no input tokens never got
+    its usage (the module docstring). Failed calls may well have cost nothing."""
+    return status == "ok" and input_tokens == 0
+
+
+def exact_candidates(model: str) -> list[str]:
+    """``model_candidates`` without stripping dates and versions: the name as the table may
+    list it on its own (a snapshot with its own price)."""
+    name = model.strip().lower()
+    out = [model, name]
+    if "/" in name:
+        out.append(name.rsplit("/", 1)[1])
     return out
 
 
@@ -116,6 +147,8 @@ class Costs:
     missing: int
     client: int
     unknown_models: dict[str, int]
+    usage_unknown: int = 0
+    """Successful calls that reported no input tokens: cost NULL, ``cost_source = usage_unknown``."""
 
 
 class CostAttribution:
@@ -145,6 +178,19 @@ class CostAttribution:
             self._resolved[model] = found
         return found
 
+    def rates_for(self, model: str, served: str | None) -> Rates | None:
+        """The rates a call is billed at: the serving snapshot's own entry, else the requested
+        model's (decorations stripped), else the serving snapshot's stripped (module docstring)."""
+        if served:
+            for candidate in exact_candidates(served):
+                found = self._by_name.get(candidate)
+                if found is not None:
+                    return found
+        found = self.rates(model)
+        if found is None and served:
+            found = self.rates(served)
+        return found
+
     def __call__(self, events: list[WireCall]) -> Costs:
         """A batch names a few models: rates are resolved once per distinct (model, provider) and
         the cost is computed per column (``_by_columns``); ``_per_event`` is the same arithmetic,
@@ -157,12 +203,13 @@ class CostAttribution:
         return self._per_event(events)
 
     def _by_columns(self, events: list[WireCall]) -> Costs:
-        raw, combos = _native.combine(events, WireCall, ("model", "provider"))
+        raw, combos = _native.combine(events, WireCall, ("model", "provider", "response_model", "status"))
         gathered = _native.gather(events, WireCall, _PRICE_COLUMNS)
         n = len(events)
         codes = np.frombuffer(raw, dtype=np.int32)
-        rates = [self.rates(model) for model, _ in combos]
+        rates = [self.rates_for(model, served) for model, _, served, _ in combos]
         known = np.array([r is not None for r in rates], dtype=bool)[codes]
+        ok = np.array([status == "ok" for *_, status in combos], dtype=bool)[codes]
         table = np.array([_NO_RATES if r is None else r.vector for r in rates], dtype=np.float64)[codes]
         inp, out, cached, write = (np.frombuffer(c[2], dtype=np.uint32).astype(np.float64) for c in gathered[:4])
         # the order of ``Rates.cost``, operation for operation: the same doubles to the bit
@@ -186,27 +233,34 @@ class CostAttribution:
         source = [COST_COMPUTED] * n
         for i in np.flatnonzero(client).tolist():
             source[i] = COST_CLIENT
+        no_usage = ok & (inp == 0) & known & ~client  # ``usage_unknown``, per column
+        for i in np.flatnonzero(no_usage).tolist():
+            cost_usd[i] = None
+            source[i] = COST_USAGE_UNKNOWN
         unknown: dict[str, int] = {}
         for i in np.flatnonzero(missing).tolist():
             cost_usd[i] = None
             source[i] = COST_MISSING
             model = events[i].model
             unknown[model] = unknown.get(model, 0) + 1
-        for code, ((_, provider), r) in enumerate(zip(combos, rates, strict=True)):
+        for code, ((_, provider, _, _), r) in enumerate(zip(combos, rates, strict=True)):
             if provider is None and r is not None:  # the table knows who serves it
                 for i in np.flatnonzero(codes == code).tolist():
                     events[i].provider = r.provider
-        return Costs(cost_usd, source, missing.tolist(), int(missing.sum()), int(client.sum()), unknown)
+        return Costs(
+            cost_usd, source, missing.tolist(), int(missing.sum()), int(client.sum()), unknown, int(no_usage.sum())
+        )
 
     def _per_event(self, events: list[WireCall]) -> Costs:
         cost_usd: list[float | None] = []
         source: list[str] = []
         missing_flags: list[bool] = []
-        missing = client = 0
+        missing = client = no_usage = 0
         unknown: dict[str, int] = {}
-        rates_of = self.rates
+        resolved: dict[tuple[str, str | None], Rates | None] = {}
         for e in events:
-            rates = rates_of(e.model)
+            pair = (e.model, e.response_model)
+            rates = resolved[pair] if pair in resolved else resolved.setdefault(pair, self.rates_for(*pair))
             if rates is not None and e.provider is None:
                 e.provider = rates.provider
             if e.cost_usd is not None:
@@ -214,6 +268,11 @@ class CostAttribution:
                 source.append(COST_CLIENT)
                 missing_flags.append(False)
                 client += 1
+            elif rates is not None and usage_unknown(e.status, e.input_tokens):
+                cost_usd.append(None)
+                source.append(COST_USAGE_UNKNOWN)
+                missing_flags.append(False)
+                no_usage += 1
             elif rates is not None:
                 cost_usd.append(
                     rates.cost(e.input_tokens, e.output_tokens, e.cached_input_tokens, e.cache_write_tokens)
@@ -226,7 +285,7 @@ class CostAttribution:
                 missing_flags.append(True)
                 missing += 1
                 unknown[e.model] = unknown.get(e.model, 0) + 1
-        return Costs(cost_usd, source, missing_flags, missing, client, unknown)
+        return Costs(cost_usd, source, missing_flags, missing, client, unknown, no_usage)
 
 
 _PRICE_COLUMNS = (

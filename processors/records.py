@@ -105,6 +105,7 @@ class StepCounters:
     duplicates: int = 0
     late: int = 0
     price_missing: int = 0
+    usage_unknown: int = 0
     client_cost: int = 0
     unknown_fields: int = 0
     sampled: int = 0
@@ -117,6 +118,7 @@ class StepCounters:
         self.duplicates += other.duplicates
         self.late += other.late
         self.price_missing += other.price_missing
+        self.usage_unknown += other.usage_unknown
         self.client_cost += other.client_cost
         self.unknown_fields += other.unknown_fields
         self.sampled += other.sampled

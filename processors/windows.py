@@ -439,7 +439,7 @@ class WindowAggregator:
         w = self.window_s
         closed_before = self._closed_before
         open_windows = self._open
-        cost_usd = costs.cost_usd
+        cost_usd, price_missing = costs.cost_usd, costs.price_missing
         last_ws = -1
         accs: dict[tuple[str, ...], WindowPartial] = {}
         late = 0
@@ -482,7 +482,7 @@ class WindowAggregator:
                 p.refusals += 1
             c = cost_usd[i]
             if c is None:
-                p.price_missing += 1
+                p.price_missing += price_missing[i]  # not a call whose usage is unknown: its model has a price
             else:
                 p.cost_usd += c
             p.input_tokens += e.input_tokens

@@ -41,8 +41,8 @@ class CallEvent(BaseModel):
     Token semantics follow the OpenAI usage object and the OTel GenAI conventions:
     ``input_tokens`` counts *all* input tokens, including the ``cached_input_tokens`` read
     from a prompt cache and the ``cache_write_tokens`` written to it. (Anthropic reports
-    cache reads and writes beside ``input_tokens``; add them in before publishing — the
-    SDK's wrappers do.)
+    cache reads and writes beside ``input_tokens``, Gemini thinking tokens beside its output:
+    add them in before publishing; ``ingest.anthropic_usage``/``gemini_usage`` do.)
     """
 
     model_config = ConfigDict(extra="allow", json_schema_extra={"additionalProperties": True})

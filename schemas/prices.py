@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from importlib import resources
 from pathlib import Path
 from typing import Annotated, Any
@@ -24,7 +25,8 @@ class PriceError(ValueError):
 
 
 class LongContextTier(BaseModel):
-    """Rates that apply to the whole call once its input exceeds ``above_input_tokens``."""
+    """Rates that apply to the whole call once its input exceeds ``above_input_tokens``. Missing
+    cache rates are the base ones times the tier's input markup (``processors.pricing.Rates``)."""
 
     model_config = ConfigDict(extra="forbid")
 
@@ -90,11 +92,42 @@ def _per_million(value: Any) -> float | None:
     return round(float(value) * 1_000_000, 9)
 
 
+_LITELLM_TIER = re.compile(r"^input_cost_per_token_above_(\d+)k_tokens$")
+
+
+def _litellm_tier(entry: dict[str, Any]) -> LongContextTier | None:
+    """The first long-context tier an entry lists (``*_above_128k_tokens``, ``_200k``, ``_272k``…).
+
+    A price table holds one tier per model; where LiteLLM lists several, the lowest is the one
+    most long calls cross. A tier without its own output rate keeps the base one. A tier cache
+    write rate counts only where the base has one (LiteLLM's Vertex Gemini lists a tier write
+    rate below the input rate and no base one: writes stay at the input rate in both tiers)."""
+    thresholds = sorted(int(m.group(1)) for key in entry if (m := _LITELLM_TIER.match(key)))
+    for k in thresholds:
+        tier_in = _per_million(entry.get(f"input_cost_per_token_above_{k}k_tokens"))
+        if tier_in is None:
+            continue
+        tier_out = _per_million(entry.get(f"output_cost_per_token_above_{k}k_tokens"))
+        has_write = entry.get("cache_creation_input_token_cost") is not None
+        return LongContextTier(
+            above_input_tokens=k * 1000,
+            input=tier_in,
+            output=tier_out if tier_out is not None else _per_million(entry.get("output_cost_per_token")),
+            cached_input=_per_million(entry.get(f"cache_read_input_token_cost_above_{k}k_tokens")),
+            cache_write=_per_million(entry.get(f"cache_creation_input_token_cost_above_{k}k_tokens"))
+            if has_write
+            else None,
+        )
+    return None
+
+
 def from_litellm(data: dict[str, Any], *, source: str, price_version: str | None = None) -> PriceTable:
     """Convert LiteLLM's ``model_prices_and_context_window.json`` into a price table.
 
-    Only text-generation entries with both input and output rates are kept; the 200k-token
-    tiers LiteLLM lists (``*_above_200k_tokens``) become ``long_context``.
+    Only text-generation entries with both input and output rates are kept; the first
+    long-context tier an entry lists becomes ``long_context`` (``_litellm_tier``). LiteLLM's
+    1-hour cache write rates (``*_above_1hr``) have no place: one ``cache_write_tokens`` count
+    cannot tell the two writes apart.
     """
     models: dict[str, ModelPrice] = {}
     for name, entry in data.items():
@@ -107,17 +140,7 @@ def from_litellm(data: dict[str, Any], *, source: str, price_version: str | None
             out = _per_million(entry.get("output_cost_per_token"))
             if inp is None or out is None:
                 continue
-            tier = None
-            tier_in = _per_million(entry.get("input_cost_per_token_above_200k_tokens"))
-            tier_out = _per_million(entry.get("output_cost_per_token_above_200k_tokens"))
-            if tier_in is not None and tier_out is not None:
-                tier = LongContextTier(
-                    above_input_tokens=200_000,
-                    input=tier_in,
-                    output=tier_out,
-                    cached_input=_per_million(entry.get("cache_read_input_token_cost_above_200k_tokens")),
-                    cache_write=_per_million(entry.get("cache_creation_input_token_cost_above_200k_tokens")),
-                )
+            tier = _litellm_tier(entry)
             models[name] = ModelPrice(
                 provider=str(entry.get("litellm_provider") or "unknown"),
                 input=inp,

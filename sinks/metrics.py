@@ -183,6 +183,9 @@ class PipelineMetrics:
         self.duplicates = Counter("llmpulse_events_duplicate", "Re-sent events dropped by event id", registry=r)
         self.late = Counter("llmpulse_events_late", "Events after their window closed (raw only)", registry=r)
         self.price_missing = Counter("llmpulse_events_price_missing", "Calls of models without a price", registry=r)
+        self.usage_unknown = Counter(
+            "llmpulse_events_usage_unknown", "Successful calls that reported no token usage (cost unknown)", registry=r
+        )
         self.batch_seconds = Histogram(
             "llmpulse_batch_duration_seconds", "Processing time of one batch", registry=r,
             buckets=(0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
@@ -275,6 +278,7 @@ class PipelineMetrics:
         self.duplicates.inc(c.duplicates)
         self.late.inc(c.late)
         self.price_missing.inc(c.price_missing)
+        self.usage_unknown.inc(c.usage_unknown)
 
     def alert(self, rule: str, state: str, severity: str) -> None:
         self.alerts.labels(self._rule(rule), state, severity).inc()

@@ -59,8 +59,8 @@ def test_reprice_to_the_cent_with_history_and_rollups(settings: Any, conn: Any) 
     seed(settings, conn)
     before = costs(conn)
     # built-in gpt-4o: 600 × $2.50 + 400 × $1.25 + 200 × $10 per 1M = $0.0040
-    assert before["g0"] == (0.004, "computed", "builtin-2025.11")
-    assert before["acme"] == (None, "missing", "builtin-2025.11")
+    assert before["g0"] == (0.004, "computed", "builtin-2025.11.2")
+    assert before["acme"] == (None, "missing", "builtin-2025.11.2")
 
     stats = reprice(conn, new_prices(), START, END)
     # new gpt-4o: 600 × $5 + 400 × $2.50 + 200 × $20 per 1M = $0.0080; acme-x: 10k × $1 + 5k × $2 = $0.02
@@ -70,7 +70,7 @@ def test_reprice_to_the_cent_with_history_and_rollups(settings: Any, conn: Any) 
     after = costs(conn)
     assert after["g7"] == (0.008, "computed", "test-2026.12")
     assert after["acme"] == (0.02, "computed", "test-2026.12")
-    assert after["client"] == (0.5, "client", "builtin-2025.11")  # the client's figure is its own
+    assert after["client"] == (0.5, "client", "builtin-2025.11.2")  # the client's figure is its own
     mini = before["mini"][0]
     assert after["mini"] == (mini, "computed", "test-2026.12")  # unchanged price, new version stamp
 
@@ -82,7 +82,7 @@ def test_reprice_to_the_cent_with_history_and_rollups(settings: Any, conn: Any) 
         "SELECT old_price_version, new_price_version, count(), round(sum(ifNull(old_cost_usd, 0)), 6), "
         "round(sum(new_cost_usd), 6) FROM cost_history GROUP BY ALL"
     ).result_rows
-    assert history == [("builtin-2025.11", "test-2026.12", 32, pytest.approx(0.12 + (mini or 0)),
+    assert history == [("builtin-2025.11.2", "test-2026.12", 32, pytest.approx(0.12 + (mini or 0)),
                         pytest.approx(0.26 + (mini or 0)))]  # fmt: skip
 
     again = reprice(conn, new_prices(), START, END)

@@ -5,8 +5,8 @@ from __future__ import annotations
 import msgspec
 import pytest
 
-from processors.pricing import COST_CLIENT, COST_COMPUTED, COST_MISSING, CostAttribution
-from schemas.prices import builtin_price_table
+from processors.pricing import COST_CLIENT, COST_COMPUTED, COST_MISSING, COST_USAGE_UNKNOWN, CostAttribution
+from schemas.prices import LongContextTier, ModelPrice, PriceTable, builtin_price_table
 from schemas.wire import WireCall
 from tests.conftest import payload
 
@@ -86,9 +86,68 @@ def test_unknown_model_is_null_and_counted_never_zero(price: CostAttribution) ->
     assert costs.unknown_models == {"acme-llm-1": 2}
 
 
+def test_a_successful_call_without_usage_is_null_never_a_free_call(price: CostAttribution) -> None:
+    """A stream closed early or a client that never read usage records 0 tokens; the provider
+    billed the prompt all the same. A failed call with no tokens may well have cost nothing."""
+    costs = price([
+        ev(model="gpt-4o", input_tokens=0, output_tokens=0),
+        ev(model="gpt-4o", input_tokens=0, output_tokens=0, status="error"),
+        ev(model="gpt-4o", input_tokens=0, output_tokens=0, cost_usd=0.012),
+        ev(model="acme-llm-1", input_tokens=0, output_tokens=0),
+    ])  # fmt: skip
+    assert costs.cost_usd == [None, 0.0, 0.012, None]
+    assert costs.cost_source == [COST_USAGE_UNKNOWN, COST_COMPUTED, COST_CLIENT, COST_MISSING]
+    assert costs.price_missing == [False, False, False, True]  # its model has a price
+    assert (costs.usage_unknown, costs.missing) == (1, 1)
+
+
+def test_the_snapshot_that_served_the_call_is_billed_when_the_table_has_it(price: CostAttribution) -> None:
+    """1M input + 1M output tokens. gpt-4o-2024-05-13 and chatgpt-4o-latest list at $5 / $15 per
+    1M, the gpt-4o alias at $2.50 / $10: 20.00 against 12.50. An Azure deployment name is no
+    model at all: the snapshot that answered prices it."""
+    one_m = {"input_tokens": 1_000_000, "output_tokens": 1_000_000}
+    costs = price([
+        ev(model="gpt-4o", response_model="gpt-4o-2024-05-13", **one_m),
+        ev(model="chatgpt-4o-latest", **one_m),
+        ev(model="gpt-4o", response_model="gpt-4o-2024-08-06", **one_m),  # no entry of its own: the alias's
+        ev(model="prod-4o", response_model="gpt-4o-2024-08-06", provider="azure", **one_m),
+        ev(model="prod-4o", response_model="acme-2", **one_m),
+    ])  # fmt: skip
+    assert costs.cost_usd[:4] == [pytest.approx(20.0), pytest.approx(20.0), pytest.approx(12.5), pytest.approx(12.5)]
+    assert costs.cost_usd[4] is None and costs.unknown_models == {"prod-4o": 1}
+
+
+def test_gemini_cached_reads_at_the_implicit_caching_rates(price: CostAttribution) -> None:
+    # gemini-2.5-pro, 150k prompt of which 140k cached, 2k out: 10k × 1.25 + 140k × 0.125 + 2k × 10 per 1M
+    # = 0.0125 + 0.0175 + 0.02 = 0.05; above 200k (300k, 250k cached): 50k × 2.5 + 250k × 0.25 + 2k × 15
+    # = 0.125 + 0.0625 + 0.03 = 0.2175; gemini-2.5-flash 100k (80k cached), 500 out: 0.006 + 0.0024 + 0.00125
+    costs = price([
+        ev(model="gemini-2.5-pro", input_tokens=150_000, cached_input_tokens=140_000, output_tokens=2_000),
+        ev(model="gemini-2.5-pro", input_tokens=300_000, cached_input_tokens=250_000, output_tokens=2_000),
+        ev(model="gemini-2.5-flash", input_tokens=100_000, cached_input_tokens=80_000, output_tokens=500),
+    ])  # fmt: skip
+    assert costs.cost_usd == [pytest.approx(0.05), pytest.approx(0.2175), pytest.approx(0.00965)]
+
+
+def test_a_tier_without_cache_rates_scales_the_base_ones() -> None:
+    """A LiteLLM tier often lists input and output only. Its cached reads cost the base cached rate
+    times the tier's input markup (2x here), not the tier's full input rate."""
+    table = PriceTable(price_version="t", models={"m": ModelPrice(
+        provider="p", input=1.0, cached_input=0.1, cache_write=1.25, output=4.0,
+        long_context=LongContextTier(above_input_tokens=100_000, input=2.0, output=6.0),
+    )})  # fmt: skip
+    # 300k input: 200k cached × 0.2 + 40k written × 2.5 + 60k × 2.0 + 1k out × 6.0 per 1M
+    costs = CostAttribution(table)([
+        ev(model="m", input_tokens=300_000, cached_input_tokens=200_000, cache_write_tokens=40_000, output_tokens=1_000)
+    ])  # fmt: skip
+    assert costs.cost_usd[0] == pytest.approx(0.04 + 0.1 + 0.12 + 0.006)
+
+
 @pytest.mark.parametrize(
     ("name", "canonical"),
     [
+        ("global.anthropic.claude-sonnet-4-5-20250929-v1:0", "claude-sonnet-4-5"),
+        ("apac.anthropic.claude-haiku-4-5-20251001-v1:0", "claude-haiku-4-5"),
         ("gpt-4o-2024-08-06", "gpt-4o"),
         ("openai/gpt-4o-mini", "gpt-4o-mini"),
         ("claude-sonnet-4-5-20250929", "claude-sonnet-4-5"),
@@ -137,6 +196,10 @@ def test_a_mixed_batch_costs_the_same_on_both_paths(monkeypatch: pytest.MonkeyPa
                 kw["cost_usd"] = round(rng.random(), 6)
             if rng.random() < 0.3:
                 kw["provider"] = "azure"
+            if rng.random() < 0.3:
+                kw["response_model"] = rng.choice(["gpt-4o-2024-05-13", "gpt-4o-2024-08-06", "acme-2"])
+            if rng.random() < 0.2:
+                kw["status"] = "error"
             out.append(ev(**kw))
         return out
 
@@ -149,10 +212,13 @@ def test_a_mixed_batch_costs_the_same_on_both_paths(monkeypatch: pytest.MonkeyPa
     assert by_columns.cost_usd == expected.cost_usd  # exact doubles, None where missing
     assert by_columns.cost_source == expected.cost_source
     assert by_columns.price_missing == expected.price_missing
-    assert (by_columns.missing, by_columns.client) == (expected.missing, expected.client)
+    assert (by_columns.missing, by_columns.client, by_columns.usage_unknown) == (
+        expected.missing, expected.client, expected.usage_unknown
+    )  # fmt: skip
+    assert expected.usage_unknown > 0
     assert by_columns.unknown_models == expected.unknown_models
     assert [e.provider for e in events] == [e.provider for e in reference]
-    assert {COST_CLIENT, COST_COMPUTED, COST_MISSING} == set(expected.cost_source)
+    assert {COST_CLIENT, COST_COMPUTED, COST_MISSING, COST_USAGE_UNKNOWN} == set(expected.cost_source)
     assert any(e.input_tokens > 200_000 and e.model.startswith("claude") for e in events)
 
 

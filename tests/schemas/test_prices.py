@@ -3,6 +3,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import msgspec
 import pytest
 
 from schemas.prices import PriceError, builtin_price_table, from_litellm, load_price_table, merge_tables
@@ -42,6 +43,41 @@ def test_litellm_import_converts_per_token_to_per_million() -> None:
     assert table.models["gpt-4o"].cache_write is None  # falls back to the input rate, never 0
     assert table.price_version.startswith("litellm-")
     assert from_litellm(LITELLM_SAMPLE, source="x").price_version == table.price_version  # content hash
+
+
+def test_litellm_tiers_at_any_threshold_with_what_they_leave_out_filled_in() -> None:
+    """LiteLLM lists tiers above 128k, 200k, 256k, 272k tokens; only 200k was read, so a 300k-token
+    call of a 272k-tier model was billed at the base rates, half its cost."""
+    from processors.pricing import CostAttribution
+    from schemas.wire import WireCall
+    from tests.conftest import payload
+
+    entries = {
+        "big-272k": {  # per 1M: 2.5 / 15 below, 5 / 22.5 above 272k
+            "litellm_provider": "openai", "mode": "chat",
+            "input_cost_per_token": 2.5e-06, "output_cost_per_token": 1.5e-05, "cache_read_input_token_cost": 2.5e-07,
+            "input_cost_per_token_above_272k_tokens": 5e-06, "output_cost_per_token_above_272k_tokens": 2.25e-05,
+        },
+        "two-tiers": {  # the lower tier is kept; no tier output rate: the base one
+            "litellm_provider": "x", "mode": "chat", "input_cost_per_token": 1e-06, "output_cost_per_token": 2e-06,
+            "input_cost_per_token_above_256k_tokens": 3e-06, "input_cost_per_token_above_128k_tokens": 2e-06,
+        },
+        "vertex-gemini": {  # a tier write rate and no base one: writes stay at the input rates
+            "litellm_provider": "vertex_ai", "mode": "chat",
+            "input_cost_per_token": 1.25e-06, "output_cost_per_token": 1e-05,
+            "input_cost_per_token_above_200k_tokens": 2.5e-06, "output_cost_per_token_above_200k_tokens": 1.5e-05,
+            "cache_creation_input_token_cost_above_200k_tokens": 2.5e-07,
+        },
+    }  # fmt: skip
+    table = from_litellm(entries, source="tiers.json")
+    big, two, vertex = (table.models[k].long_context for k in ("big-272k", "two-tiers", "vertex-gemini"))
+    assert big is not None and (big.above_input_tokens, big.input, big.output) == (272_000, 5.0, 22.5)
+    assert two is not None and (two.above_input_tokens, two.input, two.output) == (128_000, 2.0, 2.0)
+    assert vertex is not None and vertex.cache_write is None
+    decode = msgspec.json.Decoder(WireCall).decode
+    call = decode(payload(model="big-272k", input_tokens=300_000, output_tokens=1_000))
+    # 300k × 5 + 1k × 22.5 per 1M = 1.5 + 0.0225
+    assert CostAttribution(table)([call]).cost_usd == [pytest.approx(1.5225)]
 
 
 def test_litellm_import_errors_name_the_entry() -> None:
