@@ -82,6 +82,10 @@ def parse_selector(text: str) -> dict[str, str]:
     return out
 
 
+UNPRICED_TOLERANCE = 0.01
+"""Share of a side's calls that may lack a cost (unknown model or usage) for the cost check to decide."""
+
+
 @dataclass
 class Side:
     label: str
@@ -96,6 +100,8 @@ class Side:
     quality_n: int
     quality_ci: float | None
     """Half-width of the 95% confidence interval of the mean judge score."""
+    unpriced: int = 0
+    """Calls without a cost (unknown model or usage): ``cost_per_call`` is over the others."""
 
 
 def _bound(selector: dict[str, str], start: float, end: float, tenant: str) -> dict[str, Any]:
@@ -130,7 +136,8 @@ def measure(conn: Connection, selector: dict[str, str], start: float, end: float
         return None if v is None or (isinstance(v, float) and math.isnan(v)) or not calls else float(v)
 
     return Side(label, calls, num("tokens_per_call"), num("output_tokens_per_call"), num("cost_per_call"),
-                num("latency_p95_ms"), num("refusal_rate"), num("error_rate"), quality, n, ci)  # fmt: skip
+                num("latency_p95_ms"), num("refusal_rate"), num("error_rate"), quality, n, ci,
+                int(calls_row["unpriced"] or 0))  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -192,18 +199,30 @@ def evaluate(baseline: Side, candidate: Side, p: Policy) -> GateResult:
     r.checks.append(Check("calls (sample size)", f"{baseline.calls:,}", f"{candidate.calls:,}", "",
                           f">= {p.min_calls:,} each", "pass" if enough else "no data"))  # fmt: skip
 
-    def relative(name: str, b: float | None, c: float | None, limit: float | None, unit: str = "") -> None:
+    def relative(name: str, b: float | None, c: float | None, limit: float | None, unit: str = "",
+                 trusted: bool = True) -> Check:  # fmt: skip
         change = _rel(b, c)
-        if limit is None:  # nothing asked of it: a baseline of 0 (an unpriced model's cost) cannot stall the gate
+        if limit is None:  # nothing asked of it: a baseline of 0 cannot stall the gate
             verdict = shown = NO_LIMIT
         else:
-            verdict = "no data" if change is None or not enough else ("pass" if change <= limit else "FAIL")
+            verdict = (
+                "no data" if change is None or not enough or not trusted else ("pass" if change <= limit else "FAIL")
+            )
             shown = f"<= {limit:+.0%}"
-        r.checks.append(Check(name, _fmt(b, unit), _fmt(c, unit), f"{change:+.1%}" if change is not None else "—",
-                              shown, verdict))  # fmt: skip
+        check = Check(name, _fmt(b, unit), _fmt(c, unit), f"{change:+.1%}" if change is not None else "—", shown,
+                      verdict)  # fmt: skip
+        r.checks.append(check)
+        return check
 
     relative("tokens per call", baseline.tokens_per_call, candidate.tokens_per_call, p.max_token_increase)
-    relative("cost per call", baseline.cost_per_call, candidate.cost_per_call, p.max_cost_increase, "$")
+    # A side with calls of unknown cost compares only if they are a sliver of it: counted as $0, an
+    # unpriced model passed any cost limit (-100%); left out, they may be where the cost went.
+    trusted = all(s.unpriced <= UNPRICED_TOLERANCE * s.calls for s in (baseline, candidate))
+    cost = relative("cost per call", baseline.cost_per_call, candidate.cost_per_call, p.max_cost_increase, "$",
+                    trusted)  # fmt: skip
+    for side, attr in ((baseline, "baseline"), (candidate, "candidate")):
+        if side.unpriced:
+            setattr(cost, attr, f"{getattr(cost, attr)} ({side.unpriced:,} without a cost)")
     relative("p95 latency (ms)", baseline.latency_p95_ms, candidate.latency_p95_ms, p.max_p95_increase)
     if p.max_p95_ms is not None:
         v = candidate.latency_p95_ms

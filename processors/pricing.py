@@ -6,6 +6,8 @@ silent zero, which would make a new model look free on every dashboard. Nor does
 call that reports no input tokens: every call the provider answered read a prompt, so zero
 means the producer never got the usage (a stream closed early, a client without usage), and
 the call gets NULL with ``usage_unknown`` instead of a $0.00 that looks like a free call.
+``price_missing`` marks both (no cost: the rollups count them, so a per-call cost is taken
+over priced calls only); ``cost_source`` says which.
 
 The model priced is the snapshot that served the call when the table has it by that exact
 name (``response_model``: ``gpt-4o-2024-05-13`` is billed at its own rates, not its alias's),
@@ -148,7 +150,8 @@ class Costs:
     client: int
     unknown_models: dict[str, int]
     usage_unknown: int = 0
-    """Successful calls that reported no input tokens: cost NULL, ``cost_source = usage_unknown``."""
+    """Successful calls that reported no input tokens: cost NULL, ``cost_source = usage_unknown``,
+    ``price_missing`` (``missing`` counts the unknown models alone)."""
 
 
 class CostAttribution:
@@ -229,11 +232,11 @@ class CostAttribution:
                 client = np.unpackbits(np.frombuffer(client_valid, dtype=np.uint8), bitorder="little")[:n].astype(bool)
             cost = np.where(client, np.frombuffer(client_values, dtype=np.float64), cost)
         missing = ~known & ~client
+        no_usage = ok & (inp == 0) & known & ~client  # ``usage_unknown``, per column
         cost_usd: list[float | None] = cost.tolist()
         source = [COST_COMPUTED] * n
         for i in np.flatnonzero(client).tolist():
             source[i] = COST_CLIENT
-        no_usage = ok & (inp == 0) & known & ~client  # ``usage_unknown``, per column
         for i in np.flatnonzero(no_usage).tolist():
             cost_usd[i] = None
             source[i] = COST_USAGE_UNKNOWN
@@ -247,9 +250,8 @@ class CostAttribution:
             if provider is None and r is not None:  # the table knows who serves it
                 for i in np.flatnonzero(codes == code).tolist():
                     events[i].provider = r.provider
-        return Costs(
-            cost_usd, source, missing.tolist(), int(missing.sum()), int(client.sum()), unknown, int(no_usage.sum())
-        )
+        unpriced = (missing | no_usage).tolist()
+        return Costs(cost_usd, source, unpriced, int(missing.sum()), int(client.sum()), unknown, int(no_usage.sum()))
 
     def _per_event(self, events: list[WireCall]) -> Costs:
         cost_usd: list[float | None] = []
@@ -271,7 +273,7 @@ class CostAttribution:
             elif rates is not None and usage_unknown(e.status, e.input_tokens):
                 cost_usd.append(None)
                 source.append(COST_USAGE_UNKNOWN)
-                missing_flags.append(False)
+                missing_flags.append(True)
                 no_usage += 1
             elif rates is not None:
                 cost_usd.append(

@@ -307,7 +307,8 @@ def _q(sketch: str, q: float) -> Callable[[WindowPartial], float | None]:
 METRIC_FNS: dict[str, Callable[[WindowPartial], float | None]] = {
     "calls": lambda p: float(p.calls),
     "cost_usd": lambda p: p.cost_usd,
-    "cost_per_call_usd": lambda p: rate_f(p.cost_usd, p.calls),
+    # over the calls with a cost: an unpriced one counted as $0 makes a release without a price look cheap
+    "cost_per_call_usd": lambda p: rate_f(p.cost_usd, p.calls - p.price_missing),
     "error_rate": lambda p: rate_f(p.errors, p.calls),
     "timeout_rate": lambda p: rate_f(p.timeouts, p.calls),
     "rate_limited_rate": lambda p: rate_f(p.rate_limited, p.calls),
@@ -439,7 +440,7 @@ class WindowAggregator:
         w = self.window_s
         closed_before = self._closed_before
         open_windows = self._open
-        cost_usd, price_missing = costs.cost_usd, costs.price_missing
+        cost_usd = costs.cost_usd
         last_ws = -1
         accs: dict[tuple[str, ...], WindowPartial] = {}
         late = 0
@@ -481,8 +482,8 @@ class WindowAggregator:
             if e.refusal:
                 p.refusals += 1
             c = cost_usd[i]
-            if c is None:
-                p.price_missing += price_missing[i]  # not a call whose usage is unknown: its model has a price
+            if c is None:  # ``price_missing``: an unknown model, or a call whose usage is unknown
+                p.price_missing += 1
             else:
                 p.cost_usd += c
             p.input_tokens += e.input_tokens

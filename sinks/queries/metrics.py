@@ -24,7 +24,9 @@ def _ratio(num: str, den: str) -> str:
 METRIC_SQL: dict[str, str] = {
     "calls": "sum(r.calls)",
     "cost_usd": "sum(r.cost_usd)",
-    "cost_per_call_usd": _ratio("cost_usd", "calls"),
+    "cost_per_call_usd": (  # over the calls with a cost, as the stream's (processors.windows)
+        "if(sum(r.calls) > sum(r.price_missing), sum(r.cost_usd) / (sum(r.calls) - sum(r.price_missing)), NULL)"
+    ),
     "error_rate": _ratio("errors", "calls"),
     "timeout_rate": _ratio("timeouts", "calls"),
     "rate_limited_rate": _ratio("rate_limited", "calls"),

@@ -1,5 +1,6 @@
 -- Per feature and release: volume, tokens, cost per call, p95 latency, refusal rate, judge score
--- and thumbs-down rate. Per-call averages, so a canary compares with its control.
+-- and thumbs-down rate. Per-call averages, so a canary compares with its control; cost per call over
+-- the calls with a cost (NULL when none has one: an unpriced model is not a free one).
 SELECT c.feature AS feature, c.release_id AS release_id, c.prompt_version AS prompt_version,
        c.variant AS variant, c.model AS model, c.calls AS calls,
        round(c.tokens_per_call, 1) AS tokens_per_call, round(c.cost_per_call, 6) AS cost_per_call_usd,
@@ -10,7 +11,8 @@ FROM (
     SELECT r.feature AS feature, r.release_id AS release_id, any(r.prompt_version) AS prompt_version,
            any(r.variant) AS variant, any(r.model) AS model, sum(r.calls) AS calls,
            sum(r.input_tokens + r.output_tokens) / sum(r.calls) AS tokens_per_call,
-           sum(r.cost_usd) / sum(r.calls) AS cost_per_call,
+           if(sum(r.calls) > sum(r.price_missing), sum(r.cost_usd) / (sum(r.calls) - sum(r.price_missing)), NULL)
+               AS cost_per_call,
            quantilesTDigestMerge(0.5, 0.9, 0.95, 0.99)(r.latency_ms_q)[3] AS p95,
            sum(r.refusals) / sum(r.calls) AS refusal_rate
     FROM llm_calls_1m AS r

@@ -6,6 +6,7 @@ import json
 import subprocess
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -107,6 +108,23 @@ def test_a_check_without_a_limit_never_makes_the_gate_inconclusive() -> None:
     assert not limited.conclusive
 
 
+def test_a_cost_limit_is_not_passed_by_calls_without_a_cost() -> None:
+    """Counted as $0, a candidate on a model missing from the price table read -100% and passed any
+    cost limit. Its calls without a cost now leave the check undecided, unless they are a sliver."""
+    baseline = _side("b", 0.005, 600.0)
+    unpriced = replace(_side("c", None, 600.0), unpriced=100)
+    result = evaluate(baseline, unpriced, Policy(max_cost_increase=0.1))
+    cost = {c.metric: c for c in result.checks}["cost per call"]
+    assert (cost.candidate, cost.verdict) == ("— (100 without a cost)", "no data")
+    assert not result.conclusive
+    mostly = replace(_side("c", 0.0052, 600.0), unpriced=30)  # 30 of 100 calls: where the cost may have gone
+    assert {c.metric: c.verdict for c in evaluate(baseline, mostly, Policy(max_cost_increase=0.1)).checks}[
+        "cost per call"] == "no data"  # fmt: skip
+    sliver = replace(_side("c", 0.0052, 600.0), unpriced=1)  # 1%: the priced 99 decide
+    checks = {c.metric: c for c in evaluate(baseline, sliver, Policy(max_cost_increase=0.1)).checks}
+    assert (checks["cost per call"].change, checks["cost per call"].verdict) == ("+4.0%", "pass")
+
+
 def _teams_and_tenants(settings: Any, conn: Any) -> None:
     """20 canary calls of one feature, call i judged i/20: teams a (i < 10) and b, providers openai
     (even i) and azure, tenants t1 (i < 5 or i >= 15) and t2."""
@@ -181,7 +199,8 @@ def test_gate_cli_until_ends_the_period_and_an_unpriced_model_is_conclusive(tmp_
     assert hour_one.returncode == 0, hour_one.stdout
     assert (out["baseline"]["calls"], out["candidate"]["calls"]) == (60, 60)
     assert (out["baseline"]["tokens_per_call"], out["candidate"]["tokens_per_call"]) == (600.0, 600.0)
-    assert out["conclusive"] is True and out["baseline"]["cost_per_call"] == 0.0
+    assert out["conclusive"] is True and out["baseline"]["cost_per_call"] is None  # unknown, not $0
+    assert (out["baseline"]["unpriced"], out["candidate"]["unpriced"]) == (60, 60)
     both = subprocess.run(args, capture_output=True, text=True, env=ENV, check=False)
     out = json.loads(both.stdout)
     assert both.returncode == 1  # 750 tokens per call against 600: +25%

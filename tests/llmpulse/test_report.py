@@ -279,6 +279,7 @@ def test_eval_feedback_and_drift(built: WeeklyReport, conn: Any) -> None:
     # p95 within the stated tolerance, judge score as eval_by_release
     rel = {(x["feature"], x["release_id"]): x for x in rows(conn, f"""
         SELECT feature, release_id, count() AS n, sum(ifNull(cost_usd, 0)) AS cost, countIf(refusal) AS refusals,
+               countIf(NOT price_missing) AS priced,
                {_exact_quantiles("latency_ms")}
         FROM llm_calls FINAL WHERE ts >= {{s:DateTime64(3)}} AND ts < {{e:DateTime64(3)}}
         GROUP BY feature, release_id""")}  # fmt: skip
@@ -289,7 +290,9 @@ def test_eval_feedback_and_drift(built: WeeklyReport, conn: Any) -> None:
     for r in ql["releases"]:
         k = (r["feature"], r["release_id"])
         x = rel[k]
-        assert r["cost_per_call_usd"] == pytest.approx(round(x["cost"] / x["n"], 6), abs=1.01e-6), k
+        # over the calls with a cost: an unpriced call is not a free one
+        expected = round(x["cost"] / x["priced"], 6) if x["priced"] else None
+        assert r["cost_per_call_usd"] == (pytest.approx(expected, abs=1.01e-6) if expected is not None else None), k
         assert r["refusal_rate"] == round(x["refusals"] / x["n"], 4), k
         assert _within(r["latency_p95_ms"], x, "p95"), (k, r["latency_p95_ms"], x)
         f = fb.get(k)

@@ -97,8 +97,8 @@ def test_a_successful_call_without_usage_is_null_never_a_free_call(price: CostAt
     ])  # fmt: skip
     assert costs.cost_usd == [None, 0.0, 0.012, None]
     assert costs.cost_source == [COST_USAGE_UNKNOWN, COST_COMPUTED, COST_CLIENT, COST_MISSING]
-    assert costs.price_missing == [False, False, False, True]  # its model has a price
-    assert (costs.usage_unknown, costs.missing) == (1, 1)
+    assert costs.price_missing == [True, False, False, True]  # no cost, for either reason
+    assert (costs.usage_unknown, costs.missing) == (1, 1)  # ``missing``: unknown models alone
 
 
 def test_the_snapshot_that_served_the_call_is_billed_when_the_table_has_it(price: CostAttribution) -> None:

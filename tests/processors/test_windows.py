@@ -65,7 +65,7 @@ def test_aggregates_are_exact() -> None:
         (T0 + 3, {"status": "timeout", "latency_ms": 30_000.0, "output_tokens": 0}),
         (T0 + 4, {"refusal": True, "latency_ms": 200.0, "ttft_ms": 60.0, "schema_valid": False}),
         (T0 + 5, {"model": "acme-llm-1", "latency_ms": 50.0, "tool_calls": ["search"], "schema_valid": True}),
-        (T0 + 6, {"input_tokens": 0, "output_tokens": 0, "latency_ms": 70.0}),  # usage unknown: no cost, priced model
+        (T0 + 6, {"input_tokens": 0, "output_tokens": 0, "latency_ms": 70.0}),  # usage unknown: no cost either
     ]
     evs, ts = events(specs)
     costs = PRICE(evs)
@@ -74,7 +74,7 @@ def test_aggregates_are_exact() -> None:
     merged = project(parts, ("feature",))
     p = merged[(int(T0), "support-chat")]
     assert costs.cost_usd[5] is None and costs.usage_unknown == 1
-    assert (p.calls, p.errors, p.timeouts, p.refusals, p.price_missing) == (6, 2, 1, 1, 1)
+    assert (p.calls, p.errors, p.timeouts, p.refusals, p.price_missing) == (6, 2, 1, 1, 2)
     assert p.cost_usd == pytest.approx(sum(c for c in costs.cost_usd if c is not None))
     assert (p.schema_checked, p.schema_valid, p.tool_call_calls) == (2, 1, 1)
     m = p.metrics()
