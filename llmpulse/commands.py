@@ -5,7 +5,10 @@ from __future__ import annotations
 import functools
 import json
 import logging
+import re
+import shlex
 import sys
+import urllib.parse
 from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
@@ -30,9 +33,11 @@ from llmpulse import console
 from llmpulse.client import QueryFailed, RemoteError
 from llmpulse.logs import quiet_repeats
 from schemas.config import ConfigError, Settings, load_settings
+from schemas.durations import parse_duration
 from schemas.judge import RubricError
 from schemas.prices import PriceError
-from sinks.clickhouse import SinkError
+from schemas.rules import RulesError
+from sinks.clickhouse import SinkError, chdb_path
 from sinks.lock import DataDirBusy
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -52,6 +57,30 @@ KAFKA_REFUSED = (
 )
 """Kafka failures a user can act on (with ``UnknownTopicOrPartitionError``); any other Kafka error
 is a bug and keeps its traceback."""
+
+
+DRIVER_CHATTER = ("urllib3.connectionpool", "clickhouse_connect.driver")
+"""Loggers that narrate their own retries as warnings: an unreachable ClickHouse server printed two
+lines of pool internals above the one error that says what to do. ``-v`` shows them again; the
+sink's retries log what they do themselves."""
+
+
+class DurationType(click.ParamType):
+    """A duration option (``30m``, ``24h``, ``7d``) checked while click parses the command line, so a
+    typo is a usage error naming the option instead of a traceback from deep in the command. The
+    value stays the text typed: the commands echo it back ("no dead letters in the last 7d")."""
+
+    name = "duration"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> str:
+        try:
+            parse_duration(value)
+        except ValueError as exc:
+            self.fail(str(exc), param, ctx)
+        return str(value)
+
+
+DURATION = DurationType()
 
 
 def _data_options(fn: F) -> F:
@@ -103,6 +132,52 @@ def _settings(config_path: Path | None, data_dir: Path | None, clickhouse_url: s
     return load_settings(config_path, {"data_dir": data_dir, "clickhouse": {"url": clickhouse_url}})
 
 
+def _reading_settings(
+    config_path: Path | None, data_dir: Path | None, clickhouse_url: str | None, server_url: str | None = None
+) -> Settings:
+    """Settings for a command that only reads. Opening embedded chDB creates the data directory, so a
+    mistyped --data-dir used to answer every query from a new, empty database ("0 calls") and leave
+    the directory behind: here it is an error naming the path and how data gets there."""
+    settings = _settings(config_path, data_dir, clickhouse_url)
+    _require_readable(settings, server_url)
+    return settings
+
+
+def _require_readable(settings: Settings, server_url: str | None) -> None:
+    """Only embedded chDB read locally can be missing: a server (--server, --clickhouse-url) answers itself."""
+    if server_url is None and settings.clickhouse.url is None:
+        _require_data(settings.data_dir)
+
+
+def _require_data(data_dir: Path) -> None:
+    """A directory without chDB data is still fine while a process holds it (a demo just starting)."""
+    from sinks.lock import read_holder
+
+    if data_dir.is_dir() and (chdb_path(data_dir).is_dir() or read_holder(data_dir) is not None):
+        return
+    what = "does not exist" if not data_dir.exists() else "holds no llmpulse data"
+    flag = f"--data-dir {shlex.quote(str(data_dir))}"
+    console.error(f"data directory {data_dir} {what}",
+                  f"Check --data-dir (config data_dir, env LLMPULSE_DATA_DIR). To put data there: `llmpulse demo "
+                  f"{flag}` (sample traffic) or `llmpulse replay FILE {flag}`; a ClickHouse server is read with "
+                  "--clickhouse-url.")  # fmt: skip
+    raise SystemExit(2)
+
+
+def _busy_message(exc: DataDirBusy) -> str:
+    """A server holding the directory makes DataDirBusy suggest ``--server URL``, which only the commands
+    that read have (`reconcile --server` was "No such option"): the others need the directory itself,
+    so for them the advice is the one for any other holder."""
+    ctx = click.get_current_context(silent=True)
+    reads = ctx is not None and any(p.name == "server_url" for p in ctx.command.params)
+    server = exc.holder.get("server_url")
+    if reads or not server:
+        return str(exc)
+    name = f"`llmpulse {ctx.command_path.split(' ', 1)[-1]}`" if ctx is not None else "This command"
+    plain = DataDirBusy(exc.data_dir, {**exc.holder, "server_url": None})
+    return f"{plain} (It serves queries at {server}, but {name} cannot run through it.)"
+
+
 def _friendly_errors(fn: F) -> F:
     """Known failures print one readable message (and exit 2), never a traceback."""
 
@@ -113,9 +188,12 @@ def _friendly_errors(fn: F) -> F:
         except ConfigError as exc:
             console.error(str(exc), "Fix the value named above; `llmpulse.yaml` in the repository lists every key.")
         except DataDirBusy as exc:
-            console.error(str(exc))
+            console.error(_busy_message(exc))
         except (PriceError, RubricError) as exc:
             console.error(str(exc))
+        except RulesError as exc:
+            console.error(str(exc), "Fix that rules file (`llmpulse rules check FILE` checks one) or point "
+                          "alerting.rules_path at another; unset, the built-in rules apply.")  # fmt: skip
         except SinkError as exc:
             console.error(str(exc), "Is ClickHouse reachable? Check clickhouse.url and credentials.")
         except (RemoteError, QueryFailed) as exc:
@@ -148,6 +226,9 @@ def cli(verbose: bool) -> None:
         stream=sys.stderr,
     )
     quiet_repeats()
+    if not verbose:
+        for name in DRIVER_CHATTER:
+            logging.getLogger(name).setLevel(logging.ERROR)
 
 
 @cli.command()
@@ -174,6 +255,11 @@ def demo(
 
     settings = _settings(config_path, data_dir, clickhouse_url)
     scenario = Scenario(events=events, days=days, seed=seed)
+    try:
+        _refuse_foreign_data(settings)
+    except DemoRefused as exc:
+        console.error(str(exc))
+        raise SystemExit(2) from None
     progress = Progress(
         TextColumn("[bold]pipeline[/]"),
         BarColumn(),
@@ -195,6 +281,50 @@ def demo(
         sys.stdout.write(json.dumps(result.summary, default=str) + "\n")
         return
     _render_demo(result.summary, settings)
+
+
+_NOT_DEMO_REQUEST = "request_id NOT IN (SELECT request_id FROM {db}.llm_calls WHERE source = 'demo')"
+_NOT_DEMO_EVENT = "event_id NOT IN (SELECT event_id FROM {db}.llm_calls WHERE source = 'demo')"
+FOREIGN_ROWS = {
+    "llm_calls": ("calls", "source != 'demo'"),
+    "dlq": ("dead letters", "source != 'demo'"),
+    "feedback": ("feedback rows", _NOT_DEMO_REQUEST),
+    "judge_samples": ("judge samples", _NOT_DEMO_EVENT),
+    "judge_scores": ("judge verdicts", _NOT_DEMO_REQUEST),
+    "cost_history": ("repricing records", _NOT_DEMO_EVENT),
+}  # fmt: skip
+"""Per table the demo's DROP DATABASE would take: rows that are not the demo's own (by source, or by
+the demo call they belong to). The other tables are derived from these (rollups, alerts) or are
+llmpulse's bookkeeping."""
+
+
+def _refuse_foreign_data(settings: Settings) -> None:
+    """The demo replaces its database, and checked only llm_calls before dropping it: a replayed file of
+    feedback (and its dead letters) went without a word. Every table with rows of its own is checked."""
+    from llmpulse.demo import DemoRefused
+    from sinks.clickhouse import connect
+
+    if settings.clickhouse.url is None and not chdb_path(settings.data_dir).is_dir():
+        return  # nothing stored yet: no need to create the directory here
+    conn = connect(settings.clickhouse, settings.data_dir, purpose="llmpulse demo")
+    try:
+        db = settings.clickhouse.database
+        present = {r[0] for r in conn.client.query("SELECT name FROM system.tables WHERE database = {db:String}",
+                                                   parameters={"db": db}).result_rows}  # fmt: skip
+        found = []
+        for table, (what, foreign) in FOREIGN_ROWS.items():
+            if table in present and (table == "llm_calls" or "llm_calls" in present):
+                n = conn.client.command(f"SELECT count() FROM {db}.{table} WHERE {foreign.format(db=db)}")
+                if int(n):  # type: ignore[arg-type]
+                    found.append(f"{n:,} {what}")
+    finally:
+        conn.close()
+    if found:
+        raise DemoRefused(
+            f"{conn.description} database `{db}` holds {', '.join(found)} that are not demo data; the demo "
+            "replaces its database, so give it another one: --data-dir DIR (embedded) or "
+            "LLMPULSE_CLICKHOUSE__DATABASE=llmpulse_demo"
+        )
 
 
 def _render_demo(s: dict[str, Any], settings: Settings) -> None:
@@ -356,16 +486,44 @@ def replay(file: Path, config_path: Path | None, data_dir: Path | None, clickhou
             + ". Add them with `llmpulse prices import FILE`."
         )
     if rejected:
-        console.out.print(
-            'See why lines were rejected: llmpulse query "SELECT kafka_offset, reason, path FROM dlq '
-            'ORDER BY received_at DESC LIMIT 20"',
-            highlight=False,
-        )
+        name = str(file.resolve()).replace("\\", "\\\\").replace("'", "\\'")  # the dlq's source_name
+        sql = (f"SELECT source_offset AS line, reason, path FROM dlq FINAL WHERE source_name = '{name}' "
+               "ORDER BY line LIMIT 20")  # fmt: skip
+        flags = _target_flags(config_path, data_dir, clickhouse_url)
+        console.out.print(f"See why lines were rejected: llmpulse query{flags} {_shell_quote(sql)}",
+                          highlight=False, markup=False, soft_wrap=True)  # fmt: skip
+
+
+def _target_flags(config_path: Path | None, data_dir: Path | None, clickhouse_url: str | None) -> str:
+    """The flags that pointed this command at its data, for a command it suggests next: without them
+    the suggestion reads the default data directory, usually another (empty) database. A URL's
+    credentials are left out (secrets are never printed); the configuration supplies them."""
+    flags: list[str] = []
+    if config_path is not None:
+        flags += ["--config", str(config_path)]
+    if data_dir is not None:
+        flags += ["--data-dir", str(data_dir)]
+    if clickhouse_url:
+        url = urllib.parse.urlsplit(clickhouse_url)
+        netloc = url.netloc.rpartition("@")[2]
+        flags += ["--clickhouse-url", urllib.parse.urlunsplit(url._replace(netloc=netloc))]
+    return "".join(f" {shlex.quote(f)}" for f in flags)
+
+
+def _shell_quote(text: str) -> str:
+    """Double quotes, as the README writes SQL: single ones would need SQL's quotes escaped."""
+    return '"' + re.sub(r'([\\"$`])', r"\\\1", text) + '"'
 
 
 @cli.command()
 @click.argument("sql", required=False)
-@click.option("--since", default="7d", show_default=True, help="Named queries: the period ending now ({start}, {end}).")
+@click.option(
+    "--since",
+    type=DURATION,
+    default="7d",
+    show_default=True,
+    help="Named queries: the period ending now ({start}, {end}).",
+)
 @click.option("-p", "--param", "params", multiple=True, metavar="KEY=VALUE", help="Named queries: another parameter.")
 @click.option("--list", "list_names", is_flag=True, help="List the named queries (sinks/queries/*.sql) and exit.")
 @click.option("--format", "fmt", type=click.Choice(["table", "json"]), default="table", show_default=True)
@@ -386,7 +544,6 @@ def query(
     from clickhouse_connect.driver.exceptions import DatabaseError
 
     from llmpulse.client import open_for_reading
-    from schemas.durations import parse_duration
     from sinks import queries
 
     if list_names or not sql:
@@ -394,6 +551,7 @@ def query(
         console.out.print(console.table("Named queries (llmpulse query NAME --since 7d)", rows))
         return
     parameters: dict[str, Any] = {}
+    _check_free_sql(sql, queries.names())
     if sql in queries.names():
         end = _time.time()
         parameters = {"start": datetime.fromtimestamp(end - parse_duration(since), UTC),
@@ -408,13 +566,13 @@ def query(
     elif params:
         console.error(f"--param only applies to named queries; {sql[:40]!r} is not one", "see llmpulse query --list")
         raise SystemExit(2)
-    settings = _settings(config_path, data_dir, clickhouse_url)
+    settings = _reading_settings(config_path, data_dir, clickhouse_url, server_url)
     conn = open_for_reading(settings, "llmpulse query", server=server_url, api_key=api_key)
     try:
         try:
             result = conn.client.query(sql, parameters=parameters or None)
         except (DatabaseError, QueryFailed) as exc:
-            console.error(str(exc).split("\n")[0])
+            console.error(*_query_error(str(exc), sql))
             raise SystemExit(1) from None
     finally:
         conn.close()
@@ -424,6 +582,62 @@ def query(
         return
     console.out.print(console.table(None, rows, result.column_names))
     console.out.print(f"[dim]{len(rows)} row(s)[/]")
+
+
+DRIVER_SUFFIX = "\n FORMAT Native"
+"""What clickhouse-connect appends to every query it sends (and `llmpulse serve` to what it runs):
+ClickHouse's errors quote it, and it is not the user's."""
+_FAILED_AT = re.compile(r"failed at position (\d+) \([^)]*\)(?: \(line \d+, col \d+\))?: ")
+_TRAILING_FORMAT = re.compile(r"\bFORMAT\s+(\w+)\s*;?\s*$", re.IGNORECASE)
+_BARE_WORD = re.compile(r"^\s*([A-Za-z_][A-Za-z0-9_]*)\s*;?\s*$")
+STATEMENTS = (
+    "SELECT", "WITH", "SHOW", "DESCRIBE", "DESC", "EXPLAIN", "EXISTS", "CHECK", "INSERT", "CREATE", "ALTER",
+    "DROP", "TRUNCATE", "RENAME", "OPTIMIZE", "SYSTEM", "SET", "USE", "KILL", "GRANT", "REVOKE", "ATTACH",
+    "DETACH", "EXCHANGE", "UNDROP", "DELETE", "UPDATE", "BACKUP", "RESTORE",
+)  # fmt: skip
+"""Words a ClickHouse statement starts with; a query starting with another is read as ``SELECT <it>``."""
+
+
+def _check_free_sql(sql: str, names: list[str]) -> None:
+    """Refuse, before connecting, what would fail with an error about text the user never wrote: a
+    misspelt named query goes out as SQL, and a FORMAT clause clashes with the driver's own."""
+    import difflib
+
+    word = _BARE_WORD.match(sql)
+    if word is not None and word[1] not in names and word[1].upper() not in STATEMENTS:
+        close = difflib.get_close_matches(word[1], names, n=3)
+        console.error(f"no named query {word[1]!r}" + (f" (did you mean {' or '.join(close)}?)" if close else ""),
+                      "see llmpulse query --list; SQL needs a statement, e.g. \"SELECT ...\"")  # fmt: skip
+        raise SystemExit(2)
+    clause = _TRAILING_FORMAT.search(sql)
+    if clause is not None:
+        console.error(f"`{clause[0].strip()}`: llmpulse query sets the output format itself",
+                      "drop the FORMAT clause; --format json prints JSON, --format table a table")  # fmt: skip
+        raise SystemExit(2)
+
+
+def _query_error(message: str, sql: str) -> tuple[str, str | None]:
+    """ClickHouse's error about the user's SQL, and a hint, without ``DRIVER_SUFFIX``: a syntax error
+    found only in the suffix ("failed at position 28 (Native)") means the SQL ended where ClickHouse
+    expected more, or did not start with a statement and was read as an expression."""
+    import difflib
+
+    text = message.replace(DRIVER_SUFFIX, "")
+    hint = None
+    at = _FAILED_AT.search(text)
+    if at is not None and int(at[1]) > len(sql.encode()):
+        rest = text[at.end() :]
+        for quoted in ("FORMAT Native", "Native"):
+            if rest.startswith(quoted):
+                rest = rest[len(quoted) :].lstrip(". ")
+                break
+        text = f"{text[: at.start()]}failed at the end of the query: {rest}"
+        first = sql.split(None, 1)[0].upper() if sql.strip() else ""
+        if first and first not in STATEMENTS and not first.startswith("("):
+            close = difflib.get_close_matches(first, STATEMENTS, n=1)
+            hint = (f"`{sql.split(None, 1)[0]}` does not start a statement" + (f" (did you mean {close[0]}?)"
+                    if close else "") + "; ClickHouse read the query as SELECT followed by an expression")  # fmt: skip
+    return text.strip().split("\n")[0], hint
 
 
 def _json_default(value: Any) -> Any:
@@ -590,6 +804,19 @@ def topics_create(
     console.out.print(console.table(f"Kafka topics on {settings.kafka.bootstrap_servers}", rows))
 
 
+async def _reach_kafka(settings: Settings) -> None:
+    """Connect once before faust starts: faust reports an unreachable broker as sixty lines of its
+    services starting and stopping around a traceback, while an error raised here gets the same
+    one-line hint as `topics create` (``KAFKA_UNREACHABLE``, ``KAFKA_REFUSED``)."""
+    from aiokafka.admin import AIOKafkaAdminClient
+
+    from ingest.kafka import client_options
+
+    admin = AIOKafkaAdminClient(**client_options(settings.kafka))
+    await admin.start()
+    await admin.close()
+
+
 @cli.command()
 @_kafka_options
 @_data_options
@@ -598,9 +825,12 @@ def worker(
     bootstrap_servers: str | None, config_path: Path | None, data_dir: Path | None, clickhouse_url: str | None
 ) -> None:
     """Consume llm.calls (and feedback, judge verdicts) and write ClickHouse; SIGTERM drains and exits cleanly."""
+    import asyncio
+
     from llmpulse.worker import build_app, log_thread_crashes
 
     settings = _kafka_settings(config_path, data_dir, clickhouse_url, bootstrap_servers)
+    asyncio.run(_reach_kafka(settings))
     app, _ = build_app(settings)
     log_thread_crashes()
     worker = app.Worker(loglevel=settings.log_level.upper(), quiet=True)
@@ -609,9 +839,13 @@ def worker(
 
 @cli.command()
 @click.option("--embedded", is_flag=True, help="Score judge_samples in ClickHouse instead of consuming Kafka.")
-@click.option("--since", default=None, help="Only calls from this long ago (e.g. 7d); Kafka: skip older ones.")
+@click.option(
+    "--since", type=DURATION, default=None, help="Only calls from this long ago (e.g. 7d); Kafka: skip older ones."
+)
 @click.option("--max-requests", type=int, default=None, help="Stop after this many requests.")
-@click.option("--idle-exit", default=None, help="Kafka: stop after this long without requests (e.g. 30s).")
+@click.option(
+    "--idle-exit", type=DURATION, default=None, help="Kafka: stop after this long without requests (e.g. 30s)."
+)
 @click.option("--rubric", "rubric_path", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
               help="Rubric YAML [config judge.rubric_path, else the packaged helpfulness rubric].")  # fmt: skip
 @click.option("--model", default=None, help="Judge model [config judge.model, else the rubric's].")
@@ -635,7 +869,6 @@ def judge(
     are skipped and counted: a judge never sees only hashes.
     """
     from llmpulse.judge import run_judge
-    from schemas.durations import parse_duration
 
     settings = load_settings(config_path, {
         "data_dir": data_dir, "clickhouse": {"url": clickhouse_url}, "kafka": {"bootstrap_servers": bootstrap_servers},
@@ -672,7 +905,7 @@ def dlq() -> None:
 
 
 @dlq.command("show")
-@click.option("--since", default="7d", show_default=True, help="How far back (30m, 24h, 7d).")
+@click.option("--since", type=DURATION, default="7d", show_default=True, help="How far back (30m, 24h, 7d).")
 @_server_options
 @_data_options
 @_friendly_errors
@@ -682,9 +915,8 @@ def dlq_show(
 ) -> None:  # fmt: skip
     """Rejections grouped by reason, with an example position for each."""
     from llmpulse.client import open_for_reading
-    from schemas.durations import parse_duration
 
-    settings = _settings(config_path, data_dir, clickhouse_url)
+    settings = _reading_settings(config_path, data_dir, clickhouse_url, server_url)
     conn = open_for_reading(settings, "llmpulse dlq show", server=server_url, api_key=api_key)
     try:
         rows = conn.client.query(
@@ -703,7 +935,7 @@ def dlq_show(
 
 
 @dlq.command("replay")
-@click.option("--since", default="7d", show_default=True, help="Letters received within this period.")
+@click.option("--since", type=DURATION, default="7d", show_default=True, help="Letters received within this period.")
 @click.option("--reason", "reason_like", default=None, help="Only letters whose reason contains this text.")
 @click.option("--limit", default=1_000_000, show_default=True, type=click.IntRange(1))
 @click.option("--dry-run", is_flag=True, help="Show what would be accepted now, write nothing.")
@@ -725,7 +957,6 @@ def dlq_replay(
     """Re-drive dead letters through the (fixed) pipeline; accepted ones are written exactly once."""
     from llmpulse.dlq import pending_letters, record, replay_into_clickhouse
     from llmpulse.runtime import EmbeddedRuntime, open_clickhouse
-    from schemas.durations import parse_duration
 
     settings = _kafka_settings(config_path, data_dir, clickhouse_url, bootstrap_servers)
     conn = open_clickhouse(settings, purpose="llmpulse dlq replay")
@@ -762,24 +993,35 @@ def rules() -> None:
     """Alert rules: check a rules file, backtest it on history."""
 
 
+def _chosen_rules(file: Path | None, settings: Settings) -> tuple[Any, str]:
+    """FILE, else the configured alerting.rules_path (what the worker and serve run), else the built-in
+    rules; and how to name them. Without FILE the built-in rules used to be checked whatever was
+    configured, so a broken rules file passed the check."""
+    from schemas.rules import default_rules, load_rules
+
+    if file is not None:
+        return load_rules(file), str(file)
+    configured = settings.alerting.rules_path
+    if configured is not None:
+        return load_rules(configured), f"{configured} (alerting.rules_path)"
+    return default_rules(), "built-in rules (alerting.rules_path is not set)"
+
+
 @rules.command("check")
 @click.argument("file", type=click.Path(exists=True, dir_okay=False, path_type=Path), required=False)
+@click.option("--config", "config_path", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              envvar="LLMPULSE_CONFIG", help="Config file [default ./llmpulse.yaml if present].")  # fmt: skip
 @_friendly_errors
-def rules_check(file: Path | None) -> None:
-    """Validate a rules file (or show the built-in rules) and list what each rule watches."""
-    from schemas.rules import RulesError, default_rules, load_rules
-
-    try:
-        parsed = load_rules(file) if file else default_rules()
-    except RulesError as exc:
-        console.error(str(exc))
-        raise SystemExit(2) from None
+def rules_check(file: Path | None, config_path: Path | None) -> None:
+    """Validate a rules file [default: the configured alerting.rules_path, else the built-in rules] and
+    list what each rule watches."""
+    parsed, source = _chosen_rules(file, load_settings(config_path))
     rows = [
         {"rule": r.name, "scope": ",".join(r.scope.by) or "all", "condition": r.describe(),
          "min calls": r.min_calls, "severity": r.severity, "action": r.effective_action}
         for r in parsed.rules
     ]  # fmt: skip
-    console.out.print(console.table(f"{file or 'built-in rules'}: {len(parsed.rules)} rules", rows))
+    console.out.print(console.table(f"{source}: {len(parsed.rules)} rules", rows))
     if parsed.budgets:
         console.out.print(
             console.table(
@@ -792,7 +1034,9 @@ def rules_check(file: Path | None) -> None:
 
 @rules.command("backtest")
 @click.argument("file", type=click.Path(exists=True, dir_okay=False, path_type=Path), required=False)
-@click.option("--since", default="7d", show_default=True, help="How far back to replay (e.g. 24h, 7d, 30d).")
+@click.option(
+    "--since", type=DURATION, default="7d", show_default=True, help="How far back to replay (e.g. 24h, 7d, 30d)."
+)
 @click.option("--json", "as_json", is_flag=True, help="Incidents as a JSON array.")
 @_server_options
 @_data_options
@@ -801,21 +1045,17 @@ def rules_backtest(
     file: Path | None, since: str, as_json: bool, server_url: str | None, api_key: str | None,
     config_path: Path | None, data_dir: Path | None, clickhouse_url: str | None,
 ) -> None:  # fmt: skip
-    """Replay rules (default: the built-in ones) over the stored history: when would they have fired?"""
+    """Replay rules [default: the configured alerting.rules_path, else the built-in rules] over the stored
+    history: when would they have fired?"""
     import time as _time
 
     from llmpulse.backtest import backtest
     from llmpulse.client import open_for_reading
-    from schemas.durations import parse_duration
-    from schemas.rules import RulesError, default_rules, load_rules
     from sinks.alert_store import AlertStore
 
-    try:
-        parsed = load_rules(file) if file else default_rules()
-    except RulesError as exc:
-        console.error(str(exc))
-        raise SystemExit(2) from None
     settings = _settings(config_path, data_dir, clickhouse_url)
+    parsed, source = _chosen_rules(file, settings)
+    _require_readable(settings, server_url)
     conn = open_for_reading(settings, "llmpulse rules backtest", server=server_url, api_key=api_key)
     try:
         end = _time.time()
@@ -833,7 +1073,7 @@ def rules_backtest(
     if as_json:
         sys.stdout.write(json.dumps(rows) + "\n")
         return
-    console.out.print(console.table(f"Backtest over the last {since}: {len(rows)} incidents", rows))
+    console.out.print(console.table(f"Backtest of {source} over the last {since}: {len(rows)} incidents", rows))
     counts: dict[str, int] = {}
     for i in result.incidents:
         counts[i.rule] = counts.get(i.rule, 0) + 1
@@ -909,7 +1149,7 @@ def gate(
         cand["feature"] = base["feature"] = feature
     policy = Policy(max_token_increase, max_cost_increase, max_p95_ms, max_p95_increase, min_quality_delta,
                     max_refusal_increase, max_error_increase, min_calls, min_judged)  # fmt: skip
-    settings = _settings(config_path, data_dir, clickhouse_url)
+    settings = _reading_settings(config_path, data_dir, clickhouse_url, server_url)
     conn = open_for_reading(settings, "llmpulse gate", server=server_url, api_key=api_key)
     try:
         result = evaluate(measure(conn, base, start, end, baseline), measure(conn, cand, start, end, candidate), policy)
@@ -957,7 +1197,7 @@ def trace_cmd(
     from llmpulse.client import open_for_reading
     from llmpulse.lineage import NotFound, trace
 
-    settings = _settings(config_path, data_dir, clickhouse_url)
+    settings = _reading_settings(config_path, data_dir, clickhouse_url, server_url)
     conn = open_for_reading(settings, "llmpulse trace", server=server_url, api_key=api_key)
     try:
         try:
@@ -1035,8 +1275,10 @@ def _duration_ms(ms: float) -> str:
 
 
 @cli.command()
-@click.option("--since", required=True, help="Reprice calls from this long ago (e.g. 30d).")
-@click.option("--until", "until", default=None, help="...up to this long ago [default: the start of this hour].")
+@click.option("--since", type=DURATION, required=True, help="Reprice calls from this long ago (e.g. 30d).")
+@click.option(
+    "--until", "until", type=DURATION, default=None, help="...up to this long ago [default: the start of this hour]."
+)
 @click.option("--price-version", default=None, help="Refuse unless the price table applied has this version.")
 @click.option("--prices", "prices_path", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
               help="Price table JSON to apply [default: the configured one].")  # fmt: skip
@@ -1060,7 +1302,6 @@ def reprice(
     from llmpulse.reprice import DAY
     from llmpulse.reprice import reprice as run_reprice
     from llmpulse.runtime import open_clickhouse, price_table
-    from schemas.durations import parse_duration
     from schemas.prices import load_price_table
 
     settings = _settings(config_path, data_dir, clickhouse_url)
@@ -1109,8 +1350,10 @@ def reprice(
 
 
 @cli.command()
-@click.option("--since", default="7d", show_default=True, help="Check the period starting this long ago.")
-@click.option("--until", "until", default=None, help="...and ending this long ago [default: now].")
+@click.option(
+    "--since", type=DURATION, default="7d", show_default=True, help="Check the period starting this long ago."
+)
+@click.option("--until", "until", type=DURATION, default=None, help="...and ending this long ago [default: now].")
 @click.option("--fix", is_flag=True, help="Rebuild the rollup buckets found wrong from raw; merge repeated rows.")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as one JSON object.")
 @_data_options
@@ -1128,14 +1371,13 @@ def reconcile(
     from llmpulse.reconcile import as_json as report_json
     from llmpulse.reconcile import reconcile as run_reconcile
     from llmpulse.runtime import open_clickhouse
-    from schemas.durations import parse_duration
 
     now = _time.time()
     start, end = now - parse_duration(since), now - (parse_duration(until) if until else 0.0)
     if start >= end:
         console.error(f"nothing to do: --since {since} starts after the end of the period")
         raise SystemExit(2)
-    settings = _settings(config_path, data_dir, clickhouse_url)
+    settings = _reading_settings(config_path, data_dir, clickhouse_url)
     conn = open_clickhouse(settings, purpose="llmpulse reconcile")
     try:
         report = run_reconcile(conn, start, end, fix=fix)
@@ -1187,8 +1429,10 @@ def _usd(x: float) -> str:
 
 
 @cli.command("drift")
-@click.option("--window", default="24h", show_default=True, help="The recent period to check (ends now).")
-@click.option("--baseline", default="7d", show_default=True, help="Trailing period before the window.")
+@click.option(
+    "--window", type=DURATION, default="24h", show_default=True, help="The recent period to check (ends now)."
+)
+@click.option("--baseline", type=DURATION, default="7d", show_default=True, help="Trailing period before the window.")
 @click.option("--reference", default=None, metavar="FROM..TO",
               help="A pinned baseline instead, e.g. 2026-11-02..2026-11-09 (ISO dates or times, UTC).")  # fmt: skip
 @click.option("--feature", default=None, help="Only this feature.")
@@ -1214,7 +1458,6 @@ def drift_cmd(
 
     from llmpulse.client import open_for_reading
     from llmpulse.drift import Thresholds, drift
-    from schemas.durations import parse_duration
 
     now = _time.time()
     win = (now - parse_duration(window), now)
@@ -1227,7 +1470,7 @@ def drift_cmd(
         base = (lo.timestamp(), hi.timestamp())
     else:
         base = (win[0] - parse_duration(baseline), win[0])
-    settings = _settings(config_path, data_dir, clickhouse_url)
+    settings = _reading_settings(config_path, data_dir, clickhouse_url, server_url)
     conn = open_for_reading(settings, "llmpulse drift", server=server_url, api_key=api_key)
     try:
         report = drift(conn, win, base, Thresholds(max_length_change, max_rate_change, max_psi), feature)
@@ -1301,7 +1544,7 @@ def report_weekly(
     from llmpulse.report import ReportError, Week, build_weekly, choose_week, write
     from schemas.rules import RulesError
 
-    settings = _settings(config_path, data_dir, clickhouse_url)
+    settings = _reading_settings(config_path, data_dir, clickhouse_url, server_url)
     try:
         chosen = Week.parse(week) if week else None
         rules = rules_for(settings, rules_path)

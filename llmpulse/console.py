@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 import sys
 from collections.abc import Sequence
@@ -27,13 +28,30 @@ out = _console()
 err = _console(stderr=True)
 
 
+SIGNIFICANT_DIGITS = 7
+"""Of a float in a table: as many as a price per 1M tokens or a rounded rate has, so no digit the
+value carries is cut (0.075 showed as 0.07, ``round(x, 3)`` was re-rounded to 2 places)."""
+
+
+def fmt_float(value: float) -> str:
+    """Up to ``SIGNIFICANT_DIGITS`` significant digits, without trailing zeros; thousands separated.
+    What is shown is the value, not a guess at its unit: 0.265 stays 0.265, 1e-09 stays 1e-09."""
+    if value == 0:
+        return "0"
+    if not math.isfinite(value):
+        return f"{value:g}"
+    if abs(value) < 1:
+        return f"{value:.{SIGNIFICANT_DIGITS}g}"
+    whole_digits = int(math.log10(abs(value))) + 1
+    text = f"{value:,.{max(0, SIGNIFICANT_DIGITS - whole_digits)}f}"
+    return text.rstrip("0").rstrip(".") if "." in text else text
+
+
 def fmt(value: Any) -> str:
     if value is None:
         return "—"
     if isinstance(value, float):
-        if value != 0 and abs(value) < 0.01:
-            return f"{value:.6f}"
-        return f"{value:,.2f}"
+        return fmt_float(value)
     if isinstance(value, int) and not isinstance(value, bool):
         return f"{value:,}"
     if isinstance(value, list | tuple):

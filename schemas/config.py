@@ -13,7 +13,7 @@ import re
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, SecretStr, ValidationError
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict, SettingsError
 
 from schemas import limits
@@ -115,8 +115,16 @@ class RetentionSettings(_Section):
         return int(getattr(self, field))
 
 
+def _whole_seconds(value: float) -> float:
+    """The stream keys its windows by whole seconds: ``0s`` passed here and failed at the first event
+    with a traceback, and ``1.5s`` silently became 1 s."""
+    if value < 1 or value != int(value):
+        raise ValueError("expected a whole number of seconds, at least 1s (e.g. 60s or 1m)")
+    return value
+
+
 class PipelineSettings(_Section):
-    window: Duration = 60.0
+    window: Annotated[Duration, AfterValidator(_whole_seconds)] = 60.0
     allowed_lateness: Duration = 120.0
     flow_idle: Duration = 30.0
     """A conversation's next call starting this long after the previous one ended is a new turn
@@ -188,8 +196,23 @@ class TopicNames(_Section):
     partials: str = "llm.window.partials"
 
 
+_BROKER = re.compile(r"^(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9._-]+)(?::(\d{1,5}))?$")
+
+
+def _broker_list(value: str) -> str:
+    """``host:port[,host:port...]``, checked here: the Kafka client failed on a malformed address with
+    ``invalid literal for int()`` from deep inside its bootstrap. Spaces after the commas are dropped
+    (faust would take them as part of the host)."""
+    entries = [entry.strip() for entry in value.split(",")]
+    for entry in entries:
+        match = _BROKER.match(entry)
+        if match is None or (match[2] is not None and not 1 <= int(match[2]) <= 65535):
+            raise ValueError(f"{entry!r} is not a host:port; expected host:port[,host:port...], e.g. kafka-1:9092")
+    return ",".join(entries)
+
+
 class KafkaSettings(_Section):
-    bootstrap_servers: str = "127.0.0.1:19092"
+    bootstrap_servers: Annotated[str, AfterValidator(_broker_list)] = "127.0.0.1:19092"
     security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = "PLAINTEXT"
     sasl_mechanism: Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"] | None = None
     sasl_username: str | None = None
@@ -353,6 +376,16 @@ def _lookup(data: dict[str, Any], loc: tuple[Any, ...]) -> bool:
     return True
 
 
+SECRET_KEY = re.compile(r"(^|_)(password|secret|token|key|key_hash|webhook_url|url|headers)$")
+"""Keys whose values are never echoed in an error: passwords, tokens and API keys, and URLs and
+headers, which carry credentials (``https://user:pass@host``, a Slack webhook, ``Authorization``)."""
+
+
+def _is_secret(loc: tuple[Any, ...]) -> bool:
+    """Any part counts: a header's own name comes after ``headers`` in the location."""
+    return any(isinstance(part, str) and SECRET_KEY.search(part) for part in loc)
+
+
 def _describe(exc: ValidationError, path: Path | None, file_data: dict[str, Any], flags: dict[str, Any]) -> str:
     lines = []
     for err in exc.errors():
@@ -370,6 +403,6 @@ def _describe(exc: ValidationError, path: Path | None, file_data: dict[str, Any]
         if err["type"] == "extra_forbidden":
             msg = "unknown key (check the spelling; see llmpulse.yaml in the repository for every key)"
         elif "input" in err and err["type"] != "missing":
-            msg = f"{msg} (got {err['input']!r})"
+            msg += " (the value is a secret, so it is not shown)" if _is_secret(loc) else f" (got {err['input']!r})"
         lines.append(f"{origin}: key `{key}`: {msg}")
     return "\n".join(lines)

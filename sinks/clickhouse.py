@@ -146,6 +146,27 @@ def _server_client(settings: ClickHouseSettings) -> Client:
     if url.scheme not in {"http", "https"} or not url.hostname:
         raise ConfigError(f"clickhouse.url: expected http(s)://host:port of a ClickHouse server, got {settings.url!r}")
     secure = url.scheme == "https"
+    try:
+        return _get_server_client(settings, url, secure)
+    except DatabaseError as exc:
+        where = f"{url.scheme}://{url.hostname}:{url.port or (8443 if secure else 8123)}"  # never the credentials
+        raise SinkError(f"cannot connect to the ClickHouse server at {where}: {_root_cause(exc)}") from None
+
+
+def _root_cause(exc: BaseException) -> str:
+    """The innermost reason (``Connection refused``, ``Name or service not known``): the driver's own
+    message wraps it in three layers of pool and retry wording that tell a user nothing."""
+    seen: set[int] = set()
+    inner: BaseException = exc
+    while (nxt := inner.__cause__ or inner.__context__) is not None and id(nxt) not in seen:
+        seen.add(id(nxt))
+        inner = nxt
+    if isinstance(inner, OSError) and inner.strerror:
+        return inner.strerror
+    return str(inner).strip().split("\n")[0] or type(inner).__name__
+
+
+def _get_server_client(settings: ClickHouseSettings, url: urllib.parse.SplitResult, secure: bool) -> Client:
     return clickhouse_connect.get_client(
         host=url.hostname,
         port=url.port or (8443 if secure else 8123),

@@ -153,6 +153,7 @@ def test_replay_twice_leaves_counts_unchanged(tmp_path: Path) -> None:
 
 def test_query_table_and_errors(tmp_path: Path) -> None:
     data = tmp_path / "d"
+    llmpulse("migrate", "--data-dir", str(data))  # query reads, and only from a data directory that exists
     out = llmpulse("query", "SELECT 1 + 1 AS two", "--data-dir", str(data)).stdout
     assert "two" in out and "2" in out and "1 row(s)" in out
     bad = llmpulse("query", "SELECT nope FROM nowhere", "--data-dir", str(data), check=False)

@@ -110,3 +110,50 @@ def test_secret_is_not_in_repr(monkeypatch: pytest.MonkeyPatch) -> None:
 def test_repository_example_config_is_valid() -> None:
     example = Path(__file__).resolve().parents[2] / "llmpulse.yaml"
     assert load_settings(example) == load_settings(None)  # the example documents the defaults
+
+
+@pytest.mark.parametrize("window", ["0s", "0", "500ms", "1.5s"])
+def test_window_must_be_whole_seconds_of_at_least_one(window: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """0s passed here and failed at the first event with a traceback; 1.5s silently became 1 s."""
+    monkeypatch.setenv("LLMPULSE_PIPELINE__WINDOW", window)
+    with pytest.raises(ConfigError, match=r"key `pipeline.window`: .*whole number of seconds, at least 1s"):
+        load_settings(None)
+
+
+def test_window_of_whole_seconds_is_accepted() -> None:
+    assert load_settings(None, {"pipeline": {"window": "1s"}}).pipeline.window == 1.0
+    assert load_settings(None, {"pipeline": {"window": "2m"}}).pipeline.window == 120.0
+
+
+@pytest.mark.parametrize(
+    "text, key",
+    [
+        ("clickhouse: {password: 20240917}\n", "clickhouse.password"),
+        ("kafka: {sasl_password: 20240917}\n", "kafka.sasl_password"),
+        ("clickhouse: {url: [20240917]}\n", "clickhouse.url"),
+        ("alerting:\n  channels: [{type: slack, name: s, webhook_url: 'x-20240917'}]\n", "webhook_url"),
+    ],
+)
+def test_a_secret_value_is_never_echoed(tmp_path: Path, text: str, key: str) -> None:
+    path = write(tmp_path, text)
+    with pytest.raises(ConfigError) as err:
+        load_settings(path)
+    assert key in str(err.value) and "not shown" in str(err.value)
+    assert "20240917" not in str(err.value)
+
+
+def test_a_plain_value_is_still_echoed(tmp_path: Path) -> None:
+    path = write(tmp_path, "clickhouse: {username: [20240917]}\n")
+    with pytest.raises(ConfigError, match=r"clickhouse.username.*20240917"):
+        load_settings(path)
+
+
+@pytest.mark.parametrize("servers", ["garbage::x", "a:1,,b:2", "kafka:99999", "host name:9092", ""])
+def test_malformed_bootstrap_servers_are_a_config_error(servers: str) -> None:
+    with pytest.raises(ConfigError, match=r"key `kafka.bootstrap_servers`: .*is not a host:port; expected host:port"):
+        load_settings(None, {"kafka": {"bootstrap_servers": servers}})
+
+
+def test_bootstrap_servers_accept_lists_ipv6_and_a_default_port() -> None:
+    k = load_settings(None, {"kafka": {"bootstrap_servers": "kafka-1:9092, [::1]:19092,kafka-3"}}).kafka
+    assert k.bootstrap_servers == "kafka-1:9092,[::1]:19092,kafka-3"
