@@ -15,8 +15,11 @@ import uuid
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from datetime import datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+
+import msgspec
 
 from processors.chain import (
     CallPipeline,
@@ -25,6 +28,7 @@ from processors.chain import (
     PipelineOptions,
     ProcessedCalls,
     calls_block_id,
+    feedback_id,
 )
 from processors.quality import feedback_partials, judge_partials, thumbs_down_requests
 from processors.records import PayloadBatch, Source, StepCounters
@@ -43,6 +47,17 @@ if TYPE_CHECKING:
     from schemas.rules import RulesFile
 
 log = logging.getLogger("llmpulse.runtime")
+
+
+class _Ident(msgspec.Struct):
+    """What ``EmbeddedRuntime._skip_written`` reads of a replayed line: its kind, a call's id and time."""
+
+    kind: str = "call"
+    event_id: str | None = None
+    ts: datetime | None = None
+
+
+_IDENT = msgspec.json.Decoder(_Ident).decode
 
 GC_THRESHOLD = (50_000, 50, 100)
 """Batches hold tens of thousands of short-lived objects; with the default gen-0 threshold
@@ -176,6 +191,8 @@ class EmbeddedRuntime:
         now = time.time() if now is None else now
         self._now = now
         started = time.perf_counter()
+        if batch.source.kind == "file":
+            self._skip_written(batch, now)
         kinds: dict[str, PayloadBatch] = {}
         parts: list[ProcessedCalls] = []
         with self.writer.together():
@@ -202,6 +219,34 @@ class EmbeddedRuntime:
             self.writer.add_judge_results(scored)
         self.stats.batches += 1
         self.stats.process_s += time.perf_counter() - started
+
+    def _skip_written(self, batch: PayloadBatch, now: float) -> None:
+        """A file has no position ClickHouse can check, as a Kafka offset has. Replayed under another
+        name, or grown since it was last replayed, its events already written pass the chunk's
+        insert token (path and content differ) and the dedup step (a new process), and the rollup
+        views would count them again. So the ids ClickHouse holds among the chunk's, read around
+        the chunk's times, are handed to the dedup steps first: they drop as duplicates."""
+        calls: list[str] = []
+        times: list[float] = []
+        feedback: list[bytes] = []
+        for raw in batch.payloads:
+            try:
+                ident = _IDENT(raw)
+            except (msgspec.DecodeError, msgspec.ValidationError, UnicodeDecodeError):
+                continue  # rejected by its pipeline in a moment, with a reason
+            if ident.kind == "feedback":
+                feedback.append(raw)
+            elif ident.kind == "call" and ident.event_id and ident.ts is not None and ident.ts.tzinfo is not None:
+                calls.append(ident.event_id)
+                times.append(ident.ts.timestamp())
+        if calls:
+            self.calls.dedup.remember(self.sink.written_ids("llm_calls", "event_id", calls, (min(times), max(times))))
+        if feedback:
+            decoded = self.feedback.decode(PayloadBatch(batch.source, feedback, list(range(len(feedback)))), now)
+            ids = [e.event_id or feedback_id(e) for e in decoded.events]
+            if ids:
+                span = (min(decoded.ts), max(decoded.ts))
+                self.feedback.dedup.remember(self.sink.written_ids("feedback", "feedback_id", ids, span))
 
     def _emit(self, partials: list[WindowPartial], watermark: float) -> None:
         """Stage 2 in-process: this runtime is the only source of its windows."""
