@@ -475,7 +475,8 @@ def replay(file: Path, config_path: Path | None, data_dir: Path | None, clickhou
         *([{"": "judge verdicts accepted", "value": verdicts.accepted}] if verdicts.received else []),
         {"": "rejected → dlq", "value": rejected},
         {"": "duplicates dropped", "value": c.duplicates + fb.duplicates + verdicts.duplicates},
-        {"": "unpriced (price_missing)", "value": c.price_missing},
+        {"": "unpriced: model not in the price table", "value": c.price_missing},
+        *([{"": "unpriced: ok calls without usage", "value": c.usage_unknown}] if c.usage_unknown else []),
         {"": "unknown fields kept in attributes", "value": c.unknown_fields},
     ]
     console.out.print(console.table(f"Replayed {file}", rows))

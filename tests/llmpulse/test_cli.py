@@ -151,6 +151,24 @@ def test_replay_twice_leaves_counts_unchanged(tmp_path: Path) -> None:
     ]
 
 
+def test_replay_names_both_kinds_of_calls_without_a_cost(tmp_path: Path) -> None:
+    now = time.time()
+    lines = [
+        call(event_id="free?", input_tokens=0, output_tokens=0, ts=iso(now - 60)),
+        call(event_id="acme", model="acme-llm-1", ts=iso(now - 60)),
+        call(event_id="fine", ts=iso(now - 60)),
+    ]
+    file = tmp_path / "calls.jsonl"
+    file.write_text("\n".join(orjson.dumps(x).decode() for x in lines) + "\n")
+    out = llmpulse("replay", str(file), "--data-dir", str(tmp_path / "d")).stdout
+    shown = {" ".join(cells[0].split()): cells[1].strip() for line in out.splitlines()
+             if len(cells := line.strip("│ ").split("│")) == 2}  # fmt: skip
+    assert shown["unpriced: model not in the price table"] == shown["unpriced: ok calls without usage"] == "1"
+    rows = query(tmp_path / "d", "SELECT event_id, cost_source, price_missing FROM llm_calls ORDER BY event_id")
+    assert [(r["event_id"], r["cost_source"], r["price_missing"]) for r in rows] == [
+        ("acme", "missing", True), ("fine", "computed", False), ("free?", "usage_unknown", True)]  # fmt: skip
+
+
 def test_query_table_and_errors(tmp_path: Path) -> None:
     data = tmp_path / "d"
     llmpulse("migrate", "--data-dir", str(data))  # query reads, and only from a data directory that exists
