@@ -137,7 +137,7 @@ def measure(conn: Connection, selector: dict[str, str], start: float, end: float
 
     return Side(label, calls, num("tokens_per_call"), num("output_tokens_per_call"), num("cost_per_call"),
                 num("latency_p95_ms"), num("refusal_rate"), num("error_rate"), quality, n, ci,
-                int(calls_row["unpriced"] or 0))  # fmt: skip
+                int(calls_row.get("unpriced") or 0))  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -223,6 +223,9 @@ def evaluate(baseline: Side, candidate: Side, p: Policy) -> GateResult:
     for side, attr in ((baseline, "baseline"), (candidate, "candidate")):
         if side.unpriced:
             setattr(cost, attr, f"{getattr(cost, attr)} ({side.unpriced:,} without a cost)")
+    if p.max_cost_increase is not None and enough and candidate.unpriced > UNPRICED_TOLERANCE * candidate.calls:
+        cost.verdict = "FAIL"  # a candidate whose cost cannot be shown within the limit: not promoted, even
+        # with --allow-inconclusive (a baseline without costs stays "no data": the candidate is not to blame)
     relative("p95 latency (ms)", baseline.latency_p95_ms, candidate.latency_p95_ms, p.max_p95_increase)
     if p.max_p95_ms is not None:
         v = candidate.latency_p95_ms

@@ -85,7 +85,7 @@ def reprice(
         changes = []
         for event_id, ts, feature, model, served, status, tin, tout, cached, cache_write, old, old_version in rows:
             rates = pricing.rates_for(str(model), str(served) or None)
-            if rates is None or usage_unknown(str(status), int(tin)):  # type: ignore[call-overload]
+            if rates is None or usage_unknown(str(status), int(tin), int(tout)):  # type: ignore[call-overload]
                 stats.still_unpriced += 1
                 continue
             new = rates.cost(int(tin), int(tout), int(cached), int(cache_write))  # type: ignore[call-overload]

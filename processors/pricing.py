@@ -9,10 +9,11 @@ the call gets NULL with ``usage_unknown`` instead of a $0.00 that looks like a f
 ``price_missing`` marks both (no cost: the rollups count them, so a per-call cost is taken
 over priced calls only); ``cost_source`` says which.
 
-The model priced is the snapshot that served the call when the table has it by that exact
-name (``response_model``: ``gpt-4o-2024-05-13`` is billed at its own rates, not its alias's),
-else the requested ``model`` with its decorations stripped, else the served one stripped (an
-Azure deployment name such as ``prod-4o`` answered by ``gpt-4o-2024-08-06``).
+The model priced is the requested ``model`` when the table has it by that exact name, else the
+snapshot that served the call by its exact name (``response_model``: a deployment name such as
+``prod-4o`` answered by ``gpt-4o-2024-05-13`` is billed at that snapshot's own rates), else the
+requested model with its decorations stripped, else the served one stripped (``prod-4o``
+answered by ``gpt-4o-2024-08-06``: gpt-4o's rates).
 """
 
 from __future__ import annotations
@@ -123,10 +124,11 @@ def model_candidates(model: str) -> list[str]:
     return out
 
 
-def usage_unknown(status: str, input_tokens: int) -> bool:
-    """A call the provider answered read a prompt: an ``ok`` one with no input tokens never got
-    its usage (the module docstring). Failed calls may well have cost nothing."""
-    return status == "ok" and input_tokens == 0
+def usage_unknown(status: str, input_tokens: int, output_tokens: int) -> bool:
+    """A call the provider answered read a prompt and wrote an answer: an ``ok`` one with neither
+    counted never got its usage (the module docstring). With output tokens alone, what is known is
+    priced (a local server may leave a cached prompt out). Failed calls may well have cost nothing."""
+    return status == "ok" and input_tokens == 0 and output_tokens == 0
 
 
 def exact_candidates(model: str) -> list[str]:
@@ -182,10 +184,11 @@ class CostAttribution:
         return found
 
     def rates_for(self, model: str, served: str | None) -> Rates | None:
-        """The rates a call is billed at: the serving snapshot's own entry, else the requested
-        model's (decorations stripped), else the serving snapshot's stripped (module docstring)."""
-        if served:
-            for candidate in exact_candidates(served):
+        """The rates a call is billed at: the requested model's own entry (a price the user set for
+        it wins over a dated one an import brought along), else the serving snapshot's own, else
+        the requested model's with decorations stripped, else the served one's (module docstring)."""
+        for name in (model, served) if served else (model,):
+            for candidate in exact_candidates(name):
                 found = self._by_name.get(candidate)
                 if found is not None:
                     return found
@@ -232,7 +235,7 @@ class CostAttribution:
                 client = np.unpackbits(np.frombuffer(client_valid, dtype=np.uint8), bitorder="little")[:n].astype(bool)
             cost = np.where(client, np.frombuffer(client_values, dtype=np.float64), cost)
         missing = ~known & ~client
-        no_usage = ok & (inp == 0) & known & ~client  # ``usage_unknown``, per column
+        no_usage = ok & (inp == 0) & (out == 0) & known & ~client  # ``usage_unknown``, per column
         cost_usd: list[float | None] = cost.tolist()
         source = [COST_COMPUTED] * n
         for i in np.flatnonzero(client).tolist():
@@ -270,7 +273,7 @@ class CostAttribution:
                 source.append(COST_CLIENT)
                 missing_flags.append(False)
                 client += 1
-            elif rates is not None and usage_unknown(e.status, e.input_tokens):
+            elif rates is not None and usage_unknown(e.status, e.input_tokens, e.output_tokens):
                 cost_usd.append(None)
                 source.append(COST_USAGE_UNKNOWN)
                 missing_flags.append(True)

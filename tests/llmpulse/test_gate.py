@@ -115,11 +115,14 @@ def test_a_cost_limit_is_not_passed_by_calls_without_a_cost() -> None:
     unpriced = replace(_side("c", None, 600.0), unpriced=100)
     result = evaluate(baseline, unpriced, Policy(max_cost_increase=0.1))
     cost = {c.metric: c for c in result.checks}["cost per call"]
-    assert (cost.candidate, cost.verdict) == ("— (100 without a cost)", "no data")
-    assert not result.conclusive
+    assert (cost.candidate, cost.verdict) == ("— (100 without a cost)", "FAIL")  # --allow-inconclusive cannot pass it
+    assert not result.passed
     mostly = replace(_side("c", 0.0052, 600.0), unpriced=30)  # 30 of 100 calls: where the cost may have gone
     assert {c.metric: c.verdict for c in evaluate(baseline, mostly, Policy(max_cost_increase=0.1)).checks}[
-        "cost per call"] == "no data"  # fmt: skip
+        "cost per call"] == "FAIL"  # fmt: skip
+    policy = Policy(max_cost_increase=0.1)
+    unpriced_baseline = evaluate(replace(baseline, unpriced=50), _side("c", 0.0052, 600.0), policy)
+    assert {c.metric: c.verdict for c in unpriced_baseline.checks}["cost per call"] == "no data"
     sliver = replace(_side("c", 0.0052, 600.0), unpriced=1)  # 1%: the priced 99 decide
     checks = {c.metric: c for c in evaluate(baseline, sliver, Policy(max_cost_increase=0.1)).checks}
     assert (checks["cost per call"].change, checks["cost per call"].verdict) == ("+4.0%", "pass")

@@ -94,27 +94,39 @@ def test_a_successful_call_without_usage_is_null_never_a_free_call(price: CostAt
         ev(model="gpt-4o", input_tokens=0, output_tokens=0, status="error"),
         ev(model="gpt-4o", input_tokens=0, output_tokens=0, cost_usd=0.012),
         ev(model="acme-llm-1", input_tokens=0, output_tokens=0),
+        ev(model="gpt-4o", input_tokens=0, output_tokens=100),  # a cached prompt left out: the output is known
     ])  # fmt: skip
-    assert costs.cost_usd == [None, 0.0, 0.012, None]
-    assert costs.cost_source == [COST_USAGE_UNKNOWN, COST_COMPUTED, COST_CLIENT, COST_MISSING]
-    assert costs.price_missing == [True, False, False, True]  # no cost, for either reason
+    assert costs.cost_usd == [None, 0.0, 0.012, None, pytest.approx(0.001)]
+    assert costs.cost_source == [COST_USAGE_UNKNOWN, COST_COMPUTED, COST_CLIENT, COST_MISSING, COST_COMPUTED]
+    assert costs.price_missing == [True, False, False, True, False]  # no cost, for either reason
     assert (costs.usage_unknown, costs.missing) == (1, 1)  # ``missing``: unknown models alone
 
 
-def test_the_snapshot_that_served_the_call_is_billed_when_the_table_has_it(price: CostAttribution) -> None:
+def test_a_deployment_name_is_priced_by_the_snapshot_that_served_it(price: CostAttribution) -> None:
     """1M input + 1M output tokens. gpt-4o-2024-05-13 and chatgpt-4o-latest list at $5 / $15 per
     1M, the gpt-4o alias at $2.50 / $10: 20.00 against 12.50. An Azure deployment name is no
-    model at all: the snapshot that answered prices it."""
+    model at all: the snapshot that answered prices it, by its own entry or its family's."""
     one_m = {"input_tokens": 1_000_000, "output_tokens": 1_000_000}
     costs = price([
-        ev(model="gpt-4o", response_model="gpt-4o-2024-05-13", **one_m),
+        ev(model="prod-4o", response_model="gpt-4o-2024-05-13", provider="azure", **one_m),
         ev(model="chatgpt-4o-latest", **one_m),
-        ev(model="gpt-4o", response_model="gpt-4o-2024-08-06", **one_m),  # no entry of its own: the alias's
+        ev(model="gpt-4o", response_model="gpt-4o-2024-08-06", **one_m),
         ev(model="prod-4o", response_model="gpt-4o-2024-08-06", provider="azure", **one_m),
         ev(model="prod-4o", response_model="acme-2", **one_m),
     ])  # fmt: skip
     assert costs.cost_usd[:4] == [pytest.approx(20.0), pytest.approx(20.0), pytest.approx(12.5), pytest.approx(12.5)]
     assert costs.cost_usd[4] is None and costs.unknown_models == {"prod-4o": 1}
+
+
+def test_the_requested_models_own_price_wins_over_a_dated_entry() -> None:
+    """A LiteLLM import lists every dated snapshot; a contract price set for the alias must still apply."""
+    table = PriceTable(price_version="t", models={
+        "gpt-4o": ModelPrice(provider="openai", input=2.0, output=8.0),
+        "gpt-4o-2024-08-06": ModelPrice(provider="openai", input=2.5, output=10.0),
+    })  # fmt: skip
+    costs = CostAttribution(table)([ev(model="gpt-4o", response_model="gpt-4o-2024-08-06", input_tokens=1_000_000,
+                                       output_tokens=0)])  # fmt: skip
+    assert costs.cost_usd == [pytest.approx(2.0)]
 
 
 def test_gemini_cached_reads_at_the_implicit_caching_rates(price: CostAttribution) -> None:
@@ -190,7 +202,7 @@ def test_a_mixed_batch_costs_the_same_on_both_paths(monkeypatch: pytest.MonkeyPa
                 "input_tokens": inp,
                 "cached_input_tokens": cached,
                 "cache_write_tokens": rng.randint(0, (inp - cached) // 3),
-                "output_tokens": rng.randint(0, 5_000),
+                "output_tokens": 0 if inp == 0 and rng.random() < 0.5 else rng.randint(0, 5_000),
             }
             if rng.random() < 0.2:
                 kw["cost_usd"] = round(rng.random(), 6)
