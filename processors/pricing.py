@@ -3,8 +3,8 @@
 A client-sent ``cost_usd`` wins (flagged ``client``); otherwise the cost is computed
 (``computed``); a model the table does not know gets NULL and ``price_missing`` — never a
 silent zero, which would make a new model look free on every dashboard. Nor does a successful
-call that reports no input tokens: every call the provider answered read a prompt, so zero
-means the producer never got the usage (a stream closed early, a client without usage), and
+call that reports no tokens at all: every call the provider answered read a prompt and wrote an
+answer, so zero means the producer never got the usage (a stream closed early, a client without usage), and
 the call gets NULL with ``usage_unknown`` instead of a $0.00 that looks like a free call.
 ``price_missing`` marks both (no cost: the rollups count them, so a per-call cost is taken
 over priced calls only); ``cost_source`` says which.
@@ -110,11 +110,8 @@ def model_candidates(model: str) -> list[str]:
     Providers and gateways decorate names: ``openai/gpt-4o``, ``gpt-4o-2024-08-06``,
     ``claude-sonnet-4-5-20250929``, ``anthropic.claude-3-5-haiku-20241022-v1:0``.
     """
-    name = model.strip().lower()
-    out = [model, name]
-    if "/" in name:
-        name = name.rsplit("/", 1)[1]
-        out.append(name)
+    out = exact_candidates(model)
+    name = out[-1]
     if _BEDROCK.match(name):
         name = name.split("anthropic.", 1)[1]
         out.append(name)
@@ -132,8 +129,8 @@ def usage_unknown(status: str, input_tokens: int, output_tokens: int) -> bool:
 
 
 def exact_candidates(model: str) -> list[str]:
-    """``model_candidates`` without stripping dates and versions: the name as the table may
-    list it on its own (a snapshot with its own price)."""
+    """The name as given, lower-cased, and without a gateway's ``provider/`` prefix: as the table
+    may list it on its own (a snapshot with its own price). ``model_candidates`` goes on from the last."""
     name = model.strip().lower()
     out = [model, name]
     if "/" in name:
@@ -152,7 +149,7 @@ class Costs:
     client: int
     unknown_models: dict[str, int]
     usage_unknown: int = 0
-    """Successful calls that reported no input tokens: cost NULL, ``cost_source = usage_unknown``,
+    """Successful calls that reported no tokens at all: cost NULL, ``cost_source = usage_unknown``,
     ``price_missing`` (``missing`` counts the unknown models alone)."""
 
 
