@@ -48,8 +48,7 @@ def backtest(store: AlertStore, rules: RulesFile, start: float, end: float) -> B
     skipped: dict[str, str] = {}
     evaluated = 0
     for rule in rules.rules:
-        metric = "calls" if rule.absent is not None else rule.metric
-        if metric not in METRIC_SQL:
+        if rule.absent is None and rule.metric not in METRIC_SQL:
             skipped[rule.name] = f"{rule.metric} is not kept in the rollups (stream only)"
             continue
         w = int(rule.window)
@@ -61,7 +60,11 @@ def backtest(store: AlertStore, rules: RulesFile, start: float, end: float) -> B
             for values in keys:
                 value, calls = cells.get(values, (0.0 if rule.absent is not None else None, 0.0))
                 scope = dict(zip(rule.scope.by, values, strict=True))
-                e = engine.evaluate(rule, scope, ws, ws + w, {"calls": calls, rule.metric: value})
+                if rule.absent is not None:  # the store gives absence rules (arrivals, calls)
+                    metrics = {"calls": calls, "arrivals": value}
+                else:
+                    metrics = {"calls": calls, rule.metric: value}
+                e = engine.evaluate(rule, scope, ws, ws + w, metrics)
                 evaluated += 1
                 if e is not None:
                     events.append(e)

@@ -55,6 +55,7 @@ _COUNTS = (
     "flows",
     "flow_calls",
     "flow_tokens",
+    "arrivals",
 )
 _SUMS = ("cost_usd", "latency_ms_sum", "ttft_ms_sum", "eval_sum", "eval_sumsq", "rating_sum", "flow_ms_sum",
          "flow_cost_usd")  # fmt: skip
@@ -111,6 +112,14 @@ class WindowPartial:
     flow_cost_usd: float = 0.0
     flow_ms: QuantileSketch = field(default_factory=QuantileSketch)
     """Perceived latency of those flows: first call's start to last call's end."""
+    arrivals: int = 0
+    """Independent arrivals: flows (agent runs by ``trace_id``, else conversations) first seen in
+    this window, plus calls belonging to no flow. Silence is judged by these, not by calls: an
+    agent run of six calls is one arrival, and a feature with three runs every ten minutes goes
+    quiet for ten minutes once a day or so (``processors.alerts.engine.silence_probability``).
+    Set as a window closes (``WindowAggregator``); 0 in partials from before it existed."""
+    flow_ids: set[str] = field(default_factory=set)
+    """Stage 1 only, while the window is open: the flows its calls belonged to. Never sent."""
 
     @property
     def window_end(self) -> int:
@@ -139,6 +148,7 @@ class WindowPartial:
         self.schema_valid += other.schema_valid
         self.tool_call_calls += other.tool_call_calls
         self.unpinned_calls += other.unpinned_calls
+        self.arrivals += other.arrivals
         self.cost_usd += other.cost_usd
         self.latency_ms_sum += other.latency_ms_sum
         self.ttft_ms_sum += other.ttft_ms_sum
@@ -159,6 +169,8 @@ class WindowPartial:
             self.output.merge(other.output)
         if other.served:
             self.served |= other.served
+        if other.flow_ids:
+            self.flow_ids |= other.flow_ids
         if other.flows:
             self.flows += other.flows
             self.flow_calls += other.flow_calls
@@ -266,6 +278,8 @@ def _partial_from(data: dict[str, Any], blobs: list[QuantileSketch]) -> WindowPa
         flow_ms=blobs[3],
     )
     _read_numbers(partial, data.get)
+    if "arrivals" not in data:  # from a worker before arrivals were counted: each call its own, as then
+        partial.arrivals = partial.calls
     return partial
 
 
@@ -306,6 +320,7 @@ def _q(sketch: str, q: float) -> Callable[[WindowPartial], float | None]:
 
 METRIC_FNS: dict[str, Callable[[WindowPartial], float | None]] = {
     "calls": lambda p: float(p.calls),
+    "arrivals": lambda p: float(p.arrivals),
     "cost_usd": lambda p: p.cost_usd,
     # over the calls with a cost: an unpriced one counted as $0 makes a release without a price look cheap
     "cost_per_call_usd": lambda p: rate_f(p.cost_usd, p.calls - p.price_missing),
@@ -418,6 +433,8 @@ class WindowAggregator:
         """Windows starting before this have been emitted; their events are late."""
         self._open: dict[int, dict[tuple[str, ...], WindowPartial]] = {}
         self._last_event_wall = 0.0
+        self._flows_before: dict[tuple[str, ...], tuple[int, set[str]]] = {}
+        """Per scope key, the last closed window's flows: a flow still going is no new arrival."""
 
     @property
     def open_windows(self) -> int:
@@ -509,6 +526,11 @@ class WindowAggregator:
             rm = e.response_model
             if rm is not None and rm not in p.served:
                 p.served.add(rm)
+            flow = e.trace_id or e.conversation_id
+            if flow:
+                p.flow_ids.add(flow)
+            else:
+                p.arrivals += 1
         self.late_events += late
         if flows is not None:
             flows.add(events, ts, keys, costs, closed_before)
@@ -530,7 +552,7 @@ class WindowAggregator:
         out: list[WindowPartial] = []
         for ws in closed_starts:
             out.extend(self._open.pop(ws).values())
-        return _count_unpinned(out)
+        return _count_unpinned(self._count_arrivals(out))
 
     def touch(self, now: float) -> None:
         """Count ``now`` as activity: a partition that never sees an event still goes idle (and
@@ -552,6 +574,28 @@ class WindowAggregator:
         if self._last_event_wall and now - self._last_event_wall >= idle_timeout_s:
             return self.advance(now - self.lateness_s - idle_timeout_s)
         return []
+
+    def _count_arrivals(self, closed: list[WindowPartial]) -> list[WindowPartial]:
+        """Flows into arrivals as their windows close (oldest first): a flow the scope's previous
+        window had is a continuation, not an arrival. One set difference per partial, not per event.
+        Memory: one window's flow ids per scope key; a key silent for a window is forgotten."""
+        before = self._flows_before
+        newest = -1
+        for p in closed:
+            ids = p.flow_ids
+            prev = before.get(p.key)
+            if prev is not None and prev[0] == p.window_start - p.window_s:
+                p.arrivals += len(ids - prev[1])
+            else:
+                p.arrivals += len(ids)
+            before[p.key] = (p.window_start, ids)
+            p.flow_ids = set()
+            newest = max(newest, p.window_start)
+        if closed:
+            stale = [k for k, (ws, _) in before.items() if ws < newest - self.window_s]
+            for k in stale:
+                del before[k]
+        return closed
 
     def _count_flows(self, flows: list[ClosedFlow]) -> None:
         """Closed flows into the (still open) window of the moment each was known to be over."""
@@ -582,4 +626,4 @@ class WindowAggregator:
         for ws in sorted(self._open):
             out.extend(self._open[ws].values())
         self._open.clear()
-        return _count_unpinned(out)
+        return _count_unpinned(self._count_arrivals(out))

@@ -18,7 +18,14 @@ from processors.drift import MID_QUANTILES
 from processors.sketch import QuantileSketch
 from schemas.rules import Budget, Rule
 from sinks.clickhouse import Connection, RetryPolicy
-from sinks.queries.metrics import METRIC_SQL, rule_windows_sql, scope_columns, sql_literal, where_clause
+from sinks.queries.metrics import (
+    METRIC_SQL,
+    arrival_windows_sql,
+    rule_windows_sql,
+    scope_columns,
+    sql_literal,
+    where_clause,
+)
 
 _COLUMNS = [
     "dedup_key", "rule", "state", "severity", "action", "metric", "value", "condition", "scope", "labels",
@@ -72,11 +79,14 @@ class AlertStore:
     def window_values(
         self, rule: Rule, start: float, end: float
     ) -> dict[int, dict[tuple[str, ...], tuple[float | None, float]]]:
-        """The rule's metric per window start and scope value: {window: {values: (metric, calls)}}."""
-        metric = "calls" if rule.absent is not None else rule.metric
-        if metric not in METRIC_SQL:
+        """The rule's metric per window start and scope value: {window: {values: (metric, calls)}};
+        for an absence rule, (arrivals, calls)."""
+        if rule.absent is not None:
+            sql = arrival_windows_sql(rule.scope.by, rule.scope.where, int(rule.window), start, end)
+        elif rule.metric in METRIC_SQL:
+            sql = rule_windows_sql(rule.metric, rule.scope.by, rule.scope.where, int(rule.window), start, end)
+        else:
             return {}
-        sql = rule_windows_sql(metric, rule.scope.by, rule.scope.where, int(rule.window), start, end)
         n = len(rule.scope.by)
         out: dict[int, dict[tuple[str, ...], tuple[float | None, float]]] = {}
         for row in self.conn.client.query(sql).result_rows:
@@ -158,19 +168,19 @@ class AlertStore:
 def _absence_history(
     by_window: dict[int, dict[tuple[str, ...], tuple[float | None, float]]], start: int, end: int, step: int
 ) -> dict[tuple[str, ...], list[tuple[float, float]]]:
-    """Calls per window for absence rules, silent windows included as zeros (the rollups have no
-    rows for them, and a bursty scope must not look steady after a restart), up to each scope's
-    last window with calls: a silence still going on is the outage, not the baseline (the stream
-    keeps breaching windows out of the history the same way)."""
+    """(calls, arrivals) per window for absence rules, silent windows included as zeros (the raw
+    table has no rows for them, and a bursty scope must not look steady after a restart), up to
+    each scope's last window with calls: a silence still going on is the outage, not the baseline
+    (the stream keeps breaching windows out of the history the same way)."""
     out: dict[tuple[str, ...], list[tuple[float, float]]] = {}
     scopes = {values for cells in by_window.values() for values in cells}
     for values in scopes:
-        series = [float(by_window.get(ws, {}).get(values, (0.0, 0.0))[1]) for ws in range(start, end, step)]
-        while series and series[-1] == 0:
+        series = [by_window.get(ws, {}).get(values, (0.0, 0.0)) for ws in range(start, end, step)]
+        while series and series[-1][1] == 0:
             series.pop()
-        while series and series[0] == 0:
+        while series and series[0][1] == 0:
             series.pop(0)  # before its first call the scope did not exist yet
-        out[values] = [(c, c) for c in series]
+        out[values] = [(float(calls), float(arrivals or 0.0)) for arrivals, calls in series]
     return out
 
 

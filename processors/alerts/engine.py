@@ -56,7 +56,7 @@ class KeyState:
     last_resolved: float | None = None
     last_value: float | None = None
     history: list[tuple[float, float]] = field(default_factory=list)
-    """(value, calls) of baseline windows (spike), or (calls, calls) per window (absent): the last
+    """(value, calls) of baseline windows (spike), or (calls, arrivals) per window (absent): the last
     ``history_len(rule)``, oldest first."""
 
     def remember(self, entry: tuple[float, float], keep: int) -> None:
@@ -229,7 +229,8 @@ class AlertEngine:
         st.state, st.firing_since, st.breaches = "firing", since, rule.for_
 
     def seed_history(self, rule: Rule, scope: Mapping[str, str], windows: Iterable[tuple[float, float]]) -> None:
-        """Warm a spike/absence baseline from history (ClickHouse rollups) after a restart: (value, calls)."""
+        """Warm a spike/absence baseline from history (ClickHouse rollups) after a restart: (value,
+        calls) for a spike rule, (calls, arrivals) for an absence rule."""
         st = self.state(rule, scope)
         keep = history_len(rule)
         for value, calls in windows:
@@ -272,15 +273,21 @@ class AlertEngine:
             # history learns only from windows that did not breach, so an outage neither erodes
             # the baseline (``for``, cooldown and long outages still see the traffic before it)
             # nor resolves while still silent.
+            # The odds are those of independent arrivals (``WindowPartial.arrivals``: an agent run
+            # or conversation is one, however many calls it makes), not of calls: counted in
+            # calls, a feature with three six-call runs per window looked steady at 18 and paged
+            # for every quiet window, several times a day.
             had = sum(c for c, _ in st.history)
             need = rule.absent.min_active_windows or rule.absent.baseline
-            recent = [c for c, _ in st.history[-need:]]
-            p0 = silence_probability(recent) if len(recent) >= need and all(recent) else 1.0
+            recent = st.history[-need:]
+            ok = len(recent) >= need and all(c for c, _ in recent)
+            p0 = silence_probability([a for _, a in recent]) if ok else 1.0
             armed = had >= rule.absent.min_baseline_calls and p0 <= rule.absent.max_silence_probability
             breach = calls == 0 and armed
             verdict = Verdict(breach, not breach, had / max(len(st.history), 1), silence=(had, p0))
             if not breach:
-                st.remember((float(calls), float(calls)), rule.absent.baseline)
+                arrivals = metrics.get("arrivals")  # None: a caller without them (each call counts)
+                st.remember((float(calls), float(calls if arrivals is None else arrivals)), rule.absent.baseline)
             return self._step(rule, scope, st, verdict, float(calls), window_start, window_end, metrics)
         value = metrics.get(rule.metric)
         if value is None or (isinstance(value, float) and math.isnan(value)):

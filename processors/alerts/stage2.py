@@ -376,6 +376,8 @@ class _Group:
         """The metrics the group's rules read (their own and what their ``min_calls`` counts):
         computed once per scope into a plain dict, whose lookups are what rules do most."""
         names = {"calls"} | {r.metric for r in self.rules} | {EVIDENCE.get(r.metric, "calls") for r in self.rules}
+        if self.watches_absence:
+            names.add("arrivals")
         return tuple((name, METRIC_FNS.get(name, _undefined)) for name in sorted(names))
 
     @cached_property

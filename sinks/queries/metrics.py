@@ -70,6 +70,23 @@ def metric_over_time(metric: str, filters: Mapping[str, str], start: float, end:
     )
 
 
+def arrival_windows_sql(by: list[str], where: Mapping[str, str], window_s: int, start: float, end: float) -> str:
+    """Arrivals and calls per window and scope value, from the raw calls (absence rules: the
+    rollups keep no flow ids). A flow is a ``trace_id``, else a ``conversation_id``, as the stream
+    counts it (``processors.windows.WindowPartial.arrivals``); here one that spans two windows
+    arrives in each, where the stream, which remembers the previous window, counts it once, so a
+    restart's baseline reads a little steadier than the stream's own."""
+    dims, group = scope_columns(by)
+    flow = "if(r.trace_id != '', r.trace_id, r.conversation_id)"
+    return (
+        f"SELECT toUnixTimestamp(toStartOfInterval(r.ts, INTERVAL {window_s} SECOND)) AS ws, {dims}"
+        f"uniqExactIf({flow}, {flow} != '') + uniqExactIf(r.event_id, {flow} = '') AS value, "
+        f"uniqExact(r.event_id) AS calls FROM llm_calls AS r WHERE {where_clause(where)} "
+        f"AND r.ts >= toDateTime({int(start)}) AND r.ts < toDateTime({int(end)}) "
+        f"GROUP BY ws{group} ORDER BY ws"
+    )
+
+
 def scope_columns(by: Sequence[str]) -> tuple[str, str]:
     """A scope's columns for a per-window query over alias ``r``: (``r.team AS d0, ``…, ``, d0``…)."""
     return "".join(f"r.{d} AS d{i}, " for i, d in enumerate(by)), "".join(f", d{i}" for i in range(len(by)))

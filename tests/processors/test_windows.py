@@ -193,6 +193,41 @@ def test_merge_adds_every_field() -> None:
     assert {name: getattr(a, name) for name in numeric} == {name: 2 * i for i, name in enumerate(numeric, start=1)}
 
 
+def test_arrivals_count_a_flow_once_and_each_call_outside_a_flow() -> None:
+    """What silence is judged by: an agent run or conversation is one arrival however many calls
+    it makes, and one still going in the next minute is no new arrival there."""
+    agg = WindowAggregator(60, 0)
+    closed = feed(agg, [
+        (T0 + 1, {"conversation_id": "c1"}), (T0 + 2, {"conversation_id": "c1"}),
+        (T0 + 3, {"conversation_id": "c1", "trace_id": "run-1"}), (T0 + 4, {"trace_id": "run-1"}),  # a run in c1
+        (T0 + 5, {}), (T0 + 6, {}),  # no flow: each call its own arrival
+        (T0 + 61, {"conversation_id": "c1"}), (T0 + 62, {"conversation_id": "c2"}),  # c1 goes on, c2 starts
+        (T0 + 181, {"conversation_id": "c1"}),  # after a silent minute: c1 arrives again
+        (T0 + 241, {"feature": "other", "conversation_id": "c1"}),  # another scope: its own arrival
+    ])  # fmt: skip
+    closed += agg.flush()
+    got = sorted((p.window_start - int(T0), p.key[0], p.calls, p.arrivals) for p in closed)
+    assert got == [(0, "support-chat", 6, 4), (60, "support-chat", 2, 1), (180, "support-chat", 1, 1),
+                   (240, "other", 1, 1)]  # fmt: skip
+    assert all(not p.flow_ids for p in closed)  # the ids are not kept past the close, nor sent
+    merged = WindowPartial(0, 60, ())  # stage 2 adds them up like calls
+    for p in closed:
+        merged.merge(p)
+    assert (merged.calls, merged.arrivals) == (10, 7)
+
+
+def test_partials_from_before_arrivals_count_each_call_as_one() -> None:
+    agg = WindowAggregator(60, 0)
+    feed(agg, [(T0 + i, {"conversation_id": "c"}) for i in range(5)])
+    (part,) = agg.flush()
+    header, blobs = part.to_wire().split(b"\n", 1)
+    assert WindowPartial.from_wire(part.to_wire()).arrivals == 1
+    old = orjson.loads(header)
+    del old["arrivals"]
+    back = WindowPartial.from_wire(orjson.dumps(old) + b"\n" + blobs)
+    assert (back.calls, back.arrivals) == (5, 5)  # as silence was judged then
+
+
 def test_calls_naming_a_model_alias_are_counted_as_their_window_closes() -> None:
     agg = WindowAggregator(60, 0)
     # the call at T0 + 61 closes the first minute (no lateness): four calls, three of them to an alias

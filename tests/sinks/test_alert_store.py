@@ -22,6 +22,10 @@ def test_absence_history_has_zeros_for_silent_windows_and_stops_at_the_last_call
         if w % 2 == 0:
             events += [call(feature="bursty", ts=iso(START + w * 600 + i)) for i in range(30)]
     events += [call(feature="stopped", ts=iso(START + w * 600 + i)) for w in range(3) for i in range(5)]
+    # two six-call agent runs per window (a trace each, in one conversation) and a lone call
+    events += [call(feature="agents", ts=iso(START + w * 600 + run * 60 + i), conversation_id=f"c{w}",
+                    trace_id=f"run-{w}-{run}") for w in range(6) for run in range(2) for i in range(6)]  # fmt: skip
+    events += [call(feature="agents", ts=iso(START + w * 600 + 300)) for w in range(6)]
     runtime = EmbeddedRuntime(settings, conn)
     runtime.ingest(batch([orjson.dumps(e) for e in events]), now=NOW)
     runtime.finish()
@@ -30,7 +34,9 @@ def test_absence_history_has_zeros_for_silent_windows_and_stops_at_the_last_call
                                    "absent": {"baseline": 6, "min_baseline_calls": 30}, "min_calls": 0}]},
                        "test").rules[0]  # fmt: skip
     history = AlertStore(conn).recent_values(rule, START + 6 * 600, 6)
+    # (calls, arrivals): without flows each call is an arrival, as the stream counts them
     assert history[("steady",)] == [(10.0, 10.0)] * 6
+    assert history[("agents",)] == [(13.0, 3.0)] * 6
     # bursty: its quiet windows are zeros (the rollups have no row for them), the last one dropped
     # as a silence still going on
     assert history[("bursty",)] == [(30.0, 30.0), (0.0, 0.0), (30.0, 30.0), (0.0, 0.0), (30.0, 30.0)]

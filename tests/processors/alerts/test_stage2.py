@@ -140,6 +140,26 @@ def test_a_silent_feature_pages_through_idle_watermarks() -> None:
     assert [(e.state, e.scope, e.window_start.timestamp()) for e in events] == [("firing", {"feature": "a"}, T0 + 180)]
 
 
+def test_a_feature_whose_calls_come_in_runs_does_not_page_for_a_quiet_minute() -> None:
+    """The previous test's traffic as one 20-call agent run a minute: one arrival each, so a
+    silent minute is unremarkable (p = e^-1), and stage 2 hands the rule the arrivals to see it."""
+    stage2 = Stage2(sources=[0])
+    windows = rules({"name": "stopped", "metric": "calls", "scope": ["feature"], "window": "1m",
+                     "absent": {"baseline": 3, "min_baseline_calls": 30}, "min_calls": 0})  # fmt: skip
+    events = []
+    for minute in range(3):
+        run = f"run-{minute}"
+        parts, _ = partials(0, [(T0 + minute * 60 + i, {"feature": "a", "trace_id": run}) for i in range(20)])
+        for p in parts:
+            stage2.add(SCOPE_DIMS, p, 0, T0 + (minute + 1) * 60)
+        events += windows.feed(*stage2.release())
+    rule = windows.engine.rules["stopped"]
+    assert windows.engine.state(rule, {"feature": "a"}).history == [(20.0, 1.0)] * 3
+    stage2.heartbeat(0, T0 + 5 * 60)
+    events += windows.feed(*stage2.release())
+    assert events == []
+
+
 def test_a_watermark_read_on_one_partials_partition_waits_for_the_others() -> None:
     """One worker sends a block's partials to several partials partitions at once. Batch 1
     closes minute 0 for scope b (partials partition 1); batch 2 closes minute 1 for scope a
