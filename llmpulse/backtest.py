@@ -13,6 +13,7 @@ from datetime import datetime
 from llmpulse.alerting import query_for
 from processors.alerts.engine import AlertEngine
 from processors.alerts.events import AlertEvent
+from processors.windows import EVIDENCE
 from schemas.rules import RulesFile
 from sinks.alert_store import AlertStore
 from sinks.queries.metrics import METRIC_SQL
@@ -62,8 +63,8 @@ def backtest(store: AlertStore, rules: RulesFile, start: float, end: float) -> B
                 scope = dict(zip(rule.scope.by, values, strict=True))
                 if rule.absent is not None:  # the store gives absence rules (arrivals, calls)
                     metrics = {"calls": calls, "arrivals": value}
-                else:
-                    metrics = {"calls": calls, rule.metric: value}
+                else:  # and for the rest (value, evidence): what the rule's min_calls counts
+                    metrics = {"calls": calls, EVIDENCE.get(rule.metric, "calls"): calls, rule.metric: value}
                 e = engine.evaluate(rule, scope, ws, ws + w, metrics)
                 evaluated += 1
                 if e is not None:

@@ -18,6 +18,7 @@ new flow, which counts one flow as two shorter ones (rare, and never more calls 
 from __future__ import annotations
 
 import heapq
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -41,6 +42,8 @@ class ClosedFlow:
     """First call's start to last call's end: what the user waited."""
     tokens: int
     cost_usd: float
+    """NaN when a call of the flow had no cost (unknown model or usage): the flow's cost is unknown,
+    not that of its priced calls."""
 
 
 class FlowTracker:
@@ -81,6 +84,7 @@ class FlowTracker:
         due = self._due
         cost = costs.cost_usd
         idle = self.idle_s
+        nan = math.nan
         for i, e in enumerate(events):
             trace = e.trace_id
             if trace:
@@ -105,11 +109,14 @@ class FlowTracker:
             if f is None:
                 # a tuple, not a list: tuples of atoms leave the garbage collector's books, and most
                 # flows are one call long and are never touched again
-                flows[fk] = (keys[i], start, end, 1, e.input_tokens + e.output_tokens, cost[i] or 0.0)
+                c = cost[i]
+                flows[fk] = (keys[i], start, end, 1, e.input_tokens + e.output_tokens, nan if c is None else c)
             else:
                 later = end > f[_END]
+                c = cost[i]
+                total = f[_COST] + (nan if c is None else c)
                 flows[fk] = (f[_KEY], min(f[_START], start), end if later else f[_END], f[_CALLS] + 1,
-                             f[_TOKENS] + e.input_tokens + e.output_tokens, f[_COST] + (cost[i] or 0.0))  # fmt: skip
+                             f[_TOKENS] + e.input_tokens + e.output_tokens, total)  # fmt: skip
                 if not later:
                     continue  # due no later than it already was: listed
             second = int(end + idle)

@@ -55,6 +55,7 @@ _COUNTS = (
     "flows",
     "flow_calls",
     "flow_tokens",
+    "flow_unpriced",
     "arrivals",
 )
 _SUMS = ("cost_usd", "latency_ms_sum", "ttft_ms_sum", "eval_sum", "eval_sumsq", "rating_sum", "flow_ms_sum",
@@ -110,6 +111,8 @@ class WindowPartial:
     flow_tokens: int = 0
     flow_ms_sum: float = 0.0
     flow_cost_usd: float = 0.0
+    """Of the flows whose every call had a cost; ``flow_unpriced`` counts the others."""
+    flow_unpriced: int = 0
     flow_ms: QuantileSketch = field(default_factory=QuantileSketch)
     """Perceived latency of those flows: first call's start to last call's end."""
     arrivals: int = 0
@@ -177,6 +180,7 @@ class WindowPartial:
             self.flow_tokens += other.flow_tokens
             self.flow_ms_sum += other.flow_ms_sum
             self.flow_cost_usd += other.flow_cost_usd
+            self.flow_unpriced += other.flow_unpriced
             self.flow_ms.merge(other.flow_ms)  # flows are few: always merged
 
     def copy(
@@ -320,6 +324,8 @@ def _q(sketch: str, q: float) -> Callable[[WindowPartial], float | None]:
 
 METRIC_FNS: dict[str, Callable[[WindowPartial], float | None]] = {
     "calls": lambda p: float(p.calls),
+    "priced_calls": lambda p: float(p.calls - p.price_missing),
+    "priced_flows": lambda p: float(p.flows - p.flow_unpriced),
     "arrivals": lambda p: float(p.arrivals),
     "cost_usd": lambda p: p.cost_usd,
     # over the calls with a cost: an unpriced one counted as $0 makes a release without a price look cheap
@@ -352,7 +358,7 @@ METRIC_FNS: dict[str, Callable[[WindowPartial], float | None]] = {
     "flows": lambda p: float(p.flows),
     "flow_calls_avg": lambda p: rate_f(p.flow_calls, p.flows),
     "flow_tokens_avg": lambda p: rate_f(p.flow_tokens, p.flows),
-    "flow_cost_usd_avg": lambda p: rate_f(p.flow_cost_usd, p.flows),
+    "flow_cost_usd_avg": lambda p: rate_f(p.flow_cost_usd, p.flows - p.flow_unpriced),
     "flow_perceived_avg_ms": lambda p: rate_f(p.flow_ms_sum, p.flows),
     "flow_perceived_p50_ms": _q("flow_ms", 0.5),
     "flow_perceived_p95_ms": _q("flow_ms", 0.95),
@@ -376,9 +382,16 @@ EVIDENCE: dict[str, str] = {
     "thumbs_down_rate": "feedback_count",
     "rating_avg": "rated",
     **dict.fromkeys(FLOW_METRICS - {"flows"}, "flows"),
+    "cost_per_call_usd": "priced_calls",
+    "flow_cost_usd_avg": "priced_flows",
 }  # fmt: skip
 """What ``min_calls`` counts for a metric: judged calls for eval scores, feedback for feedback
-metrics, finished flows for flow metrics, calls for everything else."""
+metrics, finished flows for flow metrics, calls (flows) with a cost for costs per call (flow),
+calls for everything else. A window of 50 calls, 40 of them on a model without a price, holds
+ten costs: too few to call a spike on."""
+
+CALL_BOUNDED: frozenset[str] = frozenset({"calls", "priced_calls"})
+"""Evidence never above a window's calls: a scope with fewer calls than ``min_calls`` has too little."""
 
 UNCOUNTED: frozenset[str] = frozenset({"pipeline_lag_s"})
 """Metrics measured rather than counted from a window's traffic: ``min_calls`` does not apply, and
@@ -615,7 +628,10 @@ class WindowAggregator:
             p.flow_calls += f.calls
             p.flow_tokens += f.tokens
             p.flow_ms_sum += f.perceived_ms
-            p.flow_cost_usd += f.cost_usd
+            if math.isnan(f.cost_usd):
+                p.flow_unpriced += 1
+            else:
+                p.flow_cost_usd += f.cost_usd
             p.flow_ms.add(f.perceived_ms)
 
     def flush(self) -> list[WindowPartial]:

@@ -24,7 +24,7 @@ SCOPE_DIMENSIONS = ("feature", "team", "model", "provider", "prompt_version", "v
 METRICS: dict[str, str] = {
     "calls": "calls in the window",
     "cost_usd": "spend in the window (USD)",
-    "cost_per_call_usd": "average cost per call (USD)",
+    "cost_per_call_usd": "average cost per call with a cost (USD; min_calls counts those calls)",
     "error_rate": "share of calls with status != ok",
     "timeout_rate": "share of calls that timed out",
     "rate_limited_rate": "share of calls that were rate limited",
@@ -52,7 +52,7 @@ METRICS: dict[str, str] = {
     "flows": "multi-call flows (agent runs by trace_id, conversation turns) that finished in the window",
     "flow_calls_avg": "calls per finished flow",
     "flow_tokens_avg": "tokens (input + output) per finished flow",
-    "flow_cost_usd_avg": "cost per finished flow (USD)",
+    "flow_cost_usd_avg": "cost per finished flow whose every call had a cost (USD; min_calls counts those flows)",
     "flow_perceived_avg_ms": "mean perceived latency of finished flows: first call's start to last call's end (ms)",
     "flow_perceived_p50_ms": "median perceived latency of finished flows (ms)",
     "flow_perceived_p95_ms": "95th percentile perceived latency of finished flows (ms)",

@@ -20,7 +20,7 @@ from processors.alerts.engine import AlertEngine
 from processors.alerts.events import AlertEvent
 from processors.drift import BASELINE_WINDOWS, STREAM_DRIFT_METRICS, DriftMemory
 from processors.sketch import QuantileSketch
-from processors.windows import EVIDENCE, METRIC_FNS, SCOPE_DIMS, SKETCH_METRICS, WindowPartial
+from processors.windows import CALL_BOUNDED, EVIDENCE, METRIC_FNS, SCOPE_DIMS, SKETCH_METRICS, WindowPartial
 from schemas.rules import Rule
 
 Dims = tuple[str, ...]
@@ -384,7 +384,7 @@ class _Group:
     def floor(self) -> int:
         """Scopes with fewer calls than this give no rule of the group evidence: not evaluated at all.
         0 where a rule counts something else (judge scores, feedback, flows) or watches absence."""
-        if self.watches_absence or any(EVIDENCE.get(r.metric, "calls") != "calls" for r in self.rules):
+        if self.watches_absence or any(EVIDENCE.get(r.metric, "calls") not in CALL_BOUNDED for r in self.rules):
             return 0
         return min(r.min_calls for r in self.rules)
 

@@ -4,14 +4,16 @@
 -- new flow (a conversation's next turn; an agent run resumed after a long wait), as the stream's
 -- flow tracker (processors/flows.py) splits it. Single-call flows are left out. Raw rows read FINAL:
 -- a call written twice before a merge would add a step (and its tokens and cost) to its flow.
+-- Cost per flow is over the flows whose every call has a cost (an unpriced call makes its flow's
+-- cost unknown, not cheaper); flows_without_cost counts the others, as the stream's metric does.
 SELECT feature, count() AS flows, round(avg(calls), 2) AS calls_per_flow, round(avg(tokens)) AS tokens_per_flow,
-       round(avg(cost), 6) AS cost_per_flow_usd,
+       round(avgIf(cost, unpriced = 0), 6) AS cost_per_flow_usd, countIf(unpriced > 0) AS flows_without_cost,
        round(quantileExact(0.5)(perceived_ms)) AS perceived_p50_ms,
        round(quantileExact(0.95)(perceived_ms)) AS perceived_p95_ms,
        round(avg(active_ms)) AS model_time_ms
 FROM (
     SELECT feature, flow, turn, count() AS calls, sum(input_tokens + output_tokens) AS tokens,
-           sum(ifNull(cost_usd, 0)) AS cost, sum(latency_ms) AS active_ms,
+           sum(ifNull(cost_usd, 0)) AS cost, countIf(cost_usd IS NULL) AS unpriced, sum(latency_ms) AS active_ms,
            dateDiff('millisecond', min(ts), max(end_ts)) AS perceived_ms
     FROM (
         SELECT feature, flow, ts, end_ts, input_tokens, output_tokens, cost_usd, latency_ms,

@@ -55,6 +55,10 @@ METRIC_SQL: dict[str, str] = {
 }
 
 
+EVIDENCE_SQL: dict[str, str] = {"cost_per_call_usd": "sum(r.calls) - sum(r.price_missing)"}
+"""What a metric's ``min_calls`` counts where that is not the calls (``processors.windows.EVIDENCE``)."""
+
+
 def where_clause(filters: Mapping[str, str]) -> str:
     return " AND ".join(f"r.{k} = {sql_literal(v)}" for k, v in sorted(filters.items())) or "1"
 
@@ -95,12 +99,14 @@ def scope_columns(by: Sequence[str]) -> tuple[str, str]:
 def rule_windows_sql(
     metric: str, by: list[str], where: Mapping[str, str], window_s: int, start: float, end: float
 ) -> str:
-    """A rule's metric and call count per window and scope value, in time order (backtests, baselines)."""
+    """A rule's metric and evidence (what its ``min_calls`` counts: ``EVIDENCE_SQL``, else calls) per
+    window and scope value, in time order (backtests, baselines)."""
     expr = METRIC_SQL[metric]
+    evidence = EVIDENCE_SQL.get(metric, "sum(r.calls)")
     dims, group = scope_columns(by)
     return (
         f"SELECT toUnixTimestamp(toStartOfInterval(r.minute, INTERVAL {window_s} SECOND)) AS ws, {dims}"
-        f"{expr} AS value, sum(r.calls) AS calls FROM llm_calls_1m AS r WHERE {where_clause(where)} "
+        f"{expr} AS value, {evidence} AS calls FROM llm_calls_1m AS r WHERE {where_clause(where)} "
         f"AND r.minute >= toDateTime({int(start)}) AND r.minute < toDateTime({int(end)}) "
         f"GROUP BY ws{group} ORDER BY ws"
     )

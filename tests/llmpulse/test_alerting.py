@@ -214,6 +214,51 @@ def test_a_trace_that_goes_quiet_splits_into_two_flows_in_the_stream_and_in_sql(
     assert (row["feature"], row["flows"], row["calls_per_flow"], row["perceived_p50_ms"]) == ("agent", 2, 2.0, 5000)
 
 
+def test_unpriced_calls_are_no_evidence_and_no_cost_in_sql_as_in_the_stream(settings: Any, conn: Any) -> None:
+    """Three priced agent runs and one with a step on a model without a price: cost per flow is over
+    the priced runs in the stream and in ``flows_by_feature``, and a cost-per-call rule (in the
+    stream, its baseline and the backtest) counts the 11 calls with a cost as its evidence, not all 12."""
+    from sinks import queries
+
+    now = time.time()
+    start = now - now % 3600 - 5 * 3600  # an hour no other test here writes
+    payloads = []
+    for k in range(4):
+        for i in range(3):
+            model = "acme-llm-9" if (k, i) == (3, 2) else "gpt-4o"
+            payloads.append(orjson.dumps(call(feature="agent-costs", trace_id=f"cost-run-{k}", model=model,
+                                              ts=iso(start + k * 300 + i * 3))))  # fmt: skip
+    payloads.append(orjson.dumps(call(feature="agent-costs", ts=iso(start + 3600 + 600))))  # closes the hour
+    per_call = (1000 * 2.5 + 200 * 10) / 1e6  # gpt-4o, 1,000 in / 200 out: $0.0045
+    rules = parse_rules({"rules": [
+        {"name": "flow-cost", "metric": "flow_cost_usd_avg", "scope": ["feature"], "window": "1h", "max": 0,
+         "min_calls": 1},
+        {"name": "call-cost", "metric": "cost_per_call_usd", "scope": ["feature"], "window": "1h", "max": 0,
+         "min_calls": 12},
+    ]}, "test")  # fmt: skip
+    alerts = AlertPipeline(settings, conn, rules=rules, channels=[])
+    run(settings, conn, payloads, alerts, now)
+    alerts.close()
+    fired = {e.rule: e for e in alerts.delivered if e.state == "firing" and e.scope == {"feature": "agent-costs"}}
+    assert fired["flow-cost"].value == pytest.approx(3 * per_call)  # (3 runs x 3 calls) / 3 runs, not / 4
+    assert "call-cost" not in fired  # 11 priced calls < min_calls 12, though the hour had 12 calls
+    (row,) = [r for r in queries.run(conn.client, "flows_by_feature", start=start, end=start + 3600)
+              if r["feature"] == "agent-costs"]  # fmt: skip
+    assert (row["flows"], row["flows_without_cost"]) == (4, 1)
+    assert row["cost_per_flow_usd"] == pytest.approx(3 * per_call)
+    store = AlertStore(conn)
+    windows = store.window_values(rules.rules[1], start, start + 3600)
+    assert windows[int(start)][("agent-costs",)] == (pytest.approx(per_call), 11.0)  # (cost per call, priced calls)
+    only = {"by": ["feature"], "where": {"feature": "agent-costs"}}
+    lax = parse_rules({"rules": [{"name": "call-cost", "metric": "cost_per_call_usd", "scope": only, "window": "1h",
+                                  "max": 0, "min_calls": 11}]}, "test")  # fmt: skip
+    (incident,) = backtest(store, lax, start, start + 3600).incidents
+    assert incident.value == pytest.approx(per_call)  # 11 priced calls are evidence enough for 11
+    strict = parse_rules({"rules": [{"name": "call-cost", "metric": "cost_per_call_usd", "scope": only,
+                                     "window": "1h", "max": 0, "min_calls": 12}]}, "test")  # fmt: skip
+    assert backtest(store, strict, start, start + 3600).incidents == []
+
+
 def test_stage2_merges_a_partials_message_once_though_a_rebalance_reads_it_again(settings: Any, conn: Any) -> None:
     """After a rebalance the consumer starts every assigned partition again from its committed
     offset, which stage 2 pins behind the minutes it has not evaluated: those messages come

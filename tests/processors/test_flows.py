@@ -49,6 +49,26 @@ def test_an_agent_run_is_one_flow_from_first_start_to_last_end() -> None:
     assert p.metric("flow_perceived_p95_ms") == 9500.0 and p.metric("flow_calls_avg") == 5.0
 
 
+def test_a_flow_with_an_unpriced_call_has_no_cost_rather_than_a_smaller_one() -> None:
+    """Counted as $0, the unpriced step made the run look cheaper, and a model with no price in
+    an agent's chain pulled the feature's cost per flow down."""
+    agg = WindowAggregator(60, lateness_s=0, flow_idle_s=30)
+    priced = [(T0 + i * 2.0, {"trace_id": "run-1"}) for i in range(3)]
+    mixed = [(T0 + i * 2.0, {"trace_id": "run-2"}) for i in range(2)]
+    mixed.append((T0 + 4.0, {"trace_id": "run-2", "model": "acme-llm-9"}))  # no price for it
+    out = feed(agg, priced + mixed) + feed(agg, [(T0 + 300, {"feature": "other"})]) + agg.flush()
+    (p,) = [p for p in out if p.flows]
+    per_call = (1000 * 2.5 + 200 * 10) / 1e6  # gpt-4o: $2.50 / $10 per 1M input / output tokens
+    assert (p.flows, p.flow_unpriced, p.flow_calls) == (2, 1, 6)
+    assert p.flow_cost_usd == pytest.approx(3 * per_call)  # run-1's alone
+    assert p.metric("flow_cost_usd_avg") == pytest.approx(3 * per_call)  # not (3 + 2) * per_call / 2
+    assert p.metric("priced_flows") == 1.0
+    back = WindowPartial.from_wire(p.to_wire())
+    assert (back.flow_unpriced, back.metric("flow_cost_usd_avg")) == (1, p.metric("flow_cost_usd_avg"))
+    only_unpriced = WindowPartial(0, 60, ("k",), flows=1, flow_calls=2, flow_unpriced=1)
+    assert only_unpriced.metric("flow_cost_usd_avg") is None  # unknown, not $0
+
+
 def test_a_conversation_splits_into_turns_at_the_idle_gap_and_single_calls_are_not_flows() -> None:
     agg = WindowAggregator(60, lateness_s=0, flow_idle_s=30)
     conv = {"conversation_id": "c-1", "latency_ms": 1000.0}

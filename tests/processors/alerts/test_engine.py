@@ -212,6 +212,18 @@ def test_absence_judges_silence_by_arrivals_not_calls() -> None:
     assert engine.state(r, {"feature": "agents"}).history == [(17.0, 3.0), (19.0, 3.0), (0.0, 0.0)]
 
 
+def test_cost_per_call_evidence_is_the_calls_with_a_cost() -> None:
+    """A window of 50 calls, 45 of them on a model without a price, holds five costs: too few
+    for a rule wanting 20, however many calls the window had."""
+    r = rule(name="cost", metric="cost_per_call_usd", max=0.01, min_calls=20)
+    engine = AlertEngine([r])
+    few = {"calls": 50.0, "priced_calls": 5.0, "cost_per_call_usd": 0.05}
+    assert engine.evaluate(r, {"feature": "chat"}, 0.0, 60.0, few) is None
+    enough = {"calls": 50.0, "priced_calls": 20.0, "cost_per_call_usd": 0.05}
+    event = engine.evaluate(r, {"feature": "chat"}, 60.0, 120.0, enough)
+    assert event is not None and event.state == "firing"
+
+
 def test_min_active_windows_cannot_exceed_the_baseline() -> None:
     from schemas.rules import RulesError
 
