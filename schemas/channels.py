@@ -429,7 +429,7 @@ ChannelConfig = Annotated[
 ]
 
 
-_CHANNEL_TYPES: dict[str, type[_Section]] = {
+CHANNEL_TYPES: dict[str, type[_Section]] = {
     "console": ConsoleChannelConfig,
     "webhook": WebhookChannelConfig,
     "slack": SlackChannelConfig,
@@ -451,7 +451,7 @@ def _mask_channel(item: Any) -> Any:
     if not isinstance(item, Mapping):
         return item
     kind = item.get("type")
-    model = _CHANNEL_TYPES.get(kind) if isinstance(kind, str) else None
+    model = CHANNEL_TYPES.get(kind) if isinstance(kind, str) else None
     if model is None:
         return _mask_everything(item, keep=frozenset({"name", "type"}))
     masked = model.mask_input(item)

@@ -17,7 +17,7 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field, SecretStr, Va
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict, SettingsError
 
 from schemas import limits
-from schemas.channels import ChannelList
+from schemas.channels import CHANNEL_TYPES, ChannelList
 from schemas.durations import Duration
 from schemas.files import read_yaml
 from schemas.judge import JudgeSettings
@@ -386,23 +386,33 @@ def _is_secret(loc: tuple[Any, ...]) -> bool:
     return any(isinstance(part, str) and SECRET_KEY.search(part) for part in loc)
 
 
+def _readable_loc(loc: tuple[Any, ...]) -> tuple[Any, ...]:
+    """The location as the user wrote it: pydantic puts a tagged union's tag after the list index
+    (``alerting.channels.0.slack.webhook_url``), naming a key nobody set."""
+    return tuple(p for i, p in enumerate(loc) if not (i and isinstance(loc[i - 1], int) and p in CHANNEL_TYPES))
+
+
 def _describe(exc: ValidationError, path: Path | None, file_data: dict[str, Any], flags: dict[str, Any]) -> str:
     lines = []
     for err in exc.errors():
-        loc = tuple(err["loc"])
+        loc = _readable_loc(tuple(err["loc"]))
         key = ".".join(str(p) for p in loc)
+        env = next((_env_name(loc[:i]) for i in range(len(loc), 0, -1) if _env_name(loc[:i]) in os.environ), None)
         if _lookup(flags, loc):
             origin = "command-line flag"
-        elif _env_name(loc) in os.environ or any(_env_name(loc[:i]) in os.environ for i in range(1, len(loc))):
-            origin = f"environment variable {_env_name(loc)}"
+        elif env is not None:  # the variable that is set: a list or section comes whole, as JSON
+            origin = f"environment variable {env}"
         elif path is not None and _lookup(file_data, loc):
             origin = str(path)
         else:
             origin = str(path) if path else "settings"
-        msg = err["msg"]
+        msg = err["msg"].removeprefix("Value error, ")  # our validators' own words need no pydantic label
         if err["type"] == "extra_forbidden":
             msg = "unknown key (check the spelling; see llmpulse.yaml in the repository for every key)"
         elif "input" in err and err["type"] != "missing":
-            msg += " (the value is a secret, so it is not shown)" if _is_secret(loc) else f" (got {err['input']!r})"
+            if _is_secret(loc):
+                msg += " (the value is a secret, so it is not shown)"
+            elif repr(err["input"]) not in msg:  # a validator that quoted it already
+                msg += f" (got {err['input']!r})"
         lines.append(f"{origin}: key `{key}`: {msg}")
     return "\n".join(lines)

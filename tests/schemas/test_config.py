@@ -75,6 +75,19 @@ def test_env_error_names_the_variable(monkeypatch: pytest.MonkeyPatch) -> None:
         load_settings(None)
 
 
+def test_a_list_from_the_env_names_the_variable_set_and_the_key_as_written(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Channels come whole, as JSON, in LLMPULSE_ALERTING__CHANNELS: the error named a variable
+    nobody can set (``..._CHANNELS__0__WEBHOOK__TIMEOUT_S``) and the union's tag as a key."""
+    monkeypatch.setenv("LLMPULSE_ALERTING__CHANNELS", '[{"name": "w", "type": "webhook", "url": "http://x", '
+                       '"timeout_s": "slow"}]')  # fmt: skip
+    with pytest.raises(ConfigError) as info:
+        load_settings(None)
+    assert str(info.value) == (
+        "environment variable LLMPULSE_ALERTING__CHANNELS: key `alerting.channels.0.timeout_s`: "
+        "expected a duration like '30s', '5m', '1h' or '7d', got 'slow'"
+    )  # no pydantic "Value error," label, and the value once
+
+
 def test_a_section_given_a_plain_value_names_the_variable(monkeypatch: pytest.MonkeyPatch) -> None:
     """LLMPULSE_SERVER is the server section, not a URL: a readable error, not pydantic's traceback."""
     monkeypatch.setenv("LLMPULSE_SERVER", "http://127.0.0.1:4318")
