@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import gzip
 import io
+import zlib
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -17,6 +18,24 @@ import xxhash
 from processors.records import PayloadBatch, Source
 
 CHUNK_LINES = 50_000
+
+_GZIP_FAILURES = (EOFError, gzip.BadGzipFile, zlib.error)
+
+
+class UnreadableFile(Exception):
+    """A gzipped file that cannot be read to its end (cut short, or not gzip after its magic bytes).
+
+    Python reports a cut gzip stream as ``EOFError``, which click takes for Ctrl-D and answers
+    with a bare "Aborted!": the user learned neither what was wrong nor which file."""
+
+    def __init__(self, path: Path, lines: int, cause: BaseException) -> None:
+        self.path, self.lines = path, lines
+        if isinstance(cause, EOFError):
+            what = "its gzip stream ends before the end-of-stream marker: the file was cut short (an interrupted copy "
+            what += "or download, or a file still being written)"
+        else:
+            what = f"it is not a readable gzip file ({cause})"
+        super().__init__(f"{path}: {what}; {lines:,} whole line(s) read before that")
 
 
 def _open(path: Path) -> io.BufferedIOBase:
@@ -36,7 +55,7 @@ def read_chunks(path: Path, chunk_lines: int = CHUNK_LINES) -> Iterator[PayloadB
         offsets: list[int] = []
         digest = xxhash.xxh3_128()
         first_line = 1
-        for number, line in enumerate(fh, start=1):
+        for number, line in _numbered(path, fh):
             digest.update(line)
             stripped = line.rstrip(b"\r\n")
             if stripped.strip():
@@ -50,5 +69,15 @@ def read_chunks(path: Path, chunk_lines: int = CHUNK_LINES) -> Iterator[PayloadB
 
 
 def count_lines(path: Path) -> int:
+    """Lines in the file; reading it through first also finds a cut-short gzip before any is replayed."""
     with _open(path) as fh:
-        return sum(1 for _ in fh)
+        return sum(1 for _ in _numbered(path, fh))
+
+
+def _numbered(path: Path, fh: io.BufferedIOBase) -> Iterator[tuple[int, bytes]]:
+    number = 0
+    try:
+        for number, line in enumerate(fh, start=1):
+            yield number, line
+    except _GZIP_FAILURES as exc:
+        raise UnreadableFile(path, number, exc) from exc

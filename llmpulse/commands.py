@@ -29,6 +29,7 @@ from aiokafka.errors import (
     UnknownTopicOrPartitionError,
 )
 
+from ingest.files import UnreadableFile
 from llmpulse import console
 from llmpulse.client import QueryFailed, RemoteError
 from llmpulse.logs import quiet_repeats
@@ -200,6 +201,12 @@ def _friendly_errors(fn: F) -> F:
             console.error(str(exc))
         except FileNotFoundError as exc:
             console.error(f"{exc.filename}: no such file")
+        except UnreadableFile as exc:
+            console.error(
+                f"{exc}. Nothing was replayed from it.",
+                f"Copy the file again, or replay the readable part: zcat '{exc.path}' > part.jsonl (zcat stops where "
+                "the file ends), then llmpulse replay part.jsonl; a cut last line goes to the dead letters.",
+            )
         except KAFKA_UNREACHABLE as exc:
             console.error(
                 str(exc),
@@ -330,7 +337,10 @@ def _refuse_foreign_data(settings: Settings) -> None:
 def _render_demo(s: dict[str, Any], settings: Settings) -> None:
     out = console.out
     rate = s["events_per_second"]
-    out.print(f"\n[bold]llmpulse demo[/] — {s['period']['start']} → {s['period']['end']}, stored in {s['data']}\n")
+    out.print(
+        f"\n[bold]llmpulse demo[/] — {s['period']['start']} → {s['period']['end']}, "
+        f"stored in {console.escape(s['data'])}\n"
+    )
     overview = [
         {"": "calls accepted", "value": s["events"]},
         {"": "rejected → dlq table", "value": s["dlq"]},
@@ -410,6 +420,7 @@ def _render_demo(s: dict[str, Any], settings: Settings) -> None:
         "round(sum(output_tokens)/sum(calls)) out_tokens, round(sum(cost_usd),2) cost "
         "FROM llm_calls_1m WHERE feature='search-summarize' GROUP BY prompt_version\"",
         highlight=False,
+        markup=False,
         soft_wrap=True,
     )
     out.print(
@@ -417,12 +428,14 @@ def _render_demo(s: dict[str, Any], settings: Settings) -> None:
         f'    llmpulse query{data_flag} "SELECT toDate(minute) day, round(sum(refusals)/sum(calls),3) '
         "refusal_rate FROM llm_calls_1m WHERE model='claude-haiku-4-5' GROUP BY day ORDER BY day\"",
         highlight=False,
+        markup=False,
         soft_wrap=True,
     )
     out.print(
         f"  • snapshot switch: gpt-4o-mini served by {inc['snapshot_switch']['to']} from "
         f"{inc['snapshot_switch']['at']}:\n    llmpulse drift{data_flag} --window 24h --baseline 3d",
         highlight=False,
+        markup=False,
         soft_wrap=True,
     )
     out.print(
@@ -430,6 +443,7 @@ def _render_demo(s: dict[str, Any], settings: Settings) -> None:
         f"    llmpulse gate{data_flag} --since 8d --feature support-chat --baseline variant=control "
         "--candidate variant=canary --max-refusal-increase 0.02 --min-quality-delta 0\n",
         highlight=False,
+        markup=False,
         soft_wrap=True,
     )
 
@@ -479,12 +493,13 @@ def replay(file: Path, config_path: Path | None, data_dir: Path | None, clickhou
         *([{"": "unpriced: ok calls without usage", "value": c.usage_unknown}] if c.usage_unknown else []),
         {"": "unknown fields kept in attributes", "value": c.unknown_fields},
     ]
-    console.out.print(console.table(f"Replayed {file}", rows))
+    console.out.print(console.table(f"Replayed {console.escape(file)}", rows))
     if c.unknown_models:
         console.out.print(
             "Models without a price: "
             + ", ".join(f"{m} ({n})" for m, n in sorted(c.unknown_models.items()))
-            + ". Add them with `llmpulse prices import FILE`."
+            + ". Add them with `llmpulse prices import FILE`.",
+            markup=False,
         )
     if rejected:
         name = str(file.resolve()).replace("\\", "\\\\").replace("'", "\\'")  # the dlq's source_name
@@ -670,7 +685,7 @@ def prices_show(model: str | None, config_path: Path | None, data_dir: Path | No
         if rates is None:
             console.error(f"{model!r} is not in price table {table.price_version}: its calls get price_missing")
             raise SystemExit(1)
-        console.out.print(f"{model} → provider {rates.provider}, USD per 1M tokens:")
+        console.out.print(f"{model} → provider {rates.provider}, USD per 1M tokens:", markup=False)
         console.out.print(
             f"  input {rates.input * 1e6:g}, cached input {rates.cached_input * 1e6:g}, "
             f"cache write {rates.cache_write * 1e6:g}, output {rates.output * 1e6:g}"
@@ -688,7 +703,7 @@ def prices_show(model: str | None, config_path: Path | None, data_dir: Path | No
         }
         for name, p in sorted(table.models.items())
     ]
-    console.out.print(console.table(f"Price table {table.price_version} (USD per 1M tokens)", rows))
+    console.out.print(console.table(f"Price table {console.escape(table.price_version)} (USD per 1M tokens)", rows))
 
 
 @prices.command("import")
@@ -715,17 +730,28 @@ def prices_import(
         raise PriceError(f"{file}: not valid JSON: {exc}") from exc
     if not isinstance(data, dict):
         raise PriceError(f"{file}: expected an object of model entries (LiteLLM's format)")
-    imported = from_litellm(data, source=file.name, price_version=price_version)
+    skipped: dict[str, str] = {}
+    imported = from_litellm(data, source=file.name, price_version=price_version, skipped=skipped)
     merged = merge_tables(builtin_price_table(), imported)
     target = out or settings.data_dir / "prices.json"
     target.parent.mkdir(parents=True, exist_ok=True)
     target.write_text(merged.model_dump_json(indent=2, exclude_none=True))
     console.out.print(
-        f"Imported {len(imported.models)} models from {file} as price_version "
-        f"[bold]{merged.price_version}[/] → {target} ({len(merged.models)} models in all)."
+        f"Imported {len(imported.models)} models from {console.escape(file)} as price_version "
+        f"[bold]{console.escape(merged.price_version)}[/] → {console.escape(target)} "
+        f"({len(merged.models)} models in all)."
     )
+    if skipped:
+        shown = "; ".join(f"{name}: {why}" for name, why in sorted(skipped.items())[:5])
+        more = f" (and {len(skipped) - 5} more)" if len(skipped) > 5 else ""
+        console.out.print(
+            f"[yellow]Skipped {len(skipped)} malformed entr{'y' if len(skipped) == 1 else 'ies'}[/] (their "
+            f"models keep the built-in price, or none): {console.escape(shown)}{console.escape(more)}"
+        )
     if out is not None:
-        console.out.print(f"Point the pipeline at it with pricing.path: {out} (or LLMPULSE_PRICING__PATH).")
+        console.out.print(
+            f"Point the pipeline at it with pricing.path: {out} (or LLMPULSE_PRICING__PATH).", markup=False
+        )
 
 
 @cli.command()
@@ -760,7 +786,9 @@ def migrate(
         applied = run_migrations(conn, settings.retention, settings.clickhouse.cluster)
     finally:
         conn.close()
-    console.out.print(f"{conn.description}: " + (f"applied {', '.join(applied)}" if applied else "up to date"))
+    console.out.print(
+        f"{conn.description}: " + (f"applied {', '.join(applied)}" if applied else "up to date"), markup=False
+    )
 
 
 def _kafka_options(fn: F) -> F:
@@ -802,7 +830,7 @@ def topics_create(
         {"topic": s.name, "partitions": s.partitions, "status": outcome.get(s.name, "?"), "holds": s.purpose}
         for s in topic_specs(settings.kafka)
     ]
-    console.out.print(console.table(f"Kafka topics on {settings.kafka.bootstrap_servers}", rows))
+    console.out.print(console.table(f"Kafka topics on {console.escape(settings.kafka.bootstrap_servers)}", rows))
 
 
 async def _reach_kafka(settings: Settings) -> None:
@@ -930,9 +958,9 @@ def dlq_show(
         conn.close()
     records = [dict(zip(rows.column_names, r, strict=True)) for r in rows.result_rows]
     if not records:
-        console.out.print(f"No dead letters in the last {since}: every event received was accepted.")
+        console.out.print(f"No dead letters in the last {since}: every event received was accepted.", markup=False)
         return
-    console.out.print(console.table(f"Dead letters in the last {since}", records))
+    console.out.print(console.table(f"Dead letters in the last {console.escape(since)}", records))
 
 
 @dlq.command("replay")
@@ -971,7 +999,7 @@ def dlq_replay(
             sent = asyncio.run(republish(settings.kafka, letters)) if not dry_run else len(letters)
             if not dry_run:
                 record(conn, [(str(r["dlq_id"]), "republished", "") for r in letters])
-            console.out.print(f"Republished {sent} dead letters to {settings.kafka.topics.calls}.")
+            console.out.print(f"Republished {sent} dead letters to {settings.kafka.topics.calls}.", markup=False)
             return
         runtime = EmbeddedRuntime(settings, conn)
         outcome = replay_into_clickhouse(runtime, letters, dry_run)
@@ -1022,7 +1050,7 @@ def rules_check(file: Path | None, config_path: Path | None) -> None:
          "min calls": r.min_calls, "severity": r.severity, "action": r.effective_action}
         for r in parsed.rules
     ]  # fmt: skip
-    console.out.print(console.table(f"{source}: {len(parsed.rules)} rules", rows))
+    console.out.print(console.table(f"{console.escape(source)}: {len(parsed.rules)} rules", rows))
     if parsed.budgets:
         console.out.print(
             console.table(
@@ -1074,14 +1102,20 @@ def rules_backtest(
     if as_json:
         sys.stdout.write(json.dumps(rows) + "\n")
         return
-    console.out.print(console.table(f"Backtest of {source} over the last {since}: {len(rows)} incidents", rows))
+    console.out.print(
+        console.table(
+            f"Backtest of {console.escape(source)} over the last {console.escape(since)}: {len(rows)} incidents", rows
+        )
+    )
     counts: dict[str, int] = {}
     for i in result.incidents:
         counts[i.rule] = counts.get(i.rule, 0) + 1
     quiet = [r.name for r in parsed.rules if r.name not in counts and r.name not in result.skipped_rules]
-    console.out.print(f"{result.windows:,} rule windows evaluated. Never fired: {', '.join(quiet) or '—'}.")
+    console.out.print(
+        f"{result.windows:,} rule windows evaluated. Never fired: {', '.join(quiet) or '—'}.", markup=False
+    )
     for name, why in result.skipped_rules.items():
-        console.out.print(f"[yellow]skipped[/] {name}: {why}")
+        console.out.print(f"[yellow]skipped[/] {console.escape(name)}: {console.escape(why)}")
 
 
 def _human(seconds: float | None) -> str:
@@ -1170,12 +1204,13 @@ def gate(
          "limit": c.limit, "verdict": c.verdict}
         for c in result.checks
     ]  # fmt: skip
-    console.out.print(console.table(f"Gate: {candidate} vs {baseline} {describe_period(since, until)}", rows))
+    compared = f"{candidate} vs {baseline} {describe_period(since, until)}"
+    console.out.print(console.table(f"Gate: {console.escape(compared)}", rows))
     if code == 0:
         console.out.print("[bold green]PROMOTE[/]: every policy holds.")
     elif code == 1:
         failed = ", ".join(c.metric for c in result.checks if c.verdict == "FAIL")
-        console.out.print(f"[bold red]REFUSE[/]: {failed} outside policy.")
+        console.out.print(f"[bold red]REFUSE[/]: {console.escape(failed)} outside policy.")
     else:
         console.out.print("[bold yellow]INCONCLUSIVE[/]: not enough calls or judge scores on a side to decide.")
     raise SystemExit(code)
@@ -1239,14 +1274,15 @@ def _render_trace(t: Any) -> None:
         f = t.flow
         where = f"call {f['position']} of {f['calls']}: {f['tokens']:,} tokens, ${f['cost_usd']:.4f}, "
         rows.append((f"flow ({f['by']})", where + f"{_duration_ms(f['span_ms'])} start to end"))
-    out.print(console.table(f"Call {c['request_id']}", [{"": k, "value": v} for k, v in rows]))
+    out.print(console.table(f"Call {console.escape(c['request_id'])}", [{"": k, "value": v} for k, v in rows]))
     r = t.this_release
     seen = (
         f" — live {_json_default(r.first_seen)[:16]} → {_json_default(r.last_seen)[:16]}, {r.calls:,} calls"
         if r
         else ""
     )
-    out.print(console.table(f"Release {c['release_id']} ({c['variant'] or 'no variant'}){seen}",
+    release = f"{c['release_id']} ({c['variant'] or 'no variant'})"
+    out.print(console.table(f"Release {console.escape(release)}{seen}",
                             [{"field": k, "value": v} for k, v in t.release.items()]))  # fmt: skip
     if t.verdicts:
         out.print(console.table("Judge verdicts", t.verdicts))
@@ -1255,8 +1291,8 @@ def _render_trace(t: Any) -> None:
     if t.feedback:
         out.print(console.table("User feedback", t.feedback))
     if c["output"] is not None:
-        out.print(f"[bold]Output[/] ({c['output_chars'] or len(c['output']):,} chars): {c['output'][:500]}",
-                  highlight=False)  # fmt: skip
+        out.print(f"[bold]Output[/] ({c['output_chars'] or len(c['output']):,} chars): "
+                  f"{console.escape(c['output'][:500])}", highlight=False)  # fmt: skip
     if t.comparison is None:
         out.print("[dim]No earlier release of this feature to compare with.[/]")
         return
@@ -1265,8 +1301,8 @@ def _render_trace(t: Any) -> None:
         {"metric": k.metric, p.release_id: k.baseline, c["release_id"]: k.candidate, "change": k.change}
         for k in t.comparison.checks
     ]
-    out.print(console.table(f"Against the release before it: {p.release_id} (prompt {p.prompt_version}, "
-                            f"{p.model}, live from {_json_default(p.first_seen)[:16]})", rows))  # fmt: skip
+    before = f"{p.release_id} (prompt {p.prompt_version}, {p.model}, live from {_json_default(p.first_seen)[:16]})"
+    out.print(console.table(f"Against the release before it: {console.escape(before)}", rows))
 
 
 def _duration_ms(ms: float) -> str:
@@ -1334,8 +1370,8 @@ def reprice(
         for m, (n, o, c) in sorted(stats.by_model.items(), key=lambda kv: -abs(kv[1][2] - kv[1][1]))
     ]  # fmt: skip
     verb = "Would reprice" if dry_run else "Repriced"
-    title = (f"{verb} {stats.changed:,} of {stats.scanned:,} calls to price version {stats.price_version} "
-             f"({_json_default(datetime.fromtimestamp(start, UTC))[:16]} → "
+    title = (f"{verb} {stats.changed:,} of {stats.scanned:,} calls to price version "
+             f"{console.escape(stats.price_version)} ({_json_default(datetime.fromtimestamp(start, UTC))[:16]} → "
              f"{_json_default(datetime.fromtimestamp(end, UTC))[:16]}, {stats.seconds:.1f} s)")  # fmt: skip
     console.out.print(console.table(title, rows) if rows else title)
     total = f"Total: {_usd(stats.old_cost_usd)} → {_usd(stats.new_cost_usd)}"
@@ -1485,36 +1521,40 @@ def drift_cmd(
 
 
 def _render_drift(report: Any) -> None:
+    from rich.text import Text
+
     out = console.out
     w0, w1 = (_json_default(t)[:16] for t in report.window)
     b0, b1 = (_json_default(t)[:16] for t in report.baseline)
     rows = []
     for m in report.models:
-        marks = {c.metric: ("[bold red]" if c.drifted else "") + c.detail + ("[/]" if c.drifted else "")
-                 for c in m.changes}  # fmt: skip
+        # Styled as Text: table cells are literal, so markup in a cell would show as brackets.
+        marks = {c.metric: Text(c.detail, style="bold red" if c.drifted else "") for c in m.changes}
         rows.append({
             "feature": m.feature, "model": m.model, "calls": m.calls,
             "mean out": marks.get("output_tokens_avg"), "p95 out": marks.get("output_tokens_p95"),
-            "PSI out": (f"{m.psi:.3f} " if m.psi is not None else "") + (marks.get("output_tokens_psi") or ""),
+            "PSI out": Text.assemble(f"{m.psi:.3f} " if m.psi is not None else "",
+                                     marks.get("output_tokens_psi") or ""),
             "refusals": marks.get("refusal_rate"), "schema ok": marks.get("schema_valid_rate"),
             "tools": marks.get("tool_call_rate"), "thumbs down": marks.get("thumbs_down_rate"),
-            "verdict": "[bold red]DRIFT[/]" if m.drifted else "ok",
+            "verdict": Text("DRIFT", style="bold red") if m.drifted else "ok",
         })  # fmt: skip
     out.print(console.table(f"Drift: {w0} → {w1} against {b0} → {b1}", rows))
     for model, found in report.versions.items():
         for v in found:
             if v.kind == "switched":
                 used = ", ".join(sorted(set(report.features.get(model, []))))
-                out.print(f"[bold red]model switched[/] {v.detail} (used by {used})", highlight=False)
+                switched = console.escape(f"{v.detail} (used by {used})")
+                out.print(f"[bold red]model switched[/] {switched}", highlight=False)
     unpinned = sorted(m for m, found in report.versions.items() if any(v.kind == "unpinned" for v in found))
     if unpinned:
         out.print(f"[yellow]Unpinned model aliases[/] (the provider decides when they change; pin a snapshot): "
-                  f"{', '.join(unpinned)}", highlight=False)  # fmt: skip
+                  f"{console.escape(', '.join(unpinned))}", highlight=False)  # fmt: skip
     if report.thin:
         thin = ", ".join(f"{f}/{m} ({w}/{b})" for f, m, w, b in report.thin[:8])
         more = f" and {len(report.thin) - 8} more" if len(report.thin) > 8 else ""
         out.print(f"[dim]Too few calls to judge (window/baseline, need {report.thresholds.min_calls} each): "
-                  f"{thin}{more}[/]", highlight=False)  # fmt: skip
+                  f"{console.escape(thin)}{more}[/]", highlight=False)  # fmt: skip
 
 
 @cli.group()
@@ -1563,10 +1603,11 @@ def report_weekly(
         conn.close()
     reports = settings.data_dir / "reports"
     written = write(built, out_dir or reports / chosen.label, reports / "latest.html")
-    console.out.print(f"[bold]Weekly report {chosen.label}[/] ({reason}; {built.timings['total']:.2f} s)\n")
+    console.out.print(f"[bold]Weekly report {console.escape(chosen.label)}[/] ({console.escape(reason)}; "
+                      f"{built.timings['total']:.2f} s)\n")  # fmt: skip
     console.out.print(written.markdown.read_text(encoding="utf-8"), highlight=False, markup=False)
     console.out.print(f"HTML: {written.html}\nMarkdown: {written.markdown}\nJSON: {written.json}\n"
-                      f"Latest: {written.latest}", highlight=False)  # fmt: skip
+                      f"Latest: {written.latest}", highlight=False, markup=False)  # fmt: skip
     if open_browser:
         import webbrowser
 

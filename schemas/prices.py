@@ -75,9 +75,13 @@ def load_price_table(path: Path) -> PriceTable:
     try:
         return PriceTable.model_validate_json(raw)
     except ValidationError as exc:
-        first = exc.errors()[0]
-        where = ".".join(str(p) for p in first["loc"])
-        raise PriceError(f"{path}: key `{where}`: {first['msg']}") from exc
+        raise PriceError(f"{path}: {_first_error(exc)}") from exc
+
+
+def _first_error(exc: ValidationError) -> str:
+    first = exc.errors()[0]
+    where = ".".join(str(p) for p in first["loc"])
+    return f"key `{where}`: {first['msg']}" if where else str(first["msg"])
 
 
 _LITELLM_CHAT_MODES = {"chat", "completion", "responses", None}
@@ -121,13 +125,19 @@ def _litellm_tier(entry: dict[str, Any]) -> LongContextTier | None:
     return None
 
 
-def from_litellm(data: dict[str, Any], *, source: str, price_version: str | None = None) -> PriceTable:
+def from_litellm(
+    data: dict[str, Any], *, source: str, price_version: str | None = None, skipped: dict[str, str] | None = None
+) -> PriceTable:
     """Convert LiteLLM's ``model_prices_and_context_window.json`` into a price table.
 
     Only text-generation entries with both input and output rates are kept; the first
     long-context tier an entry lists becomes ``long_context`` (``_litellm_tier``). LiteLLM's
     1-hour cache write rates (``*_above_1hr``) have no place: one ``cache_write_tokens`` count
     cannot tell the two writes apart.
+
+    An entry with a malformed rate raises, naming it; given ``skipped``, it is left out and
+    recorded there (name → reason) instead. LiteLLM's file is edited by hand across ~2,000
+    entries, and one odd entry must not keep a user from the prices of every other model.
     """
     models: dict[str, ModelPrice] = {}
     for name, entry in data.items():
@@ -150,7 +160,9 @@ def from_litellm(data: dict[str, Any], *, source: str, price_version: str | None
                 long_context=tier,
             )
         except (TypeError, ValidationError) as exc:
-            raise PriceError(f"{source}: entry `{name}`: {exc}") from exc
+            if skipped is None:
+                raise PriceError(f"{source}: entry `{name}`: {exc}") from exc
+            skipped[name] = str(exc) if isinstance(exc, TypeError) else _first_error(exc)
     if not models:
         raise PriceError(f"{source}: no chat model with input and output prices found (is this LiteLLM's file?)")
     digest = hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:8]

@@ -3,6 +3,8 @@ from __future__ import annotations
 import gzip
 from pathlib import Path
 
+import pytest
+
 from ingest.files import read_chunks
 
 
@@ -31,3 +33,22 @@ def test_gzip_is_read_transparently(tmp_path: Path) -> None:
     path.write_bytes(gzip.compress(b'{"a":1}\n{"a":2}\n'))
     (chunk,) = read_chunks(path)
     assert chunk.payloads == [b'{"a":1}', b'{"a":2}']
+
+
+def test_a_cut_short_gzip_is_named_with_the_lines_before_the_cut(tmp_path: Path) -> None:
+    """Python reports it as EOFError, which click turned into a bare "Aborted!"."""
+    from ingest.files import UnreadableFile, count_lines
+
+    whole = gzip.compress(b"".join(b'{"n":%d}\n' % i for i in range(50_000)))
+    path = tmp_path / "calls.jsonl.gz"
+    path.write_bytes(whole[: len(whole) // 2])
+    with pytest.raises(UnreadableFile, match=r"calls\.jsonl\.gz: its gzip stream ends before the end-of-stream "
+                       r"marker: the file was cut short") as info:  # fmt: skip
+        count_lines(path)
+    assert 0 < info.value.lines < 50_000
+    with pytest.raises(UnreadableFile) as again:
+        list(read_chunks(path, chunk_lines=10**6))
+    assert again.value.lines == info.value.lines
+    path.write_bytes(b"\x1f\x8b" + b"not gzip at all")
+    with pytest.raises(UnreadableFile, match=r"it is not a readable gzip file \("):
+        count_lines(path)

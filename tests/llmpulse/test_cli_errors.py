@@ -252,3 +252,35 @@ def test_demo_replaces_its_own_data(tmp_path: Path) -> None:
     data = tmp_path / "d"
     for _ in range(2):
         llmpulse("demo", "--events", "300", "--days", "1", "--data-dir", str(data), "--json")
+
+
+def test_a_cut_short_gzip_replay_says_what_happened_not_aborted(tmp_path: Path) -> None:
+    """Python raises EOFError for a gzip stream that ends early; click answered it with "Aborted!"."""
+    import gzip
+
+    whole = gzip.compress(b"".join(b'{"n": %d}\n' % i for i in range(20_000)))
+    file = tmp_path / "calls.jsonl.gz"
+    file.write_bytes(whole[: len(whole) // 2])
+    proc = llmpulse("replay", str(file), "--data-dir", str(tmp_path / "data"), check=False)
+    assert proc.returncode == 2, proc.stderr
+    assert f"error: {file}: its gzip stream ends before the end-of-stream marker: the file was cut short" in proc.stderr
+    assert "Nothing was replayed from it." in proc.stderr and f"zcat '{file}' > part.jsonl" in proc.stderr
+    no_traceback(proc.stderr)
+
+
+def test_prices_import_skips_a_malformed_entry_and_names_it(tmp_path: Path) -> None:
+    """One odd entry among LiteLLM's ~2,000 aborted the whole import."""
+    import json
+
+    file = tmp_path / "litellm.json"
+    file.write_text(json.dumps({
+        "odd-model": {"mode": "chat", "input_cost_per_token": "free", "output_cost_per_token": 1e-6},
+        "my-model": {"litellm_provider": "acme", "mode": "chat", "input_cost_per_token": 1e-6,
+                     "output_cost_per_token": 2e-6},
+    }))  # fmt: skip
+    out = tmp_path / "prices.json"
+    proc = llmpulse("prices", "import", str(file), "--out", str(out), "--data-dir", str(tmp_path / "data"))
+    assert "Imported 1 models" in proc.stdout
+    assert "Skipped 1 malformed entry (their models keep the built-in price, or none): odd-model: expected a " \
+           "non-negative number, got 'free'" in proc.stdout  # fmt: skip
+    assert "my-model" in json.loads(out.read_text())["models"]

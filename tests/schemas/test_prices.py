@@ -90,6 +90,23 @@ def test_litellm_import_errors_name_the_entry() -> None:
         from_litellm({"x": {"mode": "embedding"}}, source="e.json")
 
 
+def test_litellm_import_can_skip_odd_entries_and_say_why() -> None:
+    """``llmpulse prices import`` skips them: one odd entry of ~2,000 must not block the rest."""
+    skipped: dict[str, str] = {}
+    data = {
+        "cheap": {"mode": "chat", "input_cost_per_token": "cheap", "output_cost_per_token": 1e-6},
+        "negative-cache": {"mode": "chat", "input_cost_per_token": 1e-6, "output_cost_per_token": 2e-6,
+                           "cache_read_input_token_cost": -1e-7},
+        "good": {"mode": "chat", "input_cost_per_token": 1e-6, "output_cost_per_token": 2e-6},
+    }  # fmt: skip
+    table = from_litellm(data, source="odd.json", skipped=skipped)
+    assert set(table.models) == {"good"} and table.models["good"].output == 2.0
+    assert skipped == {
+        "cheap": "expected a non-negative number, got 'cheap'",
+        "negative-cache": "expected a non-negative number, got -1e-07",
+    }
+
+
 def test_merge_and_load(tmp_path: Path) -> None:
     merged = merge_tables(builtin_price_table(), from_litellm(LITELLM_SAMPLE, source="s", price_version="v2"))
     assert merged.price_version == "v2"
