@@ -453,13 +453,16 @@ class TrackedCall:
         output_tokens: int | None = None,
         cached_input_tokens: int | None = None,
         cache_write_tokens: int | None = None,
+        cache_write_1h_tokens: int | None = None,
     ) -> None:
-        """Token counts; ``input_tokens`` includes cached reads and cache writes (OpenAI semantics)."""
+        """Token counts; ``input_tokens`` includes cached reads and cache writes (OpenAI semantics),
+        ``cache_write_tokens`` every write, ``cache_write_1h_tokens`` those to a 1-hour cache."""
         for name, value in (
             ("input_tokens", input_tokens),
             ("output_tokens", output_tokens),
             ("cached_input_tokens", cached_input_tokens),
             ("cache_write_tokens", cache_write_tokens),
+            ("cache_write_1h_tokens", cache_write_1h_tokens),
         ):
             if value is not None:
                 self.fields[name] = value

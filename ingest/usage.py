@@ -42,16 +42,22 @@ def openai_usage(usage: Any) -> dict[str, int]:
 
 
 def anthropic_usage(usage: Any) -> dict[str, int]:
-    """Anthropic's ``message.usage``: cache reads and writes are added into ``input_tokens``."""
+    """Anthropic's ``message.usage``: cache reads and writes are added into ``input_tokens``, and
+    the 1-hour writes of ``cache_creation`` (``ephemeral_1h_input_tokens``, billed 2x input
+    against 1.25x for 5-minute ones) become ``cache_write_1h_tokens``."""
     if usage is None:
         return {}
     cached = _count(usage, "cache_read_input_tokens")
-    written = _count(usage, "cache_creation_input_tokens")
+    by_ttl = _field(usage, "cache_creation")
+    hour = _count(by_ttl, "ephemeral_1h_input_tokens")
+    # the total, or where only the breakdown came (a proxy that dropped the total), its sum
+    written = _count(usage, "cache_creation_input_tokens") or _count(by_ttl, "ephemeral_5m_input_tokens") + hour
     return {
         "input_tokens": _count(usage, "input_tokens") + cached + written,
         "output_tokens": _count(usage, "output_tokens"),
         "cached_input_tokens": cached,
         "cache_write_tokens": written,
+        "cache_write_1h_tokens": min(hour, written),
     }
 
 

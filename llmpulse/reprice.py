@@ -50,7 +50,7 @@ class RepriceStats:
 def _day_rows(conn: Connection, start: float, end: float, version: str) -> list[tuple[object, ...]]:
     return conn.client.query(
         "SELECT event_id, ts, feature, model, response_model, status, input_tokens, output_tokens, "
-        "cached_input_tokens, cache_write_tokens, cost_usd, price_version FROM llm_calls FINAL "
+        "cached_input_tokens, cache_write_tokens, cache_write_1h_tokens, cost_usd, price_version FROM llm_calls FINAL "
         "WHERE ts >= {s:DateTime64(3)} AND ts < {e:DateTime64(3)} "
         "AND cost_source IN ({computed:String}, {missing:String}) AND price_version != {v:String}",
         parameters={
@@ -83,12 +83,12 @@ def reprice(
         rows = _day_rows(conn, day, until, version)
         stats.scanned += len(rows)
         changes = []
-        for event_id, ts, feature, model, served, status, tin, tout, cached, cache_write, old, old_version in rows:
+        for event_id, ts, feature, model, served, status, tin, tout, cached, write, write_1h, old, old_version in rows:
             rates = pricing.rates_for(str(model), str(served) or None)
             if rates is None or usage_unknown(str(status), int(tin), int(tout)):  # type: ignore[call-overload]
                 stats.still_unpriced += 1
                 continue
-            new = rates.cost(int(tin), int(tout), int(cached), int(cache_write))  # type: ignore[call-overload]
+            new = rates.cost(int(tin), int(tout), int(cached), int(write), int(write_1h))  # type: ignore[call-overload]
             changes.append((event_id, ts, feature, model, old_version, version, old, new))
             stats.changed += 1
             stats.newly_priced += old is None

@@ -54,15 +54,21 @@ class Rates:
     long_output: float
     long_cached_input: float
     long_cache_write: float
+    cache_write_1h: float
+    """For the ``cache_write_1h_tokens`` of ``cache_write_tokens`` (the 1-hour cache)."""
+    long_cache_write_1h: float
 
     @classmethod
     def of(cls, price: ModelPrice) -> Rates:
         m = 1e-6
         cached = price.input if price.cached_input is None else price.cached_input
         write = price.input if price.cache_write is None else price.cache_write
+        write_1h = write if price.cache_write_1h is None else price.cache_write_1h
         tier = price.long_context
         if tier is None:
-            return cls(price.provider, price.input * m, price.output * m, cached * m, write * m, 0, 0, 0, 0, 0)
+            return cls(
+                price.provider, price.input * m, price.output * m, cached * m, write * m, 0, 0, 0, 0, 0, write_1h * m, 0
+            )
         # A tier that lists no cache rate scales the base one by the tier's input markup: the
         # tier's full input rate for a cached read would charge it ~10x what it costs.
         markup = tier.input / price.input if price.input else 1.0
@@ -77,6 +83,8 @@ class Rates:
             tier.output * m,
             (cached * markup if tier.cached_input is None else tier.cached_input) * m,
             (write * markup if tier.cache_write is None else tier.cache_write) * m,
+            write_1h * m,
+            (write_1h * markup if tier.cache_write_1h is None else tier.cache_write_1h) * m,
         )
 
     @property
@@ -85,21 +93,26 @@ class Rates:
         return (
             self.input, self.cached_input, self.cache_write, self.output, float(self.long_threshold),
             self.long_input, self.long_cached_input, self.long_cache_write, self.long_output,
+            self.cache_write_1h, self.long_cache_write_1h,
         )  # fmt: skip
 
-    def cost(self, input_tokens: int, output_tokens: int, cached: int, cache_write: int) -> float:
+    def cost(self, input_tokens: int, output_tokens: int, cached: int, cache_write: int, write_1h: int = 0) -> float:
+        """``cache_write`` counts every write; ``write_1h`` those of them to the 1-hour cache."""
         uncached = input_tokens - cached - cache_write
+        write_5m = cache_write - write_1h
         if self.long_threshold and input_tokens > self.long_threshold:
             return (
                 uncached * self.long_input
                 + cached * self.long_cached_input
-                + cache_write * self.long_cache_write
+                + write_5m * self.long_cache_write
+                + write_1h * self.long_cache_write_1h
                 + output_tokens * self.long_output
             )
         return (
             uncached * self.input
             + cached * self.cached_input
-            + cache_write * self.cache_write
+            + write_5m * self.cache_write
+            + write_1h * self.cache_write_1h
             + output_tokens * self.output
         )
 
@@ -214,15 +227,18 @@ class CostAttribution:
         known = np.array([r is not None for r in rates], dtype=bool)[codes]
         ok = np.array([status == "ok" for *_, status in combos], dtype=bool)[codes]
         table = np.array([_NO_RATES if r is None else r.vector for r in rates], dtype=np.float64)[codes]
-        inp, out, cached, write = (np.frombuffer(c[2], dtype=np.uint32).astype(np.float64) for c in gathered[:4])
+        inp, out, cached, write, w1h = (np.frombuffer(c[2], dtype=np.uint32).astype(np.float64) for c in gathered[:5])
         # the order of ``Rates.cost``, operation for operation: the same doubles to the bit
         uncached = inp - cached - write
-        cost = uncached * table[:, 0] + cached * table[:, 1] + write * table[:, 2] + out * table[:, 3]
+        w5m = write - w1h
+        cost = (uncached * table[:, 0] + cached * table[:, 1] + w5m * table[:, 2] + w1h * table[:, 9]
+                + out * table[:, 3])  # fmt: skip
         long = (table[:, 4] > 0) & (inp > table[:, 4])
         if long.any():
-            tier = uncached * table[:, 5] + cached * table[:, 6] + write * table[:, 7] + out * table[:, 8]
+            tier = (uncached * table[:, 5] + cached * table[:, 6] + w5m * table[:, 7] + w1h * table[:, 10]
+                    + out * table[:, 8])  # fmt: skip
             cost = np.where(long, tier, cost)
-        client_nulls, client_valid, client_values = gathered[4]
+        client_nulls, client_valid, client_values = gathered[5]
         if client_nulls == n:  # the usual case: nobody sent a cost
             client = np.zeros(n, dtype=bool)
         else:
@@ -276,9 +292,8 @@ class CostAttribution:
                 missing_flags.append(True)
                 no_usage += 1
             elif rates is not None:
-                cost_usd.append(
-                    rates.cost(e.input_tokens, e.output_tokens, e.cached_input_tokens, e.cache_write_tokens)
-                )
+                tokens = (e.input_tokens, e.output_tokens, e.cached_input_tokens, e.cache_write_tokens)
+                cost_usd.append(rates.cost(*tokens, e.cache_write_1h_tokens))
                 source.append(COST_COMPUTED)
                 missing_flags.append(False)
             else:
@@ -292,7 +307,7 @@ class CostAttribution:
 
 _PRICE_COLUMNS = (
     ("input_tokens", K_U32), ("output_tokens", K_U32), ("cached_input_tokens", K_U32), ("cache_write_tokens", K_U32),
-    ("cost_usd", K_F64),
+    ("cache_write_1h_tokens", K_U32), ("cost_usd", K_F64),
 )  # fmt: skip
 """``_native.gather`` specs of what a cost is computed from."""
-_NO_RATES = (0.0,) * 9
+_NO_RATES = (0.0,) * 11

@@ -276,6 +276,12 @@ def _check_call(event: WireCall) -> Rejected | None:
             "input_tokens must include cached reads and cache writes",
             "$.cached_input_tokens",
         )
+    if event.cache_write_1h_tokens > event.cache_write_tokens:
+        return Rejected(
+            f"cache_write_1h_tokens ({event.cache_write_1h_tokens}) exceed cache_write_tokens "
+            f"({event.cache_write_tokens}): cache_write_tokens counts every cache write, the 1-hour ones included",
+            "$.cache_write_1h_tokens",
+        )
     return None
 
 

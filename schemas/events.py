@@ -89,6 +89,11 @@ class CallEvent(BaseModel):
     # usage and cost
     cached_input_tokens: Tokens = 0
     cache_write_tokens: Tokens = 0
+    cache_write_1h_tokens: Tokens = Field(
+        0,
+        description="Of cache_write_tokens, those written to a 1-hour cache (Anthropic's ttl '1h'): billed at the "
+        "1-hour write rate (2x input, against 1.25x for the default 5 minutes).",
+    )
     ttft_ms: Millis | None = Field(None, description="Time to first token/chunk for streamed calls.")
     cost_usd: Annotated[float, Field(ge=0, le=limits.MAX_COST_USD, allow_inf_nan=False)] | None = Field(
         None, description="Client-computed cost. When present it wins over the price table and is flagged."
@@ -121,6 +126,11 @@ class CallEvent(BaseModel):
             raise ValueError(
                 "cached_input_tokens + cache_write_tokens exceed input_tokens: "
                 "input_tokens must include cached reads and cache writes"
+            )
+        if self.cache_write_1h_tokens > self.cache_write_tokens:
+            raise ValueError(
+                "cache_write_1h_tokens exceed cache_write_tokens: cache_write_tokens counts every cache write, "
+                "the 1-hour ones included"
             )
         return self
 

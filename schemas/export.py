@@ -1,7 +1,7 @@
 """Export the JSON Schemas of the event models: ``python -m schemas.export``.
 
 The exported files are committed (``schemas/jsonschema/``) so producers in any language can
-validate against them; ``tests/schemas/test_jsonschema.py`` fails when they are stale.
+validate against them; ``tests/schemas/test_events.py`` fails when they are stale.
 """
 
 from __future__ import annotations

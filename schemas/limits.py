@@ -6,8 +6,9 @@ decoder on the hot path and the DLQ reasons cannot disagree.
 
 from __future__ import annotations
 
-SCHEMA_VERSION = 1
-"""Current event schema version. Changes are additive; every older version stays accepted."""
+SCHEMA_VERSION = 2
+"""Current event schema version. Changes are additive; every older version stays accepted.
+2: ``cache_write_1h_tokens`` (the 1-hour cache writes among ``cache_write_tokens``)."""
 
 MAX_ID_CHARS = 256
 """event_id, request_id, conversation_id, user_id, trace_id, prompt_hash."""

@@ -35,10 +35,12 @@ class LongContextTier(BaseModel):
     output: Rate
     cached_input: Rate | None = None
     cache_write: Rate | None = None
+    cache_write_1h: Rate | None = None
 
 
 class ModelPrice(BaseModel):
-    """One model's rates. Missing cache rates fall back to the input rate (never to zero)."""
+    """One model's rates. Missing cache rates fall back to the input rate (never to zero); a
+    missing 1-hour write rate to the (5-minute) write rate: one write rate is all most providers have."""
 
     model_config = ConfigDict(extra="forbid")
 
@@ -47,6 +49,7 @@ class ModelPrice(BaseModel):
     output: Rate
     cached_input: Rate | None = None
     cache_write: Rate | None = None
+    cache_write_1h: Rate | None = None
     long_context: LongContextTier | None = None
     aliases: list[str] = Field(default_factory=list)
 
@@ -131,9 +134,8 @@ def from_litellm(
     """Convert LiteLLM's ``model_prices_and_context_window.json`` into a price table.
 
     Only text-generation entries with both input and output rates are kept; the first
-    long-context tier an entry lists becomes ``long_context`` (``_litellm_tier``). LiteLLM's
-    1-hour cache write rates (``*_above_1hr``) have no place: one ``cache_write_tokens`` count
-    cannot tell the two writes apart.
+    long-context tier an entry lists becomes ``long_context`` (``_litellm_tier``), and LiteLLM's
+    1-hour cache write rate (``cache_creation_input_token_cost_above_1hr``) ``cache_write_1h``.
 
     An entry with a malformed rate raises, naming it; given ``skipped``, it is left out and
     recorded there (name → reason) instead. LiteLLM's file is edited by hand across ~2,000
@@ -157,6 +159,7 @@ def from_litellm(
                 output=out,
                 cached_input=_per_million(entry.get("cache_read_input_token_cost")),
                 cache_write=_per_million(entry.get("cache_creation_input_token_cost")),
+                cache_write_1h=_per_million(entry.get("cache_creation_input_token_cost_above_1hr")),
                 long_context=tier,
             )
         except (TypeError, ValidationError) as exc:

@@ -69,6 +69,7 @@ class WireCall(msgspec.Struct, forbid_unknown_fields=True, gc=False, omit_defaul
 
     cached_input_tokens: Tokens = 0
     cache_write_tokens: Tokens = 0
+    cache_write_1h_tokens: Tokens = 0
     ttft_ms: Millis | None = None
     cost_usd: Annotated[float, msgspec.Meta(ge=0, le=limits.MAX_COST_USD)] | None = None
 

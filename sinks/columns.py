@@ -58,6 +58,7 @@ _EVENT_COLUMNS: tuple[tuple[str, pa.DataType], ...] = (
     ("output_tokens", pa.uint32()),
     ("cached_input_tokens", pa.uint32()),
     ("cache_write_tokens", pa.uint32()),
+    ("cache_write_1h_tokens", pa.uint32()),
     ("latency_ms", pa.float64()),
     ("ttft_ms", pa.float64()),
     ("status", _DICT),

@@ -20,6 +20,7 @@ from aiokafka import AIOKafkaConsumer
 from ingest.kafka import create_topics
 from ingest.openai_instrument import instrument_openai, messages_text
 from ingest.sdk import CallbackTransport, OutMessage, Telemetry, prompt_hash
+from schemas.limits import SCHEMA_VERSION
 
 SERVED_MODEL = "gpt-4o-2024-08-06"
 USAGE = {
@@ -268,7 +269,7 @@ def test_a_completion_end_to_end_through_the_real_broker(server: FakeOpenAI, kaf
     assert 0 < event.pop("latency_ms") < 5000
     assert event == {
         "kind": "call",
-        "schema_version": 1,
+        "schema_version": SCHEMA_VERSION,
         "feature": "support-chat",
         "model": "gpt-4o",
         "input_tokens": 120,

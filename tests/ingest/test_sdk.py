@@ -24,6 +24,7 @@ from aiokafka.partitioner import DefaultPartitioner
 from ingest.kafka import create_topics
 from ingest.sdk import CallbackTransport, KafkaTransport, OutMessage, Telemetry, assign_variant, bucket, prompt_hash
 from schemas.events import CallEvent, FeedbackEvent
+from schemas.limits import SCHEMA_VERSION
 from tests.conftest import ROOT
 
 pytestmark = pytest.mark.kafka
@@ -136,7 +137,7 @@ def test_messages_carry_the_exact_event_keyed_by_feature(topics: Any, telemetry:
     assert by_id["e-model"].key == b"support-chat"
     assert orjson.loads(by_id["e-model"].value) == {
         "kind": "call",
-        "schema_version": 1,
+        "schema_version": SCHEMA_VERSION,
         "event_id": "e-model",
         "ts": "2026-11-18T11:00:00.123000Z",
         "feature": "support-chat",
@@ -156,7 +157,7 @@ def test_messages_carry_the_exact_event_keyed_by_feature(topics: Any, telemetry:
     assert by_id["e-dict"].key == b"search"
     assert orjson.loads(by_id["e-dict"].value) == {
         "kind": "call",
-        "schema_version": 1,
+        "schema_version": SCHEMA_VERSION,
         "event_id": "e-dict",
         "ts": "2026-11-18T11:00:01Z",
         "feature": "search",
@@ -184,7 +185,7 @@ def test_messages_carry_the_exact_event_keyed_by_feature(topics: Any, telemetry:
     assert feedback[0].key == b"chatcmpl-7"
     assert orjson.loads(feedback[0].value) == {
         "kind": "feedback",
-        "schema_version": 1,
+        "schema_version": SCHEMA_VERSION,
         "request_id": "chatcmpl-7",
         "ts": "2026-11-18T11:00:00.123000Z",
         "event_id": "fb-1",

@@ -30,7 +30,7 @@ def test_anthropic_cache_reads_and_writes_are_added_into_the_input() -> None:
     )
     fields = anthropic_usage(usage)
     assert fields == {"input_tokens": 20_000, "output_tokens": 1_000, "cached_input_tokens": 8_000,
-                      "cache_write_tokens": 0}  # fmt: skip
+                      "cache_write_tokens": 0, "cache_write_1h_tokens": 0}  # fmt: skip
     assert cost("claude-sonnet-4-5", fields) == pytest.approx(0.0534)
 
 
@@ -44,6 +44,37 @@ def test_anthropic_cache_writes_at_the_write_rate() -> None:
     # 1k raw + 10k written, 200 out on claude-haiku-4-5: 1k × 1 + 10k × 1.25 + 200 × 5 per 1M = 0.0145
     usage = {"input_tokens": 1_000, "output_tokens": 200, "cache_creation_input_tokens": 10_000}
     assert cost("claude-haiku-4-5", anthropic_usage(usage)) == pytest.approx(0.0145)
+
+
+@pytest.mark.parametrize(
+    "usage",
+    [
+        {"input_tokens": 1_000, "output_tokens": 200, "cache_creation_input_tokens": 10_000,
+         "cache_creation": {"ephemeral_5m_input_tokens": 4_000, "ephemeral_1h_input_tokens": 6_000}},
+        # the SDK's objects; and a proxy that kept the breakdown but dropped the total
+        SimpleNamespace(input_tokens=1_000, output_tokens=200, cache_read_input_tokens=0, cache_creation_input_tokens=0,
+                        cache_creation=SimpleNamespace(ephemeral_5m_input_tokens=4_000,
+                                                       ephemeral_1h_input_tokens=6_000)),
+    ],
+)  # fmt: skip
+def test_anthropic_one_hour_cache_writes_at_the_one_hour_rate(usage: Any) -> None:
+    """claude-haiku-4-5: 1k raw × $1 + 4k 5-minute writes × $1.25 + 6k 1-hour writes × $2 + 200 out
+    × $5 per 1M = $0.019; priced all at the 5-minute rate, as before, it read $0.0145."""
+    fields = anthropic_usage(usage)
+    written = (fields["input_tokens"], fields["cache_write_tokens"], fields["cache_write_1h_tokens"])
+    assert written == (11_000, 10_000, 6_000)
+    assert cost("claude-haiku-4-5", fields) == pytest.approx(0.019)
+
+
+def test_one_hour_writes_on_a_model_without_that_rate_and_in_the_long_context_tier() -> None:
+    """A model whose price lists one write rate bills every write at it; claude-sonnet-4-5 above
+    200k input bills 1-hour writes at 2x its tier's $6 input: 300k raw × $6 + 100k 1-hour writes ×
+    $12 + 1k out × $22.50 per 1M = $3.0225."""
+    fields = {"input_tokens": 400_000, "output_tokens": 1_000, "cache_write_tokens": 100_000,
+              "cache_write_1h_tokens": 100_000}  # fmt: skip
+    assert cost("claude-sonnet-4-5", fields) == pytest.approx(3.0225)
+    # gpt-4o lists no write rate at all: writes are input, 1-hour or not
+    assert cost("gpt-4o", fields) == cost("gpt-4o", {**fields, "cache_write_1h_tokens": 0})
 
 
 @pytest.mark.parametrize(
@@ -85,4 +116,4 @@ def test_odd_values_read_as_zero() -> None:
         "cache_creation_input_tokens": 3,
     }
     assert anthropic_usage(usage) == {"input_tokens": 3, "output_tokens": 0, "cached_input_tokens": 0,
-                                      "cache_write_tokens": 3}  # fmt: skip
+                                      "cache_write_tokens": 3, "cache_write_1h_tokens": 0}  # fmt: skip

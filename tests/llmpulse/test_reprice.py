@@ -59,8 +59,8 @@ def test_reprice_to_the_cent_with_history_and_rollups(settings: Any, conn: Any) 
     seed(settings, conn)
     before = costs(conn)
     # built-in gpt-4o: 600 × $2.50 + 400 × $1.25 + 200 × $10 per 1M = $0.0040
-    assert before["g0"] == (0.004, "computed", "builtin-2025.11.2")
-    assert before["acme"] == (None, "missing", "builtin-2025.11.2")
+    assert before["g0"] == (0.004, "computed", "builtin-2025.11.3")
+    assert before["acme"] == (None, "missing", "builtin-2025.11.3")
 
     stats = reprice(conn, new_prices(), START, END)
     # new gpt-4o: 600 × $5 + 400 × $2.50 + 200 × $20 per 1M = $0.0080; acme-x: 10k × $1 + 5k × $2 = $0.02
@@ -70,7 +70,7 @@ def test_reprice_to_the_cent_with_history_and_rollups(settings: Any, conn: Any) 
     after = costs(conn)
     assert after["g7"] == (0.008, "computed", "test-2026.12")
     assert after["acme"] == (0.02, "computed", "test-2026.12")
-    assert after["client"] == (0.5, "client", "builtin-2025.11.2")  # the client's figure is its own
+    assert after["client"] == (0.5, "client", "builtin-2025.11.3")  # the client's figure is its own
     mini = before["mini"][0]
     assert after["mini"] == (mini, "computed", "test-2026.12")  # unchanged price, new version stamp
 
@@ -82,7 +82,7 @@ def test_reprice_to_the_cent_with_history_and_rollups(settings: Any, conn: Any) 
         "SELECT old_price_version, new_price_version, count(), round(sum(ifNull(old_cost_usd, 0)), 6), "
         "round(sum(new_cost_usd), 6) FROM cost_history GROUP BY ALL"
     ).result_rows
-    assert history == [("builtin-2025.11.2", "test-2026.12", 32, pytest.approx(0.12 + (mini or 0)),
+    assert history == [("builtin-2025.11.3", "test-2026.12", 32, pytest.approx(0.12 + (mini or 0)),
                         pytest.approx(0.26 + (mini or 0)))]  # fmt: skip
 
     again = reprice(conn, new_prices(), START, END)
@@ -121,3 +121,27 @@ def test_reprice_cli(tmp_path: Path) -> None:
     rows = subprocess.run([*cli, "query", "SELECT round(sum(cost_usd), 6) c FROM llm_calls_1m", "--format", "json",
                            "--data-dir", str(data)], capture_output=True, text=True, env=ENV, check=True)  # fmt: skip
     assert json.loads(rows.stdout) == [{"c": 0.09}]
+
+
+def test_one_hour_cache_writes_are_priced_at_ingest_and_repriced_at_their_rate(settings: Any, conn: Any) -> None:
+    """claude-haiku-4-5, 1,000 raw + 4,000 five-minute + 6,000 one-hour writes in, 200 out: $1 ×
+    1k + $1.25 × 4k + $2 × 6k + $5 × 200 per 1M = $0.019. The 1-hour writes are kept on the raw row,
+    so a table that moves their rate to $3 reprices them: $0.025."""
+    day = NOW - 10 * 86400  # a day no other test here writes or reprices
+    event = call(request_id="hour-cache", model="claude-haiku-4-5", input_tokens=11_000, output_tokens=200,
+                 cache_write_tokens=10_000, cache_write_1h_tokens=6_000, ts=iso(day))  # fmt: skip
+    runtime = EmbeddedRuntime(settings, conn)
+    runtime.ingest(batch([orjson.dumps(event)]), now=NOW)
+    runtime.finish()
+    runtime.close()
+    stored = conn.client.query(
+        "SELECT cache_write_tokens, cache_write_1h_tokens, cost_usd FROM llm_calls FINAL "
+        "WHERE request_id = 'hour-cache'"
+    ).result_rows
+    assert stored == [(10_000, 6_000, pytest.approx(0.019))]
+    table = builtin_price_table().model_copy(deep=True)
+    table.price_version = "test-1h"
+    table.models["claude-haiku-4-5"] = table.models["claude-haiku-4-5"].model_copy(update={"cache_write_1h": 3.0})
+    stats = reprice(conn, table, day - 60, day + 60)
+    assert (stats.changed, stats.new_cost_usd) == (1, pytest.approx(0.025))
+    assert costs(conn)["hour-cache"] == (0.025, "computed", "test-1h")

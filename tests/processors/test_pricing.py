@@ -182,7 +182,7 @@ def test_provider_is_filled_from_the_price_table(price: CostAttribution) -> None
 
 def test_a_mixed_batch_costs_the_same_on_both_paths(monkeypatch: pytest.MonkeyPatch) -> None:
     """The per-column path (C helpers + numpy) against the per-event one, bit for bit: long-context
-    tiers, client costs (also on unknown models), unknown models, providers filled or kept."""
+    tiers, 1-hour cache writes, client costs (also on unknown models), unknown models, providers filled or kept."""
     import random
 
     from processors import pricing
@@ -201,7 +201,8 @@ def test_a_mixed_batch_costs_the_same_on_both_paths(monkeypatch: pytest.MonkeyPa
                 "model": rng.choice(models),
                 "input_tokens": inp,
                 "cached_input_tokens": cached,
-                "cache_write_tokens": rng.randint(0, (inp - cached) // 3),
+                "cache_write_tokens": (written := rng.randint(0, (inp - cached) // 3)),
+                "cache_write_1h_tokens": rng.choice([0, written // 2, written]),
                 "output_tokens": 0 if inp == 0 and rng.random() < 0.5 else rng.randint(0, 5_000),
             }
             if rng.random() < 0.2:

@@ -41,6 +41,11 @@ def test_valid_event_is_accepted_with_utc_timestamp() -> None:
         (call(ts="2026-11-18T12:00:00"), "$.ts", "timezone"),
         (call(feature=""), "$.feature", "length >= 1"),
         (call(input_tokens=10, cached_input_tokens=20), "$.cached_input_tokens", "must include cached"),
+        (
+            call(input_tokens=10, cache_write_tokens=4, cache_write_1h_tokens=5),
+            "$.cache_write_1h_tokens",
+            "cache_write_tokens counts every cache write, the 1-hour ones included",
+        ),
         (call(tool_calls="search"), "$.tool_calls", "Expected `array`"),
         (call(params={"temperature": 99}), "$.params.temperature", "<= 10"),
         (call(output_chars=5_000_000_000), "$.output_chars", "<= 4294967295"),  # the column is UInt32

@@ -18,6 +18,7 @@ LITELLM_SAMPLE = {
         "litellm_provider": "anthropic", "mode": "chat",
         "input_cost_per_token": 3e-06, "output_cost_per_token": 1.5e-05,
         "cache_read_input_token_cost": 3e-07, "cache_creation_input_token_cost": 3.75e-06,
+        "cache_creation_input_token_cost_above_1hr": 6e-06,
         "input_cost_per_token_above_200k_tokens": 6e-06, "output_cost_per_token_above_200k_tokens": 2.25e-05,
     },
     "text-embedding-3-small": {"litellm_provider": "openai", "mode": "embedding", "input_cost_per_token": 2e-08},
@@ -38,6 +39,7 @@ def test_litellm_import_converts_per_token_to_per_million() -> None:
     assert set(table.models) == {"gpt-4o", "claude-sonnet-4-5"}  # chat models with both rates only
     sonnet = table.models["claude-sonnet-4-5"]
     assert (sonnet.input, sonnet.output, sonnet.cached_input, sonnet.cache_write) == (3.0, 15.0, 0.3, 3.75)
+    assert sonnet.cache_write_1h == 6.0 and table.models["gpt-4o"].cache_write_1h is None
     assert sonnet.long_context is not None
     assert (sonnet.long_context.above_input_tokens, sonnet.long_context.input) == (200_000, 6.0)
     assert table.models["gpt-4o"].cache_write is None  # falls back to the input rate, never 0
