@@ -241,12 +241,14 @@ class AlertPipeline:
             if not length:
                 continue
             end = end_for(rule.window)
-            for values, history in self.store.recent_values(rule, end, length).items():
+            # an absence rule's windows come from the raw calls: read once for both uses
+            windows = self.store.window_values(rule, end - rule.window * length, end) if rule.absent else None
+            for values, history in self.store.recent_values(rule, end, length, windows).items():
                 scope = dict(zip(rule.scope.by, values, strict=True))
                 if self._mine(rule.name, scope, owns):
                     seed.history.append((rule, scope, history))
-            if rule.absent is not None:
-                for ws, cells in self.store.window_values(rule, end - rule.window * length, end).items():
+            if windows is not None:
+                for ws, cells in windows.items():
                     for values, (_, calls) in cells.items():
                         if calls > 0 and self._mine(rule.name, dict(zip(rule.scope.by, values, strict=True)), owns):
                             seed.seen.append((rule, values, ws))

@@ -7,8 +7,8 @@ window in time order, so the output is when each rule would have fired and resol
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from datetime import datetime
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
 
 from llmpulse.alerting import query_for
 from processors.alerts.engine import AlertEngine
@@ -41,12 +41,19 @@ class BacktestResult:
     incidents: list[Incident]
     windows: int
     skipped_rules: dict[str, str]
+    shortened: dict[str, str] = field(default_factory=dict)
+    """Rules evaluated over less than the period asked for, and why."""
 
 
-def backtest(store: AlertStore, rules: RulesFile, start: float, end: float) -> BacktestResult:
+def backtest(
+    store: AlertStore, rules: RulesFile, start: float, end: float, raw_since: float | None = None
+) -> BacktestResult:
+    """``raw_since``: the oldest raw call kept (retention). Absence rules read raw calls (their
+    flows), so they start there; before it they would see nothing but silence."""
     engine = AlertEngine(rules.rules, query_for=query_for)
     events: list[AlertEvent] = []
     skipped: dict[str, str] = {}
+    shortened: dict[str, str] = {}
     evaluated = 0
     for rule in rules.rules:
         if rule.absent is None and rule.metric not in METRIC_SQL:
@@ -54,6 +61,12 @@ def backtest(store: AlertStore, rules: RulesFile, start: float, end: float) -> B
             continue
         w = int(rule.window)
         first = int(start) - int(start) % w
+        if rule.absent is not None and raw_since is not None and raw_since > first:
+            first = -(-int(raw_since) // w) * w  # the first window wholly inside it
+            shortened[rule.name] = (
+                f"evaluated from {datetime.fromtimestamp(first, UTC):%Y-%m-%d %H:%M} UTC on: absence reads "
+                "the raw calls, kept for the raw retention period"
+            )
         by_window = store.window_values(rule, first, end)
         keys = sorted({values for windows in by_window.values() for values in windows})
         for ws in range(first, int(end) - w + 1, w):
@@ -61,15 +74,15 @@ def backtest(store: AlertStore, rules: RulesFile, start: float, end: float) -> B
             for values in keys:
                 value, calls = cells.get(values, (0.0 if rule.absent is not None else None, 0.0))
                 scope = dict(zip(rule.scope.by, values, strict=True))
-                if rule.absent is not None:  # the store gives absence rules (arrivals, calls)
-                    metrics = {"calls": calls, "arrivals": value}
+                if rule.absent is not None:  # the store gives absence rules (active flows, calls)
+                    metrics = {"calls": calls, "active_flows": value}
                 else:  # and for the rest (value, evidence): what the rule's min_calls counts
                     metrics = {"calls": calls, EVIDENCE.get(rule.metric, "calls"): calls, rule.metric: value}
                 e = engine.evaluate(rule, scope, ws, ws + w, metrics)
                 evaluated += 1
                 if e is not None:
                     events.append(e)
-    return BacktestResult(_incidents(events), evaluated, skipped)
+    return BacktestResult(_incidents(events), evaluated, skipped, shortened)
 
 
 def _incidents(events: list[AlertEvent]) -> list[Incident]:

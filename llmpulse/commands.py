@@ -1088,7 +1088,8 @@ def rules_backtest(
     conn = open_for_reading(settings, "llmpulse rules backtest", server=server_url, api_key=api_key)
     try:
         end = _time.time()
-        result = backtest(AlertStore(conn), parsed, end - parse_duration(since), end)
+        raw_since = end - settings.retention.raw_days * 86400
+        result = backtest(AlertStore(conn), parsed, end - parse_duration(since), end, raw_since)
     finally:
         conn.close()
     rows = [
@@ -1116,6 +1117,8 @@ def rules_backtest(
     )
     for name, why in result.skipped_rules.items():
         console.out.print(f"[yellow]skipped[/] {console.escape(name)}: {console.escape(why)}")
+    for name, why in result.shortened.items():
+        console.out.print(f"[yellow]shortened[/] {console.escape(name)}: {console.escape(why)}")
 
 
 def _human(seconds: float | None) -> str:

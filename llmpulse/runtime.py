@@ -100,6 +100,7 @@ def pipeline_options(settings: Settings, rules: RulesFile | None = None) -> Pipe
         window_s=int(p.window),
         lateness_s=p.allowed_lateness,
         flow_idle_s=p.flow_idle if reads_flows else None,
+        count_arrivals=rules is not None and any(r.absent is not None for r in rules.rules),
         limits=validation_limits(settings),
         capture_content=settings.content.capture,
         redact_content=settings.content.redact,

@@ -129,6 +129,11 @@ def _rows_to_events(rows: list[dict[str, Any]]) -> tuple[list[WireCall], list[fl
                 schema_valid=r["schema_valid"],
                 tool_calls=tuple(r["tool_calls"]),
                 ttft_ms=r["ttft_ms"],
+                # what the windows read besides the counts: snapshots served (drift) and the
+                # flows (absence rules' active flows, flow metrics)
+                response_model=r["response_model"] or None,
+                trace_id=r["trace_id"] or None,
+                conversation_id=r["conversation_id"] or None,
             )
         )
         costs.append(r["cost_usd"])

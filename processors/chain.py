@@ -79,6 +79,8 @@ class PipelineOptions:
     lateness_s: float = 120.0
     flow_idle_s: float | None = None
     """Track flows (agent runs, conversation turns) with this idle gap; None: no rule reads them."""
+    count_arrivals: bool = True
+    """Collect the flows each window saw (``WindowPartial.arrivals``); False: no absence rule reads them."""
     limits: ValidationLimits = field(default_factory=ValidationLimits)
     capture_content: bool = False
     redact_content: bool = True
@@ -123,7 +125,7 @@ class CallPipeline:
         self.price = CostAttribution(prices)
         self.content = ContentPolicy(capture=o.capture_content, redact_pii=o.redact_content)
         self.release = ReleaseFingerprint()
-        self.windows = WindowAggregator(o.window_s, o.lateness_s, partition, o.flow_idle_s)
+        self.windows = WindowAggregator(o.window_s, o.lateness_s, partition, o.flow_idle_s, o.count_arrivals)
         judge_rates = self.price.rates(o.judge_model)
         rubric, answer = o.judge_extra_tokens
 

@@ -31,6 +31,10 @@ SCOPE_DIMS: tuple[str, ...] = ("feature", "team", "model", "provider", "prompt_v
 
 QUANTILES = (0.5, 0.95, 0.99)
 
+FLOW_IDS_KEPT = 256
+"""Distinct flows a partial remembers: past a few dozen, silence is already beyond improbable
+(e^-256), and every trace id an OTLP source sends would otherwise be held for the window."""
+
 _COUNTS = (
     "calls",
     "errors",
@@ -57,6 +61,7 @@ _COUNTS = (
     "flow_tokens",
     "flow_unpriced",
     "arrivals",
+    "carried_flows",
 )
 _SUMS = ("cost_usd", "latency_ms_sum", "ttft_ms_sum", "eval_sum", "eval_sumsq", "rating_sum", "flow_ms_sum",
          "flow_cost_usd")  # fmt: skip
@@ -116,13 +121,18 @@ class WindowPartial:
     flow_ms: QuantileSketch = field(default_factory=QuantileSketch)
     """Perceived latency of those flows: first call's start to last call's end."""
     arrivals: int = 0
-    """Independent arrivals: flows (agent runs by ``trace_id``, else conversations) first seen in
-    this window, plus calls belonging to no flow. Silence is judged by these, not by calls: an
-    agent run of six calls is one arrival, and a feature with three runs every ten minutes goes
-    quiet for ten minutes once a day or so (``processors.alerts.engine.silence_probability``).
-    Set as a window closes (``WindowAggregator``); 0 in partials from before it existed."""
+    """Flows (agent runs by ``trace_id``, else conversations) that started in this minute, not
+    carried on from the key's previous one, plus calls belonging to no flow. With
+    ``carried_flows``, what silence is judged by (the ``active_flows`` metric), not calls: an agent
+    run of six calls is one flow, and a feature with three runs every ten minutes goes quiet for
+    ten minutes once a day or so (``processors.alerts.engine.silence_probability``). Set as the
+    window closes (``WindowAggregator``); partials from before it existed read their calls here."""
+    carried_flows: int = 0
+    """Flows of this minute that the key's previous minute had too. A rule window counts those of
+    its first minute only (``RuleWindows``): later in the window they are already counted."""
     flow_ids: set[str] = field(default_factory=set)
-    """Stage 1 only, while the window is open: the flows its calls belonged to. Never sent."""
+    """Stage 1 only, while the window is open: the flows its calls belonged to (at most
+    ``FLOW_IDS_KEPT``). Never sent."""
 
     @property
     def window_end(self) -> int:
@@ -152,6 +162,7 @@ class WindowPartial:
         self.tool_call_calls += other.tool_call_calls
         self.unpinned_calls += other.unpinned_calls
         self.arrivals += other.arrivals
+        self.carried_flows += other.carried_flows
         self.cost_usd += other.cost_usd
         self.latency_ms_sum += other.latency_ms_sum
         self.ttft_ms_sum += other.ttft_ms_sum
@@ -326,7 +337,8 @@ METRIC_FNS: dict[str, Callable[[WindowPartial], float | None]] = {
     "calls": lambda p: float(p.calls),
     "priced_calls": lambda p: float(p.calls - p.price_missing),
     "priced_flows": lambda p: float(p.flows - p.flow_unpriced),
-    "arrivals": lambda p: float(p.arrivals),
+    # flows active in the window, and calls in none: what absence rules judge silence by
+    "active_flows": lambda p: float(p.arrivals + p.carried_flows),
     "cost_usd": lambda p: p.cost_usd,
     # over the calls with a cost: an unpriced one counted as $0 makes a release without a price look cheap
     "cost_per_call_usd": lambda p: rate_f(p.cost_usd, p.calls - p.price_missing),
@@ -429,10 +441,16 @@ class WindowAggregator:
     """Stage 1, per partition. Not thread-safe: one per consumer partition."""
 
     def __init__(
-        self, window_s: int = 60, lateness_s: float = 120.0, partition: int = -1, flow_idle_s: float | None = 30.0
+        self,
+        window_s: int = 60,
+        lateness_s: float = 120.0,
+        partition: int = -1,
+        flow_idle_s: float | None = 30.0,
+        arrivals: bool = True,
     ) -> None:
         """``flow_idle_s`` None: no flow tracking (it costs ~1.8 µs/event here; runtimes turn it on
-        only when a rule reads a flow metric)."""
+        only when a rule reads a flow metric). ``arrivals`` False: no flow ids are collected (no
+        absence rule reads them) and each call counts as its own arrival, as before they existed."""
         if window_s <= 0:
             raise ValueError("window_s must be positive")
         self.flows = FlowTracker(flow_idle_s) if flow_idle_s is not None else None
@@ -446,6 +464,7 @@ class WindowAggregator:
         """Windows starting before this have been emitted; their events are late."""
         self._open: dict[int, dict[tuple[str, ...], WindowPartial]] = {}
         self._last_event_wall = 0.0
+        self.arrivals = arrivals
         self._flows_before: dict[tuple[str, ...], tuple[int, set[str]]] = {}
         """Per scope key, the last closed window's flows: a flow still going is no new arrival."""
 
@@ -477,6 +496,7 @@ class WindowAggregator:
         partition = self.partition
         keys: list[tuple[str, ...]] = []
         flows = self.flows  # the scope keys are kept for flow tracking only
+        arrivals = self.arrivals
         for i, e in enumerate(events):
             t = ts[i]
             ws = int(t // w) * w
@@ -539,11 +559,12 @@ class WindowAggregator:
             rm = e.response_model
             if rm is not None and rm not in p.served:
                 p.served.add(rm)
-            flow = e.trace_id or e.conversation_id
-            if flow:
-                p.flow_ids.add(flow)
-            else:
-                p.arrivals += 1
+            if arrivals:
+                flow = e.trace_id or e.conversation_id
+                if not flow:
+                    p.arrivals += 1
+                elif len(ids := p.flow_ids) < FLOW_IDS_KEPT:
+                    ids.add(flow)
         self.late_events += late
         if flows is not None:
             flows.add(events, ts, keys, costs, closed_before)
@@ -589,18 +610,21 @@ class WindowAggregator:
         return []
 
     def _count_arrivals(self, closed: list[WindowPartial]) -> list[WindowPartial]:
-        """Flows into arrivals as their windows close (oldest first): a flow the scope's previous
-        window had is a continuation, not an arrival. One set difference per partial, not per event.
+        """Flows into arrivals as their windows close (oldest first): a flow the key's previous
+        window had is carried on, not an arrival. One set intersection per partial, not per event.
         Memory: one window's flow ids per scope key; a key silent for a window is forgotten."""
+        if not self.arrivals:
+            for p in closed:
+                p.arrivals = p.calls
+            return closed
         before = self._flows_before
         newest = -1
         for p in closed:
             ids = p.flow_ids
             prev = before.get(p.key)
-            if prev is not None and prev[0] == p.window_start - p.window_s:
-                p.arrivals += len(ids - prev[1])
-            else:
-                p.arrivals += len(ids)
+            carried = len(ids & prev[1]) if prev is not None and prev[0] == p.window_start - p.window_s else 0
+            p.arrivals += len(ids) - carried
+            p.carried_flows = carried
             before[p.key] = (p.window_start, ids)
             p.flow_ids = set()
             newest = max(newest, p.window_start)

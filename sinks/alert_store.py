@@ -20,7 +20,7 @@ from schemas.rules import Budget, Rule
 from sinks.clickhouse import Connection, RetryPolicy
 from sinks.queries.metrics import (
     METRIC_SQL,
-    arrival_windows_sql,
+    flow_windows_sql,
     rule_windows_sql,
     scope_columns,
     sql_literal,
@@ -80,9 +80,9 @@ class AlertStore:
         self, rule: Rule, start: float, end: float
     ) -> dict[int, dict[tuple[str, ...], tuple[float | None, float]]]:
         """The rule's metric per window start and scope value: {window: {values: (metric, calls)}};
-        for an absence rule, (arrivals, calls)."""
+        for an absence rule, (active flows, calls)."""
         if rule.absent is not None:
-            sql = arrival_windows_sql(rule.scope.by, rule.scope.where, int(rule.window), start, end)
+            sql = flow_windows_sql(rule.scope.by, rule.scope.where, int(rule.window), start, end)
         elif rule.metric in METRIC_SQL:
             sql = rule_windows_sql(rule.metric, rule.scope.by, rule.scope.where, int(rule.window), start, end)
         else:
@@ -96,12 +96,18 @@ class AlertStore:
         return out
 
     def recent_values(
-        self, rule: Rule, before: float, windows: int
+        self,
+        rule: Rule,
+        before: float,
+        windows: int,
+        by_window: dict[int, dict[tuple[str, ...], tuple[float | None, float]]] | None = None,
     ) -> dict[tuple[str, ...], list[tuple[float, float]]]:
-        """A rule's (value, calls) per scope for the ``windows`` windows before ``before`` (baseline warm-up)."""
+        """A rule's (value, calls) per scope for the ``windows`` windows before ``before`` (baseline
+        warm-up). ``by_window``: those windows' ``window_values``, where the caller read them already."""
         out: dict[tuple[str, ...], list[tuple[float, float]]] = {}
         start = before - rule.window * windows
-        by_window = self.window_values(rule, start, before)
+        if by_window is None:
+            by_window = self.window_values(rule, start, before)
         if rule.absent is not None:
             return _absence_history(by_window, int(start - start % rule.window), int(before), int(rule.window))
         for ws in sorted(by_window):
@@ -168,7 +174,7 @@ class AlertStore:
 def _absence_history(
     by_window: dict[int, dict[tuple[str, ...], tuple[float | None, float]]], start: int, end: int, step: int
 ) -> dict[tuple[str, ...], list[tuple[float, float]]]:
-    """(calls, arrivals) per window for absence rules, silent windows included as zeros (the raw
+    """(calls, active flows) per window for absence rules, silent windows included as zeros (the raw
     table has no rows for them, and a bursty scope must not look steady after a restart), up to
     each scope's last window with calls: a silence still going on is the outage, not the baseline
     (the stream keeps breaching windows out of the history the same way)."""
@@ -180,7 +186,7 @@ def _absence_history(
             series.pop()
         while series and series[0][1] == 0:
             series.pop(0)  # before its first call the scope did not exist yet
-        out[values] = [(float(calls), float(arrivals or 0.0)) for arrivals, calls in series]
+        out[values] = [(float(calls), float(flows or 0.0)) for flows, calls in series]
     return out
 
 

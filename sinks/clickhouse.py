@@ -613,7 +613,8 @@ class ClickHouseSink:
         sql = (
             "SELECT event_id, ts, feature, team, model, provider, prompt_version, variant, status, refusal, "
             "cost_usd, input_tokens, output_tokens, cached_input_tokens, cache_write_tokens, output_chars, "
-            "schema_valid, tool_calls, latency_ms, ttft_ms FROM llm_calls FINAL "
+            "schema_valid, tool_calls, latency_ms, ttft_ms, response_model, trace_id, conversation_id "
+            "FROM llm_calls FINAL "
             "WHERE source = 'kafka' AND kafka_partition = {p:Int32} AND ts >= fromUnixTimestamp64Milli({s:Int64})"
         )
         return self.query_rows(sql, {"p": partition, "s": int(since * 1000)})

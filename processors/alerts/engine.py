@@ -56,7 +56,7 @@ class KeyState:
     last_resolved: float | None = None
     last_value: float | None = None
     history: list[tuple[float, float]] = field(default_factory=list)
-    """(value, calls) of baseline windows (spike), or (calls, arrivals) per window (absent): the last
+    """(value, calls) of baseline windows (spike), or (calls, active flows) per window (absent): the last
     ``history_len(rule)``, oldest first."""
 
     def remember(self, entry: tuple[float, float], keep: int) -> None:
@@ -230,7 +230,7 @@ class AlertEngine:
 
     def seed_history(self, rule: Rule, scope: Mapping[str, str], windows: Iterable[tuple[float, float]]) -> None:
         """Warm a spike/absence baseline from history (ClickHouse rollups) after a restart: (value,
-        calls) for a spike rule, (calls, arrivals) for an absence rule."""
+        calls) for a spike rule, (calls, active flows) for an absence rule."""
         st = self.state(rule, scope)
         keep = history_len(rule)
         for value, calls in windows:
@@ -273,8 +273,8 @@ class AlertEngine:
             # history learns only from windows that did not breach, so an outage neither erodes
             # the baseline (``for``, cooldown and long outages still see the traffic before it)
             # nor resolves while still silent.
-            # The odds are those of independent arrivals (``WindowPartial.arrivals``: an agent run
-            # or conversation is one, however many calls it makes), not of calls: counted in
+            # The odds are those of the flows active in each window (``active_flows``: an agent
+            # run or conversation is one, however many calls it makes), not of calls: counted in
             # calls, a feature with three six-call runs per window looked steady at 18 and paged
             # for every quiet window, several times a day.
             had = sum(c for c, _ in st.history)
@@ -286,8 +286,8 @@ class AlertEngine:
             breach = calls == 0 and armed
             verdict = Verdict(breach, not breach, had / max(len(st.history), 1), silence=(had, p0))
             if not breach:
-                arrivals = metrics.get("arrivals")  # None: a caller without them (each call counts)
-                st.remember((float(calls), float(calls if arrivals is None else arrivals)), rule.absent.baseline)
+                flows = metrics.get("active_flows")  # None: a caller without them (each call counts)
+                st.remember((float(calls), float(calls if flows is None else flows)), rule.absent.baseline)
             return self._step(rule, scope, st, verdict, float(calls), window_start, window_end, metrics)
         value = metrics.get(rule.metric)
         if value is None or (isinstance(value, float) and math.isnan(value)):

@@ -377,7 +377,7 @@ class _Group:
         computed once per scope into a plain dict, whose lookups are what rules do most."""
         names = {"calls"} | {r.metric for r in self.rules} | {EVIDENCE.get(r.metric, "calls") for r in self.rules}
         if self.watches_absence:
-            names.add("arrivals")
+            names.add("active_flows")
         return tuple((name, METRIC_FNS.get(name, _undefined)) for name in sorted(names))
 
     @cached_property
@@ -543,13 +543,23 @@ class RuleWindows:
             start = minute - minute % w
             bucket = group.open.setdefault(start, {})
             acc = bucket.get(values)
+            # a flow carried on from the minute before counts in the window's first minute only:
+            # later, the window has counted it already (``WindowPartial.carried_flows``)
+            carried_before = minute == start
             if acc is None:
-                bucket[values] = partial  # shared (read-only) until the window's next minute
-            else:
-                if (start, values) not in group.owned:
-                    acc = bucket[values] = acc.copy(values, *sketches)
-                    group.owned.add((start, values))
-                acc.merge(partial, *sketches)
+                if carried_before or not partial.carried_flows:
+                    bucket[values] = partial  # shared (read-only) until the window's next minute
+                    continue
+                acc = bucket[values] = partial.copy(values, *sketches)
+                group.owned.add((start, values))
+                acc.carried_flows = 0
+                continue
+            if (start, values) not in group.owned:
+                acc = bucket[values] = acc.copy(values, *sketches)
+                group.owned.add((start, values))
+            acc.merge(partial, *sketches)
+            if not carried_before:
+                acc.carried_flows -= partial.carried_flows
 
     def _close(self, group: _Group, through: float) -> list[AlertEvent]:
         w = group.window

@@ -74,12 +74,13 @@ def metric_over_time(metric: str, filters: Mapping[str, str], start: float, end:
     )
 
 
-def arrival_windows_sql(by: list[str], where: Mapping[str, str], window_s: int, start: float, end: float) -> str:
-    """Arrivals and calls per window and scope value, from the raw calls (absence rules: the
-    rollups keep no flow ids). A flow is a ``trace_id``, else a ``conversation_id``, as the stream
-    counts it (``processors.windows.WindowPartial.arrivals``); here one that spans two windows
-    arrives in each, where the stream, which remembers the previous window, counts it once, so a
-    restart's baseline reads a little steadier than the stream's own."""
+def flow_windows_sql(by: list[str], where: Mapping[str, str], window_s: int, start: float, end: float) -> str:
+    """Active flows and calls per window and scope value, from the raw calls (absence rules: the
+    rollups keep no flow ids). A flow is a ``trace_id``, else a ``conversation_id``, and a call in
+    neither counts alone, as the stream counts them (``processors.windows.WindowPartial``). The
+    stream counts a flow again after a quiet minute, and once per stage-1 key (a run that switches
+    model mid-way counts twice); here each counts once per window. Both only read each flow once
+    however many calls it makes, which is what keeps a bursty agent feature from paging."""
     dims, group = scope_columns(by)
     flow = "if(r.trace_id != '', r.trace_id, r.conversation_id)"
     return (

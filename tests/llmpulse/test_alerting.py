@@ -446,3 +446,15 @@ def test_pipeline_lag_is_evaluated_by_one_stage_2_of_the_group(settings: Any, co
     assert other.engine.firing() == []
     for w in workers:
         w.close()
+
+
+def test_an_absence_backtest_past_the_raw_retention_says_where_it_starts(settings: Any, conn: Any) -> None:
+    """Absence reads the raw calls' flows; before the retention it would see only silence."""
+    rules = parse_rules({"rules": [{"name": "gone", "metric": "calls", "scope": ["feature"], "window": "10m",
+                                    "absent": {"baseline": 6}, "min_calls": 0},
+                                   {"name": "errors", "metric": "error_rate", "scope": ["feature"], "window": "10m",
+                                    "max": 0.5}]}, "test")  # fmt: skip
+    start = 1_795_000_200.0  # a ten-minute boundary
+    result = backtest(AlertStore(conn), rules, start, start + 7200, raw_since=start + 1000)
+    assert result.shortened == {"gone": "evaluated from 2026-11-18 11:30 UTC on: absence reads the raw calls, "
+                                         "kept for the raw retention period"}  # fmt: skip

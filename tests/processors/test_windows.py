@@ -206,14 +206,36 @@ def test_arrivals_count_a_flow_once_and_each_call_outside_a_flow() -> None:
         (T0 + 241, {"feature": "other", "conversation_id": "c1"}),  # another scope: its own arrival
     ])  # fmt: skip
     closed += agg.flush()
-    got = sorted((p.window_start - int(T0), p.key[0], p.calls, p.arrivals) for p in closed)
-    assert got == [(0, "support-chat", 6, 4), (60, "support-chat", 2, 1), (180, "support-chat", 1, 1),
-                   (240, "other", 1, 1)]  # fmt: skip
+    got = sorted((p.window_start - int(T0), p.key[0], p.calls, p.arrivals, p.carried_flows) for p in closed)
+    assert got == [(0, "support-chat", 6, 4, 0), (60, "support-chat", 2, 1, 1), (180, "support-chat", 1, 1, 0),
+                   (240, "other", 1, 1, 0)]  # fmt: skip
     assert all(not p.flow_ids for p in closed)  # the ids are not kept past the close, nor sent
+    # a minute's active flows: those that arrived and those carried on (c1 and c2 in the second)
+    assert [p.metric("active_flows") for p in sorted(closed, key=lambda p: p.window_start)] == [4.0, 2.0, 1.0, 1.0]
     merged = WindowPartial(0, 60, ())  # stage 2 adds them up like calls
     for p in closed:
         merged.merge(p)
-    assert (merged.calls, merged.arrivals) == (10, 7)
+    assert (merged.calls, merged.arrivals, merged.carried_flows) == (10, 7, 1)
+
+
+def test_flow_ids_are_collected_only_for_absence_rules_and_up_to_a_bound() -> None:
+    """Off (no absence rule reads them): no per-event work, and each call counts as an arrival, as
+    before flows were counted. On: at most ``FLOW_IDS_KEPT`` ids per partial, so an OTLP source
+    whose every call has its own trace id holds 256 strings per key, not one per call."""
+    from processors.windows import FLOW_IDS_KEPT
+
+    spec = [(T0 + i * 0.1, {"trace_id": f"t{i}"}) for i in range(300)]
+    off = WindowAggregator(60, 0, arrivals=False)
+    feed(off, spec)
+    assert all(not p.flow_ids for bucket in off._open.values() for p in bucket.values())
+    (part,) = off.flush()
+    assert (part.calls, part.arrivals, part.metric("active_flows")) == (300, 300, 300.0)
+    on = WindowAggregator(60, 0)
+    feed(on, spec)
+    (open_part,) = on._open[int(T0)].values()
+    assert len(open_part.flow_ids) == FLOW_IDS_KEPT == 256
+    (part,) = on.flush()
+    assert (part.calls, part.arrivals) == (300, 256)  # silence odds e^-256 either way
 
 
 def test_partials_from_before_arrivals_count_each_call_as_one() -> None:

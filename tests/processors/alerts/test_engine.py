@@ -190,7 +190,7 @@ def test_absence_ignores_bursty_scopes_and_holds_through_a_long_outage() -> None
     assert fired == [4]
 
 
-def test_absence_judges_silence_by_arrivals_not_calls() -> None:
+def test_absence_judges_silence_by_active_flows_not_calls() -> None:
     """Three six-call agent runs per window look steady as calls (18 ± 1: a silent window would be
     p = e^-18), but the runs arrive independently, at three a window: p = e^-3 = 5%, a quiet
     window several times a day. Before arrivals, a demo week of such a feature paged 12 times."""
@@ -199,8 +199,8 @@ def test_absence_judges_silence_by_arrivals_not_calls() -> None:
 
     def feed(scope: str, windows: list[tuple[int, int]]) -> list[tuple[int, str]]:
         out = []
-        for i, (calls, arrivals) in enumerate(windows):
-            metrics = {"calls": float(calls), "arrivals": float(arrivals)}
+        for i, (calls, flows) in enumerate(windows):
+            metrics = {"calls": float(calls), "active_flows": float(flows)}
             e = engine.evaluate(r, {"feature": scope}, i * 60.0, (i + 1) * 60.0, metrics)
             if e:
                 out.append((i, e.state))
@@ -208,7 +208,7 @@ def test_absence_judges_silence_by_arrivals_not_calls() -> None:
 
     assert feed("agents", [(18, 3), (17, 3), (19, 3), (0, 0)]) == []
     assert feed("chat", [(18, 18), (17, 16), (19, 19), (0, 0)]) == [(3, "firing")]
-    # the baseline (its last three windows) keeps both: calls arm the rule, arrivals give the odds
+    # the baseline (its last three windows) keeps both: calls arm the rule, flows give the odds
     assert engine.state(r, {"feature": "agents"}).history == [(17.0, 3.0), (19.0, 3.0), (0.0, 0.0)]
 
 
