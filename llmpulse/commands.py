@@ -204,7 +204,8 @@ def _friendly_errors(fn: F) -> F:
         except UnreadableFile as exc:
             console.error(
                 f"{exc}. Nothing was replayed from it.",
-                f"Copy the file again, or replay the readable part: zcat '{exc.path}' > part.jsonl (zcat stops where "
+                f"Copy the file again, or replay the readable part: zcat {shlex.quote(str(exc.path))} > part.jsonl "
+                "(zcat stops where "
                 "the file ends), then llmpulse replay part.jsonl; a cut last line goes to the dead letters.",
             )
         except KAFKA_UNREACHABLE as exc:
@@ -688,7 +689,8 @@ def prices_show(model: str | None, config_path: Path | None, data_dir: Path | No
         console.out.print(f"{model} → provider {rates.provider}, USD per 1M tokens:", markup=False)
         console.out.print(
             f"  input {rates.input * 1e6:g}, cached input {rates.cached_input * 1e6:g}, "
-            f"cache write {rates.cache_write * 1e6:g}, output {rates.output * 1e6:g}"
+            f"cache write {rates.cache_write * 1e6:g} (1-hour {rates.cache_write_1h * 1e6:g}), "
+            f"output {rates.output * 1e6:g}"
         )
         return
     rows = [
@@ -698,6 +700,7 @@ def prices_show(model: str | None, config_path: Path | None, data_dir: Path | No
             "input": p.input,
             "cached_input": p.cached_input if p.cached_input is not None else p.input,
             "cache_write": p.cache_write if p.cache_write is not None else p.input,
+            "cache_write_1h": p.cache_write_1h if p.cache_write_1h is not None else p.cache_write or p.input,
             "output": p.output,
             "long_context": f">{p.long_context.above_input_tokens:,}" if p.long_context else "",
         }

@@ -72,6 +72,13 @@ class Rates:
         # A tier that lists no cache rate scales the base one by the tier's input markup: the
         # tier's full input rate for a cached read would charge it ~10x what it costs.
         markup = tier.input / price.input if price.input else 1.0
+        long_write = write * markup if tier.cache_write is None else tier.cache_write
+        if tier.cache_write_1h is not None:
+            long_write_1h = tier.cache_write_1h
+        elif price.cache_write_1h is not None:
+            long_write_1h = price.cache_write_1h * markup
+        else:  # one write rate, as in the base
+            long_write_1h = long_write
         return cls(
             price.provider,
             price.input * m,
@@ -82,9 +89,9 @@ class Rates:
             tier.input * m,
             tier.output * m,
             (cached * markup if tier.cached_input is None else tier.cached_input) * m,
-            (write * markup if tier.cache_write is None else tier.cache_write) * m,
+            long_write * m,
             write_1h * m,
-            (write_1h * markup if tier.cache_write_1h is None else tier.cache_write_1h) * m,
+            long_write_1h * m,
         )
 
     @property

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -190,23 +192,31 @@ def test_config_error_names_file_key_and_expectation(tmp_path: Path) -> None:
     assert "environment variable LLMPULSE_PIPELINE__WINDOW: key `pipeline.window`" in env_bad.stderr
 
 
-def test_busy_data_dir_names_the_holder(tmp_path: Path) -> None:
-    data = tmp_path / "d"
+@contextlib.contextmanager
+def holding(data: Path, command: str, server_url: str | None = None) -> Iterator[subprocess.Popen[str]]:
+    """Another process holding ``data``'s lock as ``command`` would (with the URL ``serve`` records)."""
+    update = f"l.update(server_url={server_url!r});" if server_url else ""
     holder = subprocess.Popen(
         [sys.executable, "-c",
          "import sys,time; from pathlib import Path; from sinks.lock import DataDirLock;"
-         "l=DataDirLock(Path(sys.argv[1])); l.acquire('llmpulse demo'); print('ok', flush=True); time.sleep(60)",
+         f"l=DataDirLock(Path(sys.argv[1])); l.acquire({command!r}); {update} print('ok', flush=True); time.sleep(60)",
          str(data)],
         stdout=subprocess.PIPE, text=True, env=ENV,
     )  # fmt: skip
     try:
         assert holder.stdout is not None and holder.stdout.readline().strip() == "ok"
-        proc = llmpulse("query", "SELECT 1", "--data-dir", str(data), check=False)
-        assert proc.returncode == 2
-        assert f"is in use by `llmpulse demo` (pid {holder.pid}" in proc.stderr.replace("\n", " ")
+        yield holder
     finally:
         holder.kill()
         holder.wait()
+
+
+def test_busy_data_dir_names_the_holder(tmp_path: Path) -> None:
+    data = tmp_path / "d"
+    with holding(data, "llmpulse demo") as holder:
+        proc = llmpulse("query", "SELECT 1", "--data-dir", str(data), check=False)
+        assert proc.returncode == 2
+        assert f"is in use by `llmpulse demo` (pid {holder.pid}" in proc.stderr.replace("\n", " ")
 
 
 def test_prices_import_and_show(tmp_path: Path) -> None:
@@ -219,7 +229,7 @@ def test_prices_import_and_show(tmp_path: Path) -> None:
     out = llmpulse("prices", "import", str(litellm), "--version", "2026-11-acme", "--data-dir", str(data)).stdout
     assert "Imported 1 models" in out and "2026-11-acme" in out
     shown = llmpulse("prices", "show", "acme-llm-1", "--data-dir", str(data)).stdout
-    assert "input 1, cached input 1, cache write 1, output 2" in shown
+    assert "input 1, cached input 1, cache write 1 (1-hour 1), output 2" in shown
     # the imported table prices a call that was price_missing before
     file = tmp_path / "c.jsonl"
     file.write_text(orjson.dumps(call(model="acme-llm-1", input_tokens=1_000_000, output_tokens=500_000,

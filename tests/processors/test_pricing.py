@@ -5,7 +5,7 @@ from __future__ import annotations
 import msgspec
 import pytest
 
-from processors.pricing import COST_CLIENT, COST_COMPUTED, COST_MISSING, COST_USAGE_UNKNOWN, CostAttribution
+from processors.pricing import COST_CLIENT, COST_COMPUTED, COST_MISSING, COST_USAGE_UNKNOWN, CostAttribution, Rates
 from schemas.prices import LongContextTier, ModelPrice, PriceTable, builtin_price_table
 from schemas.wire import WireCall
 from tests.conftest import payload
@@ -242,3 +242,18 @@ def test_a_struct_built_in_code_with_out_of_range_tokens_is_still_priced() -> No
     e.input_tokens = 2**32 + 5
     costs = CostAttribution(builtin_price_table())([e])
     assert costs.cost_usd[0] == pytest.approx((2**32 + 5) * 2.5e-6 + 10e-6)
+
+
+def test_one_hour_write_rates_fall_back_like_the_other_cache_rates() -> None:
+    """Per 1M: a tier's own 1-hour rate; else the base one scaled by the tier's input markup; and a
+    model with one write rate bills 1-hour writes at it, the tier's (not the base's, scaled) above."""
+    tier = LongContextTier(above_input_tokens=1000, input=4.0, output=8.0, cache_write=5.0)
+    one_rate = Rates.of(ModelPrice(provider="x", input=2.0, output=4.0, cache_write=2.5, long_context=tier))
+    assert (one_rate.cache_write_1h * 1e6, one_rate.long_cache_write_1h * 1e6) == (2.5, 5.0)
+    two_rates = Rates.of(ModelPrice(provider="x", input=2.0, output=4.0, cache_write=2.5, cache_write_1h=4.0,
+                                    long_context=tier))  # fmt: skip
+    assert (two_rates.cache_write_1h * 1e6, two_rates.long_cache_write_1h * 1e6) == (4.0, 8.0)  # 4 x markup 2
+    own = tier.model_copy(update={"cache_write_1h": 7.0})
+    assert Rates.of(ModelPrice(provider="x", input=2.0, output=4.0, long_context=own)).long_cache_write_1h * 1e6 == 7.0
+    # 2,000 in (1,000 of them 1-hour writes) above the 1,000 tier: 1,000 x 4 + 1,000 x 8 per 1M
+    assert two_rates.cost(2000, 0, 0, 1000, 1000) == pytest.approx(0.012)

@@ -170,3 +170,12 @@ def test_malformed_bootstrap_servers_are_a_config_error(servers: str) -> None:
 def test_bootstrap_servers_accept_lists_ipv6_and_a_default_port() -> None:
     k = load_settings(None, {"kafka": {"bootstrap_servers": "kafka-1:9092, [::1]:19092,kafka-3"}}).kafka
     assert k.bootstrap_servers == "kafka-1:9092,[::1]:19092,kafka-3"
+
+
+def test_a_limit_that_contains_the_value_still_shows_the_value(tmp_path: Path) -> None:
+    """102 is inside pydantic's "greater than or equal to 1024": only our own validators' messages,
+    which quote the value themselves, go without the "(got ...)"."""
+    path = write(tmp_path, "pipeline:\n  max_event_bytes: 102\n")
+    with pytest.raises(ConfigError, match=r"key `pipeline.max_event_bytes`: Input should be greater than or equal "
+                       r"to 1024 \(got 102\)$"):  # fmt: skip
+        load_settings(path)
