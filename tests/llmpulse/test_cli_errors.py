@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.llmpulse.test_cli import llmpulse
+from tests.llmpulse.test_cli import holding, llmpulse
 
 UNREACHABLE = "http://127.0.0.1:1"
 
@@ -206,31 +206,14 @@ def test_rules_backtest_without_file_uses_the_configured_rules(tmp_path: Path) -
 
 
 def test_a_data_dir_held_by_serve_suggests_only_options_the_command_has(tmp_path: Path) -> None:
-    import subprocess
-    import sys
-
-    from tests.llmpulse.test_cli import ENV
-
     data = tmp_path / "d"
-    holder = subprocess.Popen(
-        [sys.executable, "-c",
-         "import sys,time; from pathlib import Path; from sinks.lock import DataDirLock;"
-         "l=DataDirLock(Path(sys.argv[1])); l.acquire('llmpulse serve'); l.update(server_url='http://127.0.0.1:9');"
-         "print('ok', flush=True); time.sleep(60)",
-         str(data)],
-        stdout=subprocess.PIPE, text=True, env=ENV,
-    )  # fmt: skip
-    try:
-        assert holder.stdout is not None and holder.stdout.readline().strip() == "ok"
+    with holding(data, "llmpulse serve", server_url="http://127.0.0.1:9") as holder:
         for args in (("reconcile",), ("migrate",), ("dlq", "replay")):
             proc = llmpulse(*args, "--data-dir", str(data), check=False)
             err = " ".join(proc.stderr.split())
             assert proc.returncode == 2 and f"is in use by `llmpulse serve` (pid {holder.pid}" in err
             assert "--server" not in err and "Stop that process first" in err
             assert f"`llmpulse {' '.join(args)}` cannot run through it" in err
-    finally:
-        holder.kill()
-        holder.wait()
 
 
 def test_demo_refuses_to_drop_feedback_and_dead_letters_that_are_not_its_own(tmp_path: Path) -> None:
