@@ -240,14 +240,16 @@ def test_demo_replaces_its_own_data(tmp_path: Path) -> None:
 def test_a_cut_short_gzip_replay_says_what_happened_not_aborted(tmp_path: Path) -> None:
     """Python raises EOFError for a gzip stream that ends early; click answered it with "Aborted!"."""
     import gzip
+    import shlex
 
     whole = gzip.compress(b"".join(b'{"n": %d}\n' % i for i in range(20_000)))
-    file = tmp_path / "calls.jsonl.gz"
+    file = tmp_path / "my calls.jsonl.gz"  # the hint quotes it for a shell
     file.write_bytes(whole[: len(whole) // 2])
     proc = llmpulse("replay", str(file), "--data-dir", str(tmp_path / "data"), check=False)
     assert proc.returncode == 2, proc.stderr
     assert f"error: {file}: its gzip stream ends before the end-of-stream marker: the file was cut short" in proc.stderr
-    assert "Nothing was replayed from it." in proc.stderr and f"zcat '{file}' > part.jsonl" in proc.stderr
+    assert "Nothing was replayed from it." in proc.stderr
+    assert f"zcat '{file}' > part.jsonl" in proc.stderr and shlex.quote(str(file)) == f"'{file}'"
     no_traceback(proc.stderr)
 
 
