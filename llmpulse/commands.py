@@ -700,7 +700,7 @@ def prices_show(model: str | None, config_path: Path | None, data_dir: Path | No
             "input": p.input,
             "cached_input": p.cached_input if p.cached_input is not None else p.input,
             "cache_write": p.cache_write if p.cache_write is not None else p.input,
-            "cache_write_1h": p.cache_write_1h if p.cache_write_1h is not None else p.cache_write or p.input,
+            "cache_write_1h": next(r for r in (p.cache_write_1h, p.cache_write, p.input) if r is not None),
             "output": p.output,
             "long_context": f">{p.long_context.above_input_tokens:,}" if p.long_context else "",
         }

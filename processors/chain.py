@@ -79,8 +79,8 @@ class PipelineOptions:
     lateness_s: float = 120.0
     flow_idle_s: float | None = None
     """Track flows (agent runs, conversation turns) with this idle gap; None: no rule reads them."""
-    count_arrivals: bool = True
-    """Collect the flows each window saw (``WindowPartial.arrivals``); False: no absence rule reads them."""
+    flow_windows: tuple[int, ...] = ()
+    """The absence rules' window lengths (s): flows are counted for those (``WindowPartial.new_flows``)."""
     limits: ValidationLimits = field(default_factory=ValidationLimits)
     capture_content: bool = False
     redact_content: bool = True
@@ -125,7 +125,7 @@ class CallPipeline:
         self.price = CostAttribution(prices)
         self.content = ContentPolicy(capture=o.capture_content, redact_pii=o.redact_content)
         self.release = ReleaseFingerprint()
-        self.windows = WindowAggregator(o.window_s, o.lateness_s, partition, o.flow_idle_s, o.count_arrivals)
+        self.windows = WindowAggregator(o.window_s, o.lateness_s, partition, o.flow_idle_s, o.flow_windows)
         judge_rates = self.price.rates(o.judge_model)
         rubric, answer = o.judge_extra_tokens
 

@@ -75,8 +75,8 @@ class Rates:
         long_write = write * markup if tier.cache_write is None else tier.cache_write
         if tier.cache_write_1h is not None:
             long_write_1h = tier.cache_write_1h
-        elif price.cache_write_1h is not None:
-            long_write_1h = price.cache_write_1h * markup
+        elif price.cache_write_1h is not None:  # the base's 1-hour premium over its write rate, kept
+            long_write_1h = long_write * (price.cache_write_1h / write) if write else price.cache_write_1h * markup
         else:  # one write rate, as in the base
             long_write_1h = long_write
         return cls(

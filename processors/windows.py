@@ -34,6 +34,9 @@ QUANTILES = (0.5, 0.95, 0.99)
 FLOW_IDS_KEPT = 256
 """Distinct flows a partial remembers: past a few dozen, silence is already beyond improbable
 (e^-256), and every trace id an OTLP source sends would otherwise be held for the window."""
+FLOWS_REMEMBERED = 4096
+"""Distinct flows remembered per feature and absence window; past it, flows are counted again
+(an overcount only where silence is beyond improbable anyway)."""
 
 _COUNTS = (
     "calls",
@@ -60,8 +63,7 @@ _COUNTS = (
     "flow_calls",
     "flow_tokens",
     "flow_unpriced",
-    "arrivals",
-    "carried_flows",
+    "lone_calls",
 )
 _SUMS = ("cost_usd", "latency_ms_sum", "ttft_ms_sum", "eval_sum", "eval_sumsq", "rating_sum", "flow_ms_sum",
          "flow_cost_usd")  # fmt: skip
@@ -120,16 +122,17 @@ class WindowPartial:
     flow_unpriced: int = 0
     flow_ms: QuantileSketch = field(default_factory=QuantileSketch)
     """Perceived latency of those flows: first call's start to last call's end."""
-    arrivals: int = 0
-    """Flows (agent runs by ``trace_id``, else conversations) that started in this minute, not
-    carried on from the key's previous one, plus calls belonging to no flow. With
-    ``carried_flows``, what silence is judged by (the ``active_flows`` metric), not calls: an agent
+    new_flows: dict[int, int] = field(default_factory=dict)
+    """Per absence-rule window length (s): the flows (agent runs by ``trace_id``, else
+    conversations) of this minute not yet seen in the feature's current window of that length
+    (aligned, as rule windows are). Summed over a rule window's minutes, with ``lone_calls``, they
+    are the flows active in it (``active_flows``): what silence is judged by, not calls. An agent
     run of six calls is one flow, and a feature with three runs every ten minutes goes quiet for
     ten minutes once a day or so (``processors.alerts.engine.silence_probability``). Set as the
-    window closes (``WindowAggregator``); partials from before it existed read their calls here."""
-    carried_flows: int = 0
-    """Flows of this minute that the key's previous minute had too. A rule window counts those of
-    its first minute only (``RuleWindows``): later in the window they are already counted."""
+    minute closes (``WindowAggregator``); empty where nothing counted them (no absence rule, or a
+    partial from before): each call then counts as its own flow."""
+    lone_calls: int = 0
+    """Calls belonging to no flow: each is its own arrival."""
     flow_ids: set[str] = field(default_factory=set)
     """Stage 1 only, while the window is open: the flows its calls belonged to (at most
     ``FLOW_IDS_KEPT``). Never sent."""
@@ -161,8 +164,14 @@ class WindowPartial:
         self.schema_valid += other.schema_valid
         self.tool_call_calls += other.tool_call_calls
         self.unpinned_calls += other.unpinned_calls
-        self.arrivals += other.arrivals
-        self.carried_flows += other.carried_flows
+        self.lone_calls += other.lone_calls
+        if other.new_flows:
+            mine = self.new_flows
+            if mine:
+                for w, n in other.new_flows.items():
+                    mine[w] = mine.get(w, 0) + n
+            else:
+                self.new_flows = dict(other.new_flows)
         self.cost_usd += other.cost_usd
         self.latency_ms_sum += other.latency_ms_sum
         self.ttft_ms_sum += other.ttft_ms_sum
@@ -231,6 +240,8 @@ class WindowPartial:
         for name in _COUNTS + _SUMS:
             out[name] = getattr(self, name)
         out["served"] = sorted(self.served)
+        if self.new_flows:
+            out["new_flows"] = {str(w): n for w, n in self.new_flows.items()}
         blobs = [sk.to_bytes() if send else b"" for sk, send in zip((self.latency, self.ttft, self.output), sketches,
                                                                        strict=True)]  # fmt: skip
         if self.flows:
@@ -293,8 +304,9 @@ def _partial_from(data: dict[str, Any], blobs: list[QuantileSketch]) -> WindowPa
         flow_ms=blobs[3],
     )
     _read_numbers(partial, data.get)
-    if "arrivals" not in data:  # from a worker before arrivals were counted: each call its own, as then
-        partial.arrivals = partial.calls
+    flows = data.get("new_flows")
+    if flows:
+        partial.new_flows = {int(w): int(n) for w, n in flows.items()}
     return partial
 
 
@@ -314,6 +326,13 @@ def _compile_read_numbers() -> Callable[[WindowPartial, Callable[..., Any]], Non
 
 
 _read_numbers = _compile_read_numbers()
+
+
+def active_flows(p: WindowPartial, window_s: int) -> float:
+    """The flows active in a rule window of ``window_s`` (and calls in none): what absence rules
+    judge silence by. Where stage 1 did not count flows for that length, each call counts."""
+    n = p.new_flows.get(window_s)
+    return float(p.calls if n is None else n + p.lone_calls)
 
 
 def rate_f(n: float, d: int) -> float | None:
@@ -337,8 +356,6 @@ METRIC_FNS: dict[str, Callable[[WindowPartial], float | None]] = {
     "calls": lambda p: float(p.calls),
     "priced_calls": lambda p: float(p.calls - p.price_missing),
     "priced_flows": lambda p: float(p.flows - p.flow_unpriced),
-    # flows active in the window, and calls in none: what absence rules judge silence by
-    "active_flows": lambda p: float(p.arrivals + p.carried_flows),
     "cost_usd": lambda p: p.cost_usd,
     # over the calls with a cost: an unpriced one counted as $0 makes a release without a price look cheap
     "cost_per_call_usd": lambda p: rate_f(p.cost_usd, p.calls - p.price_missing),
@@ -446,11 +463,12 @@ class WindowAggregator:
         lateness_s: float = 120.0,
         partition: int = -1,
         flow_idle_s: float | None = 30.0,
-        arrivals: bool = True,
+        flow_windows: Iterable[int] = (),
     ) -> None:
         """``flow_idle_s`` None: no flow tracking (it costs ~1.8 µs/event here; runtimes turn it on
-        only when a rule reads a flow metric). ``arrivals`` False: no flow ids are collected (no
-        absence rule reads them) and each call counts as its own arrival, as before they existed."""
+        only when a rule reads a flow metric). ``flow_windows``: the absence rules' window lengths
+        (s), for which each partial counts its new flows (``WindowPartial.new_flows``); none: no
+        flow ids are collected at all."""
         if window_s <= 0:
             raise ValueError("window_s must be positive")
         self.flows = FlowTracker(flow_idle_s) if flow_idle_s is not None else None
@@ -464,9 +482,9 @@ class WindowAggregator:
         """Windows starting before this have been emitted; their events are late."""
         self._open: dict[int, dict[tuple[str, ...], WindowPartial]] = {}
         self._last_event_wall = 0.0
-        self.arrivals = arrivals
-        self._flows_before: dict[tuple[str, ...], tuple[int, set[str]]] = {}
-        """Per scope key, the last closed window's flows: a flow still going is no new arrival."""
+        self.flow_windows = tuple(sorted({int(w) for w in flow_windows}))
+        self._flows_seen: dict[tuple[str, int], tuple[int, set[str]]] = {}
+        """(feature, window length) → (the current aligned window's start, the flows seen in it)."""
 
     @property
     def open_windows(self) -> int:
@@ -496,7 +514,7 @@ class WindowAggregator:
         partition = self.partition
         keys: list[tuple[str, ...]] = []
         flows = self.flows  # the scope keys are kept for flow tracking only
-        arrivals = self.arrivals
+        count_flows = bool(self.flow_windows)
         for i, e in enumerate(events):
             t = ts[i]
             ws = int(t // w) * w
@@ -559,10 +577,10 @@ class WindowAggregator:
             rm = e.response_model
             if rm is not None and rm not in p.served:
                 p.served.add(rm)
-            if arrivals:
+            if count_flows:
                 flow = e.trace_id or e.conversation_id
                 if not flow:
-                    p.arrivals += 1
+                    p.lone_calls += 1
                 elif len(ids := p.flow_ids) < FLOW_IDS_KEPT:
                     ids.add(flow)
         self.late_events += late
@@ -586,7 +604,7 @@ class WindowAggregator:
         out: list[WindowPartial] = []
         for ws in closed_starts:
             out.extend(self._open.pop(ws).values())
-        return _count_unpinned(self._count_arrivals(out))
+        return _count_unpinned(self._count_new_flows(out))
 
     def touch(self, now: float) -> None:
         """Count ``now`` as activity: a partition that never sees an event still goes idle (and
@@ -609,29 +627,34 @@ class WindowAggregator:
             return self.advance(now - self.lateness_s - idle_timeout_s)
         return []
 
-    def _count_arrivals(self, closed: list[WindowPartial]) -> list[WindowPartial]:
-        """Flows into arrivals as their windows close (oldest first): a flow the key's previous
-        window had is carried on, not an arrival. One set intersection per partial, not per event.
-        Memory: one window's flow ids per scope key; a key silent for a window is forgotten."""
-        if not self.arrivals:
-            for p in closed:
-                p.arrivals = p.calls
+    def _count_new_flows(self, closed: list[WindowPartial]) -> list[WindowPartial]:
+        """Each closing minute's flows against those its feature had earlier in the same (aligned)
+        absence window, for each window length: a flow counts once per rule window, however many
+        minutes, scope keys (a run switching model) or quiet gaps (a chat's turns) it spans.
+        Minutes close oldest first; one set difference per partial and length, not per event."""
+        windows = self.flow_windows
+        if not windows:
             return closed
-        before = self._flows_before
+        seen = self._flows_seen
         newest = -1
         for p in closed:
             ids = p.flow_ids
-            prev = before.get(p.key)
-            carried = len(ids & prev[1]) if prev is not None and prev[0] == p.window_start - p.window_s else 0
-            p.arrivals += len(ids) - carried
-            p.carried_flows = carried
-            before[p.key] = (p.window_start, ids)
+            counts: dict[int, int] = {}
+            for w in windows:
+                aligned = p.window_start - p.window_start % w
+                entry = seen.get((p.key[0], w))
+                if entry is None or entry[0] != aligned:
+                    entry = seen[(p.key[0], w)] = (aligned, set())
+                known = entry[1]
+                fresh = ids - known if known else ids
+                counts[w] = len(fresh)
+                if fresh and len(known) < FLOWS_REMEMBERED:
+                    known |= fresh
+            p.new_flows = counts
             p.flow_ids = set()
             newest = max(newest, p.window_start)
-        if closed:
-            stale = [k for k, (ws, _) in before.items() if ws < newest - self.window_s]
-            for k in stale:
-                del before[k]
+        for k in [k for k, (start, _) in seen.items() if start + k[1] <= newest]:
+            del seen[k]  # windows over: what a feature saw there never counts again
         return closed
 
     def _count_flows(self, flows: list[ClosedFlow]) -> None:
@@ -666,4 +689,4 @@ class WindowAggregator:
         for ws in sorted(self._open):
             out.extend(self._open[ws].values())
         self._open.clear()
-        return _count_unpinned(self._count_arrivals(out))
+        return _count_unpinned(self._count_new_flows(out))

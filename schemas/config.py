@@ -412,7 +412,7 @@ def _describe(exc: ValidationError, path: Path | None, file_data: dict[str, Any]
         elif "input" in err and err["type"] != "missing":
             if _is_secret(loc):
                 msg += " (the value is a secret, so it is not shown)"
-            elif err["type"] != "value_error" or repr(err["input"]) not in msg:  # our validators quote it
+            elif f"got {err['input']!r}" not in msg:  # our validators say what they got
                 msg += f" (got {err['input']!r})"
         lines.append(f"{origin}: key `{key}`: {msg}")
     return "\n".join(lines)

@@ -11,6 +11,7 @@ lets "traffic stopped" page. ``RuleWindows`` then groups final minutes into each
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
@@ -20,7 +21,15 @@ from processors.alerts.engine import AlertEngine
 from processors.alerts.events import AlertEvent
 from processors.drift import BASELINE_WINDOWS, STREAM_DRIFT_METRICS, DriftMemory
 from processors.sketch import QuantileSketch
-from processors.windows import CALL_BOUNDED, EVIDENCE, METRIC_FNS, SCOPE_DIMS, SKETCH_METRICS, WindowPartial
+from processors.windows import (
+    CALL_BOUNDED,
+    EVIDENCE,
+    METRIC_FNS,
+    SCOPE_DIMS,
+    SKETCH_METRICS,
+    WindowPartial,
+    active_flows,
+)
 from schemas.rules import Rule
 
 Dims = tuple[str, ...]
@@ -376,9 +385,10 @@ class _Group:
         """The metrics the group's rules read (their own and what their ``min_calls`` counts):
         computed once per scope into a plain dict, whose lookups are what rules do most."""
         names = {"calls"} | {r.metric for r in self.rules} | {EVIDENCE.get(r.metric, "calls") for r in self.rules}
-        if self.watches_absence:
-            names.add("active_flows")
-        return tuple((name, METRIC_FNS.get(name, _undefined)) for name in sorted(names))
+        fns = [(name, METRIC_FNS.get(name, _undefined)) for name in sorted(names)]
+        if self.watches_absence:  # counted per absence-window length: this group's
+            fns.append(("active_flows", functools.partial(active_flows, window_s=self.window)))
+        return tuple(fns)
 
     @cached_property
     def floor(self) -> int:
@@ -543,23 +553,13 @@ class RuleWindows:
             start = minute - minute % w
             bucket = group.open.setdefault(start, {})
             acc = bucket.get(values)
-            # a flow carried on from the minute before counts in the window's first minute only:
-            # later, the window has counted it already (``WindowPartial.carried_flows``)
-            carried_before = minute == start
             if acc is None:
-                if carried_before or not partial.carried_flows:
-                    bucket[values] = partial  # shared (read-only) until the window's next minute
-                    continue
-                acc = bucket[values] = partial.copy(values, *sketches)
-                group.owned.add((start, values))
-                acc.carried_flows = 0
-                continue
-            if (start, values) not in group.owned:
-                acc = bucket[values] = acc.copy(values, *sketches)
-                group.owned.add((start, values))
-            acc.merge(partial, *sketches)
-            if not carried_before:
-                acc.carried_flows -= partial.carried_flows
+                bucket[values] = partial  # shared (read-only) until the window's next minute
+            else:
+                if (start, values) not in group.owned:
+                    acc = bucket[values] = acc.copy(values, *sketches)
+                    group.owned.add((start, values))
+                acc.merge(partial, *sketches)
 
     def _close(self, group: _Group, through: float) -> list[AlertEvent]:
         w = group.window

@@ -77,10 +77,10 @@ def metric_over_time(metric: str, filters: Mapping[str, str], start: float, end:
 def flow_windows_sql(by: list[str], where: Mapping[str, str], window_s: int, start: float, end: float) -> str:
     """Active flows and calls per window and scope value, from the raw calls (absence rules: the
     rollups keep no flow ids). A flow is a ``trace_id``, else a ``conversation_id``, and a call in
-    neither counts alone, as the stream counts them (``processors.windows.WindowPartial``). The
-    stream counts a flow again after a quiet minute, and once per stage-1 key (a run that switches
-    model mid-way counts twice); here each counts once per window. Both only read each flow once
-    however many calls it makes, which is what keeps a bursty agent feature from paging."""
+    neither counts alone, once per window, as the stream counts them
+    (``processors.windows.WindowPartial.new_flows``). Where the stream's scope is finer than the
+    feature, a flow spanning two of its scopes (a run that switches model) counts in the first
+    only; here in each. The stream's memory is bounded (``FLOWS_REMEMBERED``); here it is not."""
     dims, group = scope_columns(by)
     flow = "if(r.trace_id != '', r.trace_id, r.conversation_id)"
     return (

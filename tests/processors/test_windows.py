@@ -193,61 +193,75 @@ def test_merge_adds_every_field() -> None:
     assert {name: getattr(a, name) for name in numeric} == {name: 2 * i for i, name in enumerate(numeric, start=1)}
 
 
-def test_arrivals_count_a_flow_once_and_each_call_outside_a_flow() -> None:
-    """What silence is judged by: an agent run or conversation is one arrival however many calls
-    it makes, and one still going in the next minute is no new arrival there."""
-    agg = WindowAggregator(60, 0)
+def test_a_flow_counts_once_per_absence_window_however_many_minutes_keys_or_gaps_it_spans() -> None:
+    """What silence is judged by: an agent run or conversation is one flow however many calls it
+    makes, minutes it spans, models it uses or quiet minutes between its turns; a call in no flow
+    is its own. Counted afresh in each (aligned) ten-minute window, as rule windows are."""
+    from processors.windows import active_flows
+
+    w0 = 1_795_000_200  # a ten-minute boundary
+    agg = WindowAggregator(60, 0, flow_windows=(600,))
     closed = feed(agg, [
-        (T0 + 1, {"conversation_id": "c1"}), (T0 + 2, {"conversation_id": "c1"}),
-        (T0 + 3, {"conversation_id": "c1", "trace_id": "run-1"}), (T0 + 4, {"trace_id": "run-1"}),  # a run in c1
-        (T0 + 5, {}), (T0 + 6, {}),  # no flow: each call its own arrival
-        (T0 + 61, {"conversation_id": "c1"}), (T0 + 62, {"conversation_id": "c2"}),  # c1 goes on, c2 starts
-        (T0 + 181, {"conversation_id": "c1"}),  # after a silent minute: c1 arrives again
-        (T0 + 241, {"feature": "other", "conversation_id": "c1"}),  # another scope: its own arrival
+        (w0 + 1, {"conversation_id": "c1"}), (w0 + 2, {"conversation_id": "c1"}),
+        (w0 + 3, {"conversation_id": "c1", "trace_id": "run-1"}), (w0 + 4, {"trace_id": "run-1"}),  # a run in c1
+        (w0 + 5, {}), (w0 + 6, {}),  # no flow: each call its own
+        (w0 + 61, {"conversation_id": "c1"}), (w0 + 62, {"conversation_id": "c2"}),
+        (w0 + 63, {"conversation_id": "c2", "model": "gpt-4o-mini"}),  # c2 again, under another scope key
+        (w0 + 301, {"conversation_id": "c1"}),  # c1's next turn, after three quiet minutes
+        (w0 + 601, {"conversation_id": "c1"}),  # the next ten minutes: c1 is active there too
+        (w0 + 605, {"feature": "other", "conversation_id": "c1"}),  # another feature: its own flow
     ])  # fmt: skip
     closed += agg.flush()
-    got = sorted((p.window_start - int(T0), p.key[0], p.calls, p.arrivals, p.carried_flows) for p in closed)
-    assert got == [(0, "support-chat", 6, 4, 0), (60, "support-chat", 2, 1, 1), (180, "support-chat", 1, 1, 0),
-                   (240, "other", 1, 1, 0)]  # fmt: skip
     assert all(not p.flow_ids for p in closed)  # the ids are not kept past the close, nor sent
-    # a minute's active flows: those that arrived and those carried on (c1 and c2 in the second)
-    assert [p.metric("active_flows") for p in sorted(closed, key=lambda p: p.window_start)] == [4.0, 2.0, 1.0, 1.0]
-    merged = WindowPartial(0, 60, ())  # stage 2 adds them up like calls
-    for p in closed:
-        merged.merge(p)
-    assert (merged.calls, merged.arrivals, merged.carried_flows) == (10, 7, 1)
+
+    def window(start: int, feature: str = "support-chat") -> WindowPartial:
+        acc = WindowPartial(start, 60, ())  # what stage 2 does: the rule window's minutes added up
+        for p in closed:
+            if start <= p.window_start < start + 600 and p.key[0] == feature:
+                acc.merge(p)
+        return acc
+
+    first, second = window(w0), window(w0 + 600)
+    assert (first.calls, first.lone_calls, first.new_flows) == (10, 2, {600: 3})  # c1, run-1, c2
+    assert active_flows(first, 600) == 5.0
+    assert (second.calls, active_flows(second, 600)) == (1, 1.0)
+    assert active_flows(window(w0 + 600, "other"), 600) == 1.0
+    # a length no absence rule has was not counted: each call is its own flow there
+    assert active_flows(first, 3600) == 10.0
 
 
 def test_flow_ids_are_collected_only_for_absence_rules_and_up_to_a_bound() -> None:
-    """Off (no absence rule reads them): no per-event work, and each call counts as an arrival, as
-    before flows were counted. On: at most ``FLOW_IDS_KEPT`` ids per partial, so an OTLP source
-    whose every call has its own trace id holds 256 strings per key, not one per call."""
-    from processors.windows import FLOW_IDS_KEPT
+    """Off (no absence rule): no per-event work, and each call counts as its own flow, as before
+    flows were counted. On: at most ``FLOW_IDS_KEPT`` ids per partial, so an OTLP source whose
+    every call has its own trace id holds 256 strings per key, not one per call."""
+    from processors.windows import FLOW_IDS_KEPT, active_flows
 
     spec = [(T0 + i * 0.1, {"trace_id": f"t{i}"}) for i in range(300)]
-    off = WindowAggregator(60, 0, arrivals=False)
+    off = WindowAggregator(60, 0)
     feed(off, spec)
     assert all(not p.flow_ids for bucket in off._open.values() for p in bucket.values())
     (part,) = off.flush()
-    assert (part.calls, part.arrivals, part.metric("active_flows")) == (300, 300, 300.0)
-    on = WindowAggregator(60, 0)
+    assert (part.calls, part.new_flows, active_flows(part, 600)) == (300, {}, 300.0)
+    on = WindowAggregator(60, 0, flow_windows=(600,))
     feed(on, spec)
     (open_part,) = on._open[int(T0)].values()
     assert len(open_part.flow_ids) == FLOW_IDS_KEPT == 256
     (part,) = on.flush()
-    assert (part.calls, part.arrivals) == (300, 256)  # silence odds e^-256 either way
+    assert (part.calls, part.new_flows) == (300, {600: 256})  # silence odds e^-256 either way
 
 
-def test_partials_from_before_arrivals_count_each_call_as_one() -> None:
-    agg = WindowAggregator(60, 0)
+def test_new_flows_survive_the_wire_and_partials_without_them_count_calls() -> None:
+    from processors.windows import active_flows
+
+    agg = WindowAggregator(60, 0, flow_windows=(600, 3600))
     feed(agg, [(T0 + i, {"conversation_id": "c"}) for i in range(5)])
     (part,) = agg.flush()
+    back = WindowPartial.from_wire(part.to_wire())
+    assert back.new_flows == {600: 1, 3600: 1} and active_flows(back, 600) == 1.0
     header, blobs = part.to_wire().split(b"\n", 1)
-    assert WindowPartial.from_wire(part.to_wire()).arrivals == 1
     old = orjson.loads(header)
-    del old["arrivals"]
-    back = WindowPartial.from_wire(orjson.dumps(old) + b"\n" + blobs)
-    assert (back.calls, back.arrivals) == (5, 5)  # as silence was judged then
+    del old["new_flows"]  # from a worker that counted none (an older one, or no absence rule)
+    assert active_flows(WindowPartial.from_wire(orjson.dumps(old) + b"\n" + blobs), 600) == 5.0
 
 
 def test_calls_naming_a_model_alias_are_counted_as_their_window_closes() -> None:

@@ -34,7 +34,7 @@ def test_absence_history_has_zeros_for_silent_windows_and_stops_at_the_last_call
                                    "absent": {"baseline": 6, "min_baseline_calls": 30}, "min_calls": 0}]},
                        "test").rules[0]  # fmt: skip
     history = AlertStore(conn).recent_values(rule, START + 6 * 600, 6)
-    # (calls, arrivals): without flows each call is an arrival, as the stream counts them
+    # (calls, active flows): a call without a flow is its own, as the stream counts them
     assert history[("steady",)] == [(10.0, 10.0)] * 6
     assert history[("agents",)] == [(13.0, 3.0)] * 6
     # bursty: its quiet windows are zeros (the rollups have no row for them), the last one dropped

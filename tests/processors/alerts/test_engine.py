@@ -193,7 +193,7 @@ def test_absence_ignores_bursty_scopes_and_holds_through_a_long_outage() -> None
 def test_absence_judges_silence_by_active_flows_not_calls() -> None:
     """Three six-call agent runs per window look steady as calls (18 ± 1: a silent window would be
     p = e^-18), but the runs arrive independently, at three a window: p = e^-3 = 5%, a quiet
-    window several times a day. Before arrivals, a demo week of such a feature paged 12 times."""
+    window several times a day. Counted in calls, a demo week of such a feature paged 12 times."""
     r = rule(metric="calls", absent={"baseline": 3, "min_baseline_calls": 30}, min_calls=0)
     engine = AlertEngine([r])
 

@@ -23,7 +23,7 @@ PRICE = CostAttribution(builtin_price_table())
 
 
 def partials(partition: int, specs: list[tuple[float, dict[str, Any]]]) -> tuple[list[WindowPartial], float]:
-    agg = WindowAggregator(60, 0, partition=partition)
+    agg = WindowAggregator(60, 0, partition=partition, flow_windows=(60, 600))
     events = [DECODE(payload(ts=iso(t), **kw)) for t, kw in specs]
     agg.add(events, [e.ts.timestamp() for e in events], PRICE(events))
     return agg.flush(), agg.watermark
@@ -142,7 +142,7 @@ def test_a_silent_feature_pages_through_idle_watermarks() -> None:
 
 def test_a_feature_whose_calls_come_in_runs_does_not_page_for_a_quiet_minute() -> None:
     """The previous test's traffic as one 20-call agent run a minute: one arrival each, so a
-    silent minute is unremarkable (p = e^-1), and stage 2 hands the rule the arrivals to see it."""
+    silent minute is unremarkable (p = e^-1), and stage 2 hands the rule the flows to see it."""
     stage2 = Stage2(sources=[0])
     windows = rules({"name": "stopped", "metric": "calls", "scope": ["feature"], "window": "1m",
                      "absent": {"baseline": 3, "min_baseline_calls": 30}, "min_calls": 0})  # fmt: skip
@@ -161,22 +161,22 @@ def test_a_feature_whose_calls_come_in_runs_does_not_page_for_a_quiet_minute() -
 
 
 def test_a_flow_across_minutes_counts_once_per_rule_window_and_again_in_the_next() -> None:
-    """One agent run calling every 20 s for 20 minutes, and a second run in the second window only:
-    the first ten-minute window saw one flow, the second two (the first run carried on into it is
-    still active there), however many minutes each spanned."""
+    """One agent run calling every 20 s for 20 minutes, and a second run in the second window only,
+    a call every 150 s (quiet minutes between): the first ten-minute window saw one flow, the second
+    two (the first run is still active there), however many minutes or gaps each spanned."""
     stage2 = Stage2(sources=[0])
     windows = rules({"name": "stopped", "metric": "calls", "scope": ["feature"], "window": "10m",
                      "absent": {"baseline": 3, "min_baseline_calls": 30}, "min_calls": 0})  # fmt: skip
-    agg = WindowAggregator(60, 0)
+    agg = WindowAggregator(60, 0, flow_windows=(600,))
     specs = [(T0 + t, {"feature": "a", "trace_id": "long"}) for t in range(0, 1200, 20)]
-    specs += [(T0 + 600 + t, {"feature": "a", "trace_id": "short"}) for t in range(0, 300, 30)]
+    specs += [(T0 + 600 + t, {"feature": "a", "trace_id": "chat"}) for t in range(0, 600, 150)]
     specs.append((T0 + 1300, {"feature": "b"}))  # closes minute 19
     evs = [DECODE(payload(ts=iso(t), **kw)) for t, kw in sorted(specs, key=lambda s: s[0])]
     for p in agg.add(evs, [e.ts.timestamp() for e in evs], PRICE(evs)):
         stage2.add(SCOPE_DIMS, p, 0, T0 + 1300)
     windows.feed(*stage2.release())
     history = windows.engine.state(windows.engine.rules["stopped"], {"feature": "a"}).history
-    assert history == [(30.0, 1.0), (40.0, 2.0)]
+    assert history == [(30.0, 1.0), (34.0, 2.0)]
 
 
 def test_a_watermark_read_on_one_partials_partition_waits_for_the_others() -> None:
