@@ -194,6 +194,17 @@ async def create_topics(k: KafkaSettings) -> dict[str, str]:
         await admin.close()
 
 
+async def topic_partitions(k: KafkaSettings, names: list[str]) -> dict[str, int]:
+    """How many partitions each of these topics has on the broker (those it has)."""
+    admin = AIOKafkaAdminClient(**client_options(k))
+    await admin.start()
+    try:
+        described = await admin.describe_topics(names)
+    finally:
+        await admin.close()
+    return {d["topic"]: len(d["partitions"]) for d in described if not d.get("error_code") and d.get("partitions")}
+
+
 async def _topic_ends(consumer: Any, topic: str) -> dict[Any, int]:
     """End offset of each partition of ``topic``, through a started consumer (metadata refreshed
     once if the topic is not known yet)."""

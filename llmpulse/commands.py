@@ -822,31 +822,84 @@ def topics() -> None:
 def topics_create(
     bootstrap_servers: str | None, config_path: Path | None, data_dir: Path | None, clickhouse_url: str | None
 ) -> None:
-    """Create every llmpulse topic that does not exist yet (names and partitions from config)."""
+    """Create every llmpulse topic that does not exist yet (names and partitions from config).
+    Topics that exist are left as they are; their partition count is the broker's, shown as such."""
     import asyncio
 
-    from ingest.kafka import create_topics, topic_specs
+    from ingest.kafka import create_topics, topic_partitions, topic_specs
 
     settings = _kafka_settings(config_path, data_dir, clickhouse_url, bootstrap_servers)
     outcome = asyncio.run(create_topics(settings.kafka))
-    rows = [
-        {"topic": s.name, "partitions": s.partitions, "status": outcome.get(s.name, "?"), "holds": s.purpose}
-        for s in topic_specs(settings.kafka)
-    ]
+    specs = topic_specs(settings.kafka)
+    actual = asyncio.run(topic_partitions(settings.kafka, [s.name for s in specs]))
+    rows = []
+    for s in specs:
+        status = outcome.get(s.name, "?")
+        found = actual.get(s.name, s.partitions)
+        if found != s.partitions:
+            status += f" (config says {s.partitions} partitions; the broker's count stands)"
+        rows.append({"topic": s.name, "partitions": found, "status": status, "holds": s.purpose})
     console.out.print(console.table(f"Kafka topics on {console.escape(settings.kafka.bootstrap_servers)}", rows))
 
 
-async def _reach_kafka(settings: Settings) -> None:
-    """Connect once before faust starts: faust reports an unreachable broker as sixty lines of its
-    services starting and stopping around a traceback, while an error raised here gets the same
-    one-line hint as `topics create` (``KAFKA_UNREACHABLE``, ``KAFKA_REFUSED``)."""
+async def _missing_topics(settings: Settings) -> list[str]:
+    """Connect once before faust starts, and list the llmpulse topics the broker lacks: faust
+    reports an unreachable broker as sixty lines of its services starting and stopping around a
+    traceback, while an error raised here gets the same one-line hint as `topics create`
+    (``KAFKA_UNREACHABLE``, ``KAFKA_REFUSED``)."""
     from aiokafka.admin import AIOKafkaAdminClient
 
-    from ingest.kafka import client_options
+    from ingest.kafka import client_options, topic_specs
 
     admin = AIOKafkaAdminClient(**client_options(settings.kafka))
     await admin.start()
-    await admin.close()
+    try:
+        existing = set(await admin.list_topics())
+    finally:
+        await admin.close()
+    return [spec.name for spec in topic_specs(settings.kafka) if spec.name not in existing]
+
+
+def _worker_preflight(settings: Settings) -> None:
+    """What would otherwise fail once faust has started and joined the consumer group (a traceback
+    after two rebalances of the running workers), or not fail at all: a worker on topics nobody
+    created sat idle while the broker auto-created them with its own partitions and retention."""
+    import asyncio
+    import socket
+
+    missing = asyncio.run(_missing_topics(settings))
+    if missing:
+        console.error(
+            f"topic(s) {', '.join(missing)} do not exist on {settings.kafka.bootstrap_servers}",
+            "Create them first, with the same config: `llmpulse topics create`. (A broker that creates topics "
+            "on first use would give them its own partition count and retention.)",
+        )
+        raise SystemExit(2)
+    m = settings.metrics
+    if m.enabled and m.port:
+        family = socket.AF_INET6 if ":" in m.addr else socket.AF_INET
+        with socket.socket(family, socket.SOCK_STREAM) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                probe.bind((m.addr, m.port))
+            except OSError as exc:
+                console.error(
+                    f"metrics.port {m.port} on {m.addr} is not free ({exc.strerror}): another worker on this host?",
+                    "Give each worker on a host its own port (metrics.port, LLMPULSE_METRICS__PORT; 0 picks a free "
+                    "one) or turn /metrics off (metrics.enabled: false).",
+                )
+                raise SystemExit(2) from None
+    if settings.clickhouse.url:
+        from llmpulse.runtime import open_clickhouse
+
+        open_clickhouse(settings, purpose="llmpulse worker").close()  # reachable, credentials, migrations
+    else:  # chDB: one process per data directory; say who holds it before joining the group
+        from sinks.lock import DataDirLock
+
+        settings.data_dir.mkdir(parents=True, exist_ok=True)
+        lock = DataDirLock(settings.data_dir)
+        lock.acquire("llmpulse worker")
+        lock.release()
 
 
 @cli.command()
@@ -857,12 +910,10 @@ def worker(
     bootstrap_servers: str | None, config_path: Path | None, data_dir: Path | None, clickhouse_url: str | None
 ) -> None:
     """Consume llm.calls (and feedback, judge verdicts) and write ClickHouse; SIGTERM drains and exits cleanly."""
-    import asyncio
-
     from llmpulse.worker import build_app, log_thread_crashes
 
     settings = _kafka_settings(config_path, data_dir, clickhouse_url, bootstrap_servers)
-    asyncio.run(_reach_kafka(settings))
+    _worker_preflight(settings)
     app, _ = build_app(settings)
     log_thread_crashes()
     worker = app.Worker(loglevel=settings.log_level.upper(), quiet=True)

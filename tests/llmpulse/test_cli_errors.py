@@ -4,6 +4,7 @@ to do and exit code 2, never a traceback. In subprocesses, as a user runs the co
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -269,3 +270,74 @@ def test_prices_import_skips_a_malformed_entry_and_names_it(tmp_path: Path) -> N
     assert "Skipped 1 malformed entry (their models keep the built-in price, or none): odd-model: expected a " \
            "non-negative number, got 'free'" in proc.stdout  # fmt: skip
     assert "my-model" in json.loads(out.read_text())["models"]
+
+
+def test_a_worker_on_topics_nobody_created_refuses_to_start(tmp_path: Path, kafka_settings: Any) -> None:
+    """It sat idle, the broker auto-creating its topics with its own partitions and retention."""
+    from tests.llmpulse.workers import write_config
+
+    cfg = write_config(tmp_path / "llmpulse.yaml", kafka_settings)
+    proc = llmpulse("worker", "--config", str(cfg), "--data-dir", str(tmp_path / "d"), check=False)
+    assert proc.returncode == 2, proc.stderr
+    assert f"error: topic(s) {kafka_settings.topics.calls}, {kafka_settings.topics.feedback}," in proc.stderr
+    assert "Create them first, with the same config: `llmpulse topics create`" in proc.stderr
+    no_traceback(proc.stderr)
+
+
+def test_worker_startup_failures_are_one_line_before_joining_the_group(tmp_path: Path, kafka_settings: Any) -> None:
+    """A second worker on the host's metrics port, or on a data directory in use, crashed with a
+    traceback once faust had started and joined the consumer group (rebalancing the running one)."""
+    import asyncio
+    import socket
+
+    from ingest.kafka import create_topics
+    from sinks.lock import DataDirLock
+    from tests.llmpulse.workers import write_config
+
+    asyncio.run(create_topics(kafka_settings))
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        cfg = write_config(tmp_path / "busy-port.yaml", kafka_settings, metrics={"port": port, "addr": "127.0.0.1"})
+        proc = llmpulse("worker", "--config", str(cfg), "--data-dir", str(tmp_path / "d"), check=False)
+    assert proc.returncode == 2, proc.stderr
+    assert f"error: metrics.port {port} on 127.0.0.1 is not free (Address already in use)" in proc.stderr
+    assert "LLMPULSE_METRICS__PORT; 0 picks a free one" in proc.stderr
+    no_traceback(proc.stderr)
+    held = tmp_path / "held"
+    held.mkdir()
+    lock = DataDirLock(held)
+    lock.acquire("llmpulse worker")
+    try:
+        cfg = write_config(tmp_path / "free-port.yaml", kafka_settings)
+        proc = llmpulse("worker", "--config", str(cfg), "--data-dir", str(held), check=False)
+    finally:
+        lock.release()
+    assert proc.returncode == 2 and "is in use by `llmpulse worker`" in proc.stderr
+    no_traceback(proc.stderr)
+
+
+def test_topics_create_shows_the_brokers_partition_count_for_a_topic_that_exists(
+    tmp_path: Path, kafka_settings: Any
+) -> None:
+    """A topic the broker auto-created (6 partitions, say) was listed with the configured count."""
+    import asyncio
+
+    from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+
+    from tests.llmpulse.workers import write_config
+
+    async def create_calls_topic() -> None:
+        admin = AIOKafkaAdminClient(bootstrap_servers=kafka_settings.bootstrap_servers)
+        await admin.start()
+        try:
+            await admin.create_topics([NewTopic(kafka_settings.topics.calls, 6, 1)])
+        finally:
+            await admin.close()
+
+    asyncio.run(create_calls_topic())
+    cfg = write_config(tmp_path / "llmpulse.yaml", kafka_settings)
+    out = " ".join(llmpulse("topics", "create", "--config", str(cfg)).stdout.split())
+    assert f"│ {kafka_settings.topics.calls} │ 6 │ exists (config says {kafka_settings.partitions} partitions; " \
+           "the broker's count stands)" in out  # fmt: skip
