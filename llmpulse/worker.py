@@ -169,6 +169,10 @@ class CallsConsumer(mode.Service):
         self.producer: AIOKafkaProducer | None = None
         self.publisher: KafkaPublisher | None = None
         self._durable: deque[Block] = deque()
+        self._written_ts: dict[int, float] = {}
+        """Per partition, the newest event time written (feedback waits for its call: ``_quality_agent``)."""
+        self._written_end: dict[int, int] = {}
+        """Per partition, one past the last offset written."""
         """Blocks the insert thread finished, waiting for their outputs and offset commits."""
         self._block_box: Outbox | None = None
         """The outputs of ``_durable``'s first block the broker has not taken yet."""
@@ -180,6 +184,8 @@ class CallsConsumer(mode.Service):
         """Per partition: every window ending before this has its partials on the partials topic."""
         self._last_heartbeat = 0.0
         self.ready = asyncio.Event()
+        self.assigned = asyncio.Event()
+        """Set once the group has given this worker its partitions (perhaps none) the first time."""
         self.metrics = PipelineMetrics()
         self._assigning: dict[int, asyncio.Event] = {}
         self._failed: set[int] = set()
@@ -360,9 +366,29 @@ class CallsConsumer(mode.Service):
             self._fallback_sampler = CallPipeline(self.prices, self.options).sampler
         return [self._fallback_sampler]
 
+    def calls_written_through(self, t: float) -> bool:
+        """Whether this worker's calls up to event time ``t`` are durable: on each of its partitions
+        a call at or after ``t`` is written, or everything read is written and nothing is left on
+        the broker. (Calls of partitions other workers own are theirs to write.)"""
+        if not self.assigned.is_set():
+            return False  # the partitions (and the calls on them) are not known yet
+        for state in self.partitions.values():
+            p = state.partition
+            if self._written_ts.get(p, -math.inf) >= t:
+                continue
+            high = self.consumer.highwater(TopicPartition(self.topic, p)) if self.consumer else None
+            if not (high is not None and self._written_end.get(p, -1) >= state.next_offset >= high):
+                return False
+        return True
+
     def _on_written(self, block: Block) -> None:
         """Runs in whichever thread collected the insert; the event loop picks the block up."""
         self._durable.append(block)
+        for b in block.calls:
+            p = b.source.partition
+            if b.ts:
+                self._written_ts[p] = max(self._written_ts.get(p, -math.inf), *b.ts)
+            self._written_end[p] = max(self._written_end.get(p, -1), b.end_offset)
         self.metrics.inserts.inc()
         self.metrics.rows.inc(sum(len(b.events) + len(b.dead) for b in block.calls))
 
@@ -663,6 +689,7 @@ class _Rebalance(ConsumerRebalanceListener):  # type: ignore[misc]
     async def on_partitions_assigned(self, assigned: list[TopicPartition]) -> None:
         log.info("llm.calls partitions assigned %s", sorted(tp.partition for tp in assigned))
         await self.service.assign([tp.partition for tp in assigned if tp.partition not in self.service.partitions])
+        self.service.assigned.set()
 
 
 async def _send_round(publisher: KafkaPublisher, box: Outbox, metrics: PipelineMetrics, what: str) -> Exception | None:
@@ -741,6 +768,9 @@ a minute while it keeps failing (``CallsConsumer._retry_failed``)."""
 
 COMMIT_INTERVAL_S = 1.0
 """Stage 2 commits its partials offsets (after saving progress) at most this often."""
+LINK_WAIT_S = 60.0
+"""How long feedback waits for its call to be written while the calls consumer has calls in hand
+or on the broker (``_quality_agent``): a restart's backlog, at ~50k calls/s, drains a few million."""
 
 
 class AlertsConsumer(mode.Service):
@@ -1041,6 +1071,32 @@ def _quality_agent(app: faust.App, settings: Settings, calls: CallsConsumer, kin
         if box:  # given up when the worker stopped
             calls.metrics.dropped.labels("kafka_outputs").inc(len(box))
 
+    async def wait_for_calls(processed: list[Any]) -> None:
+        """Feedback names its call by request id, and the call's lineage (feature, model, release)
+        is copied in when the feedback is written: written before its call, it stayed linked to
+        nothing for good. After downtime both wait on the broker, and this agent, starting first
+        with little to do, wrote first. So while some calls are unknown and this worker's calls
+        up to the feedback's time are not all written, wait (at most ``LINK_WAIT_S``). A call
+        that never came costs one look; live, the wait is the calls' batch interval."""
+        sink = calls.sink
+        ids = {e.request_id for b in processed for e in b.events if e.request_id}
+        if sink is None or not ids:
+            return
+        stamps = [t for b in processed for t in b.ts]
+        span, newest = recent_span(stamps), max(stamps)
+        deadline = time.monotonic() + LINK_WAIT_S
+        known: dict[str, Any] = {}
+        while not calls.should_stop and time.monotonic() < deadline:
+            try:
+                known = await asyncio.to_thread(sink.lineage, ids, span)
+            except Exception:  # the write reports (and retries) ClickHouse failures
+                return
+            if len(known) == len(ids) or calls.calls_written_through(newest):
+                return
+            await asyncio.sleep(0.5)
+        log.warning("feedback on %d call(s) not written yet after %.0f s: written without their lineage",
+                    len(ids - set(known)), LINK_WAIT_S)  # fmt: skip
+
     async def handle(events: list[Any]) -> None:
         await calls.ready.wait()
         by_partition: dict[int, PayloadBatch] = {}
@@ -1051,6 +1107,8 @@ def _quality_agent(app: faust.App, settings: Settings, calls: CallsConsumer, kin
             batch.offsets.append(m.offset)
         processed = [pipeline.process(b, time.time()) for b in by_partition.values()]
         token = ";".join(f"{b.source.partition}:{b.offsets[0]}-{b.offsets[-1]}" for b in by_partition.values())
+        if kind == "feedback":  # verdicts come from judge requests, sent once their calls were written
+            await wait_for_calls(processed)
         await write(processed, f"{kind}:{name}:{token}")
         publisher, sink = calls.publisher, calls.sink
         assert publisher is not None and sink is not None

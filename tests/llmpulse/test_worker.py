@@ -640,6 +640,28 @@ def test_judge_verdicts_and_feedback_close_the_loop(tmp_path: Path, topics: Any,
         assert "publishing judge requests of" in log and "publishing quality partials of" in log  # retried
 
 
+def test_feedback_waiting_with_its_call_in_a_backlog_is_linked_to_it(tmp_path: Path, topics: Any) -> None:
+    """After downtime, a call and the feedback on it both wait on the broker. The feedback agent
+    starts first and is cheap, the calls consumer has a backlog to write: the lineage is copied
+    when feedback is written, so feedback written first stayed linked to nothing for good."""
+    cfg = write_config(tmp_path / "w.yaml", topics, pipeline={"batch_max_seconds": "1s"})
+    now = time.time()
+    calls = [call(event_id=f"b{i}", request_id=f"rb{i}", feature=f"f{i % 4}", ts=iso(now - 120 + i / 100))
+             for i in range(4000)]  # fmt: skip
+    asyncio.run(produce(topics, topics.topics.calls, [(e["feature"].encode(), orjson.dumps(e)) for e in calls]))
+    thumbs = {"kind": "feedback", "request_id": "rb3999", "ts": iso(now - 60), "thumbs": "down"}
+    asyncio.run(produce(topics, topics.topics.feedback, [(b"rb3999", orjson.dumps(thumbs))]))
+    worker = Worker(cfg, tmp_path / "data", tmp_path / "w.log").start()
+    try:
+        worker.wait_ready(120)
+        wait_caught_up(topics, topics.topics.calls, workers=[worker])
+        time.sleep(4)  # the feedback agent's write (chDB cannot be read while the worker runs)
+    finally:
+        assert worker.stop() == 0, worker.log.read_text()[-3000:]
+    (fb,) = query(worker.data_dir, "SELECT request_id, feature, event_id, thumbs FROM feedback")
+    assert fb == {"request_id": "rb3999", "feature": "f3", "event_id": "b3999", "thumbs": "down"}
+
+
 def test_a_worker_owning_no_calls_partition_still_budgets_flagged_calls() -> None:
     """More workers than llm.calls partitions (or a rebalance): a thumbs-down that is already durable
     is charged to a sampler of the worker's own, with the configured budgets, not dropped."""
