@@ -769,8 +769,8 @@ a minute while it keeps failing (``CallsConsumer._retry_failed``)."""
 COMMIT_INTERVAL_S = 1.0
 """Stage 2 commits its partials offsets (after saving progress) at most this often."""
 LINK_WAIT_S = 60.0
-"""How long feedback waits for its call to be written while the calls consumer has calls in hand
-or on the broker (``_quality_agent``): a restart's backlog, at ~50k calls/s, drains a few million."""
+"""How long feedback waits for its call while this worker's calls up to the feedback's time are
+not all written (``_quality_agent``): a restart's backlog, at ~50k calls/s, drains a few million."""
 
 
 class AlertsConsumer(mode.Service):

@@ -192,8 +192,6 @@ class WindowPartial:
             self.output.merge(other.output)
         if other.served:
             self.served |= other.served
-        if other.flow_ids:
-            self.flow_ids |= other.flow_ids
         if other.flows:
             self.flows += other.flows
             self.flow_calls += other.flow_calls
