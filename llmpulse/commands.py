@@ -1022,7 +1022,14 @@ def dlq_show(
 @click.option("--reason", "reason_like", default=None, help="Only letters whose reason contains this text.")
 @click.option("--limit", default=1_000_000, show_default=True, type=click.IntRange(1))
 @click.option("--dry-run", is_flag=True, help="Show what would be accepted now, write nothing.")
-@click.option("--to-kafka", is_flag=True, help="Republish the raw payloads to the calls topic instead.")
+@click.option(
+    "--to-kafka",
+    is_flag=True,
+    help="Republish the raw payloads that this config's pipeline now accepts to the calls topic instead.",
+)
+@click.option("--all", "send_all", is_flag=True,
+              help="With --to-kafka: republish every letter, also those this config still rejects (a fix deployed "
+                   "to the workers only).")  # fmt: skip
 @_kafka_options
 @_data_options
 @_friendly_errors
@@ -1032,6 +1039,7 @@ def dlq_replay(
     limit: int,
     dry_run: bool,
     to_kafka: bool,
+    send_all: bool,
     bootstrap_servers: str | None,
     config_path: Path | None,
     data_dir: Path | None,
@@ -1045,30 +1053,38 @@ def dlq_replay(
     conn = open_clickhouse(settings, purpose="llmpulse dlq replay")
     try:
         letters = pending_letters(conn, parse_duration(since), reason_like, limit)
-        if to_kafka:
+        runtime = EmbeddedRuntime(settings, conn)
+        # --to-kafka checks first: a letter the pipeline still rejects, sent again, is rejected again
+        # and lands in the dead letters twice
+        outcome = replay_into_clickhouse(runtime, letters, dry_run or to_kafka)
+        runtime.close()
+        chosen = letters if send_all else [r for r in letters if str(r["dlq_id"]) in outcome.accepted_ids]
+        if to_kafka and not dry_run:
             import asyncio
 
             from llmpulse.dlq import republish
 
-            sent = asyncio.run(republish(settings.kafka, letters)) if not dry_run else len(letters)
-            if not dry_run:
-                record(conn, [(str(r["dlq_id"]), "republished", "") for r in letters])
-            console.out.print(f"Republished {sent} dead letters to {settings.kafka.topics.calls}.", markup=False)
-            return
-        runtime = EmbeddedRuntime(settings, conn)
-        outcome = replay_into_clickhouse(runtime, letters, dry_run)
-        runtime.close()
+            asyncio.run(republish(settings.kafka, chosen))
+            record(conn, [(str(r["dlq_id"]), "republished", "") for r in chosen])
     finally:
         conn.close()
-    verb = "would be" if dry_run else "were"
-    console.out.print(
-        f"{outcome.considered} dead letters considered: {outcome.accepted} {verb} accepted, "
-        f"{outcome.rejected} still rejected."
-    )
-    if outcome.reasons:
+    if to_kafka:
+        verb = "Would republish" if dry_run else "Republished"
+        console.out.print(f"{verb} {len(chosen)} of {len(letters)} dead letters to {settings.kafka.topics.calls}.",
+                          markup=False)  # fmt: skip
+        if len(chosen) < len(letters):
+            console.out.print(f"The other {len(letters) - len(chosen)}, which this config's pipeline still rejects, "
+                              "stay in the dead letters (--all sends them anyway, for a fix deployed to the "
+                              "workers only).", markup=False)  # fmt: skip
+    else:
+        verb = "would be" if dry_run else "were"
         console.out.print(
-            console.table("Still rejected", [{"reason": k, "letters": v} for k, v in sorted(outcome.reasons.items())])
+            f"{outcome.considered} dead letters considered: {outcome.accepted} {verb} accepted, "
+            f"{outcome.rejected} still rejected."
         )
+    if outcome.reasons:
+        rows = [{"reason": k, "letters": v} for k, v in sorted(outcome.reasons.items())]
+        console.out.print(console.table("Still rejected", rows))
 
 
 @cli.group()

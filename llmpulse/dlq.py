@@ -36,6 +36,8 @@ class ReplayOutcome:
     rejected: int = 0
     republished: int = 0
     reasons: dict[str, int] = field(default_factory=dict)
+    accepted_ids: set[str] = field(default_factory=set)
+    """The ``dlq_id`` of each letter accepted (or, in a dry run, that would be)."""
 
 
 def pending_letters(conn: Connection, since_s: float, reason_like: str | None, limit: int) -> list[dict[str, Any]]:
@@ -84,9 +86,10 @@ def replay_into_clickhouse(runtime: EmbeddedRuntime, letters: list[dict[str, Any
     if not dry_run:
         runtime.flush()
         record(runtime.sink.conn, results)
-    for _, what, reason in results:
+    for dlq_id, what, reason in results:
         if what == "accepted":
             outcome.accepted += 1
+            outcome.accepted_ids.add(dlq_id)
         else:
             outcome.rejected += 1
             outcome.reasons[reason] = outcome.reasons.get(reason, 0) + 1

@@ -33,3 +33,31 @@ def test_replay_routes_letters_by_kind_as_ingest_does(settings: Any, conn: Any) 
     assert rows[2][2] == "Expected `float` >= 0.0"
     assert scalar(conn, "SELECT count() FROM llm_calls FINAL") == 2
     assert scalar(conn, "SELECT count() FROM feedback FINAL WHERE event_id != ''") == 1  # with its call's lineage
+
+
+def test_to_kafka_republishes_only_what_the_pipeline_now_accepts(tmp_path: Any, kafka_settings: Any) -> None:
+    """Sent again, a letter the pipeline still rejects is rejected again and lands in the dead
+    letters twice: --to-kafka checks first and sends the rest only with --all."""
+    import asyncio
+
+    from ingest.kafka import create_topics
+    from tests.llmpulse.test_cli import llmpulse
+    from tests.llmpulse.workers import consume_all, write_config
+
+    asyncio.run(create_topics(kafka_settings))
+    ahead = payload(event_id="ahead", ts=iso(time.time() + 2 * 3600))  # two hours ahead: over the 1 h default
+    file = tmp_path / "calls.jsonl"
+    file.write_bytes(ahead + b'\n{"event_id": "cut\n')
+    data = str(tmp_path / "d")
+    llmpulse("replay", str(file), "--data-dir", data)
+    cfg = str(write_config(tmp_path / "llmpulse.yaml", kafka_settings))
+    fixed = {"LLMPULSE_PIPELINE__FUTURE_TOLERANCE": "3h"}  # the fix: this config accepts the first now
+    out = llmpulse("dlq", "replay", "--to-kafka", "--config", cfg, "--data-dir", data, **fixed).stdout
+    calls = kafka_settings.topics.calls
+    assert f"Republished 1 of 2 dead letters to {calls}." in out
+    assert "The other 1, which this config's pipeline still rejects, stay in the dead letters (--all" in out
+    sent = asyncio.run(consume_all(kafka_settings, calls))
+    assert [m.value for m in sent] == [ahead]
+    out = llmpulse("dlq", "replay", "--to-kafka", "--all", "--config", cfg, "--data-dir", data, **fixed).stdout
+    assert f"Republished 1 of 1 dead letters to {calls}." in out  # the one left; the first is done
+    assert [m.value for m in asyncio.run(consume_all(kafka_settings, calls))] == [ahead, b'{"event_id": "cut']
