@@ -384,7 +384,7 @@ def worker_overhead(
                             then=(IDLE_S + 4.0, *drained))  # fmt: skip
         text = log.read_text(errors="replace")
         late = LATE_LOG.search(text)
-        if late is None or int(late[1]):
+        if late is None or int(late[1].replace(",", "")):
             raise RuntimeError(f"late events in a P3w run would leave windows out of the figure; see {log}")
         run["core"] = core
         if name != "off":
@@ -447,7 +447,7 @@ def worker_overhead(
 
 
 IDLE_S = 15.0
-LATE_LOG = re.compile(r"worker stopped: WorkerStats\(counters=StepCounters\(.*?late=(\d+)")
+LATE_LOG = re.compile(r"worker stopped: .*?; ([\d,]+) late;")
 STAGE2_LOG = re.compile(r"stage 2 \(alert evaluation\): ([0-9.]+) s CPU for (\d+) partials, (\d+) rule windows")
 
 

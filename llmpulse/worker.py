@@ -101,6 +101,22 @@ class WorkerStats:
     rollups_repaired: int = 0
     """Rollup tables rebuilt for rows a killed worker wrote whose view parts never landed."""
 
+    def summary(self) -> str:
+        """For people reading the log: the stop line was a dataclass repr three lines wide."""
+        c = self.counters
+        parts = [
+            f"{c.received:,} calls received", f"{c.accepted:,} accepted", f"{c.rejected:,} rejected",
+            f"{c.duplicates:,} duplicates", f"{c.late:,} late", f"{c.price_missing:,} without a cost",
+            f"{c.sampled:,} sampled", f"{self.skipped_written:,} skipped as written",
+            f"{self.batches:,} batches", f"{self.commits:,} commits", f"{self.process_s:.1f} s processing",
+        ]  # fmt: skip
+        if self.sink_failures or self.publish_failures:
+            parts.append(f"{self.sink_failures:,} insert and {self.publish_failures:,} publish failures")
+        if c.unknown_models:
+            top = sorted(c.unknown_models.items(), key=lambda kv: -kv[1])[:5]
+            parts.append("models without a price: " + ", ".join(f"{m} ({n:,})" for m, n in top))
+        return "; ".join(parts)
+
 
 def _rows_to_events(rows: list[dict[str, Any]]) -> tuple[list[WireCall], list[float], Costs]:
     """ClickHouse rows back into the shapes the window aggregator folds (crash recovery only)."""
@@ -173,6 +189,8 @@ class CallsConsumer(mode.Service):
         """Per partition, the newest event time written (feedback waits for its call: ``_quality_agent``)."""
         self._written_end: dict[int, int] = {}
         """Per partition, one past the last offset written."""
+        self._progress: tuple[float, int] = (time.time(), 0)
+        """When the last progress line was logged, and the calls received then."""
         """Blocks the insert thread finished, waiting for their outputs and offset commits."""
         self._block_box: Outbox | None = None
         """The outputs of ``_durable``'s first block the broker has not taken yet."""
@@ -276,7 +294,7 @@ class CallsConsumer(mode.Service):
             "writing the last rows" if released else "the insert under way")  # fmt: skip
         if self.conn is not None and closed:
             await _within(asyncio.to_thread(self.conn.close), STOP_CLIENT_S, "closing ClickHouse")
-        log.info("worker stopped: %s", self.stats)
+        log.info("worker stopped: %s", self.stats.summary())
 
     @mode.Service.task
     async def _consume(self) -> None:
@@ -366,6 +384,23 @@ class CallsConsumer(mode.Service):
             self._fallback_sampler = CallPipeline(self.prices, self.options).sampler
         return [self._fallback_sampler]
 
+    def _log_progress(self, now: float) -> None:
+        """A line every ``PROGRESS_S`` while calls arrive: between "Ready" and the stop the log
+        said nothing, and whether the worker was keeping up took a metrics scrape to tell."""
+        c = self.stats.counters
+        last_at, last_received = self._progress
+        if now - last_at < PROGRESS_S or c.received == last_received:
+            return
+        behind = 0
+        if self.consumer is not None:
+            for state in self.partitions.values():
+                high = self.consumer.highwater(TopicPartition(self.topic, state.partition))
+                behind += max(0, (high or 0) - state.next_offset)
+        rate = (c.received - last_received) / (now - last_at)
+        log.info("progress: %s calls received (%s/s since the last line), %s rejected, %s waiting on the broker",
+                 f"{c.received:,}", f"{rate:,.0f}", f"{c.rejected:,}", f"{behind:,}")  # fmt: skip
+        self._progress = (now, c.received)
+
     def calls_written_through(self, t: float) -> bool:
         """Whether this worker's calls up to event time ``t`` are durable: on each of its partitions
         a call at or after ``t`` is written, or everything read is written and nothing is left on
@@ -419,6 +454,7 @@ class CallsConsumer(mode.Service):
                 if high is not None:
                     self.metrics.lag.labels(str(state.partition)).set(max(0, high - state.next_offset))
         self.metrics.unwritten.set(self.writer.unwritten_rows)
+        self._log_progress(now)
         if self.writer.due() or self.writer.failed is not None:
             await self._flush(wait=False)  # while a block fails this backs off, and intake waits in Kafka
         try:
@@ -768,6 +804,8 @@ a minute while it keeps failing (``CallsConsumer._retry_failed``)."""
 
 COMMIT_INTERVAL_S = 1.0
 """Stage 2 commits its partials offsets (after saving progress) at most this often."""
+PROGRESS_S = 30.0
+"""How often the worker logs a progress line while calls arrive."""
 LINK_WAIT_S = 60.0
 """How long feedback waits for its call while this worker's calls up to the feedback's time are
 not all written (``_quality_agent``): a restart's backlog, at ~50k calls/s, drains a few million."""

@@ -237,8 +237,8 @@ def test_sigterm_while_a_batch_is_processed_waits_for_it(tmp_path: Path, topics:
         )  # fmt: skip
     log = (tmp_path / "term.log").read_text(errors="replace")
     assert stopped.returncode == 0, log[-3000:]
-    accepted = re.search(r"worker stopped: .*?accepted=(\d+)", log)
-    assert accepted is not None and 0 < int(accepted[1]) < 20_000  # stopped mid-stream
+    accepted = re.search(r"worker stopped: .*?; ([\d,]+) accepted;", log)
+    assert accepted is not None and 0 < int(accepted[1].replace(",", "")) < 20_000  # stopped mid-stream
     drain_with_worker(cfg, data, tmp_path / "w.log", topics)
     _exactly_once(data, 20_000)
     per_grain = _calls_per_grain(topics)
@@ -337,8 +337,8 @@ def test_a_backlog_is_windowed_whole_even_with_partitions_waiting_their_turn(tmp
     cfg = write_config(tmp_path / "w.yaml", topics.model_copy(update={"fetch_max_records": 500}),
                        pipeline={"idle_timeout": "1s", "allowed_lateness": "5s", "batch_max_events": 500})  # fmt: skip
     log = drain_with_worker(cfg, tmp_path / "data", tmp_path / "w.log", topics)
-    stats = re.search(r"worker stopped: .*?accepted=(\d+), .*?late=(\d+)", log)
-    assert stats is not None and (int(stats[1]), int(stats[2])) == (40_000, 0)
+    stats = re.search(r"worker stopped: .*?; ([\d,]+) accepted; .*?; ([\d,]+) late;", log)
+    assert stats is not None and (stats[1], stats[2]) == ("40,000", "0")
 
 
 def test_two_workers_share_partitions_and_add_up_to_one(tmp_path: Path, topics: Any, kafka_settings: Any) -> None:
@@ -674,6 +674,30 @@ def test_a_worker_owning_no_calls_partition_still_budgets_flagged_calls() -> Non
     (sampler,) = consumer.judge_samplers()
     assert sampler.boost_cap_per_hour == 7
     assert consumer.judge_samplers() == [sampler]  # one budget for the process, not one per call
+
+
+def test_the_worker_log_says_how_it_is_doing_and_sums_up_readably(caplog: pytest.LogCaptureFixture) -> None:
+    """Between "Ready" and the stop the log said nothing, and the stop line was a dataclass repr."""
+    import logging
+
+    from llmpulse.worker import CallsConsumer
+    from schemas.config import load_settings
+
+    consumer = CallsConsumer(load_settings(None))
+    consumer._progress = (1000.0, 0)
+    consumer.stats.counters.received, consumer.stats.counters.accepted = 45_000, 44_988
+    consumer.stats.counters.rejected, consumer.stats.counters.unknown_models = 12, {"acme-1": 7}
+    with caplog.at_level(logging.INFO, logger="llmpulse.worker"):
+        consumer._log_progress(1010.0)  # under 30 s since the last line
+        consumer._log_progress(1030.0)
+        consumer._log_progress(1075.0)  # nothing new received
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("progress")]
+    assert lines == ["progress: 45,000 calls received (1,500/s since the last line), 12 rejected, "
+                     "0 waiting on the broker"]  # fmt: skip
+    assert consumer.stats.summary() == (
+        "45,000 calls received; 44,988 accepted; 12 rejected; 0 duplicates; 0 late; 0 without a cost; 0 sampled; "
+        "0 skipped as written; 0 batches; 0 commits; 0.0 s processing; models without a price: acme-1 (7)"
+    )
 
 
 def test_only_failures_that_may_pass_are_retried_by_the_quality_agent() -> None:
