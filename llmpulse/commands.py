@@ -357,13 +357,14 @@ def _render_demo(s: dict[str, Any], settings: Settings) -> None:
         {"": "wall time (s)", "value": s["wall_seconds"]},
     ]
     out.print(console.table("Overview", overview))
-    out.print(
-        console.table(
-            "Cost per feature (USD)",
-            [{"feature": k, "cost_usd": v} for k, v in s["cost_by_feature"].items()],
-        )
-    )
-    out.print(console.table("Cost per team (USD)", [{"team": k, "cost_usd": v} for k, v in s["cost_by_team"].items()]))
+    for dim in ("feature", "team"):
+        costs, unpriced = s[f"cost_by_{dim}"], s[f"unpriced_by_{dim}"]
+        rows = [
+            {dim: k, "cost_usd": v, **({"calls without a price": unpriced.get(k, 0)} if unpriced else {})}
+            for k, v in costs.items()
+        ]
+        # a cost of None (shown —) is a scope none of whose calls had a price: unknown, not free
+        out.print(console.table(f"Cost per {dim} (USD{', priced calls only' if unpriced else ''})", rows))
     out.print(
         console.table(
             "Latency per feature (ms)",

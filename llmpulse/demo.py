@@ -166,8 +166,10 @@ def summarize(conn: Connection, start: float, end: float) -> dict[str, Any]:
         "dlq": int(totals["dlq"] or 0),
         "price_missing": int(totals["price_missing"] or 0),
         "cost_usd": round(float(totals["cost_usd"] or 0.0), 2),
-        "cost_by_feature": {r["feature"]: round(float(r["cost_usd"]), 2) for r in by_feature},
-        "cost_by_team": {r["team"]: round(float(r["cost_usd"]), 2) for r in by_team},
+        "cost_by_feature": {r["feature"]: _usd(r["cost_usd"]) for r in by_feature},
+        "cost_by_team": {r["team"]: _usd(r["cost_usd"]) for r in by_team},
+        "unpriced_by_feature": {r["feature"]: int(r["unpriced_calls"]) for r in by_feature if r["unpriced_calls"]},
+        "unpriced_by_team": {r["team"]: int(r["unpriced_calls"]) for r in by_team if r["unpriced_calls"]},
         "latency_ms_by_feature": {
             r["feature"]: {"p50": r["p50_ms"], "p95": r["p95_ms"], "p99": r["p99_ms"]} for r in latency
         },
@@ -177,6 +179,11 @@ def summarize(conn: Connection, start: float, end: float) -> dict[str, Any]:
         "judge_samples": int(totals["judge_samples"] or 0),
         "canary": canary_report(conn, start, end),
     }
+
+
+def _usd(cost: Any) -> float | None:
+    """None where no call had a price: the spend is unknown, and a 0.0 would read as free."""
+    return None if cost is None else round(float(cost), 2)
 
 
 CANARY = {"feature": "support-chat", "variant": "canary"}

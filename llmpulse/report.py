@@ -599,7 +599,8 @@ def render_html(report: WeeklyReport) -> str:
         by_feat.setdefault(r["feature"], [0.0] * len(days))[days.index(r["day"])] = r["cost_usd"]
     change_cols = [("key", "", _s), ("calls", "calls", _s), ("cost_usd", "spend", usd),
                    ("prev_cost_usd", "previous week", usd), ("change_usd", "change", usd),
-                   ("change", "change %", lambda v: pct(v, True))]  # fmt: skip
+                   ("change", "change %", lambda v: pct(v, True)),
+                   ("unpriced_calls", "without a price", _s)]  # fmt: skip
     body.append(_section(
         "spend", "Spend", f"{usd(tot['cost_usd'])} over {tot['calls']:,} calls; previous week "
         f"{usd(tot['prev_cost_usd'])} ({pct(ch, True)}). {tot['unpriced_calls']:,} calls had no price.",

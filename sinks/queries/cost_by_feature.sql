@@ -1,7 +1,9 @@
--- Spend and volume per feature and team.
-SELECT feature, any(team) AS team, sum(calls) AS calls, round(sum(cost_usd), 6) AS cost_usd,
-       sum(price_missing) AS unpriced_calls
-FROM llm_calls_1m
-WHERE minute >= {start:DateTime} AND minute < {end:DateTime}
+-- Spend and volume per feature and team. A feature none of whose calls had a price has no known
+-- spend: NULL, not a $0 that reads as free (its calls are counted in unpriced_calls).
+SELECT r.feature AS feature, any(r.team) AS team, sum(r.calls) AS calls,
+       if(sum(r.calls) > sum(r.price_missing), round(sum(r.cost_usd), 6), NULL) AS cost_usd,
+       sum(r.price_missing) AS unpriced_calls
+FROM llm_calls_1m AS r
+WHERE r.minute >= {start:DateTime} AND r.minute < {end:DateTime}
 GROUP BY feature
-ORDER BY cost_usd DESC
+ORDER BY cost_usd DESC NULLS LAST, feature

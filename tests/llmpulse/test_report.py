@@ -135,6 +135,7 @@ def test_spend_matches_raw_to_the_cent(built: WeeklyReport, conn: Any) -> None:
         raw = {r["k"]: r for r in rows(conn, f"""
             SELECT {dim} AS k, countIf(ts >= {{s:DateTime64(3)}}) AS calls,
                    sumIf(ifNull(cost_usd, 0), ts >= {{s:DateTime64(3)}}) AS cost,
+                   countIf(price_missing AND ts >= {{s:DateTime64(3)}}) AS unpriced,
                    countIf(ts < {{s:DateTime64(3)}}) AS prev_calls,
                    sumIf(ifNull(cost_usd, 0), ts < {{s:DateTime64(3)}}) AS prev_cost
             FROM llm_calls FINAL WHERE ts >= {{p:DateTime64(3)}} AND ts < {{e:DateTime64(3)}}
@@ -142,7 +143,8 @@ def test_spend_matches_raw_to_the_cent(built: WeeklyReport, conn: Any) -> None:
         got = {i["key"]: i for i in sp[dim]}
         assert set(got) == {k for k, r in raw.items() if r["calls"]} | {k for k, r in raw.items() if r["prev_calls"]}
         for k, r in raw.items():
-            assert (got[k]["calls"], got[k]["prev_calls"]) == (r["calls"], r["prev_calls"]), (dim, k)
+            assert (got[k]["calls"], got[k]["prev_calls"], got[k]["unpriced_calls"]) == (
+                r["calls"], r["prev_calls"], r["unpriced"]), (dim, k)  # fmt: skip
             assert cents(got[k]["cost_usd"]) == cents(r["cost"]) and got[k]["cost_usd"] == pytest.approx(r["cost"])
             assert cents(got[k]["prev_cost_usd"]) == cents(r["prev_cost"])
     total = rows(conn, "SELECT count() AS n, sum(ifNull(cost_usd, 0)) AS cost, countIf(price_missing) AS unpriced "
@@ -446,6 +448,7 @@ def test_every_section_rendered(built: WeeklyReport, tmp_path: Path) -> None:
         assert f'<section id="{key}">' in page and f"<h2>{title}</h2>" in page
     assert "<script" not in page and "http://" not in page and "https://" not in page  # opens offline
     assert page.count("<svg") >= 8
+    assert page.count("<th>without a price</th>") == 3  # spend per feature, team and model
     summary = render_markdown(built)
     assert summary.startswith(f"**LLMOps weekly {WEEK.label}**") and len(summary.splitlines()) <= 14
     written = write(built, tmp_path / "out", tmp_path / "latest.html")
