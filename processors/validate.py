@@ -39,6 +39,8 @@ T = TypeVar("T", WireCall, WireFeedback, WireJudgeResult)
 
 
 _AT_PATH = re.compile(r" - at `(\$[^`]*)`$")
+_MISSING = re.compile(r"^Object missing required field `(\w+)`$")
+_NAIVE = "Expected `datetime` with a timezone component"
 _UNKNOWN = "Object contains unknown field"
 
 
@@ -92,11 +94,17 @@ def _depth(value: Any, limit: int) -> int:
 
 
 def _split_validation_error(exc: msgspec.ValidationError) -> tuple[str, str]:
+    """msgspec's message, reworded where it leaves the producer guessing: a missing field's path
+    is the field (msgspec gives the object holding it), and a timestamp without a zone says how
+    to give one (an event time in an unknown zone is hours off, so it is not assumed UTC)."""
     message = str(exc)
     match = _AT_PATH.search(message)
-    if match:
-        return message[: match.start()], match.group(1)
-    return message, "$"
+    reason, path = (message[: match.start()], match.group(1)) if match else (message, "$")
+    if missing := _MISSING.match(reason):
+        return f"missing required field `{missing[1]}`", f"{path}.{missing[1]}"
+    if reason == _NAIVE:
+        return f"{reason}: end it with `Z` for UTC or an offset such as `+02:00` (2026-11-18T12:00:00Z)", path
+    return reason, path
 
 
 class DecodeEvents(Generic[T]):

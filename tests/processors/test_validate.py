@@ -35,10 +35,11 @@ def test_valid_event_is_accepted_with_utc_timestamp() -> None:
     [
         (call(input_tokens=-5), "$.input_tokens", ">= 0"),
         (call(output_tokens="200"), "$.output_tokens", "Expected `int`, got `str`"),
-        (call(model=None), "$", "missing required field `model`"),
+        (call(model=None), "$.model", "missing required field `model`"),
+        (call(params={"temperature": 0.2}, event_id=None), "$.event_id", "missing required field `event_id`"),
         (call(status="exploded"), "$.status", "Invalid enum value 'exploded'"),
         (call(latency_ms=-1.0), "$.latency_ms", ">= 0"),
-        (call(ts="2026-11-18T12:00:00"), "$.ts", "timezone"),
+        (call(ts="2026-11-18T12:00:00"), "$.ts", "timezone component: end it with `Z` for UTC"),
         (call(feature=""), "$.feature", "length >= 1"),
         (call(input_tokens=10, cached_input_tokens=20), "$.cached_input_tokens", "must include cached"),
         (

@@ -185,7 +185,7 @@ def bad_time(draw: st.DrawFn, now: float, max_age_s: float) -> Case:
             False,
             how,
             "$.ts",
-            r"Expected `datetime` with a timezone component",
+            r"Expected `datetime` with a timezone component: end it with `Z` for UTC or an offset .*",
         )
     if how == "not a date":
         text = draw(st.text(max_size=30).filter(lambda s: not re.match(r"\d{4}-", s)))
@@ -201,7 +201,7 @@ def missing(draw: st.DrawFn, now: float) -> Case:
     dropped = draw(st.sets(st.sampled_from(REQUIRED), min_size=1))
     event = {k: v for k, v in valid_event(now).items() if k not in dropped}
     first = next(f for f in REQUIRED if f in dropped)
-    return Case(_dumps(event), False, "missing required field", "$", rf"Object missing required field `{first}`")
+    return Case(_dumps(event), False, "missing required field", f"$.{first}", rf"missing required field `{first}`")
 
 
 @st.composite
@@ -216,8 +216,9 @@ def unparseable(draw: st.DrawFn, now: float) -> Case:
         return Case(orjson.dumps(value), False, how, "$", rf"Expected `object`, got `{TYPE_NAMES[type(value)]}`")
     garbage = draw(st.binary(min_size=1, max_size=200))
     reasons = (r"not valid JSON: .*|not valid UTF-8: .*|Expected `object`, got `\w+`"
-               r"|Object missing required field `\w+`|nested deeper than \d+ levels")  # fmt: skip
-    return Case(garbage, False, how, "$", f"({reasons})")
+               r"|missing required field `\w+`|nested deeper than \d+ levels")  # fmt: skip
+    # garbage that happens to be a JSON object misses a required field: its path is that field's
+    return Case(garbage, False, how, "$", f"({reasons})", paths=tuple(f"$.{f}" for f in REQUIRED))
 
 
 @st.composite
