@@ -990,32 +990,41 @@ def dlq() -> None:
 
 @dlq.command("show")
 @click.option("--since", type=DURATION, default="7d", show_default=True, help="How far back (30m, 24h, 7d).")
+@click.option("--json", "as_json", is_flag=True, help="The groups as a JSON array of objects.")
 @_server_options
 @_data_options
 @_friendly_errors
 def dlq_show(
-    since: str, server_url: str | None, api_key: str | None, config_path: Path | None, data_dir: Path | None,
-    clickhouse_url: str | None,
+    since: str, as_json: bool, server_url: str | None, api_key: str | None, config_path: Path | None,
+    data_dir: Path | None, clickhouse_url: str | None,
 ) -> None:  # fmt: skip
-    """Rejections grouped by reason, with an example position for each."""
+    """Rejections grouped by reason, with an example position for each and how many still wait
+    for a replay (``pending``: not yet accepted or republished by ``llmpulse dlq replay``)."""
     from llmpulse.client import open_for_reading
+    from llmpulse.dlq import letters_by_reason
 
     settings = _reading_settings(config_path, data_dir, clickhouse_url, server_url)
     conn = open_for_reading(settings, "llmpulse dlq show", server=server_url, api_key=api_key)
     try:
-        rows = conn.client.query(
-            "SELECT reason, path, count() AS letters, any(source) AS source, any(source_name) AS example_source, "
-            "any(source_offset) AS example_offset, max(received_at) AS last_seen FROM dlq FINAL "
-            "WHERE received_at >= now64(3) - toIntervalSecond({s:UInt64}) GROUP BY reason, path ORDER BY letters DESC",
-            parameters={"s": int(parse_duration(since))},
-        )
+        records = letters_by_reason(conn, parse_duration(since))
     finally:
         conn.close()
-    records = [dict(zip(rows.column_names, r, strict=True)) for r in rows.result_rows]
+    if as_json:
+        sys.stdout.write(orjson.dumps(records, default=_json_default).decode() + "\n")
+        return
     if not records:
         console.out.print(f"No dead letters in the last {since}: every event received was accepted.", markup=False)
         return
     console.out.print(console.table(f"Dead letters in the last {console.escape(since)}", records))
+    pending = sum(r["pending"] for r in records)
+    if pending:
+        console.out.print(
+            f"{pending:,} of {sum(r['letters'] for r in records):,} not replayed yet: fix the cause (producer, "
+            "price table, limits), then `llmpulse dlq replay --since SINCE --reason TEXT` re-drives them.",
+            markup=False,
+        )
+    else:
+        console.out.print("Every letter listed was replayed and accepted (or republished).", markup=False)
 
 
 @dlq.command("replay")

@@ -40,11 +40,36 @@ class ReplayOutcome:
     """The ``dlq_id`` of each letter accepted (or, in a dry run, that would be)."""
 
 
+_REPLAYED = "SELECT dlq_id FROM dlq_replays FINAL WHERE outcome IN ('accepted', 'republished')"
+"""Letters a replay accepted or republished: done with, never re-driven again."""
+
+
+def letters_by_reason(conn: Connection, since_s: float) -> list[dict[str, Any]]:
+    """Dead letters grouped by path and reason, with how many a replay has already taken care of:
+    after a fix and a replay the same reasons are still listed (the letters are kept), and without
+    ``pending`` they read as a problem still open.
+
+    Reasons quote the values at fault ("timestamp … is 3.0 h in the future", "cached_input_tokens
+    (1565) …"), so a group is the reason with its numbers left out and ``reason`` is one example.
+    """
+    result = conn.client.query(
+        "SELECT any(d.reason) AS reason, d.path AS path, count() AS letters, "
+        f"countIf(d.dlq_id NOT IN ({_REPLAYED})) AS pending, any(d.source) AS source, "
+        "any(d.source_name) AS example_source, any(d.source_offset) AS example_offset, "
+        "max(d.received_at) AS last_seen FROM dlq AS d FINAL "
+        "WHERE d.received_at >= now64(3) - toIntervalSecond({s:UInt64}) "
+        "GROUP BY path, replaceRegexpAll(d.reason, '[0-9]+', '#') "
+        "ORDER BY pending DESC, letters DESC, reason",
+        parameters={"s": int(since_s)},
+    )
+    return [dict(zip(result.column_names, r, strict=True)) for r in result.result_rows]
+
+
 def pending_letters(conn: Connection, since_s: float, reason_like: str | None, limit: int) -> list[dict[str, Any]]:
     sql = (
         "SELECT dlq_id, kind, source, source_name, source_partition, source_offset, reason, raw "
         "FROM dlq FINAL WHERE received_at >= now64(3) - toIntervalSecond({since:UInt64}) "
-        "AND dlq_id NOT IN (SELECT dlq_id FROM dlq_replays FINAL WHERE outcome IN ('accepted', 'republished')) "
+        f"AND dlq_id NOT IN ({_REPLAYED}) "
         + ("AND reason ILIKE {reason:String} " if reason_like else "")
         + "ORDER BY received_at, source_partition, source_offset LIMIT {limit:UInt64}"
     )

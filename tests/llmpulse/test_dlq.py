@@ -64,3 +64,29 @@ def test_to_kafka_republishes_only_what_the_pipeline_now_accepts(tmp_path: Any, 
     assert sorted(m.value for m in asyncio.run(consume_all(kafka_settings, calls))) == sorted(
         [ahead, b'{"event_id": "cut']
     )
+
+
+def test_show_counts_what_a_replay_took_care_of(tmp_path: Any) -> None:
+    """The letters stay after a replay (their raw bytes are the record); ``pending`` says which
+    reasons are still open, so a fixed cause does not read as a live problem."""
+    from tests.llmpulse.test_cli import llmpulse
+
+    ahead = [payload(event_id=f"ahead-{i}", ts=iso(time.time() + 2 * 3600)) for i in range(2)]  # over the 1 h limit
+    file = tmp_path / "calls.jsonl"
+    file.write_bytes(b"\n".join(ahead) + b'\n{"event_id": "cut\n')
+    data = str(tmp_path / "d")
+    llmpulse("replay", str(file), "--data-dir", data)
+
+    def show() -> tuple[dict[str, tuple[int, int]], str]:
+        groups = orjson.loads(llmpulse("dlq", "show", "--json", "--data-dir", data).stdout)
+        by_path = {g["path"]: (g["letters"], g["pending"]) for g in groups}
+        assert len(by_path) == len(groups)  # the two timestamps' reasons differ in their numbers only: one group
+        return by_path, llmpulse("dlq", "show", "--data-dir", data).stdout
+
+    groups, text = show()
+    assert groups == {"$.ts": (2, 2), "$": (1, 1)}
+    assert "3 of 3 not replayed yet" in text
+    llmpulse("dlq", "replay", "--data-dir", data, LLMPULSE_PIPELINE__FUTURE_TOLERANCE="3h")  # the fix
+    groups, text = show()
+    assert groups == {"$.ts": (2, 0), "$": (1, 1)}
+    assert "1 of 3 not replayed yet" in text
