@@ -384,18 +384,17 @@ class CallsConsumer(mode.Service):
             self._fallback_sampler = CallPipeline(self.prices, self.options).sampler
         return [self._fallback_sampler]
 
-    def _log_progress(self, now: float) -> None:
+    def _highwater(self, partition: int) -> int | None:
+        """The partition's end on the broker as of the last fetch (no round trip); None before one."""
+        return self.consumer.highwater(TopicPartition(self.topic, partition)) if self.consumer is not None else None
+
+    def _log_progress(self, now: float, behind: int) -> None:
         """A line every ``PROGRESS_S`` while calls arrive: between "Ready" and the stop the log
         said nothing, and whether the worker was keeping up took a metrics scrape to tell."""
         c = self.stats.counters
         last_at, last_received = self._progress
         if now - last_at < PROGRESS_S or c.received == last_received:
             return
-        behind = 0
-        if self.consumer is not None:
-            for state in self.partitions.values():
-                high = self.consumer.highwater(TopicPartition(self.topic, state.partition))
-                behind += max(0, (high or 0) - state.next_offset)
         rate = (c.received - last_received) / (now - last_at)
         log.info("progress: %s calls received (%s/s since the last line), %s rejected, %s waiting on the broker",
                  f"{c.received:,}", f"{rate:,.0f}", f"{c.rejected:,}", f"{behind:,}")  # fmt: skip
@@ -411,7 +410,7 @@ class CallsConsumer(mode.Service):
             p = state.partition
             if self._written_ts.get(p, -math.inf) >= t:
                 continue
-            high = self.consumer.highwater(TopicPartition(self.topic, p)) if self.consumer else None
+            high = self._highwater(p)
             if not (high is not None and self._written_end.get(p, -1) >= state.next_offset >= high):
                 return False
         return True
@@ -431,15 +430,17 @@ class CallsConsumer(mode.Service):
         assert self.writer is not None
         await self._retry_failed()
         now = time.time()
+        lag: dict[int, int] = {}
         for state in self.partitions.values():
             windows = state.pipeline.windows
-            if self.consumer is not None:
-                high = self.consumer.highwater(TopicPartition(self.topic, state.partition))
-                if high is not None and state.next_offset < high:
-                    # a partition waiting its turn in a backlog is not idle: moving it to the wall
-                    # clock would count the backlog late, and its windows would miss the alerts
-                    windows.behind(now)
-                    continue
+            high = self._highwater(state.partition)
+            if high is not None:
+                lag[state.partition] = max(0, high - state.next_offset)
+            if lag.get(state.partition):
+                # a partition waiting its turn in a backlog is not idle: moving it to the wall
+                # clock would count the backlog late, and its windows would miss the alerts
+                windows.behind(now)
+                continue
             before = windows.watermark
             partials = windows.tick(now, idle_timeout)
             if partials or windows.watermark > before:
@@ -448,13 +449,10 @@ class CallsConsumer(mode.Service):
             wm = state.pipeline.windows.watermark
             if math.isfinite(wm):
                 self.metrics.watermark_delay.labels(str(state.partition)).set(now - wm)
-            if self.consumer is not None:
-                tp = TopicPartition(self.topic, state.partition)
-                high = self.consumer.highwater(tp)
-                if high is not None:
-                    self.metrics.lag.labels(str(state.partition)).set(max(0, high - state.next_offset))
+            if state.partition in lag:
+                self.metrics.lag.labels(str(state.partition)).set(lag[state.partition])
         self.metrics.unwritten.set(self.writer.unwritten_rows)
-        self._log_progress(now)
+        self._log_progress(now, sum(lag.values()))
         if self.writer.due() or self.writer.failed is not None:
             await self._flush(wait=False)  # while a block fails this backs off, and intake waits in Kafka
         try:

@@ -688,12 +688,12 @@ def test_the_worker_log_says_how_it_is_doing_and_sums_up_readably(caplog: pytest
     consumer.stats.counters.received, consumer.stats.counters.accepted = 45_000, 44_988
     consumer.stats.counters.rejected, consumer.stats.counters.unknown_models = 12, {"acme-1": 7}
     with caplog.at_level(logging.INFO, logger="llmpulse.worker"):
-        consumer._log_progress(1010.0)  # under 30 s since the last line
-        consumer._log_progress(1030.0)
-        consumer._log_progress(1075.0)  # nothing new received
+        consumer._log_progress(1010.0, 5)  # under 30 s since the last line
+        consumer._log_progress(1030.0, 2_500)
+        consumer._log_progress(1075.0, 0)  # nothing new received
     lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("progress")]
     assert lines == ["progress: 45,000 calls received (1,500/s since the last line), 12 rejected, "
-                     "0 waiting on the broker"]  # fmt: skip
+                     "2,500 waiting on the broker"]  # fmt: skip
     assert consumer.stats.summary() == (
         "45,000 calls received; 44,988 accepted; 12 rejected; 0 duplicates; 0 late; 0 without a cost; 0 sampled; "
         "0 skipped as written; 0 batches; 0 commits; 0.0 s processing; models without a price: acme-1 (7)"
