@@ -240,7 +240,8 @@ def cli(verbose: bool) -> None:
 
 
 @cli.command()
-@click.option("--events", default=200_000, show_default=True, type=click.IntRange(1), help="Calls to generate.")
+@click.option("--events", default=200_000, show_default=True, type=click.IntRange(1),
+              help="Calls to generate (calls retried on a fallback provider come on top).")  # fmt: skip
 @click.option("--days", default=7.0, show_default=True, type=click.FloatRange(0.01, 80), help="Period they span.")
 @click.option("--seed", default=7, show_default=True, help="Same seed, same traffic.")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as one JSON object on stdout.")
@@ -255,7 +256,8 @@ def demo(
     data_dir: Path | None,
     clickhouse_url: str | None,
 ) -> None:
-    """Run a week of realistic synthetic traffic (with two incidents) through the pipeline."""
+    """Run a week of realistic synthetic traffic through the pipeline, with four incidents to find:
+    a prompt change, a refusal regression, a model snapshot switch and a canary release."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
     from ingest.synthetic import Scenario

@@ -165,7 +165,7 @@ def summarize(conn: Connection, start: float, end: float) -> dict[str, Any]:
         "events": int(totals["calls"] or 0),
         "dlq": int(totals["dlq"] or 0),
         "price_missing": int(totals["price_missing"] or 0),
-        "cost_usd": round(float(totals["cost_usd"] or 0.0), 2),
+        "cost_usd": _usd(totals["cost_usd"] or 0.0),
         "cost_by_feature": {r["feature"]: _usd(r["cost_usd"]) for r in by_feature},
         "cost_by_team": {r["team"]: _usd(r["cost_usd"]) for r in by_team},
         "unpriced_by_feature": {r["feature"]: int(r["unpriced_calls"]) for r in by_feature if r["unpriced_calls"]},
@@ -182,8 +182,9 @@ def summarize(conn: Connection, start: float, end: float) -> dict[str, Any]:
 
 
 def _usd(cost: Any) -> float | None:
-    """None where no call had a price: the spend is unknown, and a 0.0 would read as free."""
-    return None if cost is None else round(float(cost), 2)
+    """To the micro-dollar, as the queries round: at cents a feature spending $0.004 read as free.
+    None where no call had a price: the spend is unknown, and a 0.0 would read as free too."""
+    return None if cost is None else round(float(cost), 6)
 
 
 CANARY = {"feature": "support-chat", "variant": "canary"}

@@ -186,20 +186,30 @@ def build_weekly(
 Query = Callable[..., list[dict[str, Any]]]
 
 
+UNKNOWN = "unknown"
+"""A week-over-week change where either week's spend is unknown (all its calls unpriced): not "new"."""
+
+
 def _change(now: float, before: float) -> float | None:
     return (now - before) / before if before else None
+
+
+def _usd_or_none(value: Any) -> float | None:
+    """None is spend nobody knows (every call unpriced); a 0.0 in its place would read as free."""
+    return None if value is None else float(value)
 
 
 def _spend(q: Query, week: Week) -> dict[str, Any]:
     out: dict[str, Any] = {"total": None, "feature": [], "team": [], "model": []}
     for r in q("report_spend", start=week.start, end=week.end, pstart=week.previous.start):
-        item = {
-            "key": r["key"], "calls": int(r["calls"]), "cost_usd": float(r["cost_usd"]),
-            "prev_calls": int(r["prev_calls"]), "prev_cost_usd": float(r["prev_cost_usd"]),
+        item: dict[str, Any] = {
+            "key": r["key"], "calls": int(r["calls"]), "cost_usd": _usd_or_none(r["cost_usd"]),
+            "prev_calls": int(r["prev_calls"]), "prev_cost_usd": _usd_or_none(r["prev_cost_usd"]),
             "unpriced_calls": int(r["unpriced_calls"]),
         }  # fmt: skip
-        item["change_usd"] = item["cost_usd"] - item["prev_cost_usd"]
-        item["change"] = _change(item["cost_usd"], item["prev_cost_usd"])
+        now, before = item["cost_usd"], item["prev_cost_usd"]
+        item["change_usd"] = None if now is None or before is None else now - before
+        item["change"] = UNKNOWN if now is None or before is None else _change(now, before)
         if r["dimension"] == "total":
             out["total"] = item
         else:
@@ -251,12 +261,15 @@ def _budgets(q: Query, rules: RulesFile, as_of: datetime) -> dict[str, Any]:
     month_end = period_bounds("month", now)[1]
     hours_left = max(0.0, month_end - as_of.timestamp()) / 3600
     burn_hours = BURN_WINDOW.total_seconds() / 3600
-    teams = [
-        {"team": r["team"], "mtd_cost_usd": float(r["mtd_cost_usd"]),
-         "burn_usd_per_hour": float(r["last_7d_cost_usd"]) / burn_hours,
-         "projected_month_usd": float(r["mtd_cost_usd"]) + float(r["last_7d_cost_usd"]) / burn_hours * hours_left}
-        for r in q("report_month_to_date", end=as_of)
-    ]  # fmt: skip
+    teams = []
+    for r in q("report_month_to_date", end=as_of):
+        # a period whose calls all lack a price has no known spend (None), unlike one that spent $0
+        mtd = None if r["mtd_calls"] and not r["mtd_priced_calls"] else float(r["mtd_cost_usd"])
+        burn_known = not r["last_7d_calls"] or r["last_7d_priced_calls"]
+        burn = float(r["last_7d_cost_usd"]) / burn_hours if burn_known else None
+        teams.append({"team": r["team"], "mtd_cost_usd": mtd, "burn_usd_per_hour": burn,
+                      "projected_month_usd": None if mtd is None or burn is None else mtd + burn * hours_left,
+                      "mtd_unpriced_calls": int(r["mtd_calls"]) - int(r["mtd_priced_calls"])})  # fmt: skip
     return {"budgets": budgets, "teams": teams, "month": period_label("month", now)}
 
 
@@ -404,6 +417,10 @@ def _alerts(q: Query, week: Week, as_of: datetime) -> dict[str, Any]:
 
 
 # ---- rendering ----------------------------------------------------------------------------------
+
+
+def _change_pct(change: float | str | None) -> str:
+    return "—" if change == UNKNOWN else pct(change if isinstance(change, float) else None, True)
 
 
 def usd(x: float | None) -> str:
@@ -576,11 +593,12 @@ def render_html(report: WeeklyReport) -> str:
     tot = sp["total"]
     ch = tot["change"]
     arrow = (
-        "" if ch is None else ('<span class="up">▲ ' if ch > 0 else '<span class="down">▼ ') + pct(ch, True) + "</span>"
-    )
+        "" if ch is None or ch == UNKNOWN
+        else ('<span class="up">▲ ' if ch > 0 else '<span class="down">▼ ') + pct(ch, True) + "</span>"
+    )  # fmt: skip
     rates = d["rates"]["total"]
     kpis = [
-        (usd(tot["cost_usd"]), f"spend {arrow or '(no previous week)'}"),
+        (usd(tot["cost_usd"]), f"spend {arrow or ('(change unknown)' if ch == UNKNOWN else '(no previous week)')}"),
         (f"{tot['calls']:,}", "calls"),
         (pct(rates["error_rate"]), "error rate"),
         (pct(rates["refusal_rate"]), "refusal rate"),
@@ -599,17 +617,18 @@ def render_html(report: WeeklyReport) -> str:
         by_feat.setdefault(r["feature"], [0.0] * len(days))[days.index(r["day"])] = r["cost_usd"]
     change_cols = [("key", "", _s), ("calls", "calls", _s), ("cost_usd", "spend", usd),
                    ("prev_cost_usd", "previous week", usd), ("change_usd", "change", usd),
-                   ("change", "change %", lambda v: pct(v, True)),
+                   ("change", "change %", _change_pct),
                    ("unpriced_calls", "without a price", _s)]  # fmt: skip
     body.append(_section(
         "spend", "Spend", f"{usd(tot['cost_usd'])} over {tot['calls']:,} calls; previous week "
-        f"{usd(tot['prev_cost_usd'])} ({pct(ch, True)}). {tot['unpriced_calls']:,} calls had no price.",
+        f"{usd(tot['prev_cost_usd'])} ({_change_pct(ch)}). {tot['unpriced_calls']:,} calls had no price: spend "
+        "counts priced calls only, and — marks a row none of whose calls had one.",
         "<h3>Top movers (week over week)</h3>",
         _table(sp["movers"], [("dimension", "", _s), ("key", "", _s), ("prev_cost_usd", "previous week", usd),
                               ("cost_usd", "this week", usd), ("change_usd", "change", usd),
-                              ("change", "change %", lambda v: pct(v, True))]),
+                              ("change", "change %", _change_pct)]),
         "<h3>Per feature</h3>",
-        charts.grouped_bars([(r["key"], r["cost_usd"], r["prev_cost_usd"]) for r in feats]),
+        charts.grouped_bars([(r["key"], r["cost_usd"] or 0.0, r["prev_cost_usd"] or 0.0) for r in feats]),
         charts.stacked_columns([date.fromisoformat(x).strftime("%a %d") for x in days], by_feat),
         _table(sp["feature"], change_cols),
         "<h3>Per team</h3>", _table(sp["team"], change_cols),
@@ -644,7 +663,8 @@ def render_html(report: WeeklyReport) -> str:
     parts.append(f"<h3>Month to date per team ({bd['month']})</h3>")
     parts.append(_table(bd["teams"], [("team", "team", _s), ("mtd_cost_usd", "month to date", usd),
                                       ("burn_usd_per_hour", "burn per hour (7 days)", usd),
-                                      ("projected_month_usd", "projected month", usd)]))  # fmt: skip
+                                      ("projected_month_usd", "projected month", usd),
+                                      ("mtd_unpriced_calls", "calls without a price", _s)]))  # fmt: skip
     body.append(
         _section(
             "budgets",
@@ -798,9 +818,10 @@ def render_markdown(report: WeeklyReport, html_path: Path | None = None) -> str:
     tot = d["spend"]["total"]
     lines = [f"**LLMOps weekly {w.label}** ({w.start:%d %b} – {w.end - timedelta(seconds=1):%d %b} UTC"
              + (f", data through {report.as_of:%a %H:%M}" if report.partial else "") + ")"]  # fmt: skip
-    versus = (f"{pct(tot['change'], True)} vs {w.previous.label}: {usd(tot['prev_cost_usd'])}" if tot["prev_cost_usd"]
-              else f"no spend in {w.previous.label}")  # fmt: skip
-    lines.append(f"- Spend {usd(tot['cost_usd'])} over {tot['calls']:,} calls ({versus})")
+    versus = (f"{_change_pct(tot['change'])} vs {w.previous.label}: {usd(tot['prev_cost_usd'])}"
+              if tot["prev_cost_usd"] or tot["change"] == UNKNOWN else f"no spend in {w.previous.label}")  # fmt: skip
+    unpriced = f", {tot['unpriced_calls']:,} of them without a price" if tot["unpriced_calls"] else ""
+    lines.append(f"- Spend {usd(tot['cost_usd'])} over {tot['calls']:,} calls{unpriced} ({versus})")
     movers = ", ".join(f"{m['key']} {'+' if m['change_usd'] >= 0 else '−'}{usd(abs(m['change_usd']))}"
                        for m in d["spend"]["movers"][:3])  # fmt: skip
     if movers:
@@ -813,8 +834,10 @@ def render_markdown(report: WeeklyReport, html_path: Path | None = None) -> str:
                else f", projected {usd(b['projected_usd'])}")
             for b in bs))  # fmt: skip
     else:
-        proj = sum(t["projected_month_usd"] for t in d["budgets"]["teams"])
-        lines.append(f"- No budgets configured; {d['budgets']['month']} projects to {usd(proj)}")
+        proj = sum(t["projected_month_usd"] or 0.0 for t in d["budgets"]["teams"])
+        unknown = [t["team"] for t in d["budgets"]["teams"] if t["projected_month_usd"] is None]
+        lines.append(f"- No budgets configured; {d['budgets']['month']} projects to {usd(proj)}"
+                     + (f" (without {', '.join(unknown)}: no priced calls)" if unknown else ""))  # fmt: skip
     worst = sorted((r for r in d["latency"]["week"] if r["latency_p95_ms"] is not None),
                    key=lambda r: -(r["latency_p95_ms"] or 0))[:3]  # fmt: skip
     if worst:

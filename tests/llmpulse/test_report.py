@@ -32,6 +32,7 @@ from llmpulse.report import (
     PERCENTILE_RANK_TOLERANCE,
     PERCENTILE_TOLERANCE,
     SECTIONS,
+    UNKNOWN,
     ReportError,
     Week,
     WeeklyReport,
@@ -137,7 +138,8 @@ def test_spend_matches_raw_to_the_cent(built: WeeklyReport, conn: Any) -> None:
                    sumIf(ifNull(cost_usd, 0), ts >= {{s:DateTime64(3)}}) AS cost,
                    countIf(price_missing AND ts >= {{s:DateTime64(3)}}) AS unpriced,
                    countIf(ts < {{s:DateTime64(3)}}) AS prev_calls,
-                   sumIf(ifNull(cost_usd, 0), ts < {{s:DateTime64(3)}}) AS prev_cost
+                   sumIf(ifNull(cost_usd, 0), ts < {{s:DateTime64(3)}}) AS prev_cost,
+                   countIf(price_missing AND ts < {{s:DateTime64(3)}}) AS prev_unpriced
             FROM llm_calls FINAL WHERE ts >= {{p:DateTime64(3)}} AND ts < {{e:DateTime64(3)}}
             GROUP BY k""")}  # fmt: skip
         got = {i["key"]: i for i in sp[dim]}
@@ -145,8 +147,16 @@ def test_spend_matches_raw_to_the_cent(built: WeeklyReport, conn: Any) -> None:
         for k, r in raw.items():
             assert (got[k]["calls"], got[k]["prev_calls"], got[k]["unpriced_calls"]) == (
                 r["calls"], r["prev_calls"], r["unpriced"]), (dim, k)  # fmt: skip
-            assert cents(got[k]["cost_usd"]) == cents(r["cost"]) and got[k]["cost_usd"] == pytest.approx(r["cost"])
-            assert cents(got[k]["prev_cost_usd"]) == cents(r["prev_cost"])
+            if r["calls"] and r["unpriced"] == r["calls"]:  # no call priced: spend unknown, not $0
+                assert got[k]["cost_usd"] is None and got[k]["change"] == UNKNOWN, (dim, k)
+            else:
+                assert cents(got[k]["cost_usd"]) == cents(r["cost"]) and got[k]["cost_usd"] == pytest.approx(r["cost"])
+            if r["prev_calls"] and r["prev_unpriced"] == r["prev_calls"]:
+                assert got[k]["prev_cost_usd"] is None, (dim, k)
+            else:
+                assert cents(got[k]["prev_cost_usd"]) == cents(r["prev_cost"])
+        unknown = {k for k, r in raw.items() if r["calls"] and r["unpriced"] == r["calls"]}
+        assert unknown == ({"acme-llm-1"} if dim == "model" else set()), dim  # the demo's one unpriced model
     total = rows(conn, "SELECT count() AS n, sum(ifNull(cost_usd, 0)) AS cost, countIf(price_missing) AS unpriced "
                        "FROM llm_calls FINAL WHERE ts >= {s:DateTime64(3)} AND ts < {e:DateTime64(3)}")[0]  # fmt: skip
     assert sp["total"]["calls"] == total["n"] > 15_000
@@ -155,7 +165,7 @@ def test_spend_matches_raw_to_the_cent(built: WeeklyReport, conn: Any) -> None:
     assert sp["total"]["prev_calls"] > 0  # three days of the week before: week-over-week has something to say
     movers = sp["movers"]
     assert movers and abs(movers[0]["change_usd"]) == max(abs(i["change_usd"]) for d in ("feature", "team", "model")
-                                                          for i in sp[d])  # fmt: skip
+                                                          for i in sp[d] if i["change_usd"] is not None)  # fmt: skip
     daily = rows(conn, "SELECT toString(toDate(ts)) AS day, feature, count() AS calls FROM llm_calls FINAL "
                        "WHERE ts >= {s:DateTime64(3)} AND ts < {e:DateTime64(3)} GROUP BY day, feature")  # fmt: skip
     assert {(r["day"], r["feature"]): r["calls"] for r in daily} == {(r["day"], r["feature"]): r["calls"]
@@ -648,6 +658,46 @@ def test_month_crossing_burn_alerts_from_before_the_week_and_latency_limits(chdb
         ("server_error", "upstream <n> after <n> ms (request <id>)"): 2,
         ("rate_limit_exceeded", "quota exceeded for key <hex>, retry in <n> s"): 2,
     }
+
+
+def test_spend_of_calls_without_any_price_is_unknown_not_zero(chdb_dir: Path, tmp_path: Path) -> None:
+    """Team gamma's feature f9 runs on a model the price table lacks, in both weeks: its spend, its
+    week-over-week change and its month are unknown (—), not $0.00 and "new"."""
+    conn = _tiny(chdb_dir, "unpriced")
+    unpriced = [{"event_id": f"u{i}", "ts": (t + timedelta(minutes=i)).isoformat().replace("+00:00", "Z"),
+                 "feature": "f9", "team": "gamma", "model": "acme-llm-1", "input_tokens": 100, "output_tokens": 20,
+                 "latency_ms": 100, "status": "ok"}
+                for i, t in enumerate([DAY2 + timedelta(hours=8)] * 3
+                                      + [TINY_WEEK.start - timedelta(days=2)] * 2)]  # fmt: skip
+    try:
+        _write_calls(conn, unpriced, "unpriced")
+        report = build_weekly(conn, TINY_WEEK, _tiny_rules(tmp_path), now=AS_OF.timestamp())
+    finally:
+        conn.close()
+    sp = report.data["spend"]
+    (f9,) = [i for i in sp["feature"] if i["key"] == "f9"]
+    (gamma,) = [i for i in sp["team"] if i["key"] == "gamma"]
+    (acme,) = [i for i in sp["model"] if i["key"] == "acme-llm-1"]
+    for item in (f9, gamma, acme):
+        assert (item["calls"], item["unpriced_calls"], item["prev_calls"]) == (3, 3, 2)
+        assert (item["cost_usd"], item["prev_cost_usd"], item["change_usd"], item["change"]) == (None, None, None,
+                                                                                                  UNKNOWN)  # fmt: skip
+    assert all(m["key"] not in ("f9", "gamma", "acme-llm-1") for m in sp["movers"])
+    (f1,) = [i for i in sp["feature"] if i["key"] == "f1"]
+    assert f1["cost_usd"] == 1.50 and f1["unpriced_calls"] == 0  # priced features as before
+    assert sp["total"]["unpriced_calls"] == 3 and sp["total"]["cost_usd"] is not None
+    teams = {t["team"]: t for t in report.data["budgets"]["teams"]}
+    assert (teams["gamma"]["mtd_cost_usd"], teams["gamma"]["projected_month_usd"]) == (None, None)
+    assert teams["gamma"]["mtd_unpriced_calls"] == 3
+    assert (teams["alpha"]["mtd_cost_usd"], teams["alpha"]["mtd_unpriced_calls"]) == (5.50, 0)
+    page = render_html(report)
+    assert (
+        "<tr><td>f9</td><td class=num>3</td><td>—</td><td>—</td><td>—</td><td>—</td><td class=num>3</td></tr>" in page
+    )
+    assert "- Spend $1.50 over 12 calls, 3 of them without a price (" in render_markdown(report)
+    unbudgeted = copy.deepcopy(report)
+    unbudgeted.data["budgets"]["budgets"] = []
+    assert "(without gamma: no priced calls)" in render_markdown(unbudgeted)
 
 
 def test_raw_sections_count_a_call_written_twice_once(chdb_dir: Path, tmp_path: Path) -> None:
