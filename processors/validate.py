@@ -13,7 +13,8 @@ from __future__ import annotations
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Generic, TypeVar
+from types import UnionType
+from typing import Any, Generic, Literal, TypeVar, Union, get_args, get_origin, get_type_hints
 
 import msgspec
 import orjson
@@ -93,18 +94,32 @@ def _depth(value: Any, limit: int) -> int:
     return deepest
 
 
-def _split_validation_error(exc: msgspec.ValidationError) -> tuple[str, str]:
+def _split_validation_error(exc: msgspec.ValidationError, choices: dict[str, tuple[str, ...]]) -> tuple[str, str]:
     """msgspec's message, reworded where it leaves the producer guessing: a missing field's path
-    is the field (msgspec gives the object holding it), and a timestamp without a zone says how
-    to give one (an event time in an unknown zone is hours off, so it is not assumed UTC)."""
+    is the field (msgspec gives the object holding it), a value outside a field's fixed set names
+    the set (``choices``: path → values), and a timestamp without a zone says how to give one (an
+    event time in an unknown zone is hours off, so it is not assumed UTC)."""
     message = str(exc)
     match = _AT_PATH.search(message)
     reason, path = (message[: match.start()], match.group(1)) if match else (message, "$")
     if missing := _MISSING.match(reason):
         return f"missing required field `{missing[1]}`", f"{path}.{missing[1]}"
     if reason == _NAIVE:
-        return f"{reason}: end it with `Z` for UTC or an offset such as `+02:00` (2026-11-18T12:00:00Z)", path
+        return f"{reason}: end it with `Z` for UTC or an offset such as `+02:00`, as in 2026-11-18T12:00:00Z", path
+    if reason.startswith("Invalid enum value") and path in choices:
+        return f"{reason}: expected one of {', '.join(repr(c) for c in choices[path])}", path
     return reason, path
+
+
+def _choices(struct: type) -> dict[str, tuple[str, ...]]:
+    """The values each ``Literal`` field of ``struct`` allows (optional ones too), by JSON path."""
+    found: dict[str, tuple[str, ...]] = {}
+    for name, hint in get_type_hints(struct).items():
+        options = get_args(hint) if get_origin(hint) in (Union, UnionType) else (hint,)
+        for option in options:
+            if get_origin(option) is Literal:
+                found[f"$.{name}"] = tuple(str(v) for v in get_args(option))
+    return found
 
 
 class DecodeEvents(Generic[T]):
@@ -130,6 +145,7 @@ class DecodeEvents(Generic[T]):
         self._bounds = bounds
         self._check: Callable[[T], Rejected | None] | None = check
         self._struct: type[T] = struct
+        self._choices = _choices(struct)
 
     def __call__(self, batch: PayloadBatch, now: float, others: dict[str, PayloadBatch] | None = None) -> Decoded[T]:
         """``others``: the batch may mix kinds (a file, the demo, the in-process judge, DLQ
@@ -184,7 +200,7 @@ class DecodeEvents(Generic[T]):
         if isinstance(exc, Rejected):
             return DeadLetter(raw, exc.reason, exc.path, source, offset, self._kind)
         if isinstance(exc, msgspec.ValidationError):
-            reason, path = _split_validation_error(exc)
+            reason, path = _split_validation_error(exc, self._choices)
             return DeadLetter(raw, reason, path, source, offset, self._kind)
         if isinstance(exc, RecursionError):
             reason = f"nested deeper than {self._bounds.max_depth} levels"

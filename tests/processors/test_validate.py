@@ -37,7 +37,11 @@ def test_valid_event_is_accepted_with_utc_timestamp() -> None:
         (call(output_tokens="200"), "$.output_tokens", "Expected `int`, got `str`"),
         (call(model=None), "$.model", "missing required field `model`"),
         (call(params={"temperature": 0.2}, event_id=None), "$.event_id", "missing required field `event_id`"),
-        (call(status="exploded"), "$.status", "Invalid enum value 'exploded'"),
+        (
+            call(status="exploded"),
+            "$.status",
+            "Invalid enum value 'exploded': expected one of 'ok', 'error', 'timeout', 'rate_limited'",
+        ),
         (call(latency_ms=-1.0), "$.latency_ms", ">= 0"),
         (call(ts="2026-11-18T12:00:00"), "$.ts", "timezone component: end it with `Z` for UTC"),
         (call(feature=""), "$.feature", "length >= 1"),
@@ -148,6 +152,9 @@ def test_feedback_needs_a_verdict() -> None:
     assert len(out.events) == 1
     assert out.dead[0].reason == "feedback needs thumbs ('up'/'down') or a rating (1-5)"
     assert out.dead[0].kind == "feedback"
+    sideways = orjson.dumps({"kind": "feedback", "request_id": "r1", "ts": iso(NOW - 5), "thumbs": "sideways"})
+    (letter,) = decode(batch([sideways]), NOW).dead  # an optional field with a fixed set names the set too
+    assert (letter.path, letter.reason) == ("$.thumbs", "Invalid enum value 'sideways': expected one of 'up', 'down'")
 
 
 def test_a_mixed_stream_is_routed_by_kind() -> None:
