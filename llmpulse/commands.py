@@ -1450,9 +1450,11 @@ def reprice(
     finally:
         conn.close()
     rows = [
-        {"model": m, "calls": n, "old_cost_usd": round(o, 6), "new_cost_usd": round(c, 6),
-         "change": f"{(c - o) / o:+.1%}" if o else "newly priced"}
-        for m, (n, o, c) in sorted(stats.by_model.items(), key=lambda kv: -abs(kv[1][2] - kv[1][1]))
+        # a model none of whose calls had a cost has no old cost (—): $0 would say it was free
+        {"model": m, "calls": n, "old_cost_usd": None if fresh == n else round(o, 6), "new_cost_usd": round(c, 6),
+         "change": "newly priced" if fresh == n else f"{(c - o) / o:+.1%}" if o else "—",
+         "priced for the first time": fresh}
+        for m, (n, o, c, fresh) in sorted(stats.by_model.items(), key=lambda kv: -abs(kv[1][2] - kv[1][1]))
     ]  # fmt: skip
     verb = "Would reprice" if dry_run else "Repriced"
     title = (f"{verb} {stats.changed:,} of {stats.scanned:,} calls to price version "
@@ -1464,6 +1466,8 @@ def reprice(
         total += f"; {stats.newly_priced:,} calls priced for the first time"
     if stats.still_unpriced:
         total += f"; {stats.still_unpriced:,} still without a price"
+    if stats.kept:
+        total += f"; {stats.kept:,} whose model this table lacks keep their cost and price version"
     console.out.print(total)
     if not dry_run and stats.changed:
         history = ("SELECT new_price_version, old_price_version, count(), sum(old_cost_usd), sum(new_cost_usd) "

@@ -39,10 +39,14 @@ class RepriceStats:
     changed: int = 0
     newly_priced: int = 0
     still_unpriced: int = 0
+    """Calls without a cost before that this table cannot price either."""
+    kept: int = 0
+    """Calls with a cost whose model this table lacks: left at their old cost and version (a
+    partial table is no reason to forget a price)."""
     old_cost_usd: float = 0.0
     new_cost_usd: float = 0.0
-    by_model: dict[str, tuple[int, float, float]] = field(default_factory=dict)
-    """model → (calls changed, old cost, new cost)."""
+    by_model: dict[str, tuple[int, float, float, int]] = field(default_factory=dict)
+    """model → (calls changed, old cost, new cost, of those calls how many had no cost before)."""
     days: int = 0
     seconds: float = 0.0
 
@@ -86,7 +90,10 @@ def reprice(
         for event_id, ts, feature, model, served, status, tin, tout, cached, write, write_1h, old, old_version in rows:
             rates = pricing.rates_for(str(model), str(served) or None)
             if rates is None or usage_unknown(str(status), int(tin), int(tout)):  # type: ignore[call-overload]
-                stats.still_unpriced += 1
+                if old is None:
+                    stats.still_unpriced += 1
+                else:
+                    stats.kept += 1
                 continue
             new = rates.cost(int(tin), int(tout), int(cached), int(write), int(write_1h))  # type: ignore[call-overload]
             changes.append((event_id, ts, feature, model, old_version, version, old, new))
@@ -94,8 +101,8 @@ def reprice(
             stats.newly_priced += old is None
             stats.old_cost_usd += old or 0.0  # type: ignore[operator]
             stats.new_cost_usd += new
-            n, o, c = stats.by_model.get(str(model), (0, 0.0, 0.0))
-            stats.by_model[str(model)] = (n + 1, o + (old or 0.0), c + new)  # type: ignore[operator]
+            n, o, c, fresh = stats.by_model.get(str(model), (0, 0.0, 0.0, 0))
+            stats.by_model[str(model)] = (n + 1, o + (old or 0.0), c + new, fresh + (old is None))  # type: ignore[operator]
         if changes and not dry_run:
             _apply(conn, join, changes, day, until)
         stats.days += 1

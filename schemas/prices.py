@@ -78,7 +78,25 @@ def load_price_table(path: Path) -> PriceTable:
     try:
         return PriceTable.model_validate_json(raw)
     except ValidationError as exc:
+        if _looks_like_litellm(raw):
+            raise PriceError(
+                f"{path}: this is LiteLLM's model_prices_and_context_window.json, not an llmpulse price table: "
+                f"convert it with `llmpulse prices import {path} --out prices.json` and use the file it writes"
+            ) from exc
         raise PriceError(f"{path}: {_first_error(exc)}") from exc
+
+
+def _looks_like_litellm(raw: bytes) -> bool:
+    """LiteLLM's file is an object of model entries priced per token; ours has ``models``."""
+    try:
+        data = json.loads(raw)
+    except ValueError:
+        return False
+    return (
+        isinstance(data, dict)
+        and "models" not in data
+        and any(isinstance(v, dict) and "input_cost_per_token" in v for v in data.values())
+    )
 
 
 def _first_error(exc: ValidationError) -> str:

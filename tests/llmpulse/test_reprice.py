@@ -65,8 +65,8 @@ def test_reprice_to_the_cent_with_history_and_rollups(settings: Any, conn: Any) 
     stats = reprice(conn, new_prices(), START, END)
     # new gpt-4o: 600 × $5 + 400 × $2.50 + 200 × $20 per 1M = $0.0080; acme-x: 10k × $1 + 5k × $2 = $0.02
     assert (stats.scanned, stats.changed, stats.newly_priced, stats.still_unpriced) == (32, 32, 1, 0)
-    assert stats.by_model["gpt-4o"] == (30, pytest.approx(0.12), pytest.approx(0.24))
-    assert stats.by_model["acme-x"] == (1, 0.0, pytest.approx(0.02))
+    assert stats.by_model["gpt-4o"] == (30, pytest.approx(0.12), pytest.approx(0.24), 0)
+    assert stats.by_model["acme-x"] == (1, 0.0, pytest.approx(0.02), 1)
     after = costs(conn)
     assert after["g7"] == (0.008, "computed", "test-2026.12")
     assert after["acme"] == (0.02, "computed", "test-2026.12")
@@ -88,6 +88,18 @@ def test_reprice_to_the_cent_with_history_and_rollups(settings: Any, conn: Any) 
     again = reprice(conn, new_prices(), START, END)
     assert (again.scanned, again.changed) == (0, 0)
     assert costs(conn) == after
+
+
+def test_a_table_without_a_model_keeps_its_calls_cost(settings: Any, conn: Any) -> None:
+    """A partial table (a LiteLLM import of one provider) is no reason to forget a price: the
+    calls keep their cost and version, and are counted as kept, not as "still without a price"."""
+    seed(settings, conn)
+    before = costs(conn)
+    table = new_prices()
+    del table.models["gpt-4o-mini"]
+    stats = reprice(conn, table, START, END)
+    assert (stats.scanned, stats.changed, stats.newly_priced, stats.still_unpriced, stats.kept) == (32, 31, 1, 0, 1)
+    assert costs(conn)["mini"] == before["mini"] and before["mini"][0] is not None
 
 
 def test_dry_run_writes_nothing(settings: Any, conn: Any) -> None:
@@ -112,6 +124,24 @@ def test_reprice_cli(tmp_path: Path) -> None:
     wrong = subprocess.run([*cli, "reprice", "--since", "1d", "--prices", str(prices), "--price-version", "v9",
                             "--data-dir", str(data)], capture_output=True, text=True, env=ENV, check=False)  # fmt: skip
     assert wrong.returncode == 2 and "is price version 'test-2026.12', not 'v9'" in wrong.stderr
+    litellm = tmp_path / "model_prices_and_context_window.json"
+    litellm.write_text(
+        json.dumps(
+            {
+                "sample_spec": {"input_cost_per_token": 0},
+                "gpt-4o": {
+                    "litellm_provider": "openai",
+                    "mode": "chat",
+                    "input_cost_per_token": 5e-06,
+                    "output_cost_per_token": 2e-05,
+                },
+            }
+        )
+    )
+    raw = subprocess.run([*cli, "reprice", "--since", "1d", "--prices", str(litellm), "--data-dir", str(data)],
+                         capture_output=True, text=True, env={**ENV, "COLUMNS": "300"}, check=False)  # fmt: skip
+    assert raw.returncode == 2 and "this is LiteLLM's model_prices_and_context_window.json" in raw.stderr
+    assert f"llmpulse prices import {litellm} --out prices.json" in raw.stderr
     run = subprocess.run([*cli, "reprice", "--since", "1d", "--until", "0s", "--prices", str(prices),
                           "--price-version", "test-2026.12", "--data-dir", str(data)],
                          capture_output=True, text=True, env={**ENV, "COLUMNS": "200"}, check=False)  # fmt: skip
