@@ -53,6 +53,29 @@ ENV_PREFIX: Final = "LLMPULSE_"
 
 LOG_INTERVAL_S: Final = 10.0
 """At most one line per kind of trouble per interval: a broker outage must not flood the service's logs."""
+
+_SENDER_THREADS: set[int] = set()
+"""Idents of the running sender threads, whose aiokafka log lines ``_QuietClient`` demotes."""
+_CLIENT_LOGGERS: Final = ("aiokafka", "aiokafka.conn", "aiokafka.cluster", "aiokafka.producer.producer",
+                          "aiokafka.producer.sender")  # fmt: skip
+
+
+class _QuietClient(logging.Filter):
+    """aiokafka logs an ERROR at every reconnect attempt ("Unable connect to ..."): with the broker
+    down for an hour, over a thousand lines in the host service's log, each repeating what the
+    SDK's own throttled warning already says. Records from the SDK's sender threads are demoted
+    to DEBUG (still there when asked for); the host's own use of aiokafka is left alone."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.thread in _SENDER_THREADS and record.levelno < logging.CRITICAL:
+            record.levelno, record.levelname = logging.DEBUG, "DEBUG"
+            return logging.getLogger(record.name).isEnabledFor(logging.DEBUG)
+        return True
+
+
+_QUIET = _QuietClient()
+for _name in _CLIENT_LOGGERS:
+    logging.getLogger(_name).addFilter(_QUIET)
 ERROR_MESSAGE_CHARS: Final = 1000
 """error_message is for grouping and a first look, not a full traceback (the schema allows 4096)."""
 MAX_DRAIN_EVENTS: Final = 10_000
@@ -965,12 +988,14 @@ class Telemetry:
             self._internal_error(exc)
 
     def _thread_main(self) -> None:
+        _SENDER_THREADS.add(threading.get_ident())
         try:
             asyncio.run(self._sender())
         except BaseException as exc:  # the thread must end quietly, whatever happened
             self._internal_error(exc)
             log.exception("llmpulse telemetry sender stopped unexpectedly")
         finally:
+            _SENDER_THREADS.discard(threading.get_ident())
             with self._lock:
                 self._loop = None
                 self._wake = None
@@ -1234,6 +1259,7 @@ class _EnvReader:
 
 
 def _after_fork_in_child() -> None:
+    _SENDER_THREADS.clear()  # the parent's senders do not exist here; their idents may be reused
     for telemetry in list(_INSTANCES):
         with contextlib.suppress(Exception):
             telemetry._after_fork_in_child()
