@@ -912,7 +912,8 @@ def _worker_preflight(settings: Settings) -> None:
 def worker(
     bootstrap_servers: str | None, config_path: Path | None, data_dir: Path | None, clickhouse_url: str | None
 ) -> None:
-    """Consume llm.calls (and feedback, judge verdicts) and write ClickHouse; SIGTERM drains and exits cleanly."""
+    """Consume the calls topic (llm.calls by default), feedback and judge verdicts, and write ClickHouse;
+    SIGTERM drains and exits cleanly."""
     from llmpulse.worker import build_app, log_thread_crashes
 
     settings = _kafka_settings(config_path, data_dir, clickhouse_url, bootstrap_servers)

@@ -717,11 +717,11 @@ class _Rebalance(ConsumerRebalanceListener):  # type: ignore[misc]
     async def on_partitions_revoked(self, revoked: list[TopicPartition]) -> None:
         partitions = sorted(tp.partition for tp in revoked if tp.topic == self.service.topic)
         if partitions:
-            log.info("llm.calls partitions revoked %s: flushing windows and writes", partitions)
+            log.info("%s partitions revoked %s: flushing windows and writes", self.service.topic, partitions)
             await self.service._release(partitions)
 
     async def on_partitions_assigned(self, assigned: list[TopicPartition]) -> None:
-        log.info("llm.calls partitions assigned %s", sorted(tp.partition for tp in assigned))
+        log.info("%s partitions assigned %s", self.service.topic, sorted(tp.partition for tp in assigned))
         await self.service.assign([tp.partition for tp in assigned if tp.partition not in self.service.partitions])
         self.service.assigned.set()
 
