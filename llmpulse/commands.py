@@ -987,6 +987,42 @@ def judge(
 
 
 @cli.group()
+def feedback() -> None:
+    """User feedback (thumbs, ratings) and the calls it is about."""
+
+
+@feedback.command("relink")
+@click.option("--since", type=DURATION, default="2d", show_default=True, help="Feedback from this long ago.")
+@click.option("--dry-run", is_flag=True, help="Count what would be linked; write nothing.")
+@_data_options
+@_friendly_errors
+def feedback_relink(
+    since: str, dry_run: bool, config_path: Path | None, data_dir: Path | None, clickhouse_url: str | None
+) -> None:
+    """Link feedback written before its call (a worker behind or down) to the call, now that it is
+    there: its release, model and feature, and the hourly feedback rollups. The worker does this
+    every 10 minutes; feedback of the last hour is left to it (its rollup cells are live)."""
+    import time as _time
+
+    from llmpulse.runtime import open_clickhouse
+    from sinks.relink import relink_feedback
+
+    settings = _settings(config_path, data_dir, clickhouse_url)
+    conn = open_clickhouse(settings, purpose="llmpulse feedback relink")
+    try:
+        now = _time.time()
+        outcome = relink_feedback(conn, now - parse_duration(since), now, dry_run=dry_run)
+    finally:
+        conn.close()
+    verb = "Would link" if dry_run else "Linked"
+    console.out.print(
+        f"{verb} {outcome.linked:,} of {outcome.unlinked:,} feedback rows without a call in the last {since} "
+        f"(the last hour excluded); the other {outcome.unlinked - outcome.linked:,} name calls not in ClickHouse.",
+        markup=False,
+    )
+
+
+@cli.group()
 def dlq() -> None:
     """Dead letters: what was rejected and why; re-drive after a fix."""
 

@@ -64,6 +64,7 @@ from sinks.batching import Block, BufferedWriter
 from sinks.clickhouse import ClickHouseSink, Connection, RetryPolicy, SinkError, is_retryable, recent_span
 from sinks.kafka import DEFAULT_SCOPES, KafkaPublisher, Outbox, partition_of
 from sinks.metrics import PipelineMetrics
+from sinks.relink import relink_feedback
 from sinks.rollups import repair, written_scope
 
 log = logging.getLogger("llmpulse.worker")
@@ -800,6 +801,10 @@ RETRY_ASSIGN_S = 5.0
 """A partition whose assignment failed is tried again at once, then after this long, doubling up to
 a minute while it keeps failing (``CallsConsumer._retry_failed``)."""
 
+RELINK_EVERY_S = 600.0
+"""How often the worker links feedback written before its call (``_relink_timer``)."""
+RELINK_LOOKBACK_S = 2 * 86_400.0
+"""How far back it looks: a call more than two days behind its feedback is not waited for."""
 COMMIT_INTERVAL_S = 1.0
 """Stage 2 commits its partials offsets (after saving progress) at most this often."""
 PROGRESS_S = 30.0
@@ -1046,7 +1051,30 @@ def build_app(settings: Settings, *, app_id: str = "llmpulse") -> tuple[faust.Ap
     app.service(WorkerServices)
     _quality_agent(app, settings, consumer, "feedback")
     _quality_agent(app, settings, consumer, "judge_result")
+    _relink_timer(app, consumer)
     return app, consumer
+
+
+def _relink_timer(app: faust.App, calls: CallsConsumer) -> None:
+    """Feedback written before its call (``wait_for_calls`` waits a minute at most; another worker's
+    partition is not waited for at all) is linked once the call is there (``sinks.relink``). One
+    worker of the group does it, the one holding partition 0 of the calls topic: two rebuilding
+    the same rollup cells at once could count rows twice."""
+
+    async def relink() -> None:
+        if 0 not in calls.partitions or calls.conn is None or calls.should_stop:
+            return
+        now = time.time()
+        try:
+            outcome = await asyncio.to_thread(relink_feedback, calls.conn, now - RELINK_LOOKBACK_S, now)
+        except Exception:
+            log.exception("linking feedback written before its calls failed; tried again in %.0f s", RELINK_EVERY_S)
+            return
+        if outcome.linked:
+            log.info("linked %d feedback row(s) written before their calls (%d still without one)",
+                     outcome.linked, outcome.unlinked - outcome.linked)  # fmt: skip
+
+    app.timer(interval=RELINK_EVERY_S, name="llmpulse.relink_feedback")(relink)
 
 
 def _quality_agent(app: faust.App, settings: Settings, calls: CallsConsumer, kind: str) -> None:

@@ -24,6 +24,7 @@ from typing import Any, TypeVar
 import clickhouse_connect
 import orjson
 import pyarrow as pa
+import xxhash
 from clickhouse_connect.driver.client import Client
 from clickhouse_connect.driver.exceptions import DatabaseError, OperationalError
 
@@ -372,6 +373,14 @@ class ClickHouseSink:
             self._insert("feedback", columns.feedback_table(batches, known), token)
             for b in batches:
                 b.lineage = {e.request_id: known[e.request_id] for e in b.events if e.request_id in known}
+
+    def write_relinked_feedback(self, rows: list[dict[str, Any]], known: Mapping[str, Lineage]) -> None:
+        """Feedback rows read back unlinked, written again with their calls' lineage
+        (``sinks.relink``). The token is the rows' keys: a retried or repeated relink of the
+        same rows is one insert, so the rollup view counts them once."""
+        keys = sorted(f"{r['request_id']}\x00{r['feedback_id']}" for r in rows)
+        token = "relink:" + xxhash.xxh3_128_hexdigest("\n".join(keys).encode())
+        self._insert("feedback", columns.relinked_feedback_table(rows, known), token)
 
     def write_judge_results(
         self, batches: Sequence[ProcessedJudgeResults], token: str | None, known: Mapping[str, Lineage] | None = None

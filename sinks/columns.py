@@ -338,6 +338,28 @@ def _lineage_columns(request_ids: list[str], lineage: Mapping[str, Lineage]) -> 
     }
 
 
+def relinked_feedback_table(rows: list[dict[str, Any]], lineage: Mapping[str, Lineage]) -> pa.Table:
+    """Feedback rows read back from ClickHouse, written again with their calls' lineage (later
+    ``ingested_at``: the ReplacingMergeTree keeps these). ``feature``: the feedback's own, else
+    its call's, as ``feedback_table`` fills it."""
+    ids = [r["request_id"] for r in rows]
+    return pa.Table.from_pydict(
+        {
+            **_lineage_columns(ids, lineage),
+            "feedback_id": pa.array([r["feedback_id"] for r in rows], type=_STR),
+            "request_id": pa.array(ids, type=_STR),
+            "ts": pa.array([r["ts"] for r in rows], type=_TS),
+            "thumbs": pa.array([r["thumbs"] for r in rows], type=_STR),
+            "rating": pa.array([r["rating"] for r in rows], type=pa.uint8()),
+            "comment": pa.array([r["comment"] for r in rows], type=_STR),
+            "user_id": pa.array([r["user_id"] for r in rows], type=_STR),
+            "feature": pa.array([r["feature"] or lineage[r["request_id"]].feature for r in rows], type=_STR),
+            "tenant": pa.array([r["tenant"] for r in rows], type=_STR),
+            "attributes": _map_array([dict(r["attributes"]) for r in rows]),
+        }
+    )
+
+
 def judge_scores_table(batches: Iterable[ProcessedJudgeResults], lineage: Mapping[str, Lineage]) -> pa.Table:
     results = [r for b in batches for r in b.events]
     ids = [r.request_id for r in results]
