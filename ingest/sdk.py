@@ -67,7 +67,9 @@ class _QuietClient(logging.Filter):
     to DEBUG (still there when asked for); the host's own use of aiokafka is left alone."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        if record.thread in _SENDER_THREADS and record.levelno < logging.CRITICAL:
+        # filters run in the logging thread: its ident, not ``record.thread`` (None when the host
+        # turned ``logging.logThreads`` off)
+        if threading.get_ident() in _SENDER_THREADS and record.levelno < logging.CRITICAL:
             record.levelno, record.levelname = logging.DEBUG, "DEBUG"
             return logging.getLogger(record.name).isEnabledFor(logging.DEBUG)
         return True

@@ -1487,11 +1487,14 @@ def reprice(
     finally:
         conn.close()
     rows = [
-        # a model none of whose calls had a cost has no old cost (—): $0 would say it was free
-        {"model": m, "calls": n, "old_cost_usd": None if fresh == n else round(o, 6), "new_cost_usd": round(c, 6),
-         "change": "newly priced" if fresh == n else f"{(c - o) / o:+.1%}" if o else "—",
-         "priced for the first time": fresh}
-        for m, (n, o, c, fresh) in sorted(stats.by_model.items(), key=lambda kv: -abs(kv[1][2] - kv[1][1]))
+        # old → new and the change over the calls that had a cost; those priced for the first time
+        # apart (counted in the change they would read as an increase, and their old cost is no $0)
+        {"model": m, "calls": n, "old_cost_usd": None if fresh == n else round(o, 6),
+         "new_cost_usd": None if fresh == n else round(c, 6),
+         "change": "—" if fresh == n else f"{(c - o) / o:+.1%}" if o else "—",
+         "priced for the first time": fresh, "their cost_usd": round(fresh_c, 6) if fresh else None}
+        for m, (n, o, c, fresh, fresh_c) in sorted(stats.by_model.items(),
+                                                   key=lambda kv: -abs(kv[1][2] - kv[1][1]) - kv[1][4])
     ]  # fmt: skip
     verb = "Would reprice" if dry_run else "Repriced"
     title = (f"{verb} {stats.changed:,} of {stats.scanned:,} calls to price version "
@@ -1500,7 +1503,7 @@ def reprice(
     console.out.print(console.table(title, rows) if rows else title)
     total = f"Total: {_usd(stats.old_cost_usd)} → {_usd(stats.new_cost_usd)}"
     if stats.newly_priced:
-        total += f"; {stats.newly_priced:,} calls priced for the first time"
+        total += f"; {stats.newly_priced:,} calls priced for the first time: {_usd(stats.fresh_cost_usd)}"
     if stats.still_unpriced:
         total += f"; {stats.still_unpriced:,} still without a price"
     if stats.kept:

@@ -165,7 +165,9 @@ def summarize(conn: Connection, start: float, end: float) -> dict[str, Any]:
         "events": int(totals["calls"] or 0),
         "dlq": int(totals["dlq"] or 0),
         "price_missing": int(totals["price_missing"] or 0),
-        "cost_usd": _usd(totals["cost_usd"] or 0.0),
+        "cost_usd": None
+        if totals["calls"] and totals["price_missing"] == totals["calls"]
+        else _usd(totals["cost_usd"] or 0.0),
         "cost_by_feature": {r["feature"]: _usd(r["cost_usd"]) for r in by_feature},
         "cost_by_team": {r["team"]: _usd(r["cost_usd"]) for r in by_team},
         "unpriced_by_feature": {r["feature"]: int(r["unpriced_calls"]) for r in by_feature if r["unpriced_calls"]},

@@ -628,7 +628,7 @@ def render_html(report: WeeklyReport) -> str:
                               ("cost_usd", "this week", usd), ("change_usd", "change", usd),
                               ("change", "change %", _change_pct)]),
         "<h3>Per feature</h3>",
-        charts.grouped_bars([(r["key"], r["cost_usd"] or 0.0, r["prev_cost_usd"] or 0.0) for r in feats]),
+        charts.grouped_bars([(r["key"], r["cost_usd"], r["prev_cost_usd"]) for r in feats]),
         charts.stacked_columns([date.fromisoformat(x).strftime("%a %d") for x in days], by_feat),
         _table(sp["feature"], change_cols),
         "<h3>Per team</h3>", _table(sp["team"], change_cols),
@@ -837,7 +837,7 @@ def render_markdown(report: WeeklyReport, html_path: Path | None = None) -> str:
         proj = sum(t["projected_month_usd"] or 0.0 for t in d["budgets"]["teams"])
         unknown = [t["team"] for t in d["budgets"]["teams"] if t["projected_month_usd"] is None]
         lines.append(f"- No budgets configured; {d['budgets']['month']} projects to {usd(proj)}"
-                     + (f" (without {', '.join(unknown)}: no priced calls)" if unknown else ""))  # fmt: skip
+                     + (f" (without {', '.join(unknown)}: spend unknown)" if unknown else ""))  # fmt: skip
     worst = sorted((r for r in d["latency"]["week"] if r["latency_p95_ms"] is not None),
                    key=lambda r: -(r["latency_p95_ms"] or 0))[:3]  # fmt: skip
     if worst:

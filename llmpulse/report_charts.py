@@ -110,31 +110,33 @@ def line_chart(
 
 
 def grouped_bars(
-    rows: Sequence[tuple[str, float, float]],
+    rows: Sequence[tuple[str, float | None, float | None]],
     *,
     value_fmt: Fmt = lambda v: f"${v:,.2f}",
     labels: tuple[str, str] = ("this week", "previous week"),
     width: int = 900,
 ) -> str:
-    """Horizontal bars, one pair per row: (label, this period, previous period)."""
+    """Horizontal bars, one pair per row: (label, this period, previous period). None is a value
+    nobody knows (spend of calls none of which had a price): no bar, and — for its label."""
     if not rows:
         return ""
     left, right, bar, gap = 170, 90, 11, 10
     height = len(rows) * (2 * bar + gap) + 8
     w = width - left - right
-    top = _nice_max(max(max(v, p) for _, v, p in rows))
+    top = _nice_max(max((x for _, v, p in rows for x in (v, p) if x is not None), default=0.0))
     parts = [f'<svg class="chart" viewBox="0 0 {width} {height}" role="img" aria-label="{escape(labels[0])}">']
     for i, (label, value, prev) in enumerate(rows):
         y0 = 4 + i * (2 * bar + gap)
         parts.append(f'<text x="{left - 8}" y="{y0 + bar + 4}" class="ylabel">{escape(label)}</text>')
         for j, (v, cls) in enumerate(((value, 0), (prev, 9))):
-            bw = max(v / top * w, 0.5 if v else 0)
+            bw = 0.0 if v is None else max(v / top * w, 0.5 if v else 0)
+            shown = "—" if v is None else value_fmt(v)
             yy = y0 + j * bar
             parts.append(
                 f'<rect x="{left}" y="{yy}" width="{bw:.1f}" height="{bar - 1}" fill="{color(cls)}">'
-                f"<title>{escape(label)}, {labels[j]}: {escape(value_fmt(v))}</title></rect>"
+                f"<title>{escape(label)}, {labels[j]}: {escape(shown)}</title></rect>"
             )
-            parts.append(f'<text x="{left + bw + 4:.1f}" y="{yy + bar - 2}" class="val">{escape(value_fmt(v))}</text>')
+            parts.append(f'<text x="{left + bw + 4:.1f}" y="{yy + bar - 2}" class="val">{escape(shown)}</text>')
     parts.append("</svg>")
     keys = "".join(
         f'<span class="key"><i style="background:{color(c)}"></i>{escape(t)}</span>'

@@ -44,9 +44,14 @@ class RepriceStats:
     """Calls with a cost whose model this table lacks: left at their old cost and version (a
     partial table is no reason to forget a price)."""
     old_cost_usd: float = 0.0
+    """What the calls that had a cost cost before."""
     new_cost_usd: float = 0.0
-    by_model: dict[str, tuple[int, float, float, int]] = field(default_factory=dict)
-    """model → (calls changed, old cost, new cost, of those calls how many had no cost before)."""
+    """What the same calls cost now (the newly priced ones are in ``fresh_cost_usd``)."""
+    fresh_cost_usd: float = 0.0
+    """The cost of the calls priced for the first time."""
+    by_model: dict[str, tuple[int, float, float, int, float]] = field(default_factory=dict)
+    """model → (calls changed, old cost, new cost of those that had one, calls priced for the first
+    time, their cost): a change in percent compares like with like."""
     days: int = 0
     seconds: float = 0.0
 
@@ -98,11 +103,15 @@ def reprice(
             new = rates.cost(int(tin), int(tout), int(cached), int(write), int(write_1h))  # type: ignore[call-overload]
             changes.append((event_id, ts, feature, model, old_version, version, old, new))
             stats.changed += 1
-            stats.newly_priced += old is None
-            stats.old_cost_usd += old or 0.0  # type: ignore[operator]
-            stats.new_cost_usd += new
-            n, o, c, fresh = stats.by_model.get(str(model), (0, 0.0, 0.0, 0))
-            stats.by_model[str(model)] = (n + 1, o + (old or 0.0), c + new, fresh + (old is None))  # type: ignore[operator]
+            n, o, c, fresh, fresh_c = stats.by_model.get(str(model), (0, 0.0, 0.0, 0, 0.0))
+            if old is None:
+                stats.newly_priced += 1
+                stats.fresh_cost_usd += new
+                stats.by_model[str(model)] = (n + 1, o, c, fresh + 1, fresh_c + new)
+            else:
+                stats.old_cost_usd += old  # type: ignore[operator]
+                stats.new_cost_usd += new
+                stats.by_model[str(model)] = (n + 1, o + old, c + new, fresh, fresh_c)  # type: ignore[operator]
         if changes and not dry_run:
             _apply(conn, join, changes, day, until)
         stats.days += 1

@@ -1333,8 +1333,7 @@ def named_queries() -> dict[str, NamedQuery]:
     out: dict[str, NamedQuery] = {}
     for name in queries.names():
         text = queries.sql(name)
-        first = next((ln[2:].strip() for ln in text.splitlines() if ln.startswith("--")), "")
-        out[name] = NamedQuery(name, text, declared_params(text), first)
+        out[name] = NamedQuery(name, text, declared_params(text), queries.describe(name))
     return out
 
 

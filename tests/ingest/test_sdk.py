@@ -237,6 +237,7 @@ def test_broker_down_never_blocks_drops_oldest_with_a_log_line_then_a_live_broke
     topics: Any, caplog: pytest.LogCaptureFixture
 ) -> None:
     caplog.set_level(logging.WARNING, logger="ingest.sdk")
+    caplog.set_level(logging.WARNING, logger="aiokafka")
     down = Telemetry(f"127.0.0.1:{_unused_port()}", topic=topics.topics.calls, buffer_size=1000)
     durations = []
     for i in range(5000):
@@ -264,6 +265,14 @@ def test_broker_down_never_blocks_drops_oldest_with_a_log_line_then_a_live_broke
     logging.getLogger("aiokafka").error("the host's own aiokafka line")
     client = [(r.levelname, r.getMessage()) for r in caplog.records if r.name.startswith("aiokafka")]
     assert client == [("ERROR", "the host's own aiokafka line")]
+    caplog.set_level(logging.DEBUG, logger="aiokafka")  # asked for, the demoted lines are there
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and not any(
+        r.name == "aiokafka" and "Unable connect" in r.getMessage() for r in caplog.records
+    ):
+        time.sleep(0.1)
+    demoted = {(r.levelname, r.threadName) for r in caplog.records if "Unable connect" in r.getMessage()}
+    assert demoted == {("DEBUG", "llmpulse-telemetry")}
 
     assert not down.flush(0.5)
     assert not down.close(1)

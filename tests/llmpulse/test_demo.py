@@ -32,3 +32,13 @@ def test_spend_of_a_scope_without_any_priced_call_is_unknown_not_zero(settings: 
     assert s["price_missing"] == 3 and s["cost_usd"] == 0.9
     by_feature = queries.run(conn.client, "cost_by_feature", start=int(NOW - 3600), end=int(NOW))
     assert {r["feature"]: r["teams"] for r in by_feature} == {"chat": "cx", "lab": "ops, research"}
+
+
+def test_total_spend_of_calls_none_of_which_had_a_price_is_unknown(settings: Any, conn: Any) -> None:
+    ts = iso(NOW - 1200)
+    run_embedded(settings, conn, [call(feature="lab", team=None, model="acme-llm-1", ts=ts) for _ in range(3)], [])
+    s = summarize(conn, NOW - 3600, NOW)
+    assert (s["events"], s["price_missing"], s["cost_usd"]) == (3, 3, None)
+    assert s["cost_by_feature"] == {"lab": None} and s["cost_by_team"] == {"": None}
+    (row,) = queries.run(conn.client, "cost_by_feature", start=int(NOW - 3600), end=int(NOW))
+    assert row["teams"] == ""  # a call without a team adds no empty name to the list

@@ -697,7 +697,9 @@ def test_spend_of_calls_without_any_price_is_unknown_not_zero(chdb_dir: Path, tm
     assert "- Spend $1.50 over 12 calls, 3 of them without a price (" in render_markdown(report)
     unbudgeted = copy.deepcopy(report)
     unbudgeted.data["budgets"]["budgets"] = []
-    assert "(without gamma: no priced calls)" in render_markdown(unbudgeted)
+    assert "(without gamma: spend unknown)" in render_markdown(unbudgeted)
+    bars = page.split("<h3>Per feature</h3>")[1]
+    assert "<title>f9, this week: —</title>" in bars and "<title>f9, previous week: —</title>" in bars
 
 
 def test_raw_sections_count_a_call_written_twice_once(chdb_dir: Path, tmp_path: Path) -> None:
