@@ -55,9 +55,15 @@ class AlertStore:
             )
 
     def firing(self) -> list[AlertEvent]:
-        """Alerts whose latest state is firing (rule alerts; budget notices do not resolve)."""
+        """Alerts whose latest state is firing (rule alerts; budget notices do not resolve).
+
+        Latest by event time (the window that caused the change), not by ``emitted_at``: a worker
+        catching up writes an incident's firing and its resolve in one insert, with one
+        ``emitted_at``, and a tie there picked either row, so a restart restored resolved alerts
+        as firing (and the incident after them never paged)."""
         result = self.conn.client.query(
-            "SELECT dedup_key, argMax(tuple(" + ", ".join(_COLUMNS[1:]) + "), emitted_at) AS last "
+            "SELECT dedup_key, argMax(tuple(" + ", ".join(_COLUMNS[1:]) + "), "
+            "tuple(window_end, state = 'resolved', emitted_at)) AS last "
             "FROM alerts GROUP BY dedup_key HAVING last.2 = 'firing' AND last.5 != 'budget_spend_usd'"
         )
         out = []

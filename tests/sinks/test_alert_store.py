@@ -41,3 +41,29 @@ def test_absence_history_has_zeros_for_silent_windows_and_stops_at_the_last_call
     # as a silence still going on
     assert history[("bursty",)] == [(30.0, 30.0), (0.0, 0.0), (30.0, 30.0), (0.0, 0.0), (30.0, 30.0)]
     assert history[("stopped",)] == [(5.0, 5.0)] * 3  # silent for its last three windows: the outage
+
+
+def test_an_incident_fired_and_resolved_in_one_insert_is_not_restored_as_firing(settings: Any, conn: Any) -> None:
+    """A worker catching up writes a firing and its resolve in one insert, with one emitted_at: the
+    latest state is the later window's, whatever order the rows are in."""
+    from datetime import UTC, datetime, timedelta
+
+    from processors.alerts.events import AlertEvent
+
+    t0 = datetime.fromtimestamp(START, UTC)
+
+    def event(key: str, state: str, minute: int, started: int) -> AlertEvent:
+        return AlertEvent(key, "err-high", state, "warning", "notify", "error_rate", 0.5, "error_rate > 0.2",  # type: ignore[arg-type]
+                          {"feature": key}, {}, t0 + timedelta(minutes=minute - 1), t0 + timedelta(minutes=minute),
+                          t0 + timedelta(minutes=started),
+                          t0 + timedelta(minutes=minute) if state == "resolved" else None,
+                          f"[warning] {key}")  # fmt: skip
+
+    store = AlertStore(conn)
+    store.write([event("k-resolved", "resolved", 14, 12), event("k-resolved", "firing", 12, 12),
+                 event("k-firing", "firing", 20, 20),
+                 event("k-again", "firing", 10, 10), event("k-again", "resolved", 13, 10),
+                 event("k-again", "firing", 30, 30)])  # fmt: skip
+    assert sorted(e.dedup_key for e in store.firing()) == ["k-again", "k-firing"]
+    (again,) = [e for e in store.firing() if e.dedup_key == "k-again"]
+    assert again.started_at == t0 + timedelta(minutes=30)
