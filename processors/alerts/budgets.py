@@ -161,6 +161,14 @@ class BudgetTracker:
         return out
 
 
+_PERIODIC = {"day": "daily", "month": "monthly"}
+
+
+def _usd(amount: float) -> str:
+    """Cents always: a $0.50 daily budget read "$0" at whole dollars."""
+    return f"${amount:,.2f}"
+
+
 def budget_event(budget: Budget, s: BudgetStatus, threshold: float, now: float) -> AlertEvent:
     label = period_label(budget.period, s.period_start)
     scope = {**budget.scope, "period": label}
@@ -181,7 +189,7 @@ def budget_event(budget: Budget, s: BudgetStatus, threshold: float, now: float) 
         action="notify",
         metric="budget_spend_usd",
         value=round(s.spent_usd, 2),
-        condition=f"spend >= {threshold:.0%} of the {budget.period}ly ${budget.limit_usd:,.0f} budget",
+        condition=f"spend >= {threshold:.0%} of the {_PERIODIC[budget.period]} {_usd(budget.limit_usd)} budget",
         scope=scope,
         labels={**budget.scope, **budget.labels},
         window_start=datetime.fromtimestamp(s.period_start, UTC),
@@ -189,8 +197,8 @@ def budget_event(budget: Budget, s: BudgetStatus, threshold: float, now: float) 
         started_at=datetime.fromtimestamp(now, UTC),
         ended_at=None,
         summary=(
-            f"[{severity}] budget {budget.name} ({scope_text}, {label}): ${s.spent_usd:,.2f} of "
-            f"${budget.limit_usd:,.0f} ({s.used:.0%}); {when}"
+            f"[{severity}] budget {budget.name} ({scope_text}, {label}): {_usd(s.spent_usd)} of "
+            f"{_usd(budget.limit_usd)} ({s.used:.0%}); {when}"
         ),
         runbook_url=budget.runbook_url,
         channels=tuple(budget.channels),

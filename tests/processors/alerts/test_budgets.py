@@ -44,7 +44,8 @@ def test_each_threshold_notifies_once_and_the_period_resets() -> None:
     tracker = BudgetTracker(rules.budgets, burn_window_s=3600)
     events = tracker.feed([cell(NOV_10 + 60 * i, 10.0) for i in range(6)], NOV_10 + 360)  # $60
     assert [e.extra["threshold"] for e in events] == [0.5]
-    assert events[0].value == 60.0 and "of $100 (60%)" in events[0].summary
+    assert events[0].value == 60.0 and "$60.00 of $100.00 (60%)" in events[0].summary
+    assert events[0].condition == "spend >= 50% of the daily $100.00 budget"
     assert tracker.feed([cell(NOV_10 + 400, 5.0, team="other")], NOV_10 + 460) == []  # other team
     events = tracker.feed([cell(NOV_10 + 500, 45.0)], NOV_10 + 560)  # $105: both 80% and 100%
     assert [(e.extra["threshold"], e.severity) for e in events] == [(0.8, "warning"), (1.0, "critical")]
@@ -62,3 +63,10 @@ def test_seeded_spend_and_notifications_survive_a_restart() -> None:
     tracker.seed("m", start, 790.0, notified=[0.5])
     events = tracker.feed([cell(NOV_10, 20.0)], NOV_10 + 60)
     assert [e.extra["threshold"] for e in events] == [0.8]
+
+
+def test_a_budget_under_a_dollar_reads_as_itself() -> None:
+    rules = parse_rules({"budgets": [{"name": "t1-daily", "scope": {"team": "t1"}, "period": "day",
+                                      "limit_usd": 0.5, "warn_at": [0.5]}]}, "t")  # fmt: skip
+    (event,) = BudgetTracker(rules.budgets, burn_window_s=3600).feed([cell(NOV_10, 0.3, team="t1")], NOV_10 + 60)
+    assert "$0.30 of $0.50 (60%)" in event.summary and "daily $0.50 budget" in event.condition
