@@ -26,7 +26,7 @@ from processors.sketch import QuantileSketch
 from processors.windows import SCOPE_DIMS, WindowPartial, read_wire
 from schemas.channels import ChannelConfig, ConsoleChannelConfig
 from schemas.config import ConfigError, Settings
-from schemas.rules import Budget, Rule, RulesFile, default_rules, load_rules
+from schemas.rules import Budget, Rule, RulesFile, check_channels, default_rules, load_rules
 from sinks.alert_store import AlertStore
 from sinks.alerts import AlertDispatcher
 from sinks.clickhouse import Connection
@@ -95,6 +95,7 @@ class AlertPipeline:
         chosen = list(channels) if channels is not None else list(settings.alerting.channels)
         if channels is None and not chosen:
             chosen = [ConsoleChannelConfig(name="console", type="console")]
+        check_channels(self.rules, {c.name for c in chosen}, str(settings.alerting.rules_path or "rules"))
         try:
             self.dispatcher = AlertDispatcher(chosen) if chosen else None
         except ValueError as exc:  # a secret that is configured but not there

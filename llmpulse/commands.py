@@ -1163,7 +1163,12 @@ def _chosen_rules(file: Path | None, settings: Settings) -> tuple[Any, str]:
 def rules_check(file: Path | None, config_path: Path | None) -> None:
     """Validate a rules file [default: the configured alerting.rules_path, else the built-in rules] and
     list what each rule watches."""
-    parsed, source = _chosen_rules(file, load_settings(config_path))
+    from schemas.rules import check_channels
+
+    settings = load_settings(config_path)
+    parsed, source = _chosen_rules(file, settings)
+    configured = [c.name for c in settings.alerting.channels] or ["console"]  # the worker's default
+    check_channels(parsed, configured, source)
     rows = [
         {"rule": r.name, "scope": ",".join(r.scope.by) or "all", "condition": r.describe(),
          "min calls": r.min_calls, "severity": r.severity, "action": r.effective_action}

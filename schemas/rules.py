@@ -8,11 +8,12 @@ same file: a budget is a rule about cumulative spend.
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Collection
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
 from schemas.channels import AlertAction, AlertSeverity
 from schemas.durations import Duration
@@ -230,6 +231,21 @@ class Rule(_Model):
             raise ValueError("`absent` watches calls; use metric: calls")
         return self
 
+    @field_validator("max", "min")
+    @classmethod
+    def _reachable_for_a_fraction(cls, v: float | None, info: ValidationInfo) -> float | None:
+        """A rate is a fraction of calls: a limit outside (0, 1) never trips, and ``max: 10`` meant 10%."""
+        metric = info.data.get("metric", "")
+        if v is None or not metric.endswith(("_rate", "_share")):
+            return v
+        if info.field_name == "max" and v >= 1:
+            raise ValueError(
+                f"{metric} is a fraction from 0 to 1, so it never exceeds {v:g} (for {v:g}% write {v / 100:g})"
+            )
+        if info.field_name == "min" and v <= 0:
+            raise ValueError(f"{metric} is a fraction from 0 to 1, so it is never under {v:g}")
+        return v
+
     @property
     def effective_action(self) -> AlertAction:
         return self.action or default_action(self.metric)
@@ -296,11 +312,13 @@ class RulesFile(_Model):
 
     @model_validator(mode="after")
     def _unique_names(self) -> RulesFile:
-        seen: set[str] = set()
-        for name in [r.name for r in self.rules] + [b.name for b in self.budgets]:
+        seen: dict[str, str] = {}
+        entries = [(r.name, f"rules #{i + 1}") for i, r in enumerate(self.rules)]
+        entries += [(b.name, f"budgets #{i + 1}") for i, b in enumerate(self.budgets)]
+        for name, where in entries:
             if name in seen:
-                raise ValueError(f"rule/budget name {name!r} is used twice")
-            seen.add(name)
+                raise ValueError(f"rule/budget name {name!r} is used twice ({seen[name]} and {where})")
+            seen[name] = where
         return self
 
 
@@ -313,6 +331,21 @@ def parse_rules(data: Any, source: str) -> RulesFile:
         return RulesFile.model_validate(data if data is not None else {})
     except ValidationError as exc:
         raise RulesError(_describe(exc, data, source)) from exc
+
+
+def check_channels(rules: RulesFile, configured: Collection[str], source: str) -> None:
+    """Every channel a rule or budget names must be configured: naming channels replaces the
+    defaults, so a typo sent that alert nowhere, with one log line when it first fired."""
+    problems = [
+        f"{source}: {kind} {entry.name!r}: key `channels`: {name!r} is not a configured channel "
+        f"(alerting.channels has: {', '.join(sorted(configured)) or 'none'})"
+        for kind, entries in (("rule", rules.rules), ("budget", rules.budgets))
+        for entry in entries
+        for name in entry.channels
+        if name not in configured
+    ]
+    if problems:
+        raise RulesError("\n".join(problems))
 
 
 def load_rules(path: Path) -> RulesFile:

@@ -153,6 +153,27 @@ def test_rules_file_errors_name_file_rule_and_key() -> None:
         parse_rules({"rules": [{"name": "k", "metric": "calls", "max": 1, "fro": 2}]}, "rules.yaml")
 
 
+def test_rules_that_could_never_fire_or_reach_nobody_are_refused() -> None:
+    from schemas.rules import RulesError, check_channels
+
+    with pytest.raises(RulesError, match=r"rule 'e': key `max`: error_rate is a fraction from 0 to 1, so it never "
+                                         r"exceeds 10 \(for 10% write 0.1\)"):  # fmt: skip
+        parse_rules({"rules": [{"name": "e", "metric": "error_rate", "max": 10}]}, "rules.yaml")
+    with pytest.raises(RulesError, match=r"rule 'm': key `min`: refusal_rate is a fraction from 0 to 1"):
+        parse_rules({"rules": [{"name": "m", "metric": "refusal_rate", "min": 0}]}, "rules.yaml")
+    with pytest.raises(RulesError, match=r"name 'd' is used twice \(rules #1 and budgets #1\)"):
+        parse_rules({"rules": [{"name": "d", "metric": "calls", "max": 1}],
+                     "budgets": [{"name": "d", "scope": {"team": "t"}, "limit_usd": 5}]}, "rules.yaml")  # fmt: skip
+    rules = parse_rules({"rules": [{"name": "p", "metric": "error_rate", "max": 0.2, "channels": ["pagerdty"]}],
+                         "budgets": [{"name": "b", "scope": {"team": "t"}, "limit_usd": 5, "channels": ["slack"]}]},
+                        "rules.yaml")  # fmt: skip
+    check_channels(rules, {"pagerdty", "slack"}, "rules.yaml")
+    with pytest.raises(RulesError) as caught:
+        check_channels(rules, {"pagerduty", "slack"}, "rules.yaml")
+    assert str(caught.value) == ("rules.yaml: rule 'p': key `channels`: 'pagerdty' is not a configured channel "
+                                 "(alerting.channels has: pagerduty, slack)")  # fmt: skip
+
+
 def test_default_rules_load() -> None:
     from schemas.rules import default_rules
 

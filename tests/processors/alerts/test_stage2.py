@@ -380,7 +380,7 @@ def test_a_scope_gone_quiet_is_forgotten_with_its_labels_and_alerts_come_in_scop
 
 def test_only_the_sketches_some_rule_reads_are_published_and_decoded() -> None:
     def read(*specs: dict[str, Any]) -> tuple[bool, bool, bool]:
-        base = {"scope": ["feature"], "max": 1}
+        base = {"scope": ["feature"], "max": 0.5}
         return sketches_read(parse_rules({"rules": [{"name": f"r{i}", **base, **s} for i, s in enumerate(specs)]},
                                          "t").rules)  # fmt: skip
 
