@@ -244,8 +244,10 @@ class _ChannelBase(_Section):
 class _HttpChannelBase(_ChannelBase):
     timeout_s: Annotated[Duration, Field(gt=0, le=300)] = 10.0
     """Whole request, connect to last byte: a hanging receiver costs at most this per attempt."""
-    retries: Annotated[int, Field(ge=0, le=50)] = 5
-    """Attempts after the first, on connection errors, timeouts, 429 and 5xx; never on other 4xx."""
+    retries: Annotated[int, Field(ge=0, le=10_000)] = 125
+    """Attempts after the first, on connection errors, timeouts, 429 and 5xx; never on other 4xx.
+    With the default backoff (0.5 s doubling to 30 s) 125 retries span about an hour: a page must
+    outlive a receiver's restart or deploy (at 5, about 15 s, it was lost for good)."""
     backoff_initial_s: Annotated[Duration, Field(ge=0, le=3600)] = 0.5
     backoff_max_s: Annotated[Duration, Field(ge=0, le=3600)] = 30.0
     retry_after_max_s: Annotated[Duration, Field(ge=0, le=3600)] = 300.0

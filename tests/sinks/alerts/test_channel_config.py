@@ -218,3 +218,15 @@ def test_the_documented_example_is_valid() -> None:
     block = readme.split("```yaml\n", 1)[1].split("```", 1)[0]
     config = AlertChannels.model_validate(yaml.safe_load(block)["alerting"])
     assert [c.type for c in config.channels] == ["console", "slack", "slack", "pagerduty", "alertmanager", "webhook"]
+
+
+def test_default_retries_outlive_a_receiver_restart() -> None:
+    """At the old default (5 retries) a webhook down for 15 s lost the alert for good."""
+    from schemas.channels import AlertChannels
+    from sinks.alerts.retry import Backoff
+
+    (hook,) = AlertChannels.model_validate({"channels": [{"type": "webhook", "name": "h", "url": "http://x"}]}).channels
+    backoff = Backoff(hook.backoff_initial_s, hook.backoff_max_s, hook.retry_after_max_s)
+    shortest = sum(backoff.delay(i, rand=lambda: 1.0) for i in range(hook.retries))  # every jitter at its most
+    longest = sum(backoff.delay(i, rand=lambda: 0.0) for i in range(hook.retries))
+    assert 45 * 60 < shortest < longest < 65 * 60
