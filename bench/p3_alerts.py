@@ -61,7 +61,8 @@ def fifty_rule_dicts(windows: tuple[str, ...] = WINDOWS) -> dict[str, Any]:
             if (i + j) % 2:
                 rule["spike"] = {"ratio": 3.0, "baseline": 12, "min_baseline": 6}
             else:
-                rule["max"] = 1e9  # evaluated every window, never fires: pure evaluation cost
+                # evaluated every window, never fires: pure evaluation cost (a rate is at most 1)
+                rule["max"] = 1.0 if metric.endswith("_rate") else 1e9
             rules.append(rule)
     return {"rules": rules}
 

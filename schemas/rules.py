@@ -234,11 +234,11 @@ class Rule(_Model):
     @field_validator("max", "min")
     @classmethod
     def _reachable_for_a_fraction(cls, v: float | None, info: ValidationInfo) -> float | None:
-        """A rate is a fraction of calls: a limit outside (0, 1) never trips, and ``max: 10`` meant 10%."""
+        """A rate is a fraction of calls: ``max: 10`` meant 10% and would never trip."""
         metric = info.data.get("metric", "")
         if v is None or not metric.endswith(("_rate", "_share")):
             return v
-        if info.field_name == "max" and v >= 1:
+        if info.field_name == "max" and v > 1:  # max 1: "never", harmless; 10 meant 10%
             raise ValueError(
                 f"{metric} is a fraction from 0 to 1, so it never exceeds {v:g} (for {v:g}% write {v / 100:g})"
             )
