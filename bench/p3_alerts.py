@@ -34,7 +34,7 @@ from processors.chain import CallPipeline
 from processors.records import PayloadBatch, Source
 from schemas.config import load_settings
 from schemas.prices import builtin_price_table
-from schemas.rules import parse_rules
+from schemas.rules import is_rate, parse_rules
 
 METRICS = ("error_rate", "refusal_rate", "latency_p95_ms", "ttft_p95_ms", "cost_usd", "output_tokens_avg",
            "latency_p50_ms", "calls", "cost_per_call_usd", "timeout_rate")  # fmt: skip
@@ -62,7 +62,7 @@ def fifty_rule_dicts(windows: tuple[str, ...] = WINDOWS) -> dict[str, Any]:
                 rule["spike"] = {"ratio": 3.0, "baseline": 12, "min_baseline": 6}
             else:
                 # evaluated every window, never fires: pure evaluation cost (a rate is at most 1)
-                rule["max"] = 1.0 if metric.endswith("_rate") else 1e9
+                rule["max"] = 1.0 if is_rate(metric) else 1e9
             rules.append(rule)
     return {"rules": rules}
 

@@ -69,6 +69,11 @@ QUALITY_METRICS_PREFIXES = ("eval_", "thumbs_down", "rating", "schema_valid", "d
 """A breach of these is a quality problem: the default action is to pause the release for review."""
 
 
+def is_rate(metric: str) -> bool:
+    """Rates are proportions of calls (0 to 1): their noise is binomial, and their baseline is pooled."""
+    return metric.endswith(("_rate", "_share"))
+
+
 def register_metric(name: str, description: str) -> None:
     METRICS.setdefault(name, description)
 
@@ -236,7 +241,7 @@ class Rule(_Model):
     def _reachable_for_a_fraction(cls, v: float | None, info: ValidationInfo) -> float | None:
         """A rate is a fraction of calls: ``max: 10`` meant 10% and would never trip."""
         metric = info.data.get("metric", "")
-        if v is None or not metric.endswith(("_rate", "_share")):
+        if v is None or not is_rate(metric):
             return v
         if info.field_name == "max" and v > 1:  # max 1: "never", harmless; 10 meant 10%
             raise ValueError(

@@ -340,8 +340,7 @@ def _lineage_columns(request_ids: list[str], lineage: Mapping[str, Lineage]) -> 
 
 def relinked_feedback_table(rows: list[dict[str, Any]], lineage: Mapping[str, Lineage]) -> pa.Table:
     """Feedback rows read back from ClickHouse, written again with their calls' lineage (later
-    ``ingested_at``: the ReplacingMergeTree keeps these). ``feature``: the feedback's own, else
-    its call's, as ``feedback_table`` fills it."""
+    ``ingested_at``: the ReplacingMergeTree keeps these); ``feature`` as the caller settled it."""
     ids = [r["request_id"] for r in rows]
     return pa.Table.from_pydict(
         {
@@ -353,7 +352,7 @@ def relinked_feedback_table(rows: list[dict[str, Any]], lineage: Mapping[str, Li
             "rating": pa.array([r["rating"] for r in rows], type=pa.uint8()),
             "comment": pa.array([r["comment"] for r in rows], type=_STR),
             "user_id": pa.array([r["user_id"] for r in rows], type=_STR),
-            "feature": pa.array([r["feature"] or lineage[r["request_id"]].feature for r in rows], type=_STR),
+            "feature": pa.array([r["feature"] for r in rows], type=_STR),
             "tenant": pa.array([r["tenant"] for r in rows], type=_STR),
             "attributes": _map_array([dict(r["attributes"]) for r in rows]),
         }

@@ -57,8 +57,11 @@ def relink_feedback(conn: Connection, start: float, end: float, dry_run: bool = 
     outcome.linked = len(linked)
     if not linked or dry_run:
         return outcome
-    outcome.features = {r["feature"] for r in linked} | {r["feature"] or known[r["request_id"]].feature for r in linked}
-    sink.write_relinked_feedback(linked, known)
+    # the feedback's own feature, else its call's (as write_feedback fills it); the rollup cells
+    # rebuilt are those the rows leave and those they join
+    relinked = [{**r, "feature": r["feature"] or known[r["request_id"]].feature} for r in linked]
+    outcome.features = {r["feature"] for r in linked} | {r["feature"] for r in relinked}
+    sink.write_relinked_feedback(relinked, known)
     linked_times = [r["ts"].timestamp() for r in linked]
     rebuild(conn, "feedback_1h", min(linked_times), max(linked_times) + 1, outcome.features)
     return outcome

@@ -26,7 +26,7 @@ import xxhash
 from processors.alerts.events import AlertEvent
 from processors.stats import clamped_rate
 from processors.windows import EVIDENCE, UNCOUNTED
-from schemas.rules import Rule
+from schemas.rules import Rule, is_rate
 
 State = Literal["ok", "pending", "firing"]
 QueryFor = Callable[[Rule, Mapping[str, str], float, float], str | None]
@@ -98,11 +98,6 @@ class Verdict:
         if self.z is not None:
             parts.append(f"z {self.z:.1f}")
         return "; ".join(parts)
-
-
-def is_rate(metric: str) -> bool:
-    """Rates are proportions of calls: their noise is binomial, and their baseline is pooled."""
-    return metric.endswith(("_rate", "_share"))
 
 
 def _baseline(rule: Rule, history: list[tuple[float, float]]) -> float | None:
