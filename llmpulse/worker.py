@@ -31,6 +31,7 @@ import faust
 import mode
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListener, TopicPartition
 from aiokafka.errors import (
+    CommitFailedError,
     IllegalStateError,
     KafkaConnectionError,
     KafkaTimeoutError,
@@ -531,8 +532,9 @@ class CallsConsumer(mode.Service):
                     with contextlib.suppress(Exception):
                         await asyncio.wait_for(self.consumer.commit(offsets), STOP_CLIENT_S / 2)
                         self.stats.commits += 1
-                else:
-                    await self.consumer.commit(offsets)
+                # the rows are in ClickHouse: whoever owns these partitions next reads the
+                # written offsets back and skips them
+                elif await _commit(self.consumer, offsets, "calls"):
                     self.stats.commits += 1
 
     async def _deliver(self, box: Outbox, what: str) -> None:
@@ -982,8 +984,23 @@ class AlertsConsumer(mode.Service):
                 commit = {
                     TopicPartition(self.kafka.topics.partials, p): OffsetAndMetadata(o, "") for p, o in target.items()
                 }
-                await self.consumer.commit(commit)
-                self._committed = target
+                # a rebalance under this step: the next owner reads from the last commit, and the
+                # saved progress keeps its evaluations from repeating
+                if await _commit(self.consumer, commit, "partials"):
+                    self._committed = target
+
+
+async def _commit(consumer: AIOKafkaConsumer, offsets: dict[TopicPartition, OffsetAndMetadata], what: str) -> bool:
+    """Commit, or log that the group rebalanced under the step (a member joined or left: a worker
+    restarted while the killed one's session runs out) and carry on; the rebalance hands the
+    partitions out again. Raising here crashed the whole worker."""
+    try:
+        await consumer.commit(offsets)
+    except (CommitFailedError, IllegalStateError) as exc:  # IllegalState: no longer assigned
+        log.warning("%s offsets %s not committed: the group rebalanced (%s)", what,
+                    {tp.partition: m.offset for tp, m in offsets.items()}, type(exc).__name__)  # fmt: skip
+        return False
+    return True
 
 
 def log_thread_crashes() -> None:

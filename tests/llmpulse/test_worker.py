@@ -724,3 +724,51 @@ def test_only_failures_that_may_pass_are_retried_by_the_quality_agent() -> None:
                               TopicAuthorizationFailedError(), sink_error(ConnectionError("refused"))]))  # fmt: skip
     assert not any(map(_passing, [MessageSizeTooLargeError(), TypeError("not serializable"), KeyError("x"),
                                   sink_error(ValueError("bad block"))]))  # fmt: skip
+
+
+def test_a_commit_the_group_rebalanced_under_is_logged_not_fatal(kafka_bootstrap: str) -> None:
+    """A restarted worker joins while the killed one's session runs out: the group rebalances
+    under the survivor's step and its commit fails (UnknownMemberId → CommitFailedError). That
+    crashed the whole worker (seen in CI); the rows are in ClickHouse and the next owner skips
+    them, so the step logs it and goes on."""
+    import asyncio
+    import uuid
+
+    from aiokafka import AIOKafkaConsumer, TopicPartition
+    from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+    from aiokafka.structs import OffsetAndMetadata
+
+    from llmpulse.worker import _commit
+
+    async def run() -> tuple[bool, int]:
+        topic = f"rebalance-{uuid.uuid4().hex[:8]}"
+        admin = AIOKafkaAdminClient(bootstrap_servers=kafka_bootstrap)
+        await admin.start()
+        await admin.create_topics([NewTopic(topic, 2, 1)])
+        await admin.close()
+        opts = {"bootstrap_servers": kafka_bootstrap, "group_id": f"{topic}-g", "enable_auto_commit": False,
+                "session_timeout_ms": 6000, "heartbeat_interval_ms": 500}  # fmt: skip
+        # the first stops polling past its max poll interval, as a worker stuck in a long step
+        first = AIOKafkaConsumer(topic, **opts, max_poll_interval_ms=2000)
+        second = AIOKafkaConsumer(topic, **opts)
+        await first.start()
+        await first.getmany(timeout_ms=3000)
+        assert len(first.assignment()) == 2
+        try:
+            await second.start()
+            joining = asyncio.create_task(second.getmany(timeout_ms=8000))  # the group rebalances
+            offsets = {TopicPartition(topic, 0): OffsetAndMetadata(1, "")}
+            committed = True
+            for _ in range(8):
+                await asyncio.sleep(1.5)
+                committed = await _commit(first, offsets, "calls")
+                if not committed:
+                    break
+            await joining
+            return committed, len(second.assignment())
+        finally:
+            await first.stop()
+            await second.stop()
+
+    committed, owned = asyncio.run(run())
+    assert not committed and owned == 2
